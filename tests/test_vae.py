@@ -225,6 +225,8 @@ def test_bad_arguments_raise(vae):
         VideoVAE(vae.autoencoder, micro_batch_size=0)
     with pytest.raises(ValueError, match="scaling_factor must be a positive number"):
         VideoVAE(vae.autoencoder, scaling_factor=-1.0)
+    with pytest.raises(TypeError, match=r"frames must be a floating-point tensor, got torch\.uint8"):
+        vae.encode(torch.zeros(1, 3, 1, 16, 16, dtype=torch.uint8))
     with pytest.raises(TypeError, match="AutoencoderKL"):
         VideoVAE(torch.nn.Linear(2, 2))
 

@@ -182,7 +182,7 @@ class VideoVAE(nn.Module):
                 f"frames height and width must be multiples of {factor} (the VAE downsampling), "
                 f"got {tuple(frames.shape[-2:])}; resize or crop the frames"
             )
-        generators = _check_generators(generator, batch) if sample else None
+        generators = _resolve_generators(generator, batch) if sample else None
 
         images = rearrange(frames.to(dtype=self.dtype), "b c t h w -> (b t) c h w")
         means, stds = [], []
@@ -224,6 +224,11 @@ class VideoVAE(nn.Module):
                 f"{name} must have shape {layout} with C = {channels}, got {tuple(tensor.shape)}; "
                 "a single video needs a leading batch dimension"
             )
+        if not tensor.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor, got {tensor.dtype}; convert uint8 frames to "
+                "[-1, 1] with frames / 127.5 - 1"
+            )
         if tensor.numel() == 0:
             raise ValueError(f"{name} must not be empty, got shape {tuple(tensor.shape)}")
 
@@ -233,8 +238,8 @@ def _check_micro_batch_size(micro_batch_size: int) -> None:
         raise ValueError(f"micro_batch_size must be a positive int, got {micro_batch_size!r}")
 
 
-def _check_generators(generator: Generators, batch: int) -> list[torch.Generator] | torch.Generator:
-    """Validates ``generator`` and returns it, or a freshly seeded generator for ``None``."""
+def _resolve_generators(generator: Generators, batch: int) -> list[torch.Generator] | torch.Generator:
+    """Validates ``generator`` and returns it, or a generator seeded with fresh entropy for ``None``."""
     if generator is None:
         fresh = torch.Generator()
         fresh.seed()
