@@ -1,0 +1,472 @@
+"""STDiT3 with action conditioning: the DiT that predicts the velocity of the next latent frames.
+
+The layout (module and parameter names) is the one of RLinf's OpenSora fork, so the released
+`RLinf-OpenSora-LIBERO-*` weights load by name. Each block pair is a spatial block (attention among the
+patches of one frame) and a temporal block (causal attention over frames, with rotary position embeddings).
+
+Conditioning, per frame: the timestep embedding plus the embedding of that frame's action. The first
+`condition_frames` frames carry clean context latents; they get a learned "no action" embedding and are modulated
+with the embedding of timestep 15 instead of the current timestep (`x_mask` marks which frames are generated).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from opensora_gym.checkpoint import (
+    CONFIG_NAME,
+    check_state_dict_shapes,
+    read_tensors,
+    save_sharded,
+    stored_shapes,
+    weight_files,
+)
+
+# The reference modulates the condition frames with the embedding of this timestep.
+CONDITION_TIMESTEP = 15.0
+
+# Tensors of the released checkpoints that the action-conditioned forward pass never uses: the text
+# cross-attention, the caption embedder and the fps embedder of text-to-video OpenSora. They are dropped when
+# loading and never allocated.
+UNUSED_CHECKPOINT_KEYS = ("*.cross_attn.*", "y_embedder.*", "fps_embedder.*")
+
+
+def is_unused_checkpoint_key(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in UNUSED_CHECKPOINT_KEYS)
+
+
+@dataclass(frozen=True)
+class STDiT3Config:
+    """Architecture of STDiT3. Field names follow the reference `config.json` except `condition_frames`.
+
+    Attributes:
+        depth: number of spatial/temporal block pairs.
+        hidden_size: token width.
+        num_heads: attention heads (the head width is `hidden_size // num_heads`).
+        patch_size: (t, h, w) patch of the latent video.
+        in_channels: latent channels.
+        pred_sigma: the output has `2 * in_channels` channels (velocity, then an unused sigma half).
+        mlp_ratio: MLP width over `hidden_size`.
+        qk_norm: RMS-normalize queries and keys per head.
+        input_sq_size: the image side the position embedding was trained at (scales the grid).
+        action_dim: width of one action.
+        condition_frames: latent frames of clean context before the predicted ones (`pad_action_num` in the
+            reference config): they get the "no action" embedding.
+    """
+
+    depth: int = 28
+    hidden_size: int = 1152
+    num_heads: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_channels: int = 4
+    pred_sigma: bool = True
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    input_sq_size: int = 512
+    action_dim: int = 7
+    condition_frames: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        for name in ("depth", "hidden_size", "num_heads", "in_channels", "input_sq_size", "action_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"STDiT3Config.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.condition_frames < 0:
+            raise ValueError(f"STDiT3Config.condition_frames must be >= 0, got {self.condition_frames}")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"STDiT3Config.patch_size must be 3 positive integers, got {self.patch_size}")
+        if self.patch_size[0] != 1:
+            raise ValueError(
+                f"STDiT3Config.patch_size[0] must be 1: actions are embedded per latent frame, got {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"STDiT3Config.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        head_dim = self.hidden_size // self.num_heads
+        if head_dim % 2:
+            raise ValueError(f"the head width hidden_size/num_heads must be even for rotary embeddings, got {head_dim}")
+        if self.hidden_size % 4:
+            raise ValueError(f"STDiT3Config.hidden_size must be divisible by 4, got {self.hidden_size}")
+
+    @classmethod
+    def xl_2(cls, **overrides) -> STDiT3Config:
+        """The STDiT3-XL/2 preset of the released world models (about 0.9 B parameters in use)."""
+        return cls(**{"depth": 28, "hidden_size": 1152, "num_heads": 16, "patch_size": (1, 2, 2), **overrides})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.pred_sigma else self.in_channels
+
+    def to_json_dict(self) -> dict:
+        """The reference `config.json` fields (so the file also reads as the reference's)."""
+        data = asdict(self)
+        data["patch_size"] = list(self.patch_size)
+        data["pad_action_num"] = data.pop("condition_frames")
+        return {"model_type": "STDiT3", **data}
+
+    @classmethod
+    def from_json_dict(cls, data: dict) -> STDiT3Config:
+        """Reads a reference or our own `config.json`.
+
+        Architecture fields are read; every other field of the reference config (runtime switches such as
+        `enable_flash_attn`, training options, and the text-conditioning sizes of the unused caption embedder)
+        does not change the computation of the action-conditioned model and is ignored.
+        """
+        data = dict(data)
+        if "pad_action_num" in data:
+            data["condition_frames"] = data.pop("pad_action_num")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization over the last dimension, computed in float32 (queries and keys of one head)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding over frames, rotating interleaved pairs of channels.
+
+    `freqs` is stored (key `rope.freqs`) as in the released weights.
+    """
+
+    def __init__(self, dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.register_buffer("freqs", 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotates `x` [..., T, D] by position along T."""
+        positions = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)
+        angles = positions[:, None] * self.freqs.float()[None]  # [T, D/2]
+        angles = repeat(angles, "t d -> t (d r)", r=2)  # [T, D], each angle for one channel pair
+        pairs = rearrange(x.float(), "... (d r) -> ... d r", r=2)
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1)
+        rotated = rearrange(rotated, "... d r -> ... (d r)")
+        return (x.float() * angles.cos() + rotated * angles.sin()).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the second dimension of `[N, L, C]`."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, rope: RotaryEmbedding | None, causal: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        # A plain attribute, not a submodule: the rotary table belongs to the model (key `rope.freqs`).
+        self._rope = (rope,) if rope is not None else ()
+        self.causal = causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.num_heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        for rope in self._rope:
+            q, k = rope(q), rope(k)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [N, heads, L, head_dim]
+        return self.proj(rearrange(x, "n h l d -> n l (h d)"))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class STDiT3Block(nn.Module):
+    """adaLN-modulated attention + MLP block; spatial (within a frame) or temporal (causal over frames)."""
+
+    def __init__(self, config: STDiT3Config, temporal: bool, rope: RotaryEmbedding | None = None):
+        super().__init__()
+        hidden = config.hidden_size
+        self.temporal = temporal
+        self.norm1 = nn.LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(hidden, config.num_heads, config.qk_norm, rope=rope, causal=temporal)
+        self.norm2 = nn.LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
+        self.mlp = Mlp(hidden, int(hidden * config.mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden) / hidden**0.5)
+
+    def forward(self, x: torch.Tensor, t_mlp: torch.Tensor, t0_mlp: torch.Tensor, x_mask: torch.Tensor) -> torch.Tensor:
+        """Args:
+        x: tokens [B, T, S, C].
+        t_mlp: modulation of generated frames, [B, T, 6C] (spatial: per frame) or [B, 1, 6C] (temporal).
+        t0_mlp: modulation of condition frames, [B, 1, 6C].
+        x_mask: [B, T] bool, true for generated frames.
+        """
+        B = x.shape[0]
+        mod = rearrange(t_mlp, "b t (n c) -> b t n c", n=6) + self.scale_shift_table  # [B, T or 1, 6, C]
+        mod0 = rearrange(t0_mlp, "b t (n c) -> b t n c", n=6) + self.scale_shift_table  # [B, 1, 6, C]
+        # Choosing the modulation per frame equals the reference's modulating twice and choosing per frame,
+        # since modulation is elementwise.
+        mod = torch.where(x_mask[:, :, None, None], mod, mod0)  # [B, T, 6, C]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, None].unbind(dim=3)  # [B,T,1,C]
+
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        if self.temporal:
+            h = rearrange(h, "b t s c -> (b s) t c")
+            h = rearrange(self.attn(h), "(b s) t c -> b t s c", b=B)
+        else:
+            h = rearrange(h, "b t s c -> (b t) s c")
+            h = rearrange(self.attn(h), "(b t) s c -> b t s c", b=B)
+        x = x + gate_msa * h
+
+        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        return x + gate_mlp * self.mlp(h)
+
+
+class PatchEmbed3D(nn.Module):
+    def __init__(self, patch_size: tuple[int, int, int], in_channels: int, hidden: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv3d(in_channels, hidden, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, T, H, W] -> [B, T, h*w, hidden], padding H and W up to a multiple of the patch."""
+        _, _, _, H, W = x.shape
+        ph, pw = self.patch_size[1:]
+        x = F.pad(x, (0, -W % pw, 0, -H % ph))
+        return rearrange(self.proj(x), "b c t h w -> b t (h w) c")
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of a scalar (cos half, then sin half) followed by an MLP."""
+
+    def __init__(self, hidden: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[B] -> [B, hidden]."""
+        half = self.frequency_embedding_size // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(dtype))
+
+
+class ActionEmbedder(nn.Module):
+    """Embeds each action of the chunk; condition frames get the learned `none_action` embedding."""
+
+    def __init__(self, hidden: int, action_dim: int, condition_frames: int):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(action_dim, hidden * 4), nn.SiLU(), nn.Linear(hidden * 4, hidden))
+        self.none_action = nn.Embedding(1, hidden)
+        self.condition_frames = condition_frames
+
+    def forward(self, actions: torch.Tensor) -> torch.Tensor:
+        """[B, A, action_dim] -> [B, condition_frames + A, hidden]."""
+        B = actions.shape[0]
+        none = self.none_action.weight[None].expand(B, self.condition_frames, -1)
+        return torch.cat([none, self.fc(actions)], dim=1)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, num_patch: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
+        self.linear = nn.Linear(hidden, num_patch * out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden) / hidden**0.5)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, t0: torch.Tensor, x_mask: torch.Tensor) -> torch.Tensor:
+        """x [B, T, S, C], t and t0 [B, C] (embeddings before the t_block) -> [B, T, S, patch * out]."""
+        shift, scale = (self.scale_shift_table[None] + t[:, None])[:, None, None].unbind(dim=3)  # [B,1,1,C]
+        shift0, scale0 = (self.scale_shift_table[None] + t0[:, None])[:, None, None].unbind(dim=3)
+        x = self.norm_final(x) * (1 + scale) + shift
+        # The reference modulates the condition frames a second time, on top of the first modulation (it
+        # normalizes the already modulated tokens). Kept for parity; the sampler discards these frames.
+        x_condition = self.norm_final(x) * (1 + scale0) + shift0
+        return self.linear(torch.where(x_mask[:, :, None, None], x, x_condition))
+
+
+class PositionEmbedding2D(nn.Module):
+    """Sin-cos embedding of the patch grid; the first half encodes the column, the second the row."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, h: int, w: int, scale: float, base_size: int, device, dtype) -> torch.Tensor:
+        """-> [h*w, hidden] in row-major patch order."""
+        rows = torch.arange(h, device=device) / scale * (base_size / h)
+        cols = torch.arange(w, device=device) / scale * (base_size / w)
+        rows, cols = torch.meshgrid(rows, cols, indexing="ij")  # [h, w] each
+
+        half = self.hidden // 2
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, half, 2, device=device).float() / half))
+
+        def sincos(pos: torch.Tensor) -> torch.Tensor:
+            out = pos.reshape(-1)[:, None] * inv_freq[None]
+            return torch.cat([out.sin(), out.cos()], dim=-1)
+
+        return torch.cat([sincos(cols), sincos(rows)], dim=-1).to(dtype)
+
+
+class STDiT3(nn.Module):
+    """Action-conditioned STDiT3. See the module docstring for the conditioning."""
+
+    def __init__(self, config: STDiT3Config):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.rope = RotaryEmbedding(config.head_dim)
+        self.pos_embed = PositionEmbedding2D(hidden)
+        self.x_embedder = PatchEmbed3D(config.patch_size, config.in_channels, hidden)
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.action_embedder = ActionEmbedder(hidden, config.action_dim, config.condition_frames)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        self.spatial_blocks = nn.ModuleList(STDiT3Block(config, temporal=False) for _ in range(config.depth))
+        self.temporal_blocks = nn.ModuleList(
+            STDiT3Block(config, temporal=True, rope=self.rope) for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(hidden, math.prod(config.patch_size), config.out_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.proj.weight.dtype
+
+    def check_inputs(self, x: torch.Tensor, timestep: torch.Tensor, actions: torch.Tensor, x_mask: torch.Tensor):
+        """Raises ValueError naming the expected and received shapes."""
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must have shape [B, {cfg.in_channels}, T, H, W], got {tuple(x.shape)}")
+        B, _, T = x.shape[:3]
+        if timestep.shape != (B,):
+            raise ValueError(f"timestep must have shape ({B},), got {tuple(timestep.shape)}")
+        expected_actions = T - cfg.condition_frames
+        if actions.ndim != 3 or actions.shape != (B, expected_actions, cfg.action_dim):
+            raise ValueError(
+                f"actions must have shape ({B}, {expected_actions}, {cfg.action_dim}) for {T} frames of which "
+                f"{cfg.condition_frames} are condition frames, got {tuple(actions.shape)}"
+            )
+        if x_mask is None or x_mask.shape != (B, T):
+            got = None if x_mask is None else tuple(x_mask.shape)
+            raise ValueError(f"x_mask must have shape ({B}, {T}) (true for generated frames), got {got}")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        actions: torch.Tensor,
+        x_mask: torch.Tensor,
+        height: int | torch.Tensor,
+        width: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """Predicts the velocity (and the unused sigma half) for every latent frame.
+
+        Args:
+            x: latents [B, C, T, H, W], T = condition_frames + number of actions.
+            timestep: [B] on the 0..1000 scale.
+            actions: normalized actions [B, A, action_dim].
+            x_mask: [B, T], true (or 1) for generated frames, false (or 0) for condition frames.
+            height, width: the image size the latents stand for (scales the position embedding grid).
+
+        Returns:
+            [B, out_channels, T, H, W] float32; channels [:in_channels] are the velocity.
+        """
+        self.check_inputs(x, timestep, actions, x_mask)
+        dtype = self.dtype
+        x_mask = x_mask.to(device=x.device, dtype=torch.bool)
+        height, width = float(height), float(width)
+        _, _, Tx, Hx, Wx = x.shape
+        ph, pw = self.config.patch_size[1:]
+        h, w = -(-Hx // ph), -(-Wx // pw)
+        x = x.to(dtype)
+        # The reference casts the timestep to the model dtype before embedding it (in bf16 this rounds it).
+        timestep = timestep.to(dtype)
+
+        t = self.t_embedder(timestep, dtype)  # [B, C]
+        t0 = self.t_embedder(torch.full_like(timestep, CONDITION_TIMESTEP), dtype)  # [B, C]
+        t_spatial = self.t_block(t[:, None] + self.action_embedder(actions.to(dtype)))  # [B, T, 6C]
+        t_temporal = self.t_block(t)[:, None]  # [B, 1, 6C]
+        t0_mlp = self.t_block(t0)[:, None]  # [B, 1, 6C]
+
+        pos = self.pos_embed(
+            h,
+            w,
+            scale=math.sqrt(height * width) / self.config.input_sq_size,
+            base_size=round(math.sqrt(h * w)),
+            device=x.device,
+            dtype=dtype,
+        )  # [S, C]
+        x = self.x_embedder(x) + pos  # [B, T, S, C]
+
+        for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks, strict=True):
+            x = spatial(x, t_spatial, t0_mlp, x_mask)
+            x = temporal(x, t_temporal, t0_mlp, x_mask)
+
+        x = self.final_layer(x, t, t0, x_mask)  # [B, T, S, ph*pw*C_out]
+        x = rearrange(x, "b t (h w) (p q c) -> b c t (h p) (w q)", h=h, w=w, p=ph, q=pw, c=self.config.out_channels)
+        return x[:, :, :Tx, :Hx, :Wx].float()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        config: STDiT3Config | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> STDiT3:
+        """Loads the released weights (a checkpoint folder, an index file or one `.safetensors` file).
+
+        The architecture comes from `config`, else from `config.json` beside the weights, else the XL/2 preset.
+        Key names and shapes are checked against the model before any tensor is read; the keys in
+        `UNUSED_CHECKPOINT_KEYS` are skipped. The model is built on the meta device and takes the loaded tensors,
+        so nothing is allocated twice.
+
+        Returns:
+            the model in eval mode.
+        """
+        path = Path(path)
+        files = weight_files(path)
+        if config is None:
+            config_file = (path if path.is_dir() else path.parent) / CONFIG_NAME
+            config = (
+                STDiT3Config.from_json_dict(json.loads(config_file.read_text()))
+                if config_file.is_file()
+                else STDiT3Config.xl_2()
+            )
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        found = {k: s for k, s in stored_shapes(files).items() if not is_unused_checkpoint_key(k)}
+        check_state_dict_shapes(expected, found, source=f"STDiT3 weights at {path}")
+        model.load_state_dict(read_tensors(files, list(expected), device=device, dtype=dtype), assign=True)
+        return model.eval()
+
+    def save_pretrained(self, folder: str | Path, max_shard_bytes: int | None = None) -> None:
+        """Writes `config.json`, `model-0000k.safetensors` shards and `model.safetensors.index.json`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_NAME).write_text(json.dumps(self.config.to_json_dict(), indent=2))
+        save_sharded(self.state_dict(), folder, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,149 @@
+"""Rectified-flow sampling of the predicted latent frames, with the condition frames held clean.
+
+The reference integrates from noise (t = 1000) to data (t = 0) with `z <- z + v * dt`, where the model predicts
+the velocity pointing from noise towards data. (diffusers' flow-match scheduler uses the opposite sign
+convention; the two are not interchangeable.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from opensora_gym.models.stdit3 import STDiT3
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass(frozen=True)
+class RectifiedFlowConfig:
+    """Settings of the sampler.
+
+    Attributes:
+        num_sampling_steps: Euler steps from noise to data.
+        num_timesteps: the training timestep scale (the model sees t in [0, num_timesteps]).
+        use_timestep_transform: shift the timesteps by the image resolution, as the reference does.
+        base_resolution: pixels of the image size at which the transform is the identity (512 * 512).
+        transform_scale: extra factor on the transform's ratio.
+    """
+
+    num_sampling_steps: int = 10
+    num_timesteps: int = 1000
+    use_timestep_transform: bool = True
+    base_resolution: int = 512 * 512
+    transform_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.num_sampling_steps < 1:
+            raise ValueError(f"num_sampling_steps must be a positive integer, got {self.num_sampling_steps}")
+        if self.num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be a positive integer, got {self.num_timesteps}")
+        if self.base_resolution < 1 or self.transform_scale <= 0:
+            raise ValueError(
+                "base_resolution and transform_scale must be positive, "
+                f"got {self.base_resolution} and {self.transform_scale}"
+            )
+
+
+def timestep_transform(
+    t: torch.Tensor,
+    height: float,
+    width: float,
+    num_frames: int,
+    num_timesteps: int = 1000,
+    base_resolution: int = 512 * 512,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Resolution-dependent shift of timesteps on the 0..num_timesteps scale.
+
+    `ratio * t / (1 + (ratio - 1) * t)` on t in [0, 1], with `ratio = sqrt(pixels / base_resolution) *
+    sqrt(frames) * scale`. As in the reference, any clip of more than one frame counts as 4 frames (the temporal
+    factor is fixed, not read from `num_frames`), so a 256 x 256 clip maps every timestep to itself.
+    """
+    frames = 1.0 if num_frames == 1 else 4.0
+    ratio = math.sqrt(height * width / base_resolution) * math.sqrt(frames) * scale
+    t = t.float() / num_timesteps
+    return ratio * t / (1 + (ratio - 1) * t) * num_timesteps
+
+
+def draw_noise(shape: Sequence[int], generator: Generators, device=None) -> torch.Tensor:
+    """Standard normal noise [B, ...] in float32; with a list of B generators, item b uses generator b only.
+
+    Noise is drawn on each generator's own device and then moved, so a seeded generator gives the same noise
+    whatever the batch size or the neighbours of its item.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        return torch.randn(*shape, generator=generator, device=gen_device).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"expected one generator per batch item ({shape[0]}), got {len(generator)}")
+    return torch.stack([torch.randn(*shape[1:], generator=g, device=g.device) for g in generator]).to(device)
+
+
+class RectifiedFlowSampler:
+    """Euler sampler of the rectified flow, conditioned on clean context frames and on actions."""
+
+    def __init__(self, config: RectifiedFlowConfig | None = None):
+        self.config = config or RectifiedFlowConfig()
+
+    def timesteps(self, height: float, width: float, num_frames: int, device=None) -> torch.Tensor:
+        """The sampling timesteps [num_sampling_steps], from num_timesteps downwards, transformed if enabled."""
+        cfg = self.config
+        steps = torch.tensor(
+            [(1.0 - i / cfg.num_sampling_steps) * cfg.num_timesteps for i in range(cfg.num_sampling_steps)],
+            device=device,
+        )
+        if cfg.use_timestep_transform:
+            steps = timestep_transform(
+                steps, height, width, num_frames, cfg.num_timesteps, cfg.base_resolution, cfg.transform_scale
+            )
+        return steps
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: STDiT3,
+        condition_latents: torch.Tensor,
+        actions: torch.Tensor,
+        *,
+        height: int,
+        width: int,
+        noise: torch.Tensor | None = None,
+        generator: Generators = None,
+    ) -> torch.Tensor:
+        """Generates one latent frame per action after the condition frames.
+
+        Args:
+            model: the STDiT3 velocity model.
+            condition_latents: clean context [B, C, Tc, h, w].
+            actions: normalized actions [B, A, action_dim]; A frames are generated.
+            height, width: the image size the latents stand for.
+            noise: the starting noise [B, C, A, h, w]; drawn from `generator` when not given.
+            generator: a generator, or one per batch item, for the starting noise.
+
+        Returns:
+            latents [B, C, Tc + A, h, w] float32; the first Tc frames are `condition_latents` unchanged.
+        """
+        B, C, Tc, h, w = condition_latents.shape
+        A = actions.shape[1]
+        if noise is None:
+            noise = draw_noise((B, C, A, h, w), generator, device=condition_latents.device)
+        elif noise.shape != (B, C, A, h, w):
+            raise ValueError(f"noise must have shape {(B, C, A, h, w)}, got {tuple(noise.shape)}")
+        cond = condition_latents.float()
+        z = torch.cat([cond, noise.to(cond.device, torch.float32)], dim=2)  # [B, C, Tc + A, h, w]
+        x_mask = torch.zeros(B, Tc + A, dtype=torch.bool, device=z.device)
+        x_mask[:, Tc:] = True
+
+        steps = self.timesteps(height, width, Tc + A, device=z.device)
+        next_steps = torch.cat([steps[1:], steps.new_zeros(1)])
+        for t, t_next in zip(steps, next_steps, strict=True):
+            velocity = model(z, t.expand(B), actions, x_mask, height, width)[:, :C]
+            dt = (t - t_next) / self.config.num_timesteps
+            z = z + velocity * dt
+            # The condition frames are data already: only the generated frames move.
+            z[:, :, :Tc] = cond
+        return z

@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
+from opensora_gym.sampling import RectifiedFlowConfig, RectifiedFlowSampler, draw_noise, timestep_transform
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return STDiT3(STDiT3Config(depth=1, hidden_size=32, num_heads=4)).eval()
+
+
+def condition_and_actions(batch, seed=0, latent=4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, 4, latent, latent, generator=g), torch.rand(batch, 8, 7, generator=g) * 2 - 1
+
+
+@pytest.mark.reference
+def test_samples_match_reference(reference_dir):
+    meta = json.loads((reference_dir / "stdit3_tiny_meta.json").read_text())
+    case = load_file(reference_dir / "stdit3_tiny_case.safetensors")
+    model = STDiT3.from_pretrained(
+        reference_dir / "stdit3_tiny_weights.safetensors", config=STDiT3Config.from_json_dict(meta["config"])
+    )
+    settings = meta["sampler"]
+    assert settings["condition_frames"] == case["z_cond"].shape[2]
+    assert settings["predicted_frames"] == case["z_noise"].shape[2]
+    sampler = RectifiedFlowSampler(
+        RectifiedFlowConfig(
+            num_sampling_steps=settings["num_sampling_steps"],
+            num_timesteps=settings["num_timesteps"],
+            use_timestep_transform=settings["use_timestep_transform"],
+        )
+    )
+    kwargs = meta["model_kwargs"]
+    samples = sampler.sample(
+        model, case["z_cond"], case["actions"], height=kwargs["height"], width=kwargs["width"], noise=case["z_noise"]
+    )
+    assert samples.shape == case["samples"].shape
+    assert (samples - case["samples"]).abs().max().item() <= 1e-3
+    assert torch.equal(samples[:, :, : case["z_cond"].shape[2]], case["z_cond"])
+
+
+@pytest.mark.reference
+def test_timestep_transform_matches_reference(reference_dir):
+    meta = json.loads((reference_dir / "stdit3_tiny_meta.json").read_text())
+    case = load_file(reference_dir / "stdit3_tiny_case.safetensors")
+    outputs = [k for k in case if k.startswith("transform_t_out_")]
+    assert outputs
+    for key in outputs:
+        height, width = (int(v) for v in key.removeprefix("transform_t_out_").split("x"))
+        out = timestep_transform(case["transform_t_in"], height, width, meta["model_kwargs"]["num_frames"])
+        assert (out - case[key]).abs().max().item() <= 1e-3, key
+
+
+def test_transform_known_values():
+    t = torch.tensor([1000.0, 500.0, 0.0])
+    # 256 x 256 with the fixed temporal factor 4: ratio sqrt(1/4) * sqrt(4) = 1, the identity.
+    torch.testing.assert_close(timestep_transform(t, 256, 256, 12), t)
+    # 64 x 64: ratio 1/8 * 2 = 1/4, so t = 0.5 -> 0.25 * 0.5 / (1 - 0.75 * 0.5) = 0.2.
+    torch.testing.assert_close(timestep_transform(t, 64, 64, 12), torch.tensor([1000.0, 200.0, 0.0]))
+    # A single frame has temporal factor 1: ratio 1/8, t = 0.5 -> (1/16) / (1 - 7/16) = 1/9.
+    torch.testing.assert_close(timestep_transform(t[1:2], 64, 64, 1), torch.tensor([1000.0 / 9]))
+
+
+def test_timesteps_schedule():
+    sampler = RectifiedFlowSampler(RectifiedFlowConfig(num_sampling_steps=4, use_timestep_transform=False))
+    torch.testing.assert_close(sampler.timesteps(256, 256, 12), torch.tensor([1000.0, 750.0, 500.0, 250.0]))
+
+
+def test_condition_frames_held_clean_and_generator_seeds(tiny_model):
+    sampler = RectifiedFlowSampler(RectifiedFlowConfig(num_sampling_steps=3))
+    cond, actions = condition_and_actions(2)
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return sampler.sample(tiny_model, cond, actions, height=32, width=32, generator=generator)
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a[:, :, :4], cond)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a[:, :, 4:], c[:, :, 4:])
+
+
+def test_per_item_generators_make_items_independent_of_the_batch(tiny_model):
+    sampler = RectifiedFlowSampler(RectifiedFlowConfig(num_sampling_steps=2))
+    cond, actions = condition_and_actions(3)
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    batch = sampler.sample(tiny_model, cond, actions, height=32, width=32, generator=gens)
+    alone = sampler.sample(
+        tiny_model, cond[2:], actions[2:], height=32, width=32, generator=[torch.Generator().manual_seed(12)]
+    )
+    torch.testing.assert_close(batch[2:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_draw_noise_rejects_wrong_generator_count():
+    with pytest.raises(ValueError, match=r"one generator per batch item \(3\), got 2"):
+        draw_noise((3, 4), [torch.Generator(), torch.Generator()])
+
+
+def test_noise_of_wrong_shape_is_rejected(tiny_model):
+    cond, actions = condition_and_actions(1)
+    with pytest.raises(ValueError, match=r"noise must have shape \(1, 4, 8, 4, 4\)"):
+        RectifiedFlowSampler().sample(tiny_model, cond, actions, height=32, width=32, noise=torch.zeros(1, 4, 7, 4, 4))
+
+
+@pytest.mark.parametrize("overrides", [{"num_sampling_steps": 0}, {"num_timesteps": 0}, {"transform_scale": 0.0}])
+def test_config_rejects_bad_values(overrides):
+    with pytest.raises(ValueError):
+        RectifiedFlowConfig(**overrides)

@@ -1,0 +1,185 @@
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from opensora_gym.checkpoint import WEIGHTS_INDEX_NAME, shard_name
+from opensora_gym.models.stdit3 import STDiT3, STDiT3Config, is_unused_checkpoint_key
+
+TINY = STDiT3Config(depth=2, hidden_size=32, num_heads=4)
+
+
+def tiny_inputs(batch=2, latent=4, generator_seed=0):
+    g = torch.Generator().manual_seed(generator_seed)
+    T = TINY.condition_frames + 8
+    x = torch.randn(batch, TINY.in_channels, T, latent, latent, generator=g)
+    timestep = torch.rand(batch, generator=g) * 1000
+    actions = torch.rand(batch, 8, TINY.action_dim, generator=g) * 2 - 1
+    x_mask = torch.tensor([[0] * TINY.condition_frames + [1] * 8] * batch, dtype=torch.bool)
+    return x, timestep, actions, x_mask
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return STDiT3(TINY).eval()
+
+
+@pytest.mark.reference
+def test_forward_matches_reference(reference_dir):
+    meta = json.loads((reference_dir / "stdit3_tiny_meta.json").read_text())
+    case = load_file(reference_dir / "stdit3_tiny_case.safetensors")
+    model = STDiT3.from_pretrained(
+        reference_dir / "stdit3_tiny_weights.safetensors", config=STDiT3Config.from_json_dict(meta["config"])
+    )
+    kwargs = meta["model_kwargs"]
+    with torch.no_grad():
+        out = model(case["x"], case["timestep"], case["actions"], case["x_mask"], kwargs["height"], kwargs["width"])
+    assert out.shape == case["out_masked"].shape
+    assert (out - case["out_masked"]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.reference
+def test_xl2_accepts_every_manifest_key(reference_dir):
+    manifest = json.loads((reference_dir / "manifest_stdit3_xl2.json").read_text())
+    with torch.device("meta"):
+        model = STDiT3(STDiT3Config.xl_2())
+    ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+    kept = {k: v for k, v in manifest.items() if not is_unused_checkpoint_key(k)}
+    assert ours == kept
+    dropped = set(manifest) - set(kept)
+    assert dropped and all(".cross_attn." in k or k.split(".")[0] in ("y_embedder", "fps_embedder") for k in dropped)
+
+
+def test_condition_frames_do_not_see_generated_frames():
+    # Causal temporal attention: the condition frames' outputs ignore the generated latents and the actions.
+    model = tiny_model()
+    x, timestep, actions, x_mask = tiny_inputs()
+    other = x.clone()
+    other[:, :, TINY.condition_frames :] = torch.randn_like(other[:, :, TINY.condition_frames :])
+    with torch.no_grad():
+        out = model(x, timestep, actions, x_mask, 32, 32)
+        out_other = model(other, timestep, -actions, x_mask, 32, 32)
+    cond = slice(0, TINY.condition_frames)
+    torch.testing.assert_close(out[:, :, cond], out_other[:, :, cond])
+    assert not torch.allclose(out[:, :, TINY.condition_frames :], out_other[:, :, TINY.condition_frames :])
+
+
+def test_batch_items_are_independent():
+    model = tiny_model()
+    x, timestep, actions, x_mask = tiny_inputs(batch=3)
+    with torch.no_grad():
+        full = model(x, timestep, actions, x_mask, 32, 32)
+        single = model(x[1:2], timestep[1:2], actions[1:2], x_mask[1:2], 32, 32)
+    torch.testing.assert_close(full[1:2], single, rtol=1e-5, atol=1e-5)
+
+
+def test_odd_latent_size_is_padded_and_cropped():
+    model = tiny_model()
+    x, timestep, actions, x_mask = tiny_inputs(latent=5)
+    with torch.no_grad():
+        out = model(x, timestep, actions, x_mask, 40, 40)
+    assert out.shape == (2, TINY.out_channels, 12, 5, 5)
+    assert torch.isfinite(out).all()
+
+
+def test_bf16_forward_runs_and_stays_close():
+    model = tiny_model()
+    x, timestep, actions, x_mask = tiny_inputs()
+    with torch.no_grad():
+        ref = model(x, timestep, actions, x_mask, 32, 32)
+        out = model.to(torch.bfloat16)(x, timestep, actions, x_mask, 32, 32)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "message"),
+    [
+        ("x", torch.zeros(2, 3, 12, 4, 4), r"x must have shape \[B, 4, T, H, W\], got \(2, 3, 12, 4, 4\)"),
+        ("timestep", torch.zeros(3), r"timestep must have shape \(2,\), got \(3,\)"),
+        ("actions", torch.zeros(2, 7), r"actions must have shape \(2, 8, 7\).*got \(2, 7\)"),
+        ("x_mask", None, r"x_mask must have shape \(2, 12\).*got None"),
+    ],
+)
+def test_bad_inputs_name_the_expected_shape(field, bad, message):
+    model = tiny_model()
+    args = dict(zip(("x", "timestep", "actions", "x_mask"), tiny_inputs(), strict=True))
+    args[field] = bad
+    with pytest.raises(ValueError, match=message):
+        model(**args, height=32, width=32)
+
+
+@pytest.mark.parametrize("max_shard_bytes", [None, 20_000])
+def test_save_and_load_round_trip(tmp_path, max_shard_bytes):
+    model = tiny_model()
+    model.save_pretrained(tmp_path, max_shard_bytes=max_shard_bytes)
+    index = json.loads((tmp_path / WEIGHTS_INDEX_NAME).read_text())
+    shards = set(index["weight_map"].values())
+    assert (len(shards) > 1) == (max_shard_bytes is not None)
+    loaded = STDiT3.from_pretrained(tmp_path)
+    assert loaded.config == TINY
+    x, timestep, actions, x_mask = tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(x, timestep, actions, x_mask, 32, 32), model(x, timestep, actions, x_mask, 32, 32), rtol=0, atol=0
+        )
+
+
+def test_loads_a_single_file_and_drops_unused_keys(tmp_path):
+    model = tiny_model()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["spatial_blocks.0.cross_attn.q_linear.weight"] = torch.zeros(32, 32)
+    state["y_embedder.y_embedding"] = torch.zeros(3, 8)
+    save_file(state, tmp_path / "weights.safetensors")
+    loaded = STDiT3.from_pretrained(tmp_path / "weights.safetensors", config=TINY, dtype=torch.bfloat16)
+    assert loaded.dtype == torch.bfloat16
+    assert not any(is_unused_checkpoint_key(k) for k in loaded.state_dict())
+
+
+def test_wrong_shapes_and_missing_keys_are_named(tmp_path):
+    model = tiny_model()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["t_block.1.weight"] = torch.zeros(5, 5)
+    del state["final_layer.linear.bias"]
+    save_file(state, tmp_path / "weights.safetensors")
+    with pytest.raises(ValueError) as err:
+        STDiT3.from_pretrained(tmp_path / "weights.safetensors", config=TINY)
+    assert "final_layer.linear.bias" in str(err.value)
+    assert "t_block.1.weight: file (5, 5) vs model (192, 32)" in str(err.value)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape("model-00001.safetensors")):
+        STDiT3.from_pretrained(tmp_path / "nowhere")
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / shard_name(1)).unlink()
+    with pytest.raises(FileNotFoundError, match=f"names the shard {shard_name(1)}"):
+        STDiT3.from_pretrained(tmp_path)
+
+
+def test_corrupt_weights_are_named(tmp_path):
+    (tmp_path / "model-00001.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=re.escape("model-00001.safetensors is not a readable safetensors file")):
+        STDiT3.from_pretrained(tmp_path, config=TINY)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"hidden_size": 30}, "divisible by num_heads"),
+        ({"patch_size": (2, 2, 2)}, "patch_size"),
+        ({"depth": 0}, "depth"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        STDiT3Config(**{"depth": 2, "hidden_size": 32, "num_heads": 4, **overrides})
+
+
+def test_config_json_round_trip_uses_reference_names():
+    data = TINY.to_json_dict()
+    assert data["pad_action_num"] == TINY.condition_frames
+    assert STDiT3Config.from_json_dict({**data, "enable_flash_attn": True}) == TINY
