@@ -191,10 +191,12 @@ def test_normalize_uses_only_valid_entries():
     torch.testing.assert_close(normalize_advantages(changed, mask)[mask], valid, rtol=0, atol=0)
 
 
-def test_normalize_without_mask_and_with_empty_mask():
+def test_normalize_without_mask_and_with_too_few_valid_entries():
     advantages = torch.tensor([1.0, 2.0, 3.0])
     torch.testing.assert_close(normalize_advantages(advantages), torch.tensor([-1.0, 0.0, 1.0]), atol=1e-4, rtol=0)
     empty = torch.zeros(3, dtype=torch.bool)
     torch.testing.assert_close(normalize_advantages(advantages, empty), advantages, rtol=0, atol=0)
+    single = torch.tensor([False, True, False])
+    torch.testing.assert_close(normalize_advantages(advantages, single), advantages, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"shape of advantages \(3,\), got \(4,\)"):
         normalize_advantages(advantages, torch.ones(4, dtype=torch.bool))

@@ -42,9 +42,7 @@ def _check_probability(name: str, value: float) -> None:
 
 def _check_group_size(scores: torch.Tensor, group_size: int) -> None:
     if scores.ndim != 1:
-        raise ValueError(
-            f"scores must have shape (B,) with one score per trajectory, got {tuple(scores.shape)}"
-        )
+        raise ValueError(f"scores must have shape (B,) with one score per trajectory, got {tuple(scores.shape)}")
     if group_size < 2:
         raise ValueError(f"group_size must be at least 2 (the group std needs two samples), got {group_size}")
     if scores.shape[0] % group_size != 0:
@@ -134,9 +132,7 @@ def compute_grpo_advantages(
     if eps <= 0:
         raise ValueError(f"eps must be positive, got {eps}")
     if mask is not None and (mask.ndim != 2 or mask.shape[1] != scores.shape[0]):
-        raise ValueError(
-            f"mask must have shape (S, {scores.shape[0]}) (steps, trajectories), got {tuple(mask.shape)}"
-        )
+        raise ValueError(f"mask must have shape (S, {scores.shape[0]}) (steps, trajectories), got {tuple(mask.shape)}")
 
     grouped = rearrange(scores, "(g n) -> g n", n=group_size)  # [G, N]
     mean = grouped.mean(dim=-1, keepdim=True)  # [G, 1]
@@ -155,8 +151,9 @@ def normalize_advantages(
 ) -> torch.Tensor:
     """Whitens advantages with the mean and unbiased std of the valid entries (PPO batch norm).
 
-    Every entry (valid or not) is shifted and scaled, so masked entries stay finite; a mask with no
-    valid entry returns the input unchanged, as RLinf's ``safe_normalize`` does.
+    Every entry (valid or not) is shifted and scaled, so masked entries stay finite. With no valid
+    entry the input comes back unchanged, as from RLinf's ``safe_normalize``; with exactly one it
+    also comes back unchanged, where RLinf would return nan (the unbiased std of one value).
 
     Args:
         advantages: Advantages of any shape, e.g. ``[T, B]``.
@@ -179,7 +176,7 @@ def normalize_advantages(
                 f"mask must have the shape of advantages {tuple(advantages.shape)}, got {tuple(mask.shape)}"
             )
         valid = advantages[_as_bool_mask("mask", mask)]  # [num_valid]
-    if valid.numel() == 0:
+    if valid.numel() < 2:
         return advantages
     return (advantages - valid.mean()) / (valid.std() + eps)
 
@@ -211,9 +208,7 @@ def grpo_group_filter(
     """
     _check_group_size(scores, group_size)
     if lower > upper:
-        raise ValueError(
-            f"lower ({lower}) must not exceed upper ({upper}); the kept interval is [lower, upper]"
-        )
+        raise ValueError(f"lower ({lower}) must not exceed upper ({upper}); the kept interval is [lower, upper]")
     group_mean = rearrange(scores, "(g n) -> g n", n=group_size).mean(dim=-1)  # [G]
     keep = (group_mean >= lower) & (group_mean <= upper)  # [G]
     return repeat(keep, "g -> (g n)", n=group_size)  # [B]

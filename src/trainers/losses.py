@@ -158,8 +158,9 @@ def actor_loss(
     if clip_ratio_c is not None and clip_ratio_c <= 1.0:
         raise ValueError(f"clip_ratio_c must be > 1 (or None to disable dual clip), got {clip_ratio_c}")
 
-    log_ratio = logprobs - old_logprobs
-    # Zero the ratio on padding so an inf log-prob there cannot make a nan loss or gradient.
+    # Padding is zeroed before exp as well as after: an inf log-prob there would otherwise give
+    # exp(inf) = inf, and 0 * inf = nan in the backward pass even though the forward drops it.
+    log_ratio = torch.where(valid, logprobs - old_logprobs, 0.0)
     ratio = torch.where(valid, torch.exp(log_ratio), 0.0)
     clipped_ratio = torch.clamp(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
     loss_unclipped = -advantages * ratio
@@ -185,7 +186,7 @@ def actor_loss(
             "dual_cliped_ratio": masked_mean(torch.where(dual_clipped, ratio, 0.0), valid),
             "clip_fraction": clipped.sum() / num_valid,
             "dual_clip_fraction": dual_clipped.sum() / num_valid,
-            "approx_kl": -torch.where(valid, log_ratio, 0.0).sum() / num_valid,
+            "approx_kl": -log_ratio.sum() / num_valid,
         }
     return loss, {key: value.detach() for key, value in metrics.items()}
 
@@ -263,9 +264,7 @@ def critic_loss(
         raise ValueError(f"huber_delta must be positive, got {huber_delta}")
 
     values_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
-    per_entry = torch.max(
-        huber_loss(returns - values, huber_delta), huber_loss(returns - values_clipped, huber_delta)
-    )
+    per_entry = torch.max(huber_loss(returns - values, huber_delta), huber_loss(returns - values_clipped, huber_delta))
     loss = masked_mean(per_entry, valid)
 
     with torch.no_grad():
