@@ -6,8 +6,9 @@ The formulas and the logged metrics follow RLinf's ``compute_ppo_actor_loss`` an
 sum over valid entries divided by the number of valid entries, where a mask that broadcasts (for
 example ``[B, chunks, 1]`` against ``[B, chunks, tokens]``) counts every token it covers.
 
-Metrics are detached 0-dim tensors; nothing here calls ``.item()`` except where the reference's
-boolean selection needs it, so a training step can log them without extra device syncs.
+Metrics are detached 0-dim tensors (never Python numbers). Two steps wait for the device: checking
+that a non-bool mask holds only 0 and 1 (pass bool masks to skip it) and the boolean selection of
+the explained-variance statistics, kept because it reproduces RLinf's sums to the bit.
 """
 
 from __future__ import annotations
