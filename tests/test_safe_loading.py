@@ -256,3 +256,11 @@ def test_corrupt_torch_checkpoint_names_file(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=re.escape(str(path))) as info:
             load_torch_state_dict(path)
         assert not isinstance(info.value, UnsafeFileError)
+
+
+def test_header_and_pickle_disagree(tmp_path: Path) -> None:
+    path = tmp_path / "mismatch.npy"
+    _write_pickled_npy(path, pickle.dumps(_object_array([{"a": 1}])), length=2)
+
+    with pytest.raises(ValueError, match=re.escape(f"{path} header promises shape (2,), its pickled array has (1,)")):
+        load_npy(path)

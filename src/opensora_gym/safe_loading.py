@@ -92,6 +92,8 @@ def load_npy(path: str | PathLike[str]) -> np.ndarray:
 
     Object arrays are unpickled with an allow-list that admits ndarray reconstruction, dtypes and numpy
     scalars (numpy 1 and numpy 2 module names), and the builtins that dicts, lists and strings need.
+    Headers larger than numpy's ``max_header_size`` default are refused, as ``np.load`` does for untrusted
+    files.
 
     Args:
         path: the .npy file.
@@ -110,7 +112,10 @@ def load_npy(path: str | PathLike[str]) -> np.ndarray:
     with source.open("rb") as fp:
         shape, fortran_order, dtype = _read_header(fp, source)
         if dtype.hasobject:
-            return _read_pickled_payload(fp, source)
+            array = _read_pickled_payload(fp, source)
+            if array.shape != shape:
+                raise ValueError(f"{source} header promises shape {shape}, its pickled array has {array.shape}")
+            return array
         count = math.prod(shape)
         data = np.fromfile(fp, dtype=dtype, count=count)
     if data.size != count:
