@@ -1,0 +1,104 @@
+"""`opensora-gym` command line: `opensora-gym rollout` imagines a few chunks in the world model."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+
+from opensora_gym.checkpoint import CheckpointLayout
+from opensora_gym.data import TrajectoryDataset
+from opensora_gym.testing import make_tiny_checkpoint
+from opensora_gym.world_model import WorldModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def rollout(args: argparse.Namespace) -> dict:
+    """Starts `num_envs` episodes from recorded start frames, imagines `chunks` chunks, writes an mp4."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        checkpoint = make_tiny_checkpoint(out / "tiny_checkpoint", seed=args.seed)
+        print(f"no --checkpoint given: wrote a tiny random-weight checkpoint to {checkpoint}")
+    layout = CheckpointLayout.resolve(checkpoint)
+    model = WorldModel.from_pretrained(
+        layout.root,
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+        num_sampling_steps=args.num_sampling_steps,
+        image_size=args.image_size,
+    )
+    dataset = TrajectoryDataset(layout.dataset)
+    episodes = [i % len(dataset) for i in range(args.num_envs)]
+    starts = [dataset.start_frame(i) for i in episodes]
+    images = torch.from_numpy(np.stack([image for image, _ in starts]))
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_envs)]
+    low = torch.from_numpy(model.statistics.q01)
+    high = torch.from_numpy(model.statistics.q99)
+
+    start = time.perf_counter()
+    latents = model.encode_start(images, generator=generators)
+    chunks, probs = [], []
+    for _ in range(args.chunks):
+        # A random policy within the recorded action range: one action chunk per sub-env.
+        noise = torch.stack([torch.rand(args.action_chunk, low.numel(), generator=g) for g in generators])
+        actions = low + (high - low) * noise  # [N, A, action_dim]
+        prediction = model.predict_chunk(latents, actions, generator=generators)
+        latents = prediction.latents[:, :, -model.condition_frames :]
+        chunks.append(prediction.frames.cpu())
+        probs.append(prediction.success_prob.cpu())
+    elapsed = time.perf_counter() - start
+
+    frames = torch.cat(chunks, dim=1).numpy()  # [N, T, H, W, 3]
+    video = out / "rollout.mp4"
+    # Sub-envs side by side, one video frame per predicted frame.
+    imageio.mimwrite(video, list(np.concatenate(list(frames), axis=2)), fps=args.fps, macro_block_size=1)
+    num_frames = frames.shape[0] * frames.shape[1]
+    result = {
+        "video": str(video),
+        "frames": num_frames,
+        "seconds": elapsed,
+        "frames_per_second": num_frames / elapsed,
+        "mean_success_prob": float(torch.cat(probs, dim=1).mean()),
+    }
+    print(
+        f"imagined {args.chunks} chunks x {args.action_chunk} frames for {args.num_envs} sub-envs "
+        f"({num_frames} frames at {args.image_size}px) in {elapsed:.2f} s: {result['frames_per_second']:.1f} frames/s"
+    )
+    print(f"mean success probability {result['mean_success_prob']:.3f}; video: {video}")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opensora-gym", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("rollout", help="imagine a few action chunks in the world model and write an mp4")
+    run.add_argument("--checkpoint", help="world-model folder (default: a tiny random-weight one, made on the fly)")
+    run.add_argument("--out", default="runs/rollout", help="output folder for the video (and the tiny checkpoint)")
+    run.add_argument("--num-envs", type=int, default=4, help="sub-envs imagined in one batch")
+    run.add_argument("--chunks", type=int, default=4, help="action chunks per sub-env")
+    run.add_argument("--action-chunk", type=int, default=8, help="actions (= predicted frames) per chunk")
+    run.add_argument("--num-sampling-steps", type=int, default=10, help="rectified-flow steps per chunk")
+    run.add_argument("--image-size", type=int, default=None, help="frame side (default: 64 tiny, 256 real)")
+    run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    run.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="DiT and VAE dtype")
+    run.add_argument("--seed", type=int, default=0, help="seed of the sub-envs' generators")
+    run.add_argument("--fps", type=int, default=8, help="frames per second of the video")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.image_size is None:
+        args.image_size = 64 if args.checkpoint is None else 256
+    rollout(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The world model as the components compose it: start frames -> latents, and (latents, actions) -> next chunk.
+
+One chunk step: actions [N, A, 7] in robot units -> normalized with the checkpoint's q01/q99 -> STDiT3 sampled
+by the rectified flow from the condition latents [N, C, Tc, h, w] and fresh noise -> predicted latents
+[N, C, A, h, w] -> VAE decode -> frames [N, A, H, W, 3] -> reward classifier per frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from opensora_gym.checkpoint import CheckpointLayout
+from opensora_gym.data import ActionStatistics
+from opensora_gym.models.reward import ResNetRewardModel
+from opensora_gym.models.stdit3 import STDiT3
+from opensora_gym.models.vae import VideoVAE
+from opensora_gym.sampling import Generators, RectifiedFlowConfig, RectifiedFlowSampler
+
+
+@dataclass(frozen=True)
+class ChunkPrediction:
+    """The outcome of one chunk step for N sub-envs and A actions.
+
+    Attributes:
+        latents: predicted latent frames [N, C, A, h, w] (the next condition frames are the last Tc of them).
+        frames: decoded frames [N, A, H, W, 3] uint8.
+        success_prob: the reward classifier's probability per frame [N, A] float32.
+    """
+
+    latents: torch.Tensor
+    frames: torch.Tensor
+    success_prob: torch.Tensor
+
+
+def frames_to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """[N, 3, T, H, W] in [-1, 1] -> [N, T, H, W, 3] uint8, truncating as the reference does."""
+    frames = ((frames.float() + 1.0) / 2.0 * 255.0).clamp(0, 255).to(torch.uint8)
+    return rearrange(frames, "n c t h w -> n t h w c")
+
+
+def frames_from_uint8(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """[N, H, W, 3] uint8 -> [N, 3, image_size, image_size] in [-1, 1], resized bilinearly if needed."""
+    x = rearrange(images, "n h w c -> n c h w").float() / 255.0
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return (x - 0.5) / 0.5
+
+
+class WorldModel:
+    """STDiT3, sampler, VAE, reward classifier and action statistics of one checkpoint.
+
+    Args:
+        dit: the velocity model; vae: the frame autoencoder; reward_model: the success classifier.
+        statistics: action q01/q99 for normalization.
+        sampler: the rectified-flow sampler.
+        image_size: side of the square frames the model works at.
+    """
+
+    def __init__(
+        self,
+        dit: STDiT3,
+        vae: VideoVAE,
+        reward_model: ResNetRewardModel,
+        statistics: ActionStatistics,
+        sampler: RectifiedFlowSampler,
+        image_size: int,
+    ):
+        if image_size % vae.downsample_factor:
+            raise ValueError(
+                f"image_size must be a multiple of the VAE downsample factor {vae.downsample_factor}, got {image_size}"
+            )
+        self.dit, self.vae, self.reward_model = dit, vae, reward_model
+        self.statistics = statistics
+        self.sampler = sampler
+        self.image_size = image_size
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        num_sampling_steps: int = 10,
+        image_size: int = 256,
+        vae_micro_batch_size: int = 64,
+    ) -> WorldModel:
+        """Loads every part of a checkpoint folder in the released layout (see `opensora_gym.checkpoint`).
+
+        The DiT and the VAE run in `dtype`; the reward classifier always runs in float32, as in the reference.
+        """
+        layout = CheckpointLayout.resolve(folder)
+        vae = VideoVAE.from_pretrained(layout.vae, micro_batch_size=vae_micro_batch_size, torch_dtype=dtype)
+        return cls(
+            dit=STDiT3.from_pretrained(layout.root, device=device, dtype=dtype),
+            vae=vae.to(device).eval(),
+            reward_model=ResNetRewardModel.from_pretrained(layout.reward_weights).to(device),
+            statistics=ActionStatistics.from_json(layout.statistics),
+            sampler=RectifiedFlowSampler(RectifiedFlowConfig(num_sampling_steps=num_sampling_steps)),
+            image_size=image_size,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    @property
+    def condition_frames(self) -> int:
+        return self.dit.config.condition_frames
+
+    @property
+    def action_dim(self) -> int:
+        return self.dit.config.action_dim
+
+    def to(self, device: torch.device | str) -> WorldModel:
+        """Moves the models (to offload them between rollouts, or back)."""
+        for module in (self.dit, self.vae, self.reward_model):
+            module.to(device)
+        return self
+
+    @torch.no_grad()
+    def encode_start(self, images: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        """Start frames [N, H, W, 3] uint8 -> condition latents [N, C, Tc, h, w].
+
+        As in the reference, the frame is repeated to fill the condition frames and each copy is encoded with
+        its own latent sample.
+        """
+        x = frames_from_uint8(images.to(self.device), self.image_size)  # [N, 3, S, S]
+        x = x[:, :, None].expand(-1, -1, self.condition_frames, -1, -1)  # [N, 3, Tc, S, S]
+        return self.vae.encode(x.to(self.vae.dtype), sample=True, generator=generator).float()
+
+    @torch.no_grad()
+    def predict_chunk(
+        self, condition_latents: torch.Tensor, actions: torch.Tensor, generator: Generators = None
+    ) -> ChunkPrediction:
+        """Predicts the frames that follow `condition_latents` under `actions` (robot units).
+
+        Args:
+            condition_latents: [N, C, Tc, h, w].
+            actions: [N, A, action_dim] in the robot's units (normalized here with q01/q99).
+            generator: a generator, or one per sub-env, for the starting noise.
+        """
+        normalized = self.statistics.normalize(actions.float().to(self.device))
+        latents = self.sampler.sample(
+            self.dit,
+            condition_latents.to(self.device),
+            normalized.to(self.dit.dtype),
+            height=self.image_size,
+            width=self.image_size,
+            generator=generator,
+        )[:, :, self.condition_frames :]  # [N, C, A, h, w]
+        decoded = self.vae.decode(latents.to(self.vae.dtype))  # [N, 3, A, H, W]
+        prob = self.reward_model(rearrange(decoded, "n c t h w -> (n t) c h w"))  # [N * A]
+        return ChunkPrediction(
+            latents=latents,
+            frames=frames_to_uint8(decoded),
+            success_prob=rearrange(prob, "(n t) -> n t", n=latents.shape[0]),
+        )
