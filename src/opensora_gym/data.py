@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from opensora_gym.checkpoint import STATISTICS_NAME
 from opensora_gym.safe_loading import load_npy
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "save_trajectory",
 ]
 
-STATISTICS_NAME = "dataset_statistics.json"
 
 _IMAGE_KEY = "image"
 _TASK_KEYS = ("instruction", "task")

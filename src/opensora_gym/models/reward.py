@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from opensora_gym.checkpoint import REWARD_WEIGHTS_NAME
 from opensora_gym.safe_loading import load_torch_state_dict
 
 __all__ = ["REWARD_WEIGHTS_NAME", "ResNetRewardModel", "ResidualBlock"]
 
-REWARD_WEIGHTS_NAME = "resnet_rm.pth"
 
 _NUM_STAGES = 4
 _BLOCKS_PER_STAGE = 2
