@@ -1,0 +1,150 @@
+"""The interface every RL policy here implements, and the observation checks they share.
+
+An observation is the env's batched dict ``{"image": uint8 [N, H, W, 3], "task": N strings}``. A policy
+emits one chunk of ``action_chunk`` actions of ``action_dim`` numbers per env, each number one discrete
+token: ``act`` samples (no grad) and ``evaluate`` re-scores stored tokens (with grad) for the update.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["Policy", "PolicyEvaluation", "PolicyOutput", "check_action_tokens", "check_observation"]
+
+
+@dataclass(frozen=True)
+class PolicyOutput:
+    """What `Policy.act` returns for N envs (T = action_chunk * action_dim tokens).
+
+    Attributes:
+        actions: ``[N, action_chunk, action_dim]`` float32, robot units (un-normalized), on the CPU.
+        action_tokens: ``[N, T]`` int64 token ids; pass them back to `Policy.evaluate` unchanged.
+        logprobs: ``[N, T]`` float32 log-probs of ``action_tokens`` under the processed distribution.
+        values: ``[N, 1]`` (per chunk) or ``[N, action_chunk]`` (per step) float32, or None without a value head.
+    """
+
+    actions: torch.Tensor
+    action_tokens: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class PolicyEvaluation:
+    """What `Policy.evaluate` returns; every tensor carries grad.
+
+    Attributes:
+        logprobs: ``[N, T]`` float32.
+        entropy: ``[N, T]`` float32 entropy of each token's processed distribution.
+        values: ``[N, 1]`` or ``[N, action_chunk]`` float32, or None without a value head.
+    """
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    values: torch.Tensor | None
+
+
+def check_observation(obs: Mapping[str, Any]) -> tuple[torch.Tensor, list[str]]:
+    """Validate the env observation and return its parts.
+
+    Args:
+        obs: ``{"image": uint8 array or tensor [N, H, W, 3], "task": sequence of N strings}``.
+
+    Returns:
+        ``(images, tasks)``: the images as a uint8 tensor ``[N, H, W, 3]`` (on its original device) and the
+        tasks as a list of N strings.
+    """
+    if not isinstance(obs, Mapping) or "image" not in obs or "task" not in obs:
+        got = sorted(obs) if isinstance(obs, Mapping) else type(obs).__name__
+        raise ValueError(f'observation must be a dict with keys "image" and "task", got {got}')
+    image = obs["image"]
+    images = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f'obs["image"] must be a numpy array or torch tensor, got {type(image).__name__}')
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f'obs["image"] must have shape [N, H, W, 3], got {tuple(images.shape)}')
+    if images.dtype != torch.uint8:
+        raise ValueError(f'obs["image"] must be uint8 (0..255), got {images.dtype}')
+    task = obs["task"]
+    if isinstance(task, str) or not isinstance(task, Sequence | np.ndarray):
+        raise ValueError(f'obs["task"] must be a sequence of {images.shape[0]} strings, got {type(task).__name__}')
+    tasks = [str(t) for t in task]
+    if len(tasks) != images.shape[0]:
+        raise ValueError(f'obs["task"] has {len(tasks)} strings but obs["image"] has {images.shape[0]} images')
+    if not all(isinstance(t, str | np.str_) for t in task):
+        raise ValueError('obs["task"] must hold strings')
+    return images, tasks
+
+
+class Policy(nn.Module, ABC):
+    """A chunked discrete-token policy: the contract the trainers are written against.
+
+    Attributes:
+        action_chunk: Actions per chunk (one env step executes one chunk).
+        action_dim: Numbers per action.
+    """
+
+    action_chunk: int
+    action_dim: int
+
+    @property
+    def num_action_tokens(self) -> int:
+        """Tokens per chunk, ``action_chunk * action_dim``."""
+        return self.action_chunk * self.action_dim
+
+    @abstractmethod
+    def act(
+        self,
+        obs: Mapping[str, Any],
+        do_sample: bool = True,
+        temperature: float = 1.6,
+        top_k: int = -1,
+        generator: torch.Generator | None = None,
+    ) -> PolicyOutput:
+        """Choose one action chunk per env, without grad.
+
+        Args:
+            obs: The env observation (see `check_observation`).
+            do_sample: Sample (needs ``generator``) or decode greedily (argmax).
+            temperature: Logit divisor for sampling and for the returned log-probs.
+            top_k: Keep the k most likely tokens per position; -1 keeps all.
+            generator: The only randomness source; on the policy's device.
+        """
+
+    @abstractmethod
+    def evaluate(
+        self,
+        obs: Mapping[str, Any],
+        action_tokens: torch.Tensor,
+        temperature: float = 1.6,
+        top_k: int = -1,
+    ) -> PolicyEvaluation:
+        """Score stored tokens with grad (same processing as `act`).
+
+        Args:
+            obs: The observations the tokens were chosen for.
+            action_tokens: ``[N, num_action_tokens]`` from `PolicyOutput.action_tokens`.
+            temperature: Must equal the one used in `act` for the ratio to be meaningful.
+            top_k: Likewise.
+        """
+
+
+def check_action_tokens(action_tokens: torch.Tensor, n: int, num_tokens: int, low: int, high: int) -> None:
+    """Validate stored tokens: shape ``[n, num_tokens]``, integer, every id in ``[low, high)``."""
+    if not isinstance(action_tokens, torch.Tensor) or action_tokens.dtype.is_floating_point:
+        got = getattr(action_tokens, "dtype", type(action_tokens).__name__)
+        raise TypeError(f"action_tokens must be an integer tensor, got {got}")
+    if tuple(action_tokens.shape) != (n, num_tokens):
+        raise ValueError(f"action_tokens must have shape ({n}, {num_tokens}), got {tuple(action_tokens.shape)}")
+    if action_tokens.numel() and (action_tokens.min() < low or action_tokens.max() >= high):
+        raise ValueError(
+            f"action_tokens must be ids in [{low}, {high}) (as act returns them), got min {int(action_tokens.min())}, "
+            f"max {int(action_tokens.max())}"
+        )
