@@ -1,0 +1,269 @@
+import numpy as np
+import pytest
+import torch
+
+from opensora_gym.env import CHECKPOINT_ENV_VAR, OpenSoraLiberoConfig, OpenSoraLiberoEnv
+from opensora_gym.testing import make_tiny_checkpoint
+from opensora_gym.world_model import WorldModel
+
+FAST = {"num_sampling_steps": 2, "image_size": 64, "dtype": "float32", "max_episode_steps": 32}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def world_model(checkpoint):
+    return WorldModel.from_pretrained(checkpoint, num_sampling_steps=2, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def never_success(checkpoint):
+    """A world model whose classifier gives probability 0 to every frame, so episodes only truncate."""
+    model = WorldModel.from_pretrained(checkpoint, num_sampling_steps=2, image_size=64)
+    model.reward_model.net[-2].bias.data.fill_(-50.0)
+    return model
+
+
+def make_env(checkpoint, world_model, num_envs=2, **overrides):
+    return OpenSoraLiberoEnv(num_envs, checkpoint=checkpoint, world_model=world_model, **{**FAST, **overrides})
+
+
+def chunk_actions(num_envs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(num_envs, 8, 7, generator=g) * 2 - 1).numpy()
+
+
+def test_spaces_contain_what_the_env_returns(checkpoint, world_model):
+    env = make_env(checkpoint, world_model, num_envs=3)
+    assert env.metadata["autoreset_mode"].value == "NextStep"
+    assert env.single_action_space.shape == (8, 7) and env.action_space.shape == (3, 8, 7)
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    assert obs["image"].shape == (3, 64, 64, 3) and obs["image"].dtype == np.uint8
+    assert info["episode_index"].shape == (3,) and len(info["task"]) == 3
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert env.observation_space.contains(obs)
+    assert reward.shape == (3,) and reward.dtype == np.float32
+    assert terminated.dtype == bool and truncated.dtype == bool
+    assert info["frame_rewards"].shape == (3, 8) and info["success_prob"].shape == (3, 8)
+    assert info["_frame_rewards"].all()
+    np.testing.assert_allclose(reward, info["frame_rewards"].sum(axis=1), rtol=1e-6)
+
+
+def test_seeding_is_deterministic(checkpoint, world_model):
+    results = []
+    for _ in range(2):
+        env = make_env(checkpoint, world_model)
+        obs0, _ = env.reset(seed=7)
+        obs1, reward, *_ = env.step(chunk_actions(2))
+        results.append((obs0["image"], obs1["image"], reward))
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+    env = make_env(checkpoint, world_model)
+    env.reset(seed=8, options={"episode_indices": [0, 0]})
+    other, *_ = env.step(chunk_actions(2))
+    env.reset(seed=7, options={"episode_indices": [0, 0]})
+    same_episode, *_ = env.step(chunk_actions(2))
+    assert not np.array_equal(other["image"], same_episode["image"])
+
+
+def test_a_sub_env_does_not_depend_on_batch_size_or_neighbours(checkpoint, world_model):
+    big = make_env(checkpoint, world_model, num_envs=3)
+    big.reset(seed=10, options={"episode_indices": [0, 1, 2]})
+    obs_big, *_ = big.step(chunk_actions(3))
+    small = make_env(checkpoint, world_model, num_envs=1)
+    small.reset(seed=11, options={"episode_indices": [1]})
+    obs_small, *_ = small.step(chunk_actions(3)[1:2])
+    diff = np.abs(obs_big["image"][1].astype(int) - obs_small["image"][0].astype(int))
+    assert diff.max() <= 1  # float rounding of batched kernels may move a pixel by one level
+
+
+def test_chunk_step_equals_the_components(checkpoint, world_model):
+    env = make_env(checkpoint, world_model, num_envs=2, return_frames=True)
+    env.reset(seed=3, options={"episode_indices": [4, 5]})
+    actions = chunk_actions(2)
+    obs, reward, _, _, info = env.step(actions)
+
+    images = torch.from_numpy(np.stack([env.dataset.start_frame(e)[0] for e in (4, 5)]))
+    generators = [torch.Generator().manual_seed(3 + i) for i in range(2)]
+    latents = world_model.encode_start(images, generator=generators)
+    prediction = world_model.predict_chunk(latents, torch.from_numpy(actions), generator=generators)
+    np.testing.assert_array_equal(info["frames"], prediction.frames.numpy())
+    np.testing.assert_array_equal(obs["image"], prediction.frames[:, -1].numpy())
+    np.testing.assert_allclose(info["success_prob"], prediction.success_prob.numpy())
+    frame_reward = np.round(prediction.success_prob.numpy())
+    expected = frame_reward - np.concatenate([np.zeros((2, 1)), frame_reward[:, :-1]], axis=1)
+    np.testing.assert_allclose(reward, expected.sum(axis=1))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "probs", "rewards", "done"),
+    [
+        ({}, [0.2, 0.6, 0.7, 0.4, 0.1, 0.1, 0.9, 0.3], [0, 1, 0, -1, 0, 0, 1, -1], True),
+        ({"reward_coef": 5.0}, [0.6] + [0.1] * 7, [5, -5, 0, 0, 0, 0, 0, 0], True),
+        ({"use_rel_reward": False}, [0.2, 0.6, 0.7, 0.4, 0.1, 0.1, 0.9, 0.3], [0, 1, 1, 0, 0, 0, 1, 0], True),
+        ({}, [0.1] * 8, [0] * 8, False),
+        ({"success_from": "probability"}, [0.6] * 8, [1, 0, 0, 0, 0, 0, 0, 0], False),
+        ({"success_from": "probability", "success_threshold": 0.55}, [0.6] * 8, [1] + [0] * 7, True),
+    ],
+)
+def test_reward_semantics_against_hand_computed_cases(checkpoint, world_model, overrides, probs, rewards, done):
+    env = make_env(checkpoint, world_model, num_envs=1, **overrides)
+    env.reset(seed=0)
+    state = env._states[0]
+    step_rewards, succeeded = env._frame_rewards(state, np.array(probs, dtype=np.float32))
+    np.testing.assert_allclose(step_rewards, rewards)
+    assert succeeded == done
+
+
+def test_relative_reward_carries_over_between_chunks(checkpoint, world_model):
+    env = make_env(checkpoint, world_model, num_envs=1)
+    env.reset(seed=0)
+    state = env._states[0]
+    env._frame_rewards(state, np.array([0.1] * 7 + [0.9], dtype=np.float32))
+    second, _ = env._frame_rewards(state, np.array([0.9] * 7 + [0.1], dtype=np.float32))
+    np.testing.assert_allclose(second, [0, 0, 0, 0, 0, 0, 0, -1])
+
+
+def test_per_sub_env_truncation_and_next_step_autoreset(checkpoint, never_success):
+    env = make_env(checkpoint, never_success, num_envs=2, max_episode_steps=16)
+    env.reset(seed=0)
+    states = env.get_state([1])
+    states[0].elapsed_steps = 8
+    env.set_state(states, [1])
+    _, _, terminated, truncated, info = env.step(chunk_actions(2))
+    assert truncated.tolist() == [False, True] and not terminated.any()
+    assert info["episode_length"].tolist() == [8, 16]
+    obs, reward, terminated, truncated, info = env.step(chunk_actions(2, seed=1))
+    # Sub-env 1 resets on this step: its action is ignored and its infos are masked.
+    assert truncated.tolist() == [True, False]
+    assert reward[1] == 0 and info["_frame_rewards"].tolist() == [True, False]
+    assert info["episode_length"].tolist() == [16, 0]
+    start = env.dataset.start_frame(int(info["episode_index"][1]))[0]
+    assert np.abs(obs["image"][1].astype(int) - start.astype(int)).max() <= 1
+    _, _, _, truncated, info = env.step(chunk_actions(2, seed=2))
+    assert truncated.tolist() == [False, False] and info["episode_length"].tolist() == [0, 8]
+
+
+def test_termination_when_the_classifier_says_success(checkpoint):
+    model = WorldModel.from_pretrained(checkpoint, num_sampling_steps=2, image_size=64)
+    model.reward_model.net[-2].bias.data.fill_(50.0)  # probability 1 for every frame
+    env = make_env(checkpoint, model, num_envs=2)
+    env.reset(seed=0)
+    _, reward, terminated, _, info = env.step(chunk_actions(2))
+    assert terminated.all() and info["success_once"].all()
+    np.testing.assert_allclose(reward, [1.0, 1.0])
+    np.testing.assert_allclose(info["episode_return"], [1.0, 1.0])
+
+
+def test_groups_share_their_start_even_after_autoreset(checkpoint, never_success):
+    env = make_env(checkpoint, never_success, num_envs=4, group_size=2, max_episode_steps=16)
+    _, info = env.reset(seed=5)
+    first = info["episode_index"]
+    assert first[0] == first[1] and first[2] == first[3]
+    states = env.get_state([0])
+    states[0].elapsed_steps = 8
+    env.set_state(states, [0])
+    env.step(chunk_actions(4))  # sub-env 0 truncates
+    _, _, _, _, info = env.step(chunk_actions(4))  # sub-env 0 resets; the others truncate
+    second_of_0 = info["episode_index"][0]
+    _, _, _, _, info = env.step(chunk_actions(4))  # sub-envs 1..3 reset
+    assert info["episode_index"][1] == second_of_0
+    assert info["episode_index"][2] == info["episode_index"][3]
+
+
+def test_forking_a_state(checkpoint, world_model):
+    env = make_env(checkpoint, world_model, num_envs=3)
+    env.reset(seed=0, options={"episode_indices": [0, 1, 2]})
+    env.set_state(env.get_state([0]) * 2, [1, 2])
+    actions = np.repeat(chunk_actions(1), 3, axis=0)
+    obs, *_ = env.step(actions)
+    np.testing.assert_array_equal(obs["image"][0], obs["image"][1])
+    np.testing.assert_array_equal(obs["image"][0], obs["image"][2])
+    env.set_state(env.get_state([0]) * 2, [1, 2], seeds=[100, 101])
+    obs, *_ = env.step(actions)
+    assert not np.array_equal(obs["image"][1], obs["image"][2])
+
+
+def fresh_after_reset(checkpoint, world_model):
+    env = make_env(checkpoint, world_model)
+    env.reset(seed=1)
+    return env
+
+
+@pytest.mark.parametrize(
+    ("actions", "message"),
+    [
+        (np.zeros((2, 7)), r"actions must have shape \(2, 8, 7\), got \(2, 7\)"),
+        (np.zeros((3, 8, 7)), r"actions must have shape \(2, 8, 7\), got \(3, 8, 7\)"),
+        (np.full((2, 8, 7), np.nan), r"actions must be finite, got NaN or inf for sub-envs \[0, 1\]"),
+        (np.array([[[np.inf] * 7] * 8, [[0.0] * 7] * 8]), r"finite.*sub-envs \[0\]"),
+        (np.full((2, 8, 7), "a"), "actions must be numbers"),
+    ],
+)
+def test_bad_actions_are_rejected_and_leave_the_state_unchanged(checkpoint, world_model, actions, message):
+    env = fresh_after_reset(checkpoint, world_model)
+    with pytest.raises(ValueError, match=message):
+        env.step(actions)
+    obs, reward, *_ = env.step(chunk_actions(2))
+    reference = fresh_after_reset(checkpoint, world_model)
+    obs_ref, reward_ref, *_ = reference.step(chunk_actions(2))
+    np.testing.assert_array_equal(obs["image"], obs_ref["image"])
+    np.testing.assert_array_equal(reward, reward_ref)
+
+
+def test_step_before_reset_and_bad_reset_options(checkpoint, world_model):
+    env = make_env(checkpoint, world_model)
+    with pytest.raises(ValueError, match=r"step\(\) called before reset\(\)"):
+        env.step(chunk_actions(2))
+    with pytest.raises(ValueError, match=r"episode_indices must lie in \[0, 5\]"):
+        env.reset(options={"episode_indices": [0, 6]})
+    with pytest.raises(ValueError, match="episode_indices must be 2 integers"):
+        env.reset(options={"episode_indices": [0]})
+    with pytest.raises(ValueError, match="unknown reset options"):
+        env.reset(options={"task_id": 0})
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match=r"sub-env indices must lie in \[0, 1\]"):
+        env.get_state([2])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"group_size": 3}, "group_size must be a positive divisor of num_envs"),
+        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"success_from": "logits"}, "success_from"),
+        ({"max_episode_steps": 20}, "multiple of action_chunk"),
+        ({"suite": "goal"}, "suite must be one of"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        OpenSoraLiberoConfig(num_envs=4, **overrides)
+
+
+def test_checkpoint_resolution(checkpoint, world_model, tmp_path, monkeypatch):
+    monkeypatch.setenv(CHECKPOINT_ENV_VAR, str(checkpoint))
+    env = OpenSoraLiberoEnv(1, world_model=world_model, **FAST)
+    assert len(env.dataset) == 6
+    monkeypatch.setenv(CHECKPOINT_ENV_VAR, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="missing does not exist"):
+        OpenSoraLiberoEnv(1, **FAST)
+    monkeypatch.delenv(CHECKPOINT_ENV_VAR)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="hf download RLinf/RLinf-OpenSora-LIBERO-Object"):
+        OpenSoraLiberoEnv(1, suite="object", **FAST)
+
+
+def test_render_and_offload(checkpoint, world_model):
+    env = make_env(checkpoint, world_model, render_mode="rgb_array")
+    obs, _ = env.reset(seed=0)
+    frames = env.render()
+    assert len(frames) == 2 and np.array_equal(frames[0], obs["image"][0])
+    env.offload()
+    env.onload()
+    env.step(chunk_actions(2))
