@@ -52,6 +52,7 @@ __all__ = [
     "OpenVLAOFTModel",
     "OpenVLAOFTPolicy",
     "checkpoint_key_to_module_key",
+    "checkpoint_shapes_match",
     "module_key_to_checkpoint_key",
 ]
 
@@ -625,7 +626,9 @@ class OpenVLAOFTPolicy(Policy):
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute activations in the backward pass (LLM layers and ViT blocks), non-reentrant."""
-        self.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.language_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
         self.model.vision_backbone.featurizer.set_grad_checkpointing(True)
         self.model.vision_backbone.fused_featurizer.set_grad_checkpointing(True)
 
