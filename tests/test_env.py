@@ -267,3 +267,23 @@ def test_render_and_offload(checkpoint, world_model):
     env.offload()
     env.onload()
     env.step(chunk_actions(2))
+
+
+def test_registered_ids_make_vector_and_single_envs(checkpoint):
+    import gymnasium as gym
+
+    import opensora_gym  # noqa: F401  (registers the ids)
+
+    env = gym.make_vec("OpenSoraLibero-Object-v0", num_envs=2, checkpoint=checkpoint, **FAST)
+    assert isinstance(env, OpenSoraLiberoEnv) and env.config.suite == "object" and env.num_envs == 2
+    single = gym.make("OpenSoraLibero-Spatial-v0", checkpoint=checkpoint, **{**FAST, "max_episode_steps": 8})
+    obs, info = single.reset(seed=0, options={"episode_index": 2})
+    assert single.observation_space.contains(obs) and info["episode_index"] == 2
+    obs, reward, terminated, truncated, info = single.step(single.action_space.sample())
+    assert single.observation_space.contains(obs) and isinstance(reward, float)
+    assert truncated or terminated
+    with pytest.raises(ValueError, match=r"the episode has ended: call reset\(\)"):
+        single.step(single.action_space.sample())
+    single.reset(seed=0)
+    with pytest.raises(ValueError, match=r"action must have shape \(8, 7\)"):
+        single.step(np.zeros(7))

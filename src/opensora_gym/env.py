@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
@@ -405,6 +406,13 @@ class OpenSoraLiberoEnv(VectorEnv):
             info["frames"], info["_frames"] = frames, mask.copy()
         return info
 
+    @property
+    def episode_ended(self) -> np.ndarray:
+        """[N] bool: the sub-envs whose episode ended on the last step (they reset on the next one)."""
+        if self._states is None:
+            return np.zeros(self.num_envs, dtype=bool)
+        return np.array([s.needs_reset for s in self._states])
+
     def render(self) -> tuple[np.ndarray, ...] | None:
         """The current image of every sub-env, [S, S, 3] uint8 each (render_mode 'rgb_array')."""
         if self.render_mode is None or self._states is None:
@@ -477,3 +485,44 @@ class OpenSoraLiberoEnv(VectorEnv):
     def onload(self) -> None:
         """Moves the models back to the configured device."""
         self.world_model.to(self.config.device)
+
+
+class OpenSoraLiberoSingleEnv(gym.Env):
+    """One imagined episode at a time, for `gym.make`: `OpenSoraLiberoEnv` with one sub-env, unbatched.
+
+    `reset(options={"episode_index": i})` chooses the start trajectory. Stepping after the episode ended is an
+    error (call `reset()`), as a single env has no autoreset.
+    """
+
+    metadata: ClassVar[dict] = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, render_mode=None, **kwargs):
+        self.vector_env = OpenSoraLiberoEnv(1, render_mode=render_mode, **kwargs)
+        self.render_mode = render_mode
+        self.action_space = self.vector_env.single_action_space
+        self.observation_space = self.vector_env.single_observation_space
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        options = dict(options or {})
+        if "episode_index" in options:
+            options["episode_indices"] = [options.pop("episode_index")]
+        obs, info = self.vector_env.reset(seed=seed, options=options)
+        return _first(obs), _first(info)
+
+    def step(self, action):
+        if self.vector_env.episode_ended[0]:
+            raise ValueError("the episode has ended: call reset() before step()")
+        action = np.asarray(action) if not isinstance(action, torch.Tensor) else action
+        if tuple(action.shape) != self.action_space.shape:
+            raise ValueError(f"action must have shape {self.action_space.shape}, got {tuple(action.shape)}")
+        obs, reward, terminated, truncated, info = self.vector_env.step(action[None])
+        return _first(obs), float(reward[0]), bool(terminated[0]), bool(truncated[0]), _first(info)
+
+    def render(self) -> np.ndarray | None:
+        frames = self.vector_env.render()
+        return None if frames is None else frames[0]
+
+
+def _first(batched: dict) -> dict:
+    """Sub-env 0 of a batched observation or info dict (the `_key` masks are dropped)."""
+    return {k: v[0] for k, v in batched.items() if not k.startswith("_")}
