@@ -22,9 +22,7 @@ SDXL_SCALING_FACTOR = 0.13025
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-_EXPECTED_LAYOUT = (
-    f"vae/{CONFIG_NAME} and vae/{WEIGHTS_NAME} (the diffusers layout of the RLinf-OpenSora checkpoints)"
-)
+_EXPECTED_LAYOUT = f"vae/{CONFIG_NAME} and vae/{WEIGHTS_NAME} (the diffusers layout of the RLinf-OpenSora checkpoints)"
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -60,11 +58,7 @@ class VideoVAE(nn.Module):
                 f"autoencoder must be a diffusers AutoencoderKL, got {type(autoencoder).__name__}; "
                 "load one with VideoVAE.from_pretrained(<checkpoint>/vae)"
             )
-        if (
-            isinstance(scaling_factor, bool)
-            or not isinstance(scaling_factor, (int, float))
-            or scaling_factor <= 0
-        ):
+        if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) or scaling_factor <= 0:
             raise ValueError(f"scaling_factor must be a positive number, got {scaling_factor!r}")
         _check_micro_batch_size(micro_batch_size)
         self.autoencoder = autoencoder
@@ -154,9 +148,7 @@ class VideoVAE(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def encode(
-        self, frames: torch.Tensor, *, sample: bool = True, generator: Generators = None
-    ) -> torch.Tensor:
+    def encode(self, frames: torch.Tensor, *, sample: bool = True, generator: Generators = None) -> torch.Tensor:
         """Encodes videos into scaled latents.
 
         Args:
@@ -268,7 +260,5 @@ def _draw_noise(generators: list[torch.Generator] | torch.Generator, mean: torch
     else:
         frames_per_item = mean.shape[0] // len(generators)
         item_shape = (frames_per_item, *mean.shape[1:])  # [T, C, h, w]
-        noise = torch.cat(
-            [torch.randn(item_shape, generator=g, device=g.device).to(mean.device) for g in generators]
-        )
+        noise = torch.cat([torch.randn(item_shape, generator=g, device=g.device).to(mean.device) for g in generators])
     return noise.to(device=mean.device, dtype=mean.dtype)
