@@ -10,6 +10,7 @@ from vla_policies.openvla_oft import (
     checkpoint_shapes_match,
 )
 from vla_policies.processing import ImageProcessorConfig, PromptTokenizer, build_prompt, preprocess_images
+from vla_policies.small import SmallCNNPolicy, SmallPolicyConfig
 from vla_policies.tokenizer import ActionTokenizer, resolve_unnorm_key, unnormalize
 from vla_policies.value_head import ValueHead
 
@@ -25,6 +26,8 @@ __all__ = [
     "PolicyEvaluation",
     "PolicyOutput",
     "PromptTokenizer",
+    "SmallCNNPolicy",
+    "SmallPolicyConfig",
     "ValueHead",
     "build_prompt",
     "check_observation",
