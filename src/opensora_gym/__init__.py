@@ -13,3 +13,18 @@ for _suite in ("Spatial", "Object"):
         vector_entry_point="opensora_gym.env:OpenSoraLiberoEnv",
         kwargs={"suite": _suite.lower()},
     )
+
+# The real LIBERO simulator (extra `opensora-gym[libero]`): string entry points, so LIBERO, robosuite and MuJoCo
+# are imported only when such an env is made.
+for _id, _suite in (
+    ("Spatial", "libero_spatial"),
+    ("Object", "libero_object"),
+    ("Goal", "libero_goal"),
+    ("10", "libero_10"),
+    ("90", "libero_90"),
+):
+    gym.register(
+        id=f"Libero-{_id}-v0",
+        vector_entry_point="opensora_gym.libero:make_libero_vector_env",
+        kwargs={"suite": _suite},
+    )

