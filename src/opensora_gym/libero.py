@@ -403,6 +403,11 @@ class LiberoVectorEnv(VectorEnv):
         return len(self.catalog.num_trials)
 
     @property
+    def worker_pids(self) -> tuple[int | None, ...]:
+        """Process ids of the sub-envs' workers, in sub-env order."""
+        return tuple(process.pid for process in self._processes)
+
+    @property
     def num_episodes(self) -> int:
         """Task x trial pairs in the suite: one evaluation (500 for the 10-task suites)."""
         return len(self.walk)

@@ -1,0 +1,143 @@
+"""Recording LIBERO episodes in the trajectory layout the world model reads, and their action statistics.
+
+An episode of T actions becomes one file ``traj{index:06d}_task{t:02d}_trial{k:02d}.npy`` (a numpy object array
+read by :class:`opensora_gym.data.TrajectoryDataset`) of T + 1 per-frame dicts:
+
+- ``image``: ``[H, W, 3]`` uint8, the observation (frame 0 is the one after reset, frame T the final one);
+- ``delta_action``: ``[7]`` float32, the controller action executed from this frame (LIBERO's convention, gripper
+  -1 = open, +1 = close; see :func:`opensora_gym.libero.controller_actions`); the final frame has no action and
+  holds zeros;
+- ``task`` (the instruction), ``task_id``, ``trial_id``, ``init_ee_pose`` (``[8]`` float32, the proprio state at
+  frame 0: end-effector position, rotation vector, finger positions) and ``success`` (whether the episode
+  reached LIBERO's success), the same in every frame.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gymnasium.vector import VectorEnv, VectorWrapper
+
+from opensora_gym.data import ActionStatistics, TrajectoryDataset, save_trajectory
+
+_ACTION_KEY = "delta_action"
+
+
+class TrajectoryRecorder(VectorWrapper):
+    """Writes every episode that ends in a LIBERO vector env to ``folder``, one ``.npy`` file per episode.
+
+    The env must return per-action frames (``LiberoVectorEnv`` made with ``return_frames=True``). Files are
+    numbered in the order episodes end, after the ``traj*.npy`` files already in the folder; an episode still
+    running at ``reset()`` or ``close()`` is dropped. ``saved`` lists the files written.
+
+    Args:
+        env: the LIBERO vector env (``gym.make_vec("Libero-...-v0", num_envs=N, return_frames=True)``).
+        folder: where to write the episodes (created if missing).
+
+    Example:
+        >>> envs = TrajectoryRecorder(  # doctest: +SKIP
+        ...     gym.make_vec("Libero-Spatial-v0", num_envs=4, return_frames=True), "dataset"
+        ... )
+    """
+
+    def __init__(self, env: VectorEnv, folder: str | PathLike[str]) -> None:
+        super().__init__(env)
+        config = getattr(env.unwrapped, "config", None)
+        if not getattr(config, "return_frames", False):
+            raise ValueError(
+                "TrajectoryRecorder needs the image after every action: make the env with return_frames=True "
+                f"(got {type(env.unwrapped).__name__} with return_frames="
+                f"{getattr(config, 'return_frames', 'missing')})"
+            )
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.saved: list[Path] = []
+        self._next_index = len(glob.glob(os.path.join(glob.escape(str(self.folder)), "traj*.npy")))
+        self._episodes: list[dict[str, Any] | None] = [None] * self.num_envs
+        self._ended = np.zeros(self.num_envs, dtype=bool)
+
+    def reset(
+        self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        observation, info = self.env.reset(seed=seed, options=options)
+        for index in range(self.num_envs):
+            self._begin(index, observation, info)
+        self._ended[:] = False
+        return observation, info
+
+    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
+        observation, reward, terminated, truncated, info = self.env.step(actions)
+        for index in range(self.num_envs):
+            if self._ended[index]:
+                # Next-step autoreset: this step started the sub-env's new episode.
+                self._begin(index, observation, info)
+                continue
+            episode = self._episodes[index]
+            executed = info["frame_executed"][index]  # [action_chunk] bool
+            episode["images"].extend(info["frames"][index][executed])
+            episode["actions"].extend(info["controller_actions"][index][executed])
+            if terminated[index] or truncated[index]:
+                self._save(episode, success=bool(terminated[index]))
+                self._episodes[index] = None
+        self._ended = np.logical_or(terminated, truncated)
+        return observation, reward, terminated, truncated, info
+
+    def _begin(self, index: int, observation: dict[str, Any], info: dict[str, Any]) -> None:
+        self._episodes[index] = {
+            "images": [observation["image"][index]],
+            "actions": [],
+            "task": observation["task"][index],
+            "task_id": int(info["task_id"][index]),
+            "trial_id": int(info["trial_id"][index]),
+            "init_ee_pose": np.asarray(info["state"][index], dtype=np.float32),
+        }
+
+    def _save(self, episode: dict[str, Any], success: bool) -> None:
+        actions = [np.asarray(action, dtype=np.float32) for action in episode["actions"]]
+        actions.append(np.zeros_like(actions[0]))  # the final frame: no action was taken from it
+        shared = {
+            "task": episode["task"],
+            "task_id": episode["task_id"],
+            "trial_id": episode["trial_id"],
+            "init_ee_pose": episode["init_ee_pose"],
+            "success": success,
+        }
+        frames = [
+            {"image": image, _ACTION_KEY: action, **shared}
+            for image, action in zip(episode["images"], actions, strict=True)
+        ]
+        name = f"traj{self._next_index:06d}_task{episode['task_id']:02d}_trial{episode['trial_id']:02d}.npy"
+        path = self.folder / name
+        if path.exists():
+            raise FileExistsError(f"{path} exists already; record into an empty folder or move the old episodes")
+        save_trajectory(path, frames)
+        self._next_index += 1
+        self.saved.append(path)
+
+
+def build_action_statistics(folder: str | PathLike[str], output: str | PathLike[str] | None = None) -> ActionStatistics:
+    """The action statistics (q01, q99, mean, std, min, max) of the episodes a TrajectoryRecorder wrote.
+
+    Each episode's last frame carries no executed action (see the module docstring) and is left out.
+
+    Args:
+        folder: the folder of ``traj*.npy`` episodes.
+        output: where to write ``dataset_statistics.json`` (a file, or a folder to write it into); None writes
+            nothing.
+
+    Returns:
+        The statistics of all executed actions ``[N, 7]``.
+    """
+    dataset = TrajectoryDataset(folder, action_key=_ACTION_KEY)
+    actions = np.concatenate([dataset.episode(index).actions[:-1] for index in range(len(dataset))])  # [N, 7]
+    if len(actions) == 0:
+        raise ValueError(f"the episodes in {folder} hold no executed actions (each has only its final frame)")
+    statistics = ActionStatistics.from_actions(actions)
+    if output is not None:
+        statistics.to_json(output)
+    return statistics

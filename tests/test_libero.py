@@ -1,0 +1,230 @@
+"""The real LIBERO env and the trajectory recorder.
+
+The simulator tests need the ``libero`` extra (``pip install 'opensora-gym[libero]'`` and the EGL libraries) and
+skip only when the ``libero`` package is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from importlib.util import find_spec
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import opensora_gym
+from opensora_gym.data import ActionStatistics, TrajectoryDataset
+from opensora_gym.libero import (
+    CONTROLLER_NOOP_ACTION,
+    SUITES,
+    LiberoConfig,
+    LiberoVectorEnv,
+    LiberoWorkerError,
+    controller_actions,
+)
+from opensora_gym.spaces import chunk_action_space, observation_space
+from opensora_gym.wrappers import TrajectoryRecorder, build_action_statistics
+
+needs_libero = pytest.mark.skipif(
+    find_spec("libero") is None,
+    reason="the libero package is not installed (pip install 'opensora-gym[libero]')",
+)
+
+IDS = ("Libero-Spatial-v0", "Libero-Object-v0", "Libero-Goal-v0", "Libero-10-v0", "Libero-90-v0")
+
+
+def libero_task(suite: str, task_id: int):
+    from libero.libero import benchmark
+
+    return benchmark.get_benchmark_dict()[suite]().get_task(task_id)
+
+
+def test_controller_actions_binarizes_and_flips_the_gripper():
+    actions = np.array(
+        [
+            [0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 1.0],  # policy: open
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # policy: close
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.7],
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.2],
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5],
+        ],
+        dtype=np.float32,
+    )
+    converted = controller_actions(actions)
+    np.testing.assert_array_equal(converted[:, -1], [-1.0, 1.0, -1.0, 1.0, 0.0])
+    np.testing.assert_array_equal(converted[:, :6], actions[:, :6])
+    assert converted.dtype == np.float32
+    assert actions[0, -1] == 1.0, "the input must not change"
+    with pytest.raises(ValueError, match=r"shape \[\.\.\., 7\], got \(2, 6\)"):
+        controller_actions(np.zeros((2, 6)))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="suite must be one of"):
+        LiberoConfig(suite="libero_100")
+    with pytest.raises(ValueError, match="image_size must be a positive int, got 0"):
+        LiberoConfig(image_size=0)
+    with pytest.raises(ValueError, match="max_episode_steps must be a positive int or None"):
+        LiberoConfig(max_episode_steps=0)
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        LiberoConfig(start_method="thread")
+    assert LiberoConfig(suite="libero_10").episode_limit == 520
+    assert LiberoConfig(suite="libero_10", max_episode_steps=16).episode_limit == 16
+    limits = {name: suite.max_episode_steps for name, suite in SUITES.items()}
+    # OpenVLA-OFT's TASK_MAX_STEPS.
+    assert limits == {
+        "libero_spatial": 220,
+        "libero_object": 280,
+        "libero_goal": 300,
+        "libero_10": 520,
+        "libero_90": 400,
+    }
+
+
+def test_registration_is_lazy():
+    for env_id in IDS:
+        assert gym.spec(env_id).vector_entry_point == "opensora_gym.libero:make_libero_vector_env"
+    probe = "import sys, opensora_gym; print(sorted({'libero', 'robosuite', 'mujoco'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert opensora_gym is not None
+
+
+@needs_libero
+def test_spaces_walk_and_bad_ids_without_simulating():
+    env = LiberoVectorEnv(LiberoConfig(suite="libero_spatial"), num_envs=2)
+    try:
+        assert env.single_action_space == chunk_action_space(8, 7)
+        assert env.single_observation_space == observation_space(256)
+        assert env.action_space.shape == (2, 8, 7)
+        assert env.num_tasks == 10 and env.num_episodes == 500
+        assert env.walk[:2] == ((0, 0), (0, 1)) and env.walk[50] == (1, 0) and env.walk[-1] == (9, 49)
+        assert len(set(env.walk)) == env.num_episodes
+        with pytest.raises(RuntimeError, match=r"call reset\(\) before step\(\)"):
+            env.step(np.zeros((2, 8, 7), dtype=np.float32))
+        with pytest.raises(ValueError, match=r"task_id must be in 0\.\.9 \(LIBERO-Spatial has 10 tasks\), got 10"):
+            env.reset(options={"task_id": 10, "trial_id": 0})
+        with pytest.raises(ValueError, match=r"trial_id must be in 0\.\.49 .* got 50"):
+            env.reset(options={"task_id": [0, 1], "trial_id": [0, 50]})
+        with pytest.raises(ValueError, match=r"task_id must be an int or a sequence of 2 ints"):
+            env.reset(options={"task_id": [0], "trial_id": 0})
+        with pytest.raises(ValueError, match=r"both"):
+            env.reset(options={"task_id": 0})
+        # A refused reset leaves the env as it was.
+        assert env.task_ids.tolist() == [0, 0] and env.walk_index.tolist() == [-1, -1]
+    finally:
+        env.close()
+
+
+@needs_libero
+@pytest.mark.slow
+def test_real_episode_recorded_and_read_back(tmp_path):
+    """Task 0 trial 0 of LIBERO-Spatial: image, task text, no-op chunks, no success, recorder round trip,
+    autoreset from the walk, and a killed worker named in the error."""
+    limit = 24
+    envs = TrajectoryRecorder(
+        gym.make_vec("Libero-Spatial-v0", num_envs=1, return_frames=True, max_episode_steps=limit), tmp_path
+    )
+    try:
+        observation, info = envs.reset(options={"task_id": 0, "trial_id": 0})
+        image = observation["image"][0]
+        assert image.shape == (256, 256, 3) and image.dtype == np.uint8
+        assert image.std() > 10, "the camera image is blank"
+        assert observation["task"] == (libero_task("libero_spatial", 0).language,)
+        assert envs.observation_space.contains(observation)
+        assert info["task_id"].tolist() == [0] and info["trial_id"].tolist() == [0]
+        assert info["walk_index"].tolist() == [-1]
+        assert info["state"].shape == (1, 8)
+        start_image, start_state = image.copy(), info["state"][0].copy()
+
+        noop = np.zeros((1, 8, 7), dtype=np.float32)
+        noop[..., -1] = 1.0  # the policy's "open"
+        moves = np.random.default_rng(0).uniform(-0.5, 0.5, size=(1, 8, 7)).astype(np.float32)
+        moves[..., -1] = np.random.default_rng(1).uniform(0.0, 1.0, size=(1, 8))
+        for chunk, actions in enumerate((noop, noop, moves), start=1):
+            observation, reward, terminated, truncated, info = envs.step(actions)
+            assert reward.tolist() == [0.0] and terminated.tolist() == [False]
+            assert truncated.tolist() == [chunk * 8 >= limit]
+            assert info["success_once"].tolist() == [False]
+            assert info["episode_length"].tolist() == [chunk * 8]
+            assert info["frame_executed"].all()
+            np.testing.assert_array_equal(info["frames"][0, -1], observation["image"][0])
+        np.testing.assert_array_equal(info["controller_actions"][0], controller_actions(moves[0]))
+        final_image = observation["image"][0].copy()
+
+        assert len(envs.saved) == 1 and envs.saved[0].name == "traj000000_task00_trial00.npy"
+        dataset = TrajectoryDataset(tmp_path)
+        episode = dataset.episode(0)
+        assert episode.images.shape == (limit + 1, 256, 256, 3)
+        np.testing.assert_array_equal(episode.images[0], start_image)
+        np.testing.assert_array_equal(episode.images[-1], final_image)
+        np.testing.assert_array_equal(episode.actions[:16], np.tile(CONTROLLER_NOOP_ACTION, (16, 1)))
+        np.testing.assert_array_equal(episode.actions[16:limit], controller_actions(moves[0]))
+        np.testing.assert_array_equal(episode.actions[-1], np.zeros(7))
+        assert episode.task == observation["task"][0]
+        np.testing.assert_array_equal(episode.init_ee_pose, start_state)
+
+        statistics = build_action_statistics(tmp_path, tmp_path)
+        executed = episode.actions[:-1].astype(np.float64)
+        np.testing.assert_allclose(statistics.q01, np.quantile(executed, 0.01, axis=0), rtol=1e-6)
+        np.testing.assert_allclose(statistics.q99, np.quantile(executed, 0.99, axis=0), rtol=1e-6)
+        np.testing.assert_array_equal(statistics.min, executed.min(axis=0).astype(np.float32))
+        np.testing.assert_array_equal(statistics.max, executed.max(axis=0).astype(np.float32))
+        np.testing.assert_array_equal(ActionStatistics.from_json(tmp_path).q99, statistics.q99)
+
+        # Next-step autoreset: the action is ignored and the walk's first pair starts.
+        observation, reward, terminated, truncated, info = envs.step(noop)
+        assert info["walk_index"].tolist() == [0] and info["task_id"].tolist() == [0]
+        assert info["_episode_length"].tolist() == [False] and reward.tolist() == [0.0]
+        np.testing.assert_array_equal(observation["image"][0], start_image)
+
+        os.kill(envs.unwrapped.worker_pids[0], signal.SIGKILL)
+        with pytest.raises(LiberoWorkerError, match=r"worker 0 \(LIBERO-Spatial task 0, trial 0\) .*exited"):
+            envs.step(noop)
+        with pytest.raises(RuntimeError, match="closed"):
+            envs.step(noop)
+    finally:
+        envs.close()
+
+
+@needs_libero
+@pytest.mark.slow
+def test_reset_image_matches_openvla_oft_recipe():
+    """Our reset equals OpenVLA-OFT's: LIBERO env seeded 0, initial state, 10 no-ops, image rotated 180 degrees."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from libero.libero import benchmark, get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+
+    size, task_id, trial_id = 128, 1, 3
+    tasks = benchmark.get_benchmark_dict()["libero_spatial"]()
+    task = tasks.get_task(task_id)
+    reference = OffScreenRenderEnv(
+        bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file),
+        camera_heights=size,
+        camera_widths=size,
+    )
+    try:
+        reference.seed(0)
+        reference.reset()
+        raw = reference.set_init_state(tasks.get_task_init_states(task_id)[trial_id])
+        for _ in range(10):
+            raw, _, _, _ = reference.step([0, 0, 0, 0, 0, 0, -1])
+        expected_image = raw["agentview_image"][::-1, ::-1]
+        expected_wrist = raw["robot0_eye_in_hand_image"][::-1, ::-1]
+        expected_position = raw["robot0_eef_pos"]
+    finally:
+        reference.close()
+
+    env = LiberoVectorEnv(LiberoConfig(image_size=size, wrist_image=True), num_envs=1)
+    try:
+        observation, info = env.reset(options={"task_id": task_id, "trial_id": trial_id})
+    finally:
+        env.close()
+    np.testing.assert_array_equal(observation["image"][0], expected_image)
+    np.testing.assert_array_equal(info["wrist_image"][0], expected_wrist)
+    np.testing.assert_allclose(info["state"][0, :3], expected_position, rtol=1e-6)
+    assert observation["task"] == (task.language,)
