@@ -183,3 +183,24 @@ def test_config_json_round_trip_uses_reference_names():
     data = TINY.to_json_dict()
     assert data["pad_action_num"] == TINY.condition_frames
     assert STDiT3Config.from_json_dict({**data, "enable_flash_attn": True}) == TINY
+
+
+def test_generated_frames_with_cached_condition_equal_the_full_forward():
+    model = tiny_model()
+    x, timestep, actions, x_mask = tiny_inputs(batch=3)
+    c = TINY.condition_frames
+    with torch.no_grad():
+        full = model(x, timestep, actions, x_mask, 32, 32)
+        cache = model.condition_cache(x[:, :, :c], 32, 32)
+        generated = model.forward_generated(x[:, :, c:], timestep, actions, cache, 32, 32)
+    torch.testing.assert_close(generated, full[:, :, c:], rtol=1e-5, atol=1e-5)
+
+
+def test_forward_generated_rejects_mismatched_inputs():
+    model = tiny_model()
+    x, timestep, actions, _ = tiny_inputs()
+    cache = model.condition_cache(x[:, :, :4], 32, 32)
+    with pytest.raises(ValueError, match=r"actions must have shape \(2, 8, 7\)"):
+        model.forward_generated(x[:, :, 4:], timestep, actions[:, :5], cache, 32, 32)
+    with pytest.raises(ValueError, match="cache must hold 2"):
+        model.forward_generated(x[:, :, 4:], timestep, actions, cache[:1], 32, 32)

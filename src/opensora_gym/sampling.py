@@ -126,6 +126,8 @@ class RectifiedFlowSampler:
 
         Returns:
             latents [B, C, Tc + A, h, w] float32; the first Tc frames are `condition_latents` unchanged.
+
+        As in the reference, every step moves only the generated frames; the condition frames stay clean.
         """
         B, C, Tc, h, w = condition_latents.shape
         A = actions.shape[1]
@@ -134,16 +136,12 @@ class RectifiedFlowSampler:
         elif noise.shape != (B, C, A, h, w):
             raise ValueError(f"noise must have shape {(B, C, A, h, w)}, got {tuple(noise.shape)}")
         cond = condition_latents.float()
-        z = torch.cat([cond, noise.to(cond.device, torch.float32)], dim=2)  # [B, C, Tc + A, h, w]
-        x_mask = torch.zeros(B, Tc + A, dtype=torch.bool, device=z.device)
-        x_mask[:, Tc:] = True
-
+        # The condition frames' activations do not change between steps: compute them once.
+        cache = model.condition_cache(cond, height, width)
+        z = noise.to(cond.device, torch.float32)  # [B, C, A, h, w]
         steps = self.timesteps(height, width, Tc + A, device=z.device)
         next_steps = torch.cat([steps[1:], steps.new_zeros(1)])
         for t, t_next in zip(steps, next_steps, strict=True):
-            velocity = model(z, t.expand(B), actions, x_mask, height, width)[:, :C]
-            dt = (t - t_next) / self.config.num_timesteps
-            z = z + velocity * dt
-            # The condition frames are data already: only the generated frames move.
-            z[:, :, :Tc] = cond
-        return z
+            velocity = model.forward_generated(z, t.expand(B), actions, cache, height, width)[:, :C]
+            z = z + velocity * ((t - t_next) / self.config.num_timesteps)
+        return torch.cat([cond, z], dim=2)

@@ -34,6 +34,8 @@ from opensora_gym.checkpoint import (
 # The reference modulates the condition frames with the embedding of this timestep.
 CONDITION_TIMESTEP = 15.0
 
+KeyValue = tuple[torch.Tensor, torch.Tensor]
+
 # Tensors of the released checkpoints that the action-conditioned forward pass never uses: the text
 # cross-attention, the caption embedder and the fps embedder of text-to-video OpenSora. They are dropped when
 # loading and never allocated.
@@ -158,9 +160,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("freqs", 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotates `x` [..., T, D] by position along T."""
-        positions = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Rotates `x` [..., T, D] by position `offset + t` along T."""
+        positions = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=torch.float32)
         angles = positions[:, None] * self.freqs.float()[None]  # [T, D/2]
         angles = repeat(angles, "t d -> t (d r)", r=2)  # [T, D], each angle for one channel pair
         pairs = rearrange(x.float(), "... (d r) -> ... d r", r=2)
@@ -183,13 +185,29 @@ class Attention(nn.Module):
         self._rope = (rope,) if rope is not None else ()
         self.causal = causal
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, past: KeyValue | None = None) -> tuple[torch.Tensor, KeyValue]:
+        """Attends from `x` [N, L, C] to `past` keys/values (earlier positions) and to itself.
+
+        Returns:
+            the output [N, L, C] and the keys/values of `x`'s own positions ([N, heads, L, head_dim] each).
+        """
         q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)
+        offset = 0 if past is None else past[0].shape[-2]
         for rope in self._rope:
-            q, k = rope(q), rope(k)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [N, heads, L, head_dim]
-        return self.proj(rearrange(x, "n h l d -> n l (h d)"))
+            q, k = rope(q, offset), rope(k, offset)
+        own = (k, v)
+        if past is None:
+            x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [N, heads, L, head_dim]
+        else:
+            k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
+            mask = None
+            if self.causal:  # query i sits at position offset + i and sees keys up to there
+                mask = torch.arange(k.shape[-2], device=x.device)[None] <= (
+                    torch.arange(q.shape[-2], device=x.device)[:, None] + offset
+                )  # [L, offset + L]
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(rearrange(x, "n h l d -> n l (h d)")), own
 
 
 class Mlp(nn.Module):
@@ -216,12 +234,23 @@ class STDiT3Block(nn.Module):
         self.mlp = Mlp(hidden, int(hidden * config.mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden) / hidden**0.5)
 
-    def forward(self, x: torch.Tensor, t_mlp: torch.Tensor, t0_mlp: torch.Tensor, x_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t_mlp: torch.Tensor,
+        t0_mlp: torch.Tensor,
+        x_mask: torch.Tensor,
+        past: KeyValue | None = None,
+    ) -> tuple[torch.Tensor, KeyValue | None]:
         """Args:
         x: tokens [B, T, S, C].
         t_mlp: modulation of generated frames, [B, T, 6C] (spatial: per frame) or [B, 1, 6C] (temporal).
         t0_mlp: modulation of condition frames, [B, 1, 6C].
         x_mask: [B, T] bool, true for generated frames.
+        past: temporal blocks only: keys/values of earlier frames ([B*S, heads, T_past, head_dim] each).
+
+        Returns:
+            the tokens and, for a temporal block, the keys/values of these frames.
         """
         B = x.shape[0]
         mod = rearrange(t_mlp, "b t (n c) -> b t n c", n=6) + self.scale_shift_table  # [B, T or 1, 6, C]
@@ -232,16 +261,17 @@ class STDiT3Block(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:, :, None].unbind(dim=3)  # [B,T,1,C]
 
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        kv = None
         if self.temporal:
-            h = rearrange(h, "b t s c -> (b s) t c")
-            h = rearrange(self.attn(h), "(b s) t c -> b t s c", b=B)
+            h, kv = self.attn(rearrange(h, "b t s c -> (b s) t c"), past)
+            h = rearrange(h, "(b s) t c -> b t s c", b=B)
         else:
-            h = rearrange(h, "b t s c -> (b t) s c")
-            h = rearrange(self.attn(h), "(b t) s c -> b t s c", b=B)
+            h, _ = self.attn(rearrange(h, "b t s c -> (b t) s c"))
+            h = rearrange(h, "(b t) s c -> b t s c", b=B)
         x = x + gate_msa * h
 
         h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
-        return x + gate_mlp * self.mlp(h)
+        return x + gate_mlp * self.mlp(h), kv
 
 
 class PatchEmbed3D(nn.Module):
@@ -395,39 +425,116 @@ class STDiT3(nn.Module):
             [B, out_channels, T, H, W] float32; channels [:in_channels] are the velocity.
         """
         self.check_inputs(x, timestep, actions, x_mask)
-        dtype = self.dtype
         x_mask = x_mask.to(device=x.device, dtype=torch.bool)
-        height, width = float(height), float(width)
-        _, _, Tx, Hx, Wx = x.shape
-        ph, pw = self.config.patch_size[1:]
-        h, w = -(-Hx // ph), -(-Wx // pw)
-        x = x.to(dtype)
         # The reference casts the timestep to the model dtype before embedding it (in bf16 this rounds it).
-        timestep = timestep.to(dtype)
+        t, t0 = self._timestep_embeddings(timestep.to(self.dtype))
+        t_spatial = self.t_block(t[:, None] + self.action_embedder(actions.to(self.dtype)))  # [B, T, 6C]
+        t_temporal, t0_mlp = self.t_block(t)[:, None], self.t_block(t0)[:, None]  # [B, 1, 6C] each
+        tokens = self._tokens(x, height, width)  # [B, T, S, C]
+        tokens, _ = self._blocks(tokens, t_spatial, t_temporal, t0_mlp, x_mask)
+        return self._unpatchify(self.final_layer(tokens, t, t0, x_mask), x.shape)
 
-        t = self.t_embedder(timestep, dtype)  # [B, C]
-        t0 = self.t_embedder(torch.full_like(timestep, CONDITION_TIMESTEP), dtype)  # [B, C]
-        t_spatial = self.t_block(t[:, None] + self.action_embedder(actions.to(dtype)))  # [B, T, 6C]
-        t_temporal = self.t_block(t)[:, None]  # [B, 1, 6C]
+    @torch.no_grad()
+    def condition_cache(
+        self, condition_latents: torch.Tensor, height: int | torch.Tensor, width: int | torch.Tensor
+    ) -> list[KeyValue]:
+        """Keys and values of the condition frames in every temporal block, for `forward_generated`.
+
+        Condition frames see only themselves (causal temporal attention) and are modulated with the fixed
+        timestep 15 and no action, so their activations are the same at every sampling step: computing them once
+        per chunk instead of at each of the sampler's steps gives the same result for the generated frames.
+
+        Args:
+            condition_latents: [B, C, Tc, H, W].
+        """
+        if condition_latents.ndim != 5 or condition_latents.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"condition_latents must have shape [B, {self.config.in_channels}, Tc, H, W], "
+                f"got {tuple(condition_latents.shape)}"
+            )
+        B, _, Tc = condition_latents.shape[:3]
+        _, t0 = self._timestep_embeddings(torch.zeros(B, device=condition_latents.device, dtype=self.dtype))
         t0_mlp = self.t_block(t0)[:, None]  # [B, 1, 6C]
+        x_mask = torch.zeros(B, Tc, dtype=torch.bool, device=condition_latents.device)
+        _, cache = self._blocks(self._tokens(condition_latents, height, width), t0_mlp, t0_mlp, t0_mlp, x_mask)
+        return cache
 
+    def forward_generated(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        actions: torch.Tensor,
+        cache: list[KeyValue],
+        height: int | torch.Tensor,
+        width: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """The model output for the generated frames only, the condition frames given by `condition_cache`.
+
+        Equal (up to float rounding) to `forward` on the concatenated frames, restricted to the generated ones.
+
+        Args:
+            x: generated latents [B, C, A, H, W].
+            timestep: [B].
+            actions: normalized actions [B, A, action_dim].
+            cache: `condition_cache` of the condition frames.
+
+        Returns:
+            [B, out_channels, A, H, W] float32.
+        """
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must have shape [B, {cfg.in_channels}, A, H, W], got {tuple(x.shape)}")
+        B, _, A = x.shape[:3]
+        if actions.shape != (B, A, cfg.action_dim) or timestep.shape != (B,):
+            raise ValueError(
+                f"actions must have shape ({B}, {A}, {cfg.action_dim}) and timestep ({B},), "
+                f"got {tuple(actions.shape)} and {tuple(timestep.shape)}"
+            )
+        if len(cache) != cfg.depth:
+            raise ValueError(f"cache must hold {cfg.depth} temporal blocks' keys/values, got {len(cache)}")
+        t, t0 = self._timestep_embeddings(timestep.to(self.dtype))
+        t_spatial = self.t_block(t[:, None] + self.action_embedder.fc(actions.to(self.dtype)))  # [B, A, 6C]
+        t_temporal, t0_mlp = self.t_block(t)[:, None], self.t_block(t0)[:, None]
+        x_mask = torch.ones(B, A, dtype=torch.bool, device=x.device)
+        tokens, _ = self._blocks(self._tokens(x, height, width), t_spatial, t_temporal, t0_mlp, x_mask, cache)
+        return self._unpatchify(self.final_layer(tokens, t, t0, x_mask), x.shape)
+
+    def _timestep_embeddings(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, C] of the timestep and of the condition frames' fixed timestep."""
+        t = self.t_embedder(timestep, self.dtype)
+        t0 = self.t_embedder(torch.full_like(timestep, CONDITION_TIMESTEP), self.dtype)
+        return t, t0
+
+    def _tokens(self, x: torch.Tensor, height, width) -> torch.Tensor:
+        """Latents [B, C, T, H, W] -> patch tokens with the 2D position embedding [B, T, S, C]."""
+        ph, pw = self.config.patch_size[1:]
+        h, w = -(-x.shape[3] // ph), -(-x.shape[4] // pw)
         pos = self.pos_embed(
             h,
             w,
-            scale=math.sqrt(height * width) / self.config.input_sq_size,
+            scale=math.sqrt(float(height) * float(width)) / self.config.input_sq_size,
             base_size=round(math.sqrt(h * w)),
             device=x.device,
-            dtype=dtype,
+            dtype=self.dtype,
         )  # [S, C]
-        x = self.x_embedder(x) + pos  # [B, T, S, C]
+        return self.x_embedder(x.to(self.dtype)) + pos
 
-        for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks, strict=True):
-            x = spatial(x, t_spatial, t0_mlp, x_mask)
-            x = temporal(x, t_temporal, t0_mlp, x_mask)
+    def _blocks(self, x, t_spatial, t_temporal, t0_mlp, x_mask, past: list[KeyValue] | None = None):
+        """Runs the block pairs; returns the tokens and each temporal block's keys/values of these frames."""
+        cache = []
+        for i, (spatial, temporal) in enumerate(zip(self.spatial_blocks, self.temporal_blocks, strict=True)):
+            x, _ = spatial(x, t_spatial, t0_mlp, x_mask)
+            x, kv = temporal(x, t_temporal, t0_mlp, x_mask, None if past is None else past[i])
+            cache.append(kv)
+        return x, cache
 
-        x = self.final_layer(x, t, t0, x_mask)  # [B, T, S, ph*pw*C_out]
+    def _unpatchify(self, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """[B, T, S, ph*pw*C_out] -> [B, C_out, T, H, W] float32, cropping the patch padding."""
+        _, _, T, H, W = shape
+        ph, pw = self.config.patch_size[1:]
+        h, w = -(-H // ph), -(-W // pw)
         x = rearrange(x, "b t (h w) (p q c) -> b c t (h p) (w q)", h=h, w=w, p=ph, q=pw, c=self.config.out_channels)
-        return x[:, :, :Tx, :Hx, :Wx].float()
+        return x[:, :, :T, :H, :W].float()
 
     @classmethod
     def from_pretrained(
