@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from opensora_gym.env import CHECKPOINT_ENV_VAR, OpenSoraLiberoConfig, OpenSoraLiberoEnv
+from opensora_gym.spaces import controller_actions
 from opensora_gym.testing import make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel
 
@@ -90,7 +91,8 @@ def test_chunk_step_equals_the_components(checkpoint, world_model):
     images = torch.from_numpy(np.stack([env.dataset.start_frame(e)[0] for e in (4, 5)]))
     generators = [torch.Generator().manual_seed(3 + i) for i in range(2)]
     latents = world_model.encode_start(images, generator=generators)
-    prediction = world_model.predict_chunk(latents, torch.from_numpy(actions), generator=generators)
+    executed = torch.from_numpy(controller_actions(actions))  # the env converts the gripper convention
+    prediction = world_model.predict_chunk(latents, executed, generator=generators)
     # Equal up to float rounding, which may move a pixel by one level.
     assert np.abs(info["frames"].astype(int) - prediction.frames.numpy().astype(int)).max() <= 1
     np.testing.assert_array_equal(obs["image"], info["frames"][:, -1])

@@ -24,9 +24,8 @@ from opensora_gym.libero import (
     LiberoConfig,
     LiberoVectorEnv,
     LiberoWorkerError,
-    controller_actions,
 )
-from opensora_gym.spaces import chunk_action_space, observation_space
+from opensora_gym.spaces import chunk_action_space, controller_actions, observation_space
 from opensora_gym.wrappers import TrajectoryRecorder, build_action_statistics
 
 needs_libero = pytest.mark.skipif(

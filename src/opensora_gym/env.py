@@ -28,7 +28,7 @@ from gymnasium.vector.utils import batch_space
 
 from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import TrajectoryDataset
-from opensora_gym.spaces import chunk_action_space, observation_space
+from opensora_gym.spaces import chunk_action_space, controller_actions, observation_space
 from opensora_gym.world_model import WorldModel, frames_from_uint8, frames_to_uint8
 
 CHECKPOINT_ENV_VAR = "OPENSORA_GYM_CHECKPOINT"
@@ -142,8 +142,9 @@ class OpenSoraLiberoEnv(VectorEnv):
     """A vectorized LIBERO task imagined by the OpenSora world model.
 
     Observation: `{"image": [N, S, S, 3] uint8, "task": tuple of N instructions}`.
-    Action: `[N, action_chunk, 7]` float32 in the robot's units (normalized internally with the checkpoint's
-    action q01/q99). Reward: the chunk's summed step reward `[N]`.
+    Action: `[N, action_chunk, 7]` float32 in the robot's units as the policy emits them (gripper 1 = open,
+    0 = close); converted to LIBERO's controller convention (`opensora_gym.spaces.controller_actions`) and
+    normalized with the checkpoint's action q01/q99. Reward: the chunk's summed step reward `[N]`.
 
     Sub-envs reset on the step after they end (Gymnasium's next-step autoreset): that step ignores their action
     and returns the first observation of a new episode with reward 0.
@@ -357,7 +358,8 @@ class OpenSoraLiberoEnv(VectorEnv):
         if not torch.isfinite(actions).all():
             bad = sorted({int(i) for i in torch.nonzero(~torch.isfinite(actions))[:, 0]})
             raise ValueError(f"actions must be finite, got NaN or inf for sub-envs {bad}")
-        return actions
+        # The world model was trained on LIBERO's controller actions, as the real env executes them.
+        return torch.from_numpy(controller_actions(actions.numpy()))
 
     def _frame_rewards(self, state: SubEnvState, probs: np.ndarray) -> tuple[np.ndarray, bool]:
         """Step rewards [A] of one chunk from the classifier's probabilities [A], and whether it succeeded."""

@@ -25,21 +25,18 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from opensora_gym.spaces import chunk_action_space, observation_space
+from opensora_gym.spaces import ACTION_DIM, chunk_action_space, controller_actions, observation_space
 
 __all__ = [
-    "ACTION_DIM",
     "CONTROLLER_NOOP_ACTION",
     "SUITES",
     "LiberoConfig",
     "LiberoSuite",
     "LiberoVectorEnv",
     "LiberoWorkerError",
-    "controller_actions",
     "make_libero_vector_env",
 ]
 
-ACTION_DIM = 7
 STATE_DIM = 8
 # LIBERO's controller action that moves nothing and keeps the gripper open (-1 = open, +1 = close).
 CONTROLLER_NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
@@ -74,27 +71,6 @@ SUITES: dict[str, LiberoSuite] = {
     "libero_10": LiberoSuite("libero_10", "LIBERO-10", 520),
     "libero_90": LiberoSuite("libero_90", "LIBERO-90", 400),
 }
-
-
-def controller_actions(actions: np.ndarray) -> np.ndarray:
-    """Maps policy actions in robot units to LIBERO's controller: the one place the gripper convention changes.
-
-    OpenVLA-OFT (and the data it was trained on) encodes the gripper as 1 = open, 0 = close; LIBERO's controller
-    takes -1 = open, +1 = close. As in OpenVLA-OFT's evaluation the gripper is binarized at 0.5 and flipped:
-    ``-sign(2 g - 1)`` (exactly 0.5 gives 0, as there). The six end-effector deltas pass through unchanged; the
-    controller clips every dimension to [-1, 1].
-
-    Args:
-        actions: ``[..., 7]`` float, the policy's un-normalized actions.
-
-    Returns:
-        ``[..., 7]`` float32 controller actions (a new array).
-    """
-    actions = np.array(actions, dtype=np.float32)
-    if actions.ndim == 0 or actions.shape[-1] != ACTION_DIM:
-        raise ValueError(f"actions must have shape [..., {ACTION_DIM}], got {actions.shape}")
-    actions[..., -1] = -np.sign(2.0 * actions[..., -1] - 1.0)
-    return actions
 
 
 @dataclass(frozen=True)

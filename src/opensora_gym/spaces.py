@@ -1,7 +1,10 @@
 """The observation and action spaces shared by the world-model env and the real LIBERO env.
 
 One policy runs in either env: it receives the third-person image and the task text, and returns a chunk of
-actions in the robot's units (LIBERO's delta end-effector controls and gripper, each in [-1, 1]).
+actions in the robot's units as OpenVLA-OFT emits them: six end-effector deltas in [-1, 1] and the gripper with
+1 = open, 0 = close. Both envs turn them into LIBERO's controller convention with `controller_actions`, the one place
+the gripper convention changes (the recorded trajectories and the world model's action statistics use the
+controller convention).
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import string
 import numpy as np
 from gymnasium import spaces
 
+# Numbers per action: 3 end-effector translation deltas, 3 rotation deltas, the gripper.
+ACTION_DIM = 7
+
 # Task instructions are plain printable text (LIBERO's language goals).
 TASK_CHARSET = string.printable
 MAX_TASK_LENGTH = 512
 
 
-def chunk_action_space(action_chunk: int = 8, action_dim: int = 7) -> spaces.Box:
+def chunk_action_space(action_chunk: int = 8, action_dim: int = ACTION_DIM) -> spaces.Box:
     """A chunk of `action_chunk` actions, each `action_dim` controls in [-1, 1]: Box (action_chunk, action_dim)."""
     return spaces.Box(low=-1.0, high=1.0, shape=(action_chunk, action_dim), dtype=np.float32)
 
@@ -29,3 +35,24 @@ def observation_space(image_size: int = 256) -> spaces.Dict:
             "task": spaces.Text(max_length=MAX_TASK_LENGTH, charset=TASK_CHARSET),
         }
     )
+
+
+def controller_actions(actions: np.ndarray) -> np.ndarray:
+    """Maps policy actions in robot units to LIBERO's controller: the one place the gripper convention changes.
+
+    OpenVLA-OFT (and the data it was trained on) encodes the gripper as 1 = open, 0 = close; LIBERO's controller
+    takes -1 = open, +1 = close. As in OpenVLA-OFT's evaluation the gripper is binarized at 0.5 and flipped:
+    ``-sign(2 g - 1)`` (exactly 0.5 gives 0, as there). The six end-effector deltas pass through unchanged; the
+    controller clips every dimension to [-1, 1].
+
+    Args:
+        actions: ``[..., 7]`` float, the policy's un-normalized actions.
+
+    Returns:
+        ``[..., 7]`` float32 controller actions (a new array).
+    """
+    actions = np.array(actions, dtype=np.float32)
+    if actions.ndim == 0 or actions.shape[-1] != ACTION_DIM:
+        raise ValueError(f"actions must have shape [..., {ACTION_DIM}], got {actions.shape}")
+    actions[..., -1] = -np.sign(2.0 * actions[..., -1] - 1.0)
+    return actions
