@@ -19,8 +19,14 @@ from typing import Any
 import numpy as np
 from einops import rearrange
 from gymnasium import spaces
-from stable_baselines3.common.vec_env import VecEnv
-from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
+
+try:
+    from stable_baselines3.common.vec_env import VecEnv
+    from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices, VecEnvObs, VecEnvStepReturn
+except ModuleNotFoundError as err:
+    raise ModuleNotFoundError(
+        "opensora_gym.wrappers.sb3 needs Stable-Baselines3, which is not installed: pip install 'opensora-gym[sb3]'"
+    ) from err
 
 from opensora_gym.env import OpenSoraLiberoEnv
 
