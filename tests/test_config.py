@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from trainers.config import ConfigError, TrainConfig, config_to_dict, from_dict, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_loads_and_round_trips(name):
+    config = load_config(CONFIGS / name)
+    assert from_dict(TrainConfig, config_to_dict(config)) == config
+
+
+def test_published_recipe_values():
+    for suite in ("spatial", "object"):
+        config = load_config(CONFIGS / f"opensora_libero_{suite}_grpo_openvlaoft.yaml")
+        train, algorithm, optim = config.env.train, config.algorithm, config.actor.optim
+        assert (train.total_num_envs, algorithm.group_size, train.max_episode_steps) == (64, 8, 256)
+        assert (train.num_sampling_steps, train.rollout_epoch, train.suite) == (10, 16, suite)
+        assert (optim.lr, optim.value_lr, optim.weight_decay, optim.clip_grad) == (2e-5, 3e-3, 0.01, 1.0)
+        assert config.rollout.temperature_train == 1.6 and algorithm.reward_coef == 5.0
+        assert algorithm.filter_rewards and (algorithm.rewards_lower_bound, algorithm.rewards_upper_bound) == (0.5, 4.5)
+        assert (algorithm.clip_ratio_low, algorithm.clip_ratio_high, algorithm.clip_ratio_c) == (0.2, 0.28, 3.0)
+        assert config.runner.save_interval == 25 and algorithm.normalize_advantages
+        assert not config.actor.model.is_lora and config.actor.model.lora_rank == 32  # RLinf: full fine-tuning
+        assert config.runner.logger_backends == ("tensorboard",)
+        assert config.actor.global_batch_size == 8192 and config.actor.micro_batch_size == 32
+
+
+def test_overrides_set_nested_values_with_yaml_types():
+    config = load_config(
+        CONFIGS / "tiny_cpu_grpo.yaml",
+        [
+            "algorithm.group_size=4",
+            "actor.optim.lr=1e-2",
+            "runner.logger_backends=[tensorboard, wandb]",
+            "env.train.checkpoint=null",
+            "actor.model.channels=[8, 16]",
+        ],
+    )
+    assert config.algorithm.group_size == 4
+    assert config.actor.optim.lr == 0.01
+    assert config.runner.logger_backends == ("tensorboard", "wandb")
+    assert config.env.train.checkpoint is None
+    assert config.actor.model.channels == (8, 16)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algorithm.grup_size=4"], "unknown config key 'grup_size'.*allowed keys: \\['adv_type', 'group_size'"),
+        (["algorithm.group_size=four"], "algorithm.group_size must be an integer, got 'four'"),
+        (["algorithm.adv_type=ppo"], "algorithm.adv_type must be one of \\['grpo', 'gae'\\], got 'ppo'"),
+        (["algorithm.normalize_advantages=3"], "algorithm.normalize_advantages must be true or false"),
+        (["runner.logger_backends=[tensorboard, mlflow]"], "runner.logger_backends must be a list of"),
+        (["algorithm.group_size=3"], "total_num_envs \\(32\\) must be a multiple of algorithm.group_size \\(3\\)"),
+        (["algorithm.clip_ratio_c=0.5"], "clip_ratio_c must be > 1"),
+        (["algorithm.adv_type=gae"], "needs a critic: set actor.model.add_value_head true"),
+        (["actor.micro_batch_size=5"], "global_batch_size \\(32\\) must be a multiple of actor.micro_batch_size"),
+        (["algorithm.group_size.x=1"], "algorithm.group_size is a value, not a section"),
+        (["algorithm"], "an override must look like key.path=value"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "tiny_cpu_grpo.yaml", overrides)
+
+
+def test_unknown_yaml_key_is_named_with_its_section(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("env:\n  train:\n    num_envs: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['num_envs'\] in env.train; allowed keys"):
+        load_config(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
