@@ -290,3 +290,39 @@ def test_registered_ids_make_vector_and_single_envs(checkpoint):
     single.reset(seed=0)
     with pytest.raises(ValueError, match=r"action must have shape \(8, 7\)"):
         single.step(np.zeros(7))
+
+
+def test_partial_reset_restarts_only_the_masked_sub_envs(checkpoint, never_success):
+    env = make_env(checkpoint, never_success, num_envs=3, max_episode_steps=16)
+    env.reset(seed=4)
+    obs_before, *_ = env.step(chunk_actions(3))
+    before = env.get_state()
+    obs, info = env.reset(options={"reset_mask": np.array([False, True, False])})
+    after = env.get_state()
+    assert after[0].elapsed_steps == 8 and after[2].elapsed_steps == 8 and after[1].elapsed_steps == 0
+    np.testing.assert_array_equal(obs["image"][0], obs_before["image"][0])
+    start = env.dataset.start_frame(int(info["episode_index"][1]))[0]
+    assert np.abs(obs["image"][1].astype(int) - start.astype(int)).max() <= 1
+    assert torch.equal(after[0].latents, before[0].latents)
+
+    # The same restart as the next-step autoreset of sub-env 1 when its episode ends after one chunk.
+    auto = make_env(checkpoint, never_success, num_envs=3, max_episode_steps=16)
+    auto.reset(seed=4)
+    states = auto.get_state([1])
+    states[0].elapsed_steps = 8
+    auto.set_state(states, [1])
+    auto.step(chunk_actions(3))
+    auto_obs, _, _, _, auto_info = auto.step(chunk_actions(3, seed=1))
+    assert auto_info["episode_index"][1] == info["episode_index"][1]
+    np.testing.assert_array_equal(auto_obs["image"][1], obs["image"][1])
+
+
+def test_partial_reset_rejects_bad_masks(checkpoint, world_model):
+    env = make_env(checkpoint, world_model)
+    with pytest.raises(ValueError, match="reset_mask needs a full reset"):
+        env.reset(options={"reset_mask": np.array([True, False])})
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="reset_mask must be 2 booleans"):
+        env.reset(options={"reset_mask": np.array([1, 0])})
+    with pytest.raises(ValueError, match="seed cannot be combined with reset_mask"):
+        env.reset(seed=1, options={"reset_mask": np.array([True, False])})

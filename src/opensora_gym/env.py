@@ -195,24 +195,32 @@ class OpenSoraLiberoEnv(VectorEnv):
     # ----------------------------------------------------------------------------------------------- reset
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        """Starts a new episode in every sub-env.
+        """Starts a new episode in every sub-env, or in the sub-envs of `options["reset_mask"]`.
 
         Args:
             seed: sub-env i's generator is seeded with `seed + i` and the episode draw with `seed`; without a
                 seed, the first reset seeds from the OS and later resets continue the streams.
-            options: `{"episode_indices": [N]}` chooses the start trajectory of each sub-env; otherwise one
-                trajectory per group of `group_size` sub-envs is drawn from the env's generator.
+            options: `episode_indices` ([N] ints) chooses the start trajectory of each sub-env; otherwise one
+                trajectory per group of `group_size` sub-envs is drawn from the env's generator. `reset_mask`
+                ([N] bool, Gymnasium's partial reset) restarts only the chosen sub-envs, exactly as the
+                next-step autoreset would (same episode draw, same generators); the others are left as they are.
 
         Returns:
-            (observation, info) with `info["episode_index"]` and `info["task"]`.
+            (observation, info) of all sub-envs, with `info["episode_index"]` and `info["task"]`.
         """
         options = dict(options or {})
-        unknown = set(options) - {"episode_indices"}
+        unknown = set(options) - {"episode_indices", "reset_mask"}
         if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; the only option is 'episode_indices'")
+            raise ValueError(
+                f"unknown reset options {sorted(unknown)}; the options are 'episode_indices' and 'reset_mask'"
+            )
         episodes = options.get("episode_indices")
         if episodes is not None:
             episodes = self._check_episode_indices(episodes)
+        if "reset_mask" in options:
+            indices = self._check_reset_mask(options["reset_mask"], seed)
+            self._restart(indices, None if episodes is None else [episodes[i] for i in indices])
+            return self._observation(), self._reset_info()
         if seed is not None or self._states is None:
             base = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**62)
             for i, generator in enumerate(self._generators):
@@ -224,6 +232,25 @@ class OpenSoraLiberoEnv(VectorEnv):
             episodes = [self._next_group_episode(i) for i in range(self.num_envs)]
         self._states = self._start_episodes(list(range(self.num_envs)), episodes)
         return self._observation(), self._reset_info()
+
+    def _check_reset_mask(self, mask, seed) -> list[int]:
+        if self._states is None:
+            raise ValueError("reset_mask needs a full reset() first: there are no episodes to restart yet")
+        if seed is not None:
+            raise ValueError("seed cannot be combined with reset_mask: seeds are set by a full reset")
+        mask = np.asarray(mask)
+        if mask.shape != (self.num_envs,) or mask.dtype != bool:
+            raise ValueError(f"reset_mask must be {self.num_envs} booleans, got shape {mask.shape} of {mask.dtype}")
+        return np.flatnonzero(mask).tolist()
+
+    def _restart(self, indices: list[int], episodes: list[int] | None = None) -> None:
+        """Starts the next episode of the sub-envs `indices` (their group's next draw unless `episodes` is given)."""
+        if not indices:
+            return
+        if episodes is None:
+            episodes = [self._next_group_episode(i) for i in indices]
+        for i, state in zip(indices, self._start_episodes(indices, episodes), strict=True):
+            self._states[i] = state
 
     def _check_episode_indices(self, episodes) -> list[int]:
         episodes = np.asarray(episodes)
@@ -335,11 +362,7 @@ class OpenSoraLiberoEnv(VectorEnv):
                 if frames is not None:
                     frames[i] = chunk_frames[k]
 
-        if resetting:
-            episodes = [self._next_group_episode(i) for i in resetting]
-            for i, state in zip(resetting, self._start_episodes(resetting, episodes), strict=True):
-                self._states[i] = state
-
+        self._restart(resetting)
         info = self._step_info(active, frame_rewards, success_prob, frames)
         return self._observation(), rewards, terminated, truncated, info
 

@@ -137,21 +137,15 @@ class OpenSoraLiberoVecEnv(VecEnv):
         return images, rewards, dones, infos
 
     def _reset_sub_envs(self, indices: list[int]) -> tuple[dict, dict]:
-        """Starts the next episode of the given sub-envs now, without a chunk step of the others.
-
-        This does for `indices` exactly what `OpenSoraLiberoEnv.step` does for a sub-env at the start of the
-        step after it ended: the same episode draw (group-shared) and the same use of the sub-env's generator,
-        so a sub-env's episodes are the ones the env would give it under its own next-step autoreset. The env
-        has no public call that resets some sub-envs only, so this goes through its private episode start.
+        """Starts the next episode of the given sub-envs now (SB3's same-step reset), without a chunk step of the
+        others: the env's partial reset, which does exactly what its next-step autoreset would.
 
         Returns:
             the env's observation and reset info after the reset (all sub-envs).
         """
-        env = self.env
-        episodes = [env._next_group_episode(i) for i in indices]
-        for i, state in zip(indices, env._start_episodes(indices, episodes), strict=True):
-            env._states[i] = state
-        return env._observation(), env._reset_info()
+        mask = np.zeros(self.num_envs, dtype=bool)
+        mask[indices] = True
+        return self.env.reset(options={"reset_mask": mask})
 
     def close(self) -> None:
         self.env.close()
