@@ -69,6 +69,7 @@ class BenchmarkConfig:
         timed_steps: chunk steps timed.
         seed: seeds the env and the random actions.
         checkpoint: an existing checkpoint folder to time instead of the mode's random one.
+        compile: `torch.compile` the DiT's blocks.
     """
 
     mode: str
@@ -81,6 +82,7 @@ class BenchmarkConfig:
     timed_steps: int
     seed: int
     checkpoint: str | None
+    compile: bool = False
 
     def __post_init__(self):
         if self.mode not in ("tiny", "xl"):
@@ -151,6 +153,7 @@ def run(config: BenchmarkConfig, workdir: Path) -> dict:
         dtype=config.dtype,
         num_sampling_steps=config.num_sampling_steps,
         image_size=config.image_size,
+        compile=config.compile,
         # No episode ends while being timed (no time limit reached, no success), so every step imagines all
         # sub-envs: a sub-env that ended would reset on its next step and imagine nothing on it.
         max_episode_steps=8 * steps,
@@ -240,6 +243,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path]:
     parser.add_argument("--warmup-steps", type=int, default=1, help="untimed chunk steps first")
     parser.add_argument("--timed-steps", type=int, default=5, help="chunk steps timed")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the env and the actions")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
     parser.add_argument("--checkpoint", help="time this checkpoint folder (e.g. the released model) instead")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/env_step_<mode>.json)")
     args = parser.parse_args(argv)
@@ -256,8 +260,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path]:
         timed_steps=args.timed_steps,
         seed=args.seed,
         checkpoint=args.checkpoint,
+        compile=args.compile,
     )
-    return config, args.out or RESULTS / f"env_step_{mode_name}.json"
+    suffix = "_compiled" if args.compile else ""
+    return config, args.out or RESULTS / f"env_step_{mode_name}{suffix}.json"
 
 
 def main(argv: list[str] | None = None) -> int:

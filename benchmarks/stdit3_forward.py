@@ -48,10 +48,11 @@ def main() -> None:
     parser.add_argument("--check-batch", type=int, default=2, help="batch of the precision checks")
     parser.add_argument("--image-size", type=int, default=256, help="image side; latents are 8x smaller")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block for the timing")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    preset = "tiny" if args.tiny else "xl2"
+    preset = ("tiny" if args.tiny else "xl2") + ("_compiled" if args.compile else "")
     config = STDiT3Config(depth=2, hidden_size=64, num_heads=4) if args.tiny else STDiT3Config.xl_2()
     device = args.device
     generator = torch.Generator().manual_seed(0)
@@ -73,7 +74,8 @@ def main() -> None:
     c = config.condition_frames
     rows = {}
     with torch.no_grad():
-        x, timestep, actions, x_mask = inputs(args.check_batch)
+        check = inputs(args.check_batch)
+        x, timestep, actions, x_mask = check
         outputs = {}
         for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             model.to(dtype)
@@ -91,6 +93,13 @@ def main() -> None:
         rows["bf16 output finite"] = bool(torch.isfinite(outputs["bfloat16"][1]).all())
 
         model.to(torch.bfloat16)
+        if args.compile:
+            eager = outputs["bfloat16"][1]
+            model.compile_blocks()
+            x, timestep, actions, x_mask = check
+            cache = model.condition_cache(x[:, :, :c], *size)
+            compiled = model.forward_generated(x[:, :, c:], timestep, actions, cache, *size)
+            rows["compiled vs eager cached path (bf16), relative error"] = relative_error(compiled, eager)
         x, timestep, actions, x_mask = inputs(args.batch)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()

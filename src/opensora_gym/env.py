@@ -59,6 +59,7 @@ class OpenSoraLiberoConfig:
         group_size: consecutive sub-envs that start from the same episode (GRPO groups).
         return_frames: put the decoded chunk frames [N, A, H, W, 3] in `info["frames"]`.
         vae_micro_batch_size: frames per VAE call.
+        compile: `torch.compile` the DiT's blocks (about 2x faster chunk steps on a GPU; compiling takes a minute).
     """
 
     num_envs: int = 1
@@ -78,6 +79,7 @@ class OpenSoraLiberoConfig:
     group_size: int = 1
     return_frames: bool = False
     vae_micro_batch_size: int = 64
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("num_envs", "num_sampling_steps", "action_chunk", "image_size", "max_episode_steps"):
@@ -170,6 +172,7 @@ class OpenSoraLiberoEnv(VectorEnv):
             num_sampling_steps=config.num_sampling_steps,
             image_size=config.image_size,
             vae_micro_batch_size=config.vae_micro_batch_size,
+            compile=config.compile,
         )
         if self.world_model.condition_frames != config.condition_frames:
             raise ValueError(

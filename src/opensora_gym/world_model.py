@@ -88,15 +88,20 @@ class WorldModel:
         num_sampling_steps: int = 10,
         image_size: int = 256,
         vae_micro_batch_size: int = 64,
+        compile: bool = False,
     ) -> WorldModel:
         """Loads every part of a checkpoint folder in the released layout (see `opensora_gym.checkpoint`).
 
         The DiT and the VAE run in `dtype`; the reward classifier always runs in float32, as in the reference.
+        `compile` compiles the DiT's blocks with `torch.compile` (worth it on a GPU; the first chunk is slower).
         """
         layout = CheckpointLayout.resolve(folder)
         vae = VideoVAE.from_pretrained(layout.vae, micro_batch_size=vae_micro_batch_size, torch_dtype=dtype)
+        dit = STDiT3.from_pretrained(layout.root, device=device, dtype=dtype)
+        if compile:
+            dit.compile_blocks()
         return cls(
-            dit=STDiT3.from_pretrained(layout.root, device=device, dtype=dtype),
+            dit=dit,
             vae=vae.to(device).eval(),
             reward_model=ResNetRewardModel.from_pretrained(layout.reward_weights).to(device),
             statistics=ActionStatistics.from_json(layout.statistics),

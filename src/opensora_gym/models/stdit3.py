@@ -385,6 +385,13 @@ class STDiT3(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.x_embedder.proj.weight.dtype
 
+    def compile_blocks(self, **kwargs) -> None:
+        """`torch.compile` every block (kwargs go to `torch.compile`); fuses the many elementwise operations of
+        modulation, normalization and rotary embedding (2.2x faster forward on an H100 in bf16, see
+        `benchmarks/stdit3_forward.py`). All blocks share one compiled graph."""
+        for block in (*self.spatial_blocks, *self.temporal_blocks):
+            block.compile(**kwargs)
+
     def check_inputs(self, x: torch.Tensor, timestep: torch.Tensor, actions: torch.Tensor, x_mask: torch.Tensor):
         """Raises ValueError naming the expected and received shapes."""
         cfg = self.config
