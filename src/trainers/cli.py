@@ -1,0 +1,131 @@
+"""`opensora-gym` command line: `train` and `eval` a policy from a YAML config, `rollout` imagines a few chunks.
+
+opensora-gym train --config configs/tiny_cpu_grpo.yaml runner.max_steps=20
+opensora-gym eval --config configs/tiny_cpu_grpo.yaml runner.ckpt_path=runs/tiny_cpu_grpo/checkpoints/global_step_20
+opensora-gym rollout --chunks 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from opensora_gym import cli as world_model_cli
+from trainers.config import ConfigError, TrainConfig, load_config
+
+__all__ = ["build_parser", "main", "run_eval"]
+
+
+def _rollout_parser() -> argparse.ArgumentParser:
+    """The `rollout` arguments of `opensora_gym.cli`, reused as they are defined there."""
+    parser = world_model_cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices["rollout"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opensora-gym", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("train", "train a policy with GRPO or PPO in the world-model env"),
+        ("eval", "evaluate a policy (runner.ckpt_path) over a fixed list of episodes"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--config", help="YAML config (default: the built-in defaults)")
+        command.add_argument(
+            "overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. runner.max_steps=10"
+        )
+    rollout = _rollout_parser()
+    commands.add_parser(
+        "rollout", parents=[rollout], add_help=False, help="imagine a few action chunks in the world model"
+    )
+    return parser
+
+
+def run_eval(config: TrainConfig) -> dict:
+    """Evaluates `runner.ckpt_path` (or the initial policy) on `env.eval`; prints a table, writes JSON.
+
+    Returns:
+        the result as plain data (`EvalResult.to_dict`).
+    """
+    from trainers.evaluate import evaluate_policy, libero_episodes, world_model_episodes
+    from trainers.loggers import MetricLogger
+    from trainers.runner import build_policy, build_world_model_env, load_policy
+
+    eval_cfg, runner = config.env.eval, config.runner
+    if eval_cfg.env_type == "world_model":
+        env = build_world_model_env(
+            config,
+            num_envs=eval_cfg.total_num_envs,
+            group_size=1,
+            **({"suite": eval_cfg.suite} if eval_cfg.suite else {}),
+            max_episode_steps=eval_cfg.max_episode_steps or config.env.train.max_episode_steps,
+        )
+        statistics = env.world_model.statistics
+        episodes = world_model_episodes(len(env.dataset), eval_cfg.num_episodes)
+    else:
+        from opensora_gym.libero import LiberoConfig, LiberoVectorEnv
+
+        libero_config = LiberoConfig(
+            suite=eval_cfg.suite or "libero_spatial", max_episode_steps=eval_cfg.max_episode_steps
+        )
+        env = LiberoVectorEnv(libero_config, num_envs=eval_cfg.total_num_envs)
+        statistics = None
+        episodes = libero_episodes(env.walk, eval_cfg.num_episodes)
+    if runner.ckpt_path is not None:
+        policy = load_policy(config, runner.ckpt_path, statistics)
+    else:
+        policy = build_policy(config.actor.model, statistics, runner.device, config.actor.seed)
+    if eval_cfg.video_cfg.save_video:
+        from opensora_gym.wrappers.video import RecordEpisodeVideo
+
+        folder = eval_cfg.video_cfg.video_base_dir or runner.run_dir / "video" / "eval"
+        count = eval_cfg.video_cfg.num_envs
+        env = RecordEpisodeVideo(env, folder, episode_trigger=lambda i: i < count, fps=eval_cfg.video_cfg.fps)
+    try:
+        result = evaluate_policy(
+            env,
+            policy,
+            episodes,
+            do_sample=eval_cfg.do_sample,
+            temperature=config.rollout.temperature_eval,
+            top_k=config.rollout.top_k,
+            seed=eval_cfg.seed,
+        )
+    finally:
+        env.close()
+    print(result.table())
+    runner.run_dir.mkdir(parents=True, exist_ok=True)
+    data = result.to_dict()
+    (runner.run_dir / "eval_results.json").write_text(json.dumps(data, indent=2) + "\n")
+    low, high = result.interval
+    logger = MetricLogger(runner.logger_backends, runner.run_dir, runner.experiment_name)
+    logger.log({"eval/success_once": result.success_rate, "eval/success_ci_low": low, "eval/success_ci_high": high}, 0)
+    logger.close()
+    print(f"results: {runner.run_dir / 'eval_results.json'}")
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "rollout":
+        if args.image_size is None:
+            args.image_size = 64 if args.checkpoint is None else 256
+        world_model_cli.rollout(args)
+        return
+    try:
+        config = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as error:
+        sys.exit(f"opensora-gym {args.command}: {error}")
+    if args.command == "train":
+        from trainers.runner import train
+
+        result = train(config)
+        print(f"run folder: {result.run_dir}; last checkpoint: {result.last_checkpoint}")
+    else:
+        run_eval(config)
+
+
+if __name__ == "__main__":
+    main()

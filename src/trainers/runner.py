@@ -1,0 +1,490 @@
+"""The training runner: rollouts in the world-model env, advantages, the update, logging, videos, checkpoints.
+
+A run folder `<runner.log_path>/<runner.experiment_name>` holds `config.yaml`, `tensorboard/` event files,
+`video/train` and `video/eval` mp4s, `checkpoints/global_step_N/` (policy, optimizer, step and generator states),
+and, when no world model is configured and `env.train.tiny_checkpoint` is on, the tiny checkpoint it made.
+
+Randomness is owned: the policy's sampling generator and the update's shuffling generator are saved in every
+checkpoint, and each rollout pass resets the env with a seed computed from (`actor.seed`, step, pass), so a run
+resumed from `runner.resume_dir` continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from opensora_gym.data import ActionStatistics
+from opensora_gym.env import OpenSoraLiberoEnv
+from opensora_gym.testing import make_action_sensitive_checkpoint, make_tiny_checkpoint
+from trainers.config import ConfigError, ModelConfig, TrainConfig, config_to_dict, from_dict
+from trainers.evaluate import EvalResult, evaluate_policy, world_model_episodes
+from trainers.loggers import MetricLogger
+from trainers.rollout import RolloutBatch, collect_rollout, merge_epochs
+from trainers.targets import Targets, compute_targets
+from trainers.update import NonFiniteLossError, PolicyUpdater, flatten_for_update
+from vla_policies.base import Policy
+
+__all__ = [
+    "Trainer",
+    "TrainingDivergedError",
+    "build_policy",
+    "build_world_model_env",
+    "load_policy",
+    "rollout_metrics",
+    "train",
+]
+
+CHECKPOINTS_FOLDER = "checkpoints"
+POLICY_FOLDER = "policy"
+STATE_NAME = "trainer_state.pt"
+CONFIG_NAME = "config.yaml"
+TINY_CHECKPOINT_FOLDER = "tiny_world_model"
+
+
+class TrainingDivergedError(RuntimeError):
+    """A non-finite loss stopped the run; the last good checkpoint is left as it was.
+
+    Attributes:
+        step: the training step (1-based) that failed.
+        last_metrics: the metrics of the last completed step.
+        failing_metrics: the metrics of the micro-batch with the non-finite loss.
+    """
+
+    def __init__(self, step: int, last_metrics: dict[str, float], failing_metrics: dict[str, float], reason: str):
+        self.step, self.last_metrics, self.failing_metrics = step, last_metrics, failing_metrics
+        super().__init__(
+            f"training diverged at step {step}: {reason}. Metrics of the failing micro-batch: "
+            f"{_format_metrics(failing_metrics)}. Metrics of the last completed step: {_format_metrics(last_metrics)}. "
+            "The last checkpoint was not overwritten; resume from it with a lower learning rate "
+            "(actor.optim.lr) or a smaller clip_grad."
+        )
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:.4g}" for k, v in sorted(metrics.items())) + "}" if metrics else "{}"
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def resolve_world_model(config: TrainConfig) -> str | None:
+    """The world-model folder: `env.train.checkpoint`, a tiny one made in the run folder, or None (env default)."""
+    train = config.env.train
+    if train.checkpoint is not None:
+        return train.checkpoint
+    if train.tiny_checkpoint is None:
+        return None
+    folder = config.runner.run_dir / f"{TINY_CHECKPOINT_FOLDER}_{train.tiny_checkpoint}"
+    if not (folder / "config.json").is_file():
+        if train.tiny_checkpoint == "random":
+            make_tiny_checkpoint(folder, seed=config.actor.seed)
+        else:
+            report = make_action_sensitive_checkpoint(folder, seed=config.actor.seed, image_size=train.image_size)
+            print(
+                f"wrote an action-sensitive tiny world model to {folder} (success iff an action's first normalized "
+                f"number > {report.threshold}; reward classifier accuracy {report.classifier_accuracy:.1%})"
+            )
+    return str(folder)
+
+
+def build_world_model_env(config: TrainConfig, num_envs: int | None = None, **overrides: Any) -> OpenSoraLiberoEnv:
+    """The training env of `config` (`env.train` with the algorithm's `group_size` and `reward_coef`)."""
+    train, algorithm = config.env.train, config.algorithm
+    settings = {
+        "checkpoint": resolve_world_model(config),
+        "suite": train.suite,
+        "device": train.device or config.runner.device,
+        "dtype": train.dtype,
+        "num_sampling_steps": train.num_sampling_steps,
+        "image_size": train.image_size,
+        "max_episode_steps": train.max_episode_steps,
+        "use_rel_reward": train.use_rel_reward,
+        "reward_coef": algorithm.reward_coef,
+        "success_threshold": train.success_threshold,
+        "group_size": algorithm.group_size,
+    }
+    settings.update(overrides)
+    return OpenSoraLiberoEnv(num_envs or train.total_num_envs, **settings)
+
+
+def _small_policy_config(model: ModelConfig, statistics: ActionStatistics | None):
+    from vla_policies import SmallPolicyConfig
+
+    stats = None if statistics is None else {"q01": statistics.q01.tolist(), "q99": statistics.q99.tolist()}
+    return SmallPolicyConfig(
+        image_size=model.image_size,
+        channels=model.channels,
+        task_embed_dim=model.task_embed_dim,
+        hidden_size=model.hidden_size,
+        n_bins=model.n_bins,
+        add_value_head=model.add_value_head,
+        value_type=model.value_type,
+        action_stats=stats,
+    )
+
+
+def build_policy(
+    model: ModelConfig, statistics: ActionStatistics | None, device: str, seed: int, path: str | Path | None = None
+) -> Policy:
+    """The policy of `actor.model`, loaded from `path` (else `model.model_path`) or, for `small`, freshly built.
+
+    Args:
+        model: the policy section of the config.
+        statistics: the world model's action statistics: a `small` policy outputs robot units with them.
+        device: where the parameters go.
+        seed: seed of newly initialized weights.
+        path: a policy folder written by `save_pretrained` to load instead of `model.model_path`.
+
+    Raises:
+        ConfigError: when the folder holds a policy of another architecture than `model` describes.
+    """
+    path = path if path is not None else model.model_path
+    if model.model_type == "small":
+        from vla_policies import SmallCNNPolicy
+
+        expected = _small_policy_config(model, statistics)
+        if path is None:
+            return SmallCNNPolicy(expected, generator=torch.Generator().manual_seed(seed)).to(device)
+        saved_config = Path(path) / "config.json"
+        if saved_config.is_file():
+            saved = json.loads(saved_config.read_text())
+            wanted = config_to_dict(expected)
+            differing = sorted(k for k in wanted if k != "action_stats" and saved.get(k) != wanted[k])
+            if differing:
+                raise ConfigError(
+                    f"the policy in {path} was saved with another architecture: "
+                    + ", ".join(f"{k}={saved.get(k)!r} (config: {wanted[k]!r})" for k in differing)
+                    + "; use the config it was trained with, or set actor.model to match"
+                )
+        return SmallCNNPolicy.from_pretrained(path, device=device)
+
+    from vla_policies import LoraSettings, OpenVLAOFTPolicy
+
+    dtype = torch.bfloat16 if model.precision == "bf16" else torch.float32
+    policy = OpenVLAOFTPolicy.from_pretrained(
+        path,
+        dtype=dtype,
+        device=device,
+        unnorm_key=model.unnorm_key,
+        add_value_head=model.add_value_head,
+        value_type=model.value_type,
+        seed=seed,
+    )
+    if model.is_lora and policy.lora_settings is None:
+        policy.enable_lora(LoraSettings(rank=model.lora_rank, alpha=model.lora_rank))
+    if model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    return policy
+
+
+def load_policy(config: TrainConfig, path: str | Path, statistics: ActionStatistics | None) -> Policy:
+    """A saved policy: a policy folder, or a `checkpoints/global_step_N` folder (its `policy/` subfolder)."""
+    path = Path(path)
+    if (path / POLICY_FOLDER).is_dir():
+        _check_same_model(config, path)
+        path = path / POLICY_FOLDER
+    if not path.is_dir():
+        raise FileNotFoundError(f"policy folder {path} does not exist (expected a save_pretrained folder)")
+    return build_policy(config.actor.model, statistics, config.runner.device, config.actor.seed, path=path)
+
+
+def _check_same_model(config: TrainConfig, checkpoint: Path) -> None:
+    """Raises ConfigError when the checkpoint's run had another policy or algorithm layout."""
+    saved_path = checkpoint / CONFIG_NAME
+    if not saved_path.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} has no {CONFIG_NAME} (expected a trainer checkpoint)")
+    saved = from_dict(TrainConfig, yaml.safe_load(saved_path.read_text()))
+    differing = []
+    for section, ours, theirs in (
+        ("actor.model", config.actor.model, saved.actor.model),
+        ("algorithm", config.algorithm, saved.algorithm),
+    ):
+        ours_dict, theirs_dict = config_to_dict(ours), config_to_dict(theirs)
+        keys = ("adv_type",) if section == "algorithm" else ours_dict
+        differing += [
+            f"{section}.{k}: {theirs_dict[k]!r} (now {ours_dict[k]!r})" for k in keys if ours_dict[k] != theirs_dict[k]
+        ]
+    if differing:
+        raise ConfigError(
+            f"checkpoint {checkpoint} comes from another config: "
+            + "; ".join(differing)
+            + ". Resume with the config it was saved with (its config.yaml), or start a new run."
+        )
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def rollout_metrics(batch: RolloutBatch, targets: Targets) -> dict[str, float]:
+    """`env/*` over the first episodes and `rollout/*` over the valid entries, RLinf's names."""
+    length = batch.episode_length.float().clamp(min=1)
+    metrics = {
+        "env/success_once": float(batch.success.float().mean()),
+        "env/return": float(batch.episode_return.mean()),
+        "env/episode_len": float(batch.episode_length.float().mean()),
+        "env/reward": float((batch.episode_return / length).mean()),
+    }
+    action_mask = batch.loss_mask & targets.loss_mask  # [T, B, A]; R = 1 broadcasts
+    rewards = batch.rewards[action_mask]
+    advantages = targets.advantages[targets.loss_mask]
+    metrics["rollout/rewards"] = float(rewards.mean()) if rewards.numel() else math.nan
+    if advantages.numel():
+        metrics.update(
+            {
+                "rollout/advantages_mean": float(advantages.mean()),
+                "rollout/advantages_max": float(advantages.max()),
+                "rollout/advantages_min": float(advantages.min()),
+            }
+        )
+    if targets.returns is not None and advantages.numel():
+        returns = targets.returns[targets.loss_mask]
+        metrics.update(
+            {
+                "rollout/returns_mean": float(returns.mean()),
+                "rollout/returns_max": float(returns.max()),
+                "rollout/returns_min": float(returns.min()),
+            }
+        )
+    metrics["rollout/valid_fraction"] = float(targets.loss_mask.float().mean())
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves.
+
+    Attributes:
+        run_dir: the run folder.
+        history: the logged metrics of every step of this process, in order.
+        last_checkpoint: the last checkpoint folder written, or None.
+    """
+
+    run_dir: Path
+    history: list[dict[str, float]] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+
+
+class Trainer:
+    """Wires env, policy, update and logging for `TrainConfig`; `run()` trains, `step()` does one step.
+
+    Args:
+        config: the run.
+    """
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        runner = config.runner
+        self.run_dir = runner.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        self.env = build_world_model_env(config)
+        statistics = self.env.world_model.statistics
+        seed = config.actor.seed
+        if runner.ckpt_path is not None:
+            self.policy = load_policy(config, runner.ckpt_path, statistics)
+        else:
+            self.policy = build_policy(config.actor.model, statistics, runner.device, seed)
+        reference = None
+        if config.algorithm.kl_beta > 0:
+            reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.updater = PolicyUpdater(self.policy, config.algorithm, config.actor, config.rollout, reference)
+        self.sampling_generator = torch.Generator(device=self.policy.device).manual_seed(seed)
+        self.shuffle_generator = torch.Generator().manual_seed(seed + 1)
+        self.global_step = 0
+        self.last_metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self.last_checkpoint: Path | None = None
+        if runner.resume_dir is not None:
+            self.load_checkpoint(runner.resume_dir)
+        self.logger = MetricLogger(runner.logger_backends, self.run_dir, runner.experiment_name, config_to_dict(config))
+
+    @property
+    def num_chunk_steps(self) -> int:
+        return self.config.env.train.max_episode_steps // self.policy.action_chunk
+
+    def env_seed(self, step: int, rollout_pass: int) -> int:
+        """The reset seed of pass `rollout_pass` of step `step`: distinct for every (seed, step, pass)."""
+        return (self.config.actor.seed * 1_000_003 + step * 1_009 + rollout_pass) % 2**62
+
+    def _video_due(self, step: int) -> bool:
+        video = self.config.env.train.video_cfg
+        return video.save_video and (step == 1 or step % video.interval == 0)
+
+    def collect(self, step: int) -> RolloutBatch:
+        """Every rollout pass of training step `step` (1-based), merged."""
+        config = self.config
+        self.policy.eval()
+        passes = []
+        for rollout_pass in range(config.env.train.rollout_epoch):
+            env = self.env
+            if rollout_pass == 0 and self._video_due(step):
+                env = self._video_wrapper(config.env.train.video_cfg, "train", f"step{step}")
+            try:
+                passes.append(
+                    collect_rollout(
+                        env,
+                        self.policy,
+                        self.num_chunk_steps,
+                        seed=self.env_seed(step, rollout_pass),
+                        generator=self.sampling_generator,
+                        temperature=config.rollout.temperature_train,
+                        top_k=config.rollout.top_k,
+                        do_sample=config.rollout.do_sample,
+                    )
+                )
+            finally:
+                if env is not self.env:
+                    self.env.return_frames = False
+        return merge_epochs(passes)
+
+    def _video_wrapper(self, video, kind: str, prefix: str):
+        from opensora_gym.wrappers.video import RecordEpisodeVideo
+
+        folder = Path(video.video_base_dir) if video.video_base_dir else self.run_dir / "video" / kind
+        count = video.num_envs
+        # Episode ids 0..N-1 are the first episodes of the N sub-envs: record the first `count` of them.
+        return RecordEpisodeVideo(
+            self.env, folder, episode_trigger=lambda i: i < count, name_prefix=prefix, fps=video.fps
+        )
+
+    def step(self) -> dict[str, float]:
+        """One training step: rollouts, targets, update, logging; returns the logged metrics.
+
+        Raises:
+            TrainingDivergedError: the update met a non-finite loss (nothing was saved).
+        """
+        config = self.config
+        step = self.global_step + 1
+        batch = self.collect(step)
+        targets = compute_targets(batch, config.algorithm)
+        data = flatten_for_update(batch, targets, with_critic=config.algorithm.adv_type == "gae")
+        if config.env.train.enable_offload:
+            self.env.offload()
+        try:
+            train_metrics = self.updater.update(data, self.shuffle_generator)
+        except NonFiniteLossError as error:
+            raise TrainingDivergedError(step, self.last_metrics, error.metrics, str(error)) from error
+        finally:
+            if config.env.train.enable_offload:
+                self.env.onload()
+        metrics = rollout_metrics(batch, targets)
+        metrics.update({f"train/{key}": value for key, value in train_metrics.items()})
+        self.global_step = step
+        self.logger.log(metrics, step)
+        self.last_metrics = metrics
+        self.history.append(metrics)
+        return metrics
+
+    def run(self) -> TrainResult:
+        """Trains until `runner.max_steps`, saving every `save_interval` steps and at the end."""
+        runner = self.config.runner
+        bar = tqdm(
+            total=runner.max_steps, initial=self.global_step, desc="train", disable=not runner.progress_bar, unit="step"
+        )
+        try:
+            while self.global_step < runner.max_steps:
+                metrics = self.step()
+                bar.update(1)
+                bar.set_postfix(success=f"{metrics['env/success_once']:.2f}", ret=f"{metrics['env/return']:.2f}")
+                if runner.save_interval != -1 and self.global_step % runner.save_interval == 0:
+                    self.save_checkpoint()
+                if runner.val_check_interval != -1 and self.global_step % runner.val_check_interval == 0:
+                    self.evaluate()
+            if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"_{self.global_step}"):
+                self.save_checkpoint()
+        finally:
+            bar.close()
+            self.logger.close()
+        return TrainResult(self.run_dir, self.history, self.last_checkpoint)
+
+    def evaluate(self) -> EvalResult:
+        """Evaluates the policy on the world-model env's start trajectories; logs `eval/*`."""
+        eval_cfg = self.config.env.eval
+        env = build_world_model_env(
+            self.config,
+            num_envs=eval_cfg.total_num_envs,
+            group_size=1,
+            world_model=self.env.world_model,
+            max_episode_steps=eval_cfg.max_episode_steps or self.config.env.train.max_episode_steps,
+        )
+        result = evaluate_policy(
+            env,
+            self.policy,
+            world_model_episodes(len(env.dataset), eval_cfg.num_episodes),
+            do_sample=eval_cfg.do_sample,
+            temperature=self.config.rollout.temperature_eval,
+            top_k=self.config.rollout.top_k,
+            seed=eval_cfg.seed,
+        )
+        low, high = result.interval
+        self.logger.log(
+            {"eval/success_once": result.success_rate, "eval/success_ci_low": low, "eval/success_ci_high": high},
+            self.global_step,
+        )
+        return result
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """Writes `checkpoints/global_step_N` atomically (a temporary folder renamed when complete)."""
+        folder = self.run_dir / CHECKPOINTS_FOLDER / f"global_step_{self.global_step}"
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        self.policy.save_pretrained(partial / POLICY_FOLDER)
+        state = {
+            "global_step": self.global_step,
+            "optimizer": self.updater.optimizer.state_dict(),
+            "sampling_generator": self.sampling_generator.get_state(),
+            "shuffle_generator": self.shuffle_generator.get_state(),
+            "last_metrics": self.last_metrics,
+        }
+        torch.save(state, partial / STATE_NAME)
+        (partial / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+        self.last_checkpoint = folder
+        return folder
+
+    def load_checkpoint(self, folder: str | Path) -> None:
+        """Restores policy weights, optimizer, step and generators from `save_checkpoint`'s folder.
+
+        Raises:
+            ConfigError: when the checkpoint comes from a run with another policy or algorithm.
+            FileNotFoundError: when the folder is not a trainer checkpoint.
+        """
+        folder = Path(folder)
+        if not (folder / STATE_NAME).is_file():
+            raise FileNotFoundError(
+                f"resume_dir {folder} has no {STATE_NAME} (expected a folder like <run>/checkpoints/global_step_N)"
+            )
+        loaded = load_policy(self.config, folder, self.env.world_model.statistics)
+        self.policy.load_state_dict(loaded.state_dict())
+        state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
+        try:
+            self.updater.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as error:
+            raise ConfigError(f"the optimizer state in {folder} does not fit this policy ({error})") from error
+        self.sampling_generator.set_state(state["sampling_generator"])
+        self.shuffle_generator.set_state(state["shuffle_generator"])
+        self.global_step = int(state["global_step"])
+        self.last_metrics = dict(state["last_metrics"])
+        self.last_checkpoint = folder
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Trains as `config` says (see `Trainer`)."""
+    return Trainer(config).run()

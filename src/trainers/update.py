@@ -1,0 +1,254 @@
+"""The policy update: clipped PPO/GRPO actor loss, optional critic, entropy and KL terms, AdamW with two groups.
+
+One update reads like the pseudocode: for `update_epoch` passes, shuffle the valid chunk steps, cut them into
+global batches of `global_batch_size`; per global batch, accumulate the gradients of its micro-batches of
+`micro_batch_size` (each weighted by its share of the global batch), clip the gradient norm, step AdamW. Chunk
+steps where every action is masked (after the first episode, or in filtered GRPO groups) are left out: they
+would add nothing but compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+from trainers.config import ActorConfig, AlgorithmConfig, RolloutConfig
+from trainers.losses import actor_loss, critic_loss, kl_penalty, masked_mean
+from trainers.rollout import RolloutBatch
+from trainers.targets import Targets
+from vla_policies.base import Policy
+
+__all__ = ["NonFiniteLossError", "PolicyUpdater", "UpdateData", "build_optimizer", "flatten_for_update"]
+
+EXPLAINED_VARIANCE_STATS = ("count", "returns_sum", "returns_sq_sum", "errors_sum", "errors_sq_sum")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient norm that is NaN or infinite; the parameters were not stepped with it.
+
+    Attributes:
+        metrics: the metrics of the micro-batch that produced it.
+    """
+
+    def __init__(self, message: str, metrics: dict[str, float]):
+        super().__init__(message)
+        self.metrics = metrics
+
+
+@dataclass(frozen=True)
+class UpdateData:
+    """The M valid chunk steps of a batch, flattened (R rewards per chunk, V values per chunk, K tokens).
+
+    Attributes:
+        images: [M, H, W, 3] uint8.
+        tasks: M task strings.
+        action_tokens: [M, K] int64.
+        logprobs: [M, K] float32 rollout log-probs.
+        advantages: [M, R] float32.
+        mask: [M, R] bool.
+        returns: [M, R] float32, or None without a critic.
+        values: [M, V] float32 rollout values, or None without a critic.
+    """
+
+    images: torch.Tensor
+    tasks: list[str]
+    action_tokens: torch.Tensor
+    logprobs: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    returns: torch.Tensor | None
+    values: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return self.action_tokens.shape[0]
+
+
+def flatten_for_update(batch: RolloutBatch, targets: Targets, with_critic: bool) -> UpdateData:
+    """Keeps the chunk steps with at least one valid action, as rows `(t, b)` in time-major order."""
+    valid = targets.loss_mask.any(dim=-1)  # [T, B]
+    rows = valid.reshape(-1).nonzero().squeeze(1)  # [M] indices into the (t b) order
+
+    def flat(tensor: torch.Tensor) -> torch.Tensor:
+        return rearrange(tensor, "t b ... -> (t b) ...")[rows]
+
+    tasks = [task for step in batch.tasks for task in step]  # (t b) order
+    return UpdateData(
+        images=flat(batch.images),
+        tasks=[tasks[i] for i in rows.tolist()],
+        action_tokens=flat(batch.action_tokens),
+        logprobs=flat(batch.logprobs),
+        advantages=flat(targets.advantages),
+        mask=flat(targets.loss_mask),
+        returns=flat(targets.returns) if with_critic else None,
+        values=flat(batch.values[:-1]) if with_critic else None,
+    )
+
+
+def build_optimizer(policy: Policy, actor: ActorConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: the value head at `value_lr`, everything else at `lr`.
+
+    Group 0 is the policy (its learning rate is logged as `train/actor/lr`), group 1 the value head if any.
+    """
+    optim = actor.optim
+    policy_params, value_params = [], []
+    for name, parameter in policy.named_parameters():
+        if parameter.requires_grad:
+            (value_params if "value_head." in name else policy_params).append(parameter)
+    if not policy_params:
+        raise ValueError("the policy has no trainable parameters outside its value head")
+    groups = [{"params": policy_params, "lr": optim.lr}]
+    if value_params:
+        groups.append({"params": value_params, "lr": optim.value_lr})
+    return torch.optim.AdamW(
+        groups, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps, weight_decay=optim.weight_decay
+    )
+
+
+class PolicyUpdater:
+    """Runs the update of one training step (see the module docstring).
+
+    Args:
+        policy: the trained policy.
+        algorithm: loss settings (clip ratios, critic, entropy and KL weights, `update_epoch`).
+        actor: batch sizes and the optimizer settings.
+        rollout: the temperature and top-k the log-probs are computed with (as at rollout time).
+        reference: the frozen reference policy of the KL penalty (needed when `algorithm.kl_beta > 0`).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        algorithm: AlgorithmConfig,
+        actor: ActorConfig,
+        rollout: RolloutConfig,
+        reference: Policy | None = None,
+    ):
+        if algorithm.kl_beta > 0 and reference is None:
+            raise ValueError("algorithm.kl_beta > 0 needs a reference policy")
+        self.policy = policy
+        self.algorithm = algorithm
+        self.actor = actor
+        self.rollout = rollout
+        self.reference = reference
+        self.optimizer = build_optimizer(policy, actor)
+        self.with_critic = algorithm.adv_type == "gae"
+
+    def update(self, data: UpdateData, generator: torch.Generator) -> dict[str, float]:
+        """Fits the policy to `data`; returns the mean metrics (keys as logged under `train/`).
+
+        Raises:
+            NonFiniteLossError: a loss or gradient norm was not finite; the optimizer did not step on it.
+        """
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        ev_stats = dict.fromkeys(EXPLAINED_VARIANCE_STATS, 0.0)
+
+        def record(metrics: dict[str, float]) -> None:
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+
+        self.policy.train()
+        if len(data) == 0:
+            return {}
+        global_size, micro_size = self.actor.global_batch_size, self.actor.micro_batch_size
+        for _ in range(self.algorithm.update_epoch):
+            order = torch.randperm(len(data), generator=generator)
+            for start in range(0, len(data), global_size):
+                rows = order[start : start + global_size]
+                self.optimizer.zero_grad(set_to_none=True)
+                for micro_start in range(0, len(rows), micro_size):
+                    micro = rows[micro_start : micro_start + micro_size]
+                    loss, metrics, stats = self._micro_batch_loss(data, micro)
+                    last_metrics = metrics
+                    if not torch.isfinite(loss):
+                        self.optimizer.zero_grad(set_to_none=True)
+                        raise NonFiniteLossError(f"the loss is {loss.item()}", metrics)
+                    (loss * (len(micro) / len(rows))).backward()
+                    record(metrics)
+                    for key in stats:
+                        ev_stats[key] += stats[key]
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.actor.optim.clip_grad)
+                if not torch.isfinite(grad_norm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLossError(f"the gradient norm is {grad_norm.item()}", last_metrics)
+                self.optimizer.step()
+                record({"actor/grad_norm": float(grad_norm), "actor/lr": self.optimizer.param_groups[0]["lr"]})
+        self.optimizer.zero_grad(set_to_none=True)
+        result = {key: sums[key] / counts[key] for key in sums}
+        if self.with_critic:
+            result["critic/explained_variance"] = _explained_variance(ev_stats)
+        return result
+
+    def _micro_batch_loss(
+        self, data: UpdateData, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
+        """The loss of rows `rows` of `data`, its metrics and the explained-variance sums."""
+        policy, algorithm = self.policy, self.algorithm
+        device = policy.device
+        obs = {"image": data.images[rows], "task": [data.tasks[i] for i in rows.tolist()]}
+        tokens = data.action_tokens[rows]
+        temperature, top_k = self.rollout.temperature_train, self.rollout.top_k
+        evaluation = policy.evaluate(obs, tokens, temperature=temperature, top_k=top_k)
+
+        def per_action(tensor: torch.Tensor) -> torch.Tensor:
+            return rearrange(tensor, "m (a d) -> m a d", d=policy.action_dim)  # [m, A, action_dim]
+
+        logprobs = per_action(evaluation.logprobs.float())
+        old_logprobs = per_action(data.logprobs[rows].to(device))
+        mask = data.mask[rows].to(device)[:, :, None]  # [m, R, 1]: R = A or 1 broadcasts over the tokens
+        advantages = data.advantages[rows].to(device)[:, :, None]  # [m, R, 1]
+        loss, actor_metrics = actor_loss(
+            logprobs,
+            old_logprobs,
+            advantages,
+            mask,
+            algorithm.clip_ratio_low,
+            algorithm.clip_ratio_high,
+            algorithm.clip_ratio_c,
+        )
+        metrics = {f"actor/{key}": float(actor_metrics[key]) for key in ACTOR_METRICS}
+        entropy = masked_mean(per_action(evaluation.entropy.float()), mask)
+        metrics["entropy_loss"] = float(entropy.detach())
+        if algorithm.entropy_bonus > 0:
+            loss = loss - algorithm.entropy_bonus * entropy
+        if algorithm.kl_beta > 0:
+            with torch.no_grad():
+                reference = self.reference.evaluate(obs, tokens, temperature=temperature, top_k=top_k)
+            kl = kl_penalty(logprobs, per_action(reference.logprobs.float()), mask)
+            metrics["actor/kl"] = float(kl)
+            loss = loss + algorithm.kl_beta * kl
+        stats: dict[str, float] = {}
+        if self.with_critic:
+            if evaluation.values is None:
+                raise ValueError("adv_type 'gae' needs a policy with a value head")
+            value_loss, critic_metrics = critic_loss(
+                evaluation.values.float(),
+                data.values[rows].to(device),
+                data.returns[rows].to(device),
+                data.mask[rows].to(device),
+                algorithm.value_clip,
+                algorithm.huber_delta,
+            )
+            metrics["critic/value_loss"] = float(critic_metrics["value_loss"])
+            metrics["critic/value_clip_ratio"] = float(critic_metrics["value_clip_ratio"])
+            stats = {key: float(critic_metrics[f"explained_variance_{key}"]) for key in EXPLAINED_VARIANCE_STATS}
+            loss = loss + value_loss
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics, stats
+
+
+ACTOR_METRICS = ("policy_loss", "approx_kl", "clip_fraction", "clipped_ratio", "ratio", "dual_clip_fraction")
+
+
+def _explained_variance(stats: dict[str, float]) -> float:
+    """1 - Var(returns - values) / Var(returns) from summed statistics (nan when undefined)."""
+    count = stats["count"]
+    if count < 2:
+        return float("nan")
+    returns_var = stats["returns_sq_sum"] - stats["returns_sum"] ** 2 / count
+    errors_var = stats["errors_sq_sum"] - stats["errors_sum"] ** 2 / count
+    return float("nan") if returns_var == 0 else 1.0 - errors_var / returns_var

@@ -1,0 +1,154 @@
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from trainers.cli import main
+from trainers.config import ConfigError, load_config
+from trainers.runner import Trainer, TrainingDivergedError
+from trainers.update import PolicyUpdater, UpdateData
+from vla_policies import SmallCNNPolicy, SmallPolicyConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+LOGGED_NAMES = [
+    "train/actor/approx_kl", "train/actor/clip_fraction", "train/actor/clipped_ratio", "train/actor/grad_norm",
+    "train/actor/lr", "train/actor/policy_loss", "train/critic/value_loss", "train/critic/value_clip_ratio",
+    "train/critic/explained_variance", "train/entropy_loss", "train/loss", "rollout/advantages_max",
+    "rollout/advantages_mean", "rollout/advantages_min", "rollout/rewards", "env/episode_len", "env/return",
+    "env/reward", "env/success_once",
+]  # fmt: skip
+
+
+def small_config(tmp_path, algorithm="ppo", *extra):
+    """A 4-env, 2-chunk run on a tiny random world model, fast enough for a unit test."""
+    return load_config(
+        CONFIGS / f"tiny_cpu_{algorithm}.yaml",
+        [
+            f"runner.log_path={tmp_path}",
+            "runner.progress_bar=false",
+            "env.train.tiny_checkpoint=random",
+            "env.train.total_num_envs=4",
+            "env.train.max_episode_steps=16",
+            "env.train.video_cfg.save_video=false",
+            "algorithm.group_size=2",
+            "actor.model.channels=[8]",
+            "actor.model.hidden_size=32",
+            "actor.micro_batch_size=4",
+            "actor.global_batch_size=8",
+            "algorithm.update_epoch=1",
+            *extra,
+        ],
+    )
+
+
+def policy_state(policy):
+    return {k: v.clone() for k, v in policy.state_dict().items()}
+
+
+def test_micro_batches_accumulate_to_the_global_batch_gradient(tmp_path):
+    config = small_config(tmp_path, "ppo", "actor.optim.clip_grad=1000.0")
+    policy = SmallCNNPolicy(SmallPolicyConfig(image_size=32, channels=(8,), hidden_size=32))
+    g = torch.Generator().manual_seed(0)
+    obs = {"image": torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, generator=g), "task": ["a", "b"] * 4}
+    out = policy.act(obs, generator=g)
+    data = UpdateData(
+        images=obs["image"],
+        tasks=obs["task"],
+        action_tokens=out.action_tokens,
+        logprobs=out.logprobs,
+        advantages=torch.randn(8, 1, generator=g),
+        mask=torch.ones(8, 1, dtype=torch.bool),
+        returns=torch.randn(8, 1, generator=g),
+        values=out.values,
+    )
+    results = []
+    for micro in (8, 2):
+        copy = SmallCNNPolicy(policy.config)
+        copy.load_state_dict(policy.state_dict())
+        actor = type(config.actor)(
+            model=config.actor.model, optim=config.actor.optim, micro_batch_size=micro, global_batch_size=8
+        )
+        updater = PolicyUpdater(copy, config.algorithm, actor, config.rollout)
+        groups = updater.optimizer.param_groups
+        assert [g["lr"] for g in groups] == [config.actor.optim.lr, config.actor.optim.value_lr]
+        assert {id(p) for p in groups[1]["params"]} == {id(p) for p in copy.value_head.parameters()}
+        metrics = updater.update(data, torch.Generator().manual_seed(1))
+        assert set(metrics) >= {"actor/policy_loss", "critic/value_loss", "actor/grad_norm", "actor/lr", "loss"}
+        # Adam's first moment after one step is (1 - beta1) * the (unclipped) gradient: compare gradients there,
+        # since the first Adam step itself divides each entry by its own size and so magnifies float noise.
+        state = updater.optimizer.state
+        results.append([state[p]["exp_avg"].clone() for group in groups for p in group["params"]])
+        assert not torch.equal(copy.action_head.weight, policy.action_head.weight)
+    for full, accumulated in zip(*results, strict=True):
+        torch.testing.assert_close(accumulated, full, rtol=1e-5, atol=1e-7)
+
+
+def test_run_logs_the_names_saves_and_resumes_exactly(tmp_path):
+    config = small_config(
+        tmp_path, "ppo", "runner.max_steps=2", "runner.save_interval=1", "env.train.video_cfg.save_video=true",
+        "env.train.video_cfg.num_envs=1", "runner.experiment_name=full",
+    )  # fmt: skip
+    trainer = Trainer(config)
+    result = trainer.run()
+    run = tmp_path / "full"
+    assert result.last_checkpoint == run / "checkpoints" / "global_step_2"
+    assert (run / "checkpoints" / "global_step_1" / "policy" / "model.safetensors").is_file()
+    assert (run / "config.yaml").is_file() and list((run / "video" / "train").glob("step1-env0-*.mp4"))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert set(LOGGED_NAMES) <= tags, sorted(set(LOGGED_NAMES) - tags)
+    for name in ("env/success_once", "train/actor/policy_loss"):
+        logged = [(e.step, e.value) for e in events.Scalars(name)]
+        assert logged == [(i + 1, pytest.approx(m[name], rel=1e-6)) for i, m in enumerate(result.history)]
+    final = policy_state(trainer.policy)
+
+    resumed_config = small_config(
+        tmp_path, "ppo", "runner.max_steps=2", "runner.experiment_name=resumed",
+        f"runner.resume_dir={run / 'checkpoints' / 'global_step_1'}",
+    )  # fmt: skip
+    resumed = Trainer(resumed_config)
+    assert resumed.global_step == 1
+    resumed.run()
+    for key, value in policy_state(resumed.policy).items():
+        assert torch.equal(value, final[key]), key
+    assert resumed.history[0]["env/return"] == result.history[1]["env/return"]
+
+    other = small_config(
+        tmp_path, "ppo", "actor.model.hidden_size=16", "runner.experiment_name=other",
+        f"runner.resume_dir={run / 'checkpoints' / 'global_step_1'}",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"comes from another config: actor.model.hidden_size: 32 \(now 16\)"):
+        Trainer(other)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    trainer = Trainer(small_config(tmp_path, "ppo", "runner.experiment_name=nan"))
+    trainer.step()
+    checkpoint = trainer.save_checkpoint()
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoint.rglob("*") if p.is_file()}
+    with torch.no_grad():
+        for parameter in trainer.policy.value_head.parameters():
+            parameter.fill_(float("nan"))  # values (hence advantages and the loss) become NaN; sampling is unchanged
+    with pytest.raises(TrainingDivergedError, match="training diverged at step 2: the loss is nan") as error:
+        trainer.step()
+    assert error.value.step == 2 and "env/success_once" in error.value.last_metrics
+    assert "last completed step" in str(error.value) and "not overwritten" in str(error.value)
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in checkpoint.rglob("*") if p.is_file()}
+    assert after == digests and trainer.global_step == 1
+    assert not (checkpoint.parent / "global_step_2").exists()
+
+
+def test_cli_trains_and_rejects_bad_keys(tmp_path, capsys):
+    overrides = [
+        f"runner.log_path={tmp_path}", "runner.experiment_name=cli", "runner.max_steps=1", "runner.progress_bar=false",
+        "env.train.tiny_checkpoint=random", "env.train.total_num_envs=2", "algorithm.group_size=2",
+        "env.train.video_cfg.save_video=false", "actor.model.channels=[8]", "actor.model.hidden_size=32",
+    ]  # fmt: skip
+    main(["train", "--config", str(CONFIGS / "tiny_cpu_grpo.yaml"), *overrides])
+    assert (tmp_path / "cli" / "checkpoints" / "global_step_1" / "trainer_state.pt").is_file()
+    assert "last checkpoint" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"unknown config key 'lr' .*allowed keys"):
+        main(["train", "--config", str(CONFIGS / "tiny_cpu_grpo.yaml"), "actor.lr=1"])
