@@ -307,6 +307,7 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self.last_checkpoint: Path | None = None
+        self.evaluations: list[tuple[int, EvalResult]] = []
         if runner.resume_dir is not None:
             self.load_checkpoint(runner.resume_dir)
         self.logger = MetricLogger(runner.logger_backends, self.run_dir, runner.experiment_name, config_to_dict(config))
@@ -411,7 +412,10 @@ class Trainer:
         return TrainResult(self.run_dir, self.history, self.last_checkpoint)
 
     def evaluate(self) -> EvalResult:
-        """Evaluates the policy on the world-model env's start trajectories; logs `eval/*`."""
+        """Evaluates the policy on the world-model env's start trajectories (`env.eval`); logs `eval/*`.
+
+        The result is also kept in `evaluations` with the step it was taken at.
+        """
         eval_cfg = self.config.env.eval
         env = build_world_model_env(
             self.config,
@@ -434,6 +438,7 @@ class Trainer:
             {"eval/success_once": result.success_rate, "eval/success_ci_low": low, "eval/success_ci_high": high},
             self.global_step,
         )
+        self.evaluations.append((self.global_step, result))
         return result
 
     # ------------------------------------------------------------------------------------------ checkpoints
