@@ -388,9 +388,10 @@ class STDiT3(nn.Module):
     def compile_blocks(self, **kwargs) -> None:
         """`torch.compile` every block (kwargs go to `torch.compile`); fuses the many elementwise operations of
         modulation, normalization and rotary embedding (2.2x faster forward on an H100 in bf16, see
-        `benchmarks/stdit3_forward.py`). All blocks share one compiled graph."""
+        `benchmarks/stdit3_forward.py`). All blocks share one compiled graph. Shapes are dynamic by default: the
+        batch changes when only some sub-envs step, and recompiling for each batch size would cost minutes."""
         for block in (*self.spatial_blocks, *self.temporal_blocks):
-            block.compile(**kwargs)
+            block.compile(**{"dynamic": True, **kwargs})
 
     def check_inputs(self, x: torch.Tensor, timestep: torch.Tensor, actions: torch.Tensor, x_mask: torch.Tensor):
         """Raises ValueError naming the expected and received shapes."""
