@@ -152,3 +152,29 @@ def test_cli_trains_and_rejects_bad_keys(tmp_path, capsys):
     assert "last checkpoint" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"unknown config key 'lr' .*allowed keys"):
         main(["train", "--config", str(CONFIGS / "tiny_cpu_grpo.yaml"), "actor.lr=1"])
+
+
+def test_openvla_oft_with_lora_trains_saves_and_resumes(tmp_path):
+    from vla_policies.testing import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "oft", seed=0)
+    oft = [
+        "actor.model.model_type=openvla_oft", f"actor.model.model_path={folder}", "actor.model.is_lora=true",
+        "actor.model.lora_rank=4", "actor.model.add_value_head=false", "actor.model.value_type=action_level",
+        "runner.max_steps=1", "algorithm.filter_rewards=false",
+    ]  # fmt: skip
+    trainer = Trainer(small_config(tmp_path, "grpo", "runner.experiment_name=oft", *oft))
+    before = policy_state(trainer.policy)
+    trainer.env.world_model.reward_model.net[-2].bias.data.fill_(0.0)  # mixed outcomes: nonzero advantages
+    result = trainer.run()
+    after = policy_state(trainer.policy)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".lora_" in k for k in changed), sorted(changed)[:5]
+    assert (result.last_checkpoint / "policy" / "adapter_model.safetensors").is_file()
+    resumed = Trainer(
+        small_config(
+            tmp_path, "grpo", "runner.experiment_name=oft2", f"runner.resume_dir={result.last_checkpoint}", *oft
+        )
+    )
+    for key, value in policy_state(resumed.policy).items():
+        assert torch.equal(value, after[key]), key
