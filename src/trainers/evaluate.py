@@ -166,7 +166,8 @@ def evaluate_policy(
         episodes: reset options of one episode each, e.g. `{"episode_indices": 3}` or `{"task_id": 0,
             "trial_id": 5}`; all with the same keys.
         do_sample: sample with `temperature` / `top_k` (seeded with `seed`) instead of decoding greedily.
-        seed: seed of the env resets (wave w uses `seed + w`) and of the sampling.
+        seed: seed of every wave's env reset (LIBERO: its scene seed, 0 in OpenVLA-OFT's protocol) and of the
+            sampling.
         max_chunk_steps: a bound on the steps of one wave, against an env that never ends an episode.
 
     Returns:
@@ -188,7 +189,7 @@ def evaluate_policy(
         # A last, partial wave fills its spare sub-envs with its first episode and ignores their outcomes.
         padded = chosen + [chosen[0]] * (n - len(chosen))
         options = {key: [e[key] for e in padded] for key in sorted(keys)}
-        obs, _ = env.reset(seed=seed + wave, options=options)
+        obs, _ = env.reset(seed=seed, options=options)
         tasks = [str(t) for t in obs["task"]]
         alive = np.ones(n, dtype=bool)
         success = np.zeros(n, dtype=bool)

@@ -210,9 +210,12 @@ def _check_same_model(config: TrainConfig, checkpoint: Path) -> None:
         ("algorithm", config.algorithm, saved.algorithm),
     ):
         ours_dict, theirs_dict = config_to_dict(ours), config_to_dict(theirs)
-        keys = ("adv_type",) if section == "algorithm" else ours_dict
+        # Where the weights came from and how activations are stored do not change what a checkpoint holds.
+        keys = ("adv_type",) if section == "algorithm" else set(ours_dict) - {"model_path", "gradient_checkpointing"}
         differing += [
-            f"{section}.{k}: {theirs_dict[k]!r} (now {ours_dict[k]!r})" for k in keys if ours_dict[k] != theirs_dict[k]
+            f"{section}.{k}: {theirs_dict[k]!r} (now {ours_dict[k]!r})"
+            for k in sorted(keys)
+            if ours_dict[k] != theirs_dict[k]
         ]
     if differing:
         raise ConfigError(
