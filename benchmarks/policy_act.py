@@ -92,7 +92,7 @@ def main() -> None:
         return evaluation
 
     evaluation, update_seconds, update_memory = timed(update)
-    logprob_gap = float((evaluation.logprobs.detach().float().cpu() - out.logprobs[:m].float()).abs().max())
+    logprob_gap = float((evaluation.logprobs.detach().float().cpu() - out.logprobs[:m].float().cpu()).abs().max())
 
     rows = {
         "parameters, B": total / 1e9,
