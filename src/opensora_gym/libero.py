@@ -209,7 +209,7 @@ class _Simulator:
             observation, _, _, _ = self.env.step(CONTROLLER_NOOP_ACTION.tolist())
         return self._features(observation)
 
-    def step(self, actions: np.ndarray) -> dict[str, Any]:
+    def step(self, actions: np.ndarray, return_frames: bool) -> dict[str, Any]:
         """Executes controller actions ``[k, 7]`` in order, stopping after the first that reaches success."""
         frames = []
         success = False
@@ -218,13 +218,13 @@ class _Simulator:
             observation, _, done, _ = self.env.step(action.tolist())
             executed += 1
             success = bool(done)
-            if self.config.return_frames:
+            if return_frames:
                 frames.append(self._image(observation, "agentview"))
             if success:
                 break
         result = self._features(observation)
         result.update(success=success, executed=executed)
-        if self.config.return_frames:
+        if return_frames:
             result["frames"] = np.stack(frames)  # [executed, H, W, 3]
         return result
 
@@ -342,6 +342,8 @@ class LiberoVectorEnv(VectorEnv):
         if not isinstance(num_envs, int) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
         self.config = config
+        # A switch, not only a setting: wrappers such as RecordEpisodeVideo turn it on.
+        self.return_frames = config.return_frames
         self.num_envs = num_envs
         self.suite = SUITES[config.suite]
         self.catalog = _load_catalog(config.suite)
@@ -443,7 +445,7 @@ class LiberoVectorEnv(VectorEnv):
         for index in stepping:
             steps_left = self.config.episode_limit - self.episode_length[index]
             chunk = controller_actions(actions[index, :steps_left])
-            self._connections[index].send(("step", (chunk,)))
+            self._connections[index].send(("step", (chunk, self.return_frames)))
         replies = self._gather("step")
         reward = np.zeros(self.num_envs, dtype=np.float32)
         terminated = np.zeros(self.num_envs, dtype=bool)
@@ -465,7 +467,7 @@ class LiberoVectorEnv(VectorEnv):
             episode_length=self.episode_length.copy(),
             episode_return=self.episode_return.copy(),
         )
-        if self.config.return_frames:
+        if self.return_frames:
             info.update(self._frames_info(replies, actions, stepping))
         for key in ("success_once", "episode_length", "episode_return", *_FRAME_KEYS):
             if key in info:

@@ -175,6 +175,8 @@ class RecordEpisodeVideo(VectorWrapper):
             recording = self._recordings[i]
             if recording is not None:
                 chunk = info["frames"][i]  # [A, H, W, 3]
+                if "frame_executed" in info:  # the real simulator stops a chunk at success
+                    chunk = chunk[info["frame_executed"][i]]
                 first_step = int(info["episode_length"][i]) - len(chunk) + 1
                 for k, frame in enumerate(chunk):
                     self._write(recording, frame, first_step + k)
