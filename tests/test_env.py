@@ -4,37 +4,14 @@ import torch
 
 from opensora_gym.env import CHECKPOINT_ENV_VAR, OpenSoraLiberoConfig, OpenSoraLiberoEnv
 from opensora_gym.spaces import controller_actions
-from opensora_gym.testing import make_tiny_checkpoint
+from opensora_gym.testing import random_chunk_actions
 from opensora_gym.world_model import WorldModel
 
 FAST = {"num_sampling_steps": 2, "image_size": 64, "dtype": "float32", "max_episode_steps": 32}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def world_model(checkpoint):
-    return WorldModel.from_pretrained(checkpoint, num_sampling_steps=2, image_size=64)
-
-
-@pytest.fixture(scope="module")
-def never_success(checkpoint):
-    """A world model whose classifier gives probability 0 to every frame, so episodes only truncate."""
-    model = WorldModel.from_pretrained(checkpoint, num_sampling_steps=2, image_size=64)
-    model.reward_model.net[-2].bias.data.fill_(-50.0)
-    return model
-
-
 def make_env(checkpoint, world_model, num_envs=2, **overrides):
     return OpenSoraLiberoEnv(num_envs, checkpoint=checkpoint, world_model=world_model, **{**FAST, **overrides})
-
-
-def chunk_actions(num_envs, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(num_envs, 8, 7, generator=g) * 2 - 1).numpy()
 
 
 def test_spaces_contain_what_the_env_returns(checkpoint, world_model):
@@ -59,25 +36,25 @@ def test_seeding_is_deterministic(checkpoint, world_model):
     for _ in range(2):
         env = make_env(checkpoint, world_model)
         obs0, _ = env.reset(seed=7)
-        obs1, reward, *_ = env.step(chunk_actions(2))
+        obs1, reward, *_ = env.step(random_chunk_actions(2))
         results.append((obs0["image"], obs1["image"], reward))
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
     env = make_env(checkpoint, world_model)
     env.reset(seed=8, options={"episode_indices": [0, 0]})
-    other, *_ = env.step(chunk_actions(2))
+    other, *_ = env.step(random_chunk_actions(2))
     env.reset(seed=7, options={"episode_indices": [0, 0]})
-    same_episode, *_ = env.step(chunk_actions(2))
+    same_episode, *_ = env.step(random_chunk_actions(2))
     assert not np.array_equal(other["image"], same_episode["image"])
 
 
 def test_a_sub_env_does_not_depend_on_batch_size_or_neighbours(checkpoint, world_model):
     big = make_env(checkpoint, world_model, num_envs=3)
     big.reset(seed=10, options={"episode_indices": [0, 1, 2]})
-    obs_big, *_ = big.step(chunk_actions(3))
+    obs_big, *_ = big.step(random_chunk_actions(3))
     small = make_env(checkpoint, world_model, num_envs=1)
     small.reset(seed=11, options={"episode_indices": [1]})
-    obs_small, *_ = small.step(chunk_actions(3)[1:2])
+    obs_small, *_ = small.step(random_chunk_actions(3)[1:2])
     diff = np.abs(obs_big["image"][1].astype(int) - obs_small["image"][0].astype(int))
     assert diff.max() <= 1  # float rounding of batched kernels may move a pixel by one level
 
@@ -85,7 +62,7 @@ def test_a_sub_env_does_not_depend_on_batch_size_or_neighbours(checkpoint, world
 def test_chunk_step_equals_the_components(checkpoint, world_model):
     env = make_env(checkpoint, world_model, num_envs=2, return_frames=True)
     env.reset(seed=3, options={"episode_indices": [4, 5]})
-    actions = chunk_actions(2)
+    actions = random_chunk_actions(2)
     obs, reward, _, _, info = env.step(actions)
 
     images = torch.from_numpy(np.stack([env.dataset.start_frame(e)[0] for e in (4, 5)]))
@@ -137,17 +114,17 @@ def test_per_sub_env_truncation_and_next_step_autoreset(checkpoint, never_succes
     states = env.get_state([1])
     states[0].elapsed_steps = 8
     env.set_state(states, [1])
-    _, _, terminated, truncated, info = env.step(chunk_actions(2))
+    _, _, terminated, truncated, info = env.step(random_chunk_actions(2))
     assert truncated.tolist() == [False, True] and not terminated.any()
     assert info["episode_length"].tolist() == [8, 16]
-    obs, reward, terminated, truncated, info = env.step(chunk_actions(2, seed=1))
+    obs, reward, terminated, truncated, info = env.step(random_chunk_actions(2, seed=1))
     # Sub-env 1 resets on this step: its action is ignored and its infos are masked.
     assert truncated.tolist() == [True, False]
     assert reward[1] == 0 and info["_frame_rewards"].tolist() == [True, False]
     assert info["episode_length"].tolist() == [16, 0]
     start = env.dataset.start_frame(int(info["episode_index"][1]))[0]
     assert np.abs(obs["image"][1].astype(int) - start.astype(int)).max() <= 1
-    _, _, _, truncated, info = env.step(chunk_actions(2, seed=2))
+    _, _, _, truncated, info = env.step(random_chunk_actions(2, seed=2))
     assert truncated.tolist() == [False, False] and info["episode_length"].tolist() == [0, 8]
 
 
@@ -156,7 +133,7 @@ def test_termination_when_the_classifier_says_success(checkpoint):
     model.reward_model.net[-2].bias.data.fill_(50.0)  # probability 1 for every frame
     env = make_env(checkpoint, model, num_envs=2)
     env.reset(seed=0)
-    _, reward, terminated, _, info = env.step(chunk_actions(2))
+    _, reward, terminated, _, info = env.step(random_chunk_actions(2))
     assert terminated.all() and info["success_once"].all()
     np.testing.assert_allclose(reward, [1.0, 1.0])
     np.testing.assert_allclose(info["episode_return"], [1.0, 1.0])
@@ -170,10 +147,10 @@ def test_groups_share_their_start_even_after_autoreset(checkpoint, never_success
     states = env.get_state([0])
     states[0].elapsed_steps = 8
     env.set_state(states, [0])
-    env.step(chunk_actions(4))  # sub-env 0 truncates
-    _, _, _, _, info = env.step(chunk_actions(4))  # sub-env 0 resets; the others truncate
+    env.step(random_chunk_actions(4))  # sub-env 0 truncates
+    _, _, _, _, info = env.step(random_chunk_actions(4))  # sub-env 0 resets; the others truncate
     second_of_0 = info["episode_index"][0]
-    _, _, _, _, info = env.step(chunk_actions(4))  # sub-envs 1..3 reset
+    _, _, _, _, info = env.step(random_chunk_actions(4))  # sub-envs 1..3 reset
     assert info["episode_index"][1] == second_of_0
     assert info["episode_index"][2] == info["episode_index"][3]
 
@@ -182,7 +159,7 @@ def test_forking_a_state(checkpoint, world_model):
     env = make_env(checkpoint, world_model, num_envs=3)
     env.reset(seed=0, options={"episode_indices": [0, 1, 2]})
     env.set_state(env.get_state([0]) * 2, [1, 2])
-    actions = np.repeat(chunk_actions(1), 3, axis=0)
+    actions = np.repeat(random_chunk_actions(1), 3, axis=0)
     obs, *_ = env.step(actions)
     np.testing.assert_array_equal(obs["image"][0], obs["image"][1])
     np.testing.assert_array_equal(obs["image"][0], obs["image"][2])
@@ -211,9 +188,9 @@ def test_bad_actions_are_rejected_and_leave_the_state_unchanged(checkpoint, worl
     env = fresh_after_reset(checkpoint, world_model)
     with pytest.raises(ValueError, match=message):
         env.step(actions)
-    obs, reward, *_ = env.step(chunk_actions(2))
+    obs, reward, *_ = env.step(random_chunk_actions(2))
     reference = fresh_after_reset(checkpoint, world_model)
-    obs_ref, reward_ref, *_ = reference.step(chunk_actions(2))
+    obs_ref, reward_ref, *_ = reference.step(random_chunk_actions(2))
     np.testing.assert_array_equal(obs["image"], obs_ref["image"])
     np.testing.assert_array_equal(reward, reward_ref)
 
@@ -221,7 +198,7 @@ def test_bad_actions_are_rejected_and_leave_the_state_unchanged(checkpoint, worl
 def test_step_before_reset_and_bad_reset_options(checkpoint, world_model):
     env = make_env(checkpoint, world_model)
     with pytest.raises(ValueError, match=r"step\(\) called before reset\(\)"):
-        env.step(chunk_actions(2))
+        env.step(random_chunk_actions(2))
     with pytest.raises(ValueError, match=r"episode_indices must lie in \[0, 5\]"):
         env.reset(options={"episode_indices": [0, 6]})
     with pytest.raises(ValueError, match="episode_indices must be 2 integers"):
@@ -269,7 +246,7 @@ def test_render_and_offload(checkpoint, world_model):
     assert len(frames) == 2 and np.array_equal(frames[0], obs["image"][0])
     env.offload()
     env.onload()
-    env.step(chunk_actions(2))
+    env.step(random_chunk_actions(2))
 
 
 def test_registered_ids_make_vector_and_single_envs(checkpoint):
@@ -295,7 +272,7 @@ def test_registered_ids_make_vector_and_single_envs(checkpoint):
 def test_partial_reset_restarts_only_the_masked_sub_envs(checkpoint, never_success):
     env = make_env(checkpoint, never_success, num_envs=3, max_episode_steps=16)
     env.reset(seed=4)
-    obs_before, *_ = env.step(chunk_actions(3))
+    obs_before, *_ = env.step(random_chunk_actions(3))
     before = env.get_state()
     obs, info = env.reset(options={"reset_mask": np.array([False, True, False])})
     after = env.get_state()
@@ -311,8 +288,8 @@ def test_partial_reset_restarts_only_the_masked_sub_envs(checkpoint, never_succe
     states = auto.get_state([1])
     states[0].elapsed_steps = 8
     auto.set_state(states, [1])
-    auto.step(chunk_actions(3))
-    auto_obs, _, _, _, auto_info = auto.step(chunk_actions(3, seed=1))
+    auto.step(random_chunk_actions(3))
+    auto_obs, _, _, _, auto_info = auto.step(random_chunk_actions(3, seed=1))
     assert auto_info["episode_index"][1] == info["episode_index"][1]
     np.testing.assert_array_equal(auto_obs["image"][1], obs["image"][1])
 

@@ -12,38 +12,14 @@ from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.vec_env import VecCheckNan, VecMonitor, VecTransposeImage
 
 from opensora_gym.env import OpenSoraLiberoEnv
-from opensora_gym.testing import make_tiny_checkpoint
-from opensora_gym.world_model import WorldModel
+from opensora_gym.testing import random_chunk_actions
 from opensora_gym.wrappers.sb3 import OpenSoraLiberoVecEnv
 
 FAST = {"num_sampling_steps": 2, "image_size": 64, "dtype": "float32", "max_episode_steps": 16}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def world_model(checkpoint):
-    return WorldModel.from_pretrained(checkpoint, num_sampling_steps=2, image_size=64)
-
-
-@pytest.fixture(scope="module")
-def never_success(checkpoint):
-    """A world model whose classifier gives probability 0 to every frame, so episodes only truncate."""
-    model = WorldModel.from_pretrained(checkpoint, num_sampling_steps=2, image_size=64)
-    model.reward_model.net[-2].bias.data.fill_(-50.0)
-    return model
-
-
 def make_env(checkpoint, world_model, num_envs=2, **overrides):
     return OpenSoraLiberoEnv(num_envs, checkpoint=checkpoint, world_model=world_model, **{**FAST, **overrides})
-
-
-def chunk_actions(num_envs, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(num_envs, 8, 7, generator=g) * 2 - 1).numpy()
 
 
 def flat(actions):
@@ -95,7 +71,7 @@ def test_a_done_sub_env_resets_on_the_same_step_as_the_env_would_reset_it_on_the
         state = env.get_state([1])
         state[0].elapsed_steps = 8
         env.set_state(state, [1])
-    a = [chunk_actions(2, seed) for seed in range(3)]
+    a = [random_chunk_actions(2, seed) for seed in range(3)]
     raw_obs = [raw.step(actions) for actions in a]  # (obs, reward, terminated, truncated, info) per step
 
     obs, rewards, dones, infos = venv.step(flat(a[0]))
@@ -127,7 +103,7 @@ def test_terminated_episodes_are_not_marked_as_truncated(checkpoint, world_model
     venv.reset()
     ended = []
     for seed in range(4):
-        _, _, dones, infos = venv.step(flat(chunk_actions(3, seed)))
+        _, _, dones, infos = venv.step(flat(random_chunk_actions(3, seed)))
         ended += [info for info, done in zip(infos, dones, strict=True) if done]
     # The tiny classifier succeeds often: episodes end by termination, before the 8-chunk time limit.
     assert ended and all(not info["TimeLimit.truncated"] and info["success_once"] for info in ended)
@@ -148,7 +124,7 @@ def test_attribute_access_options_and_bad_input(checkpoint, world_model):
     with pytest.raises(ValueError, match=r"indices must be None or all sub-envs, got \[1\]"):
         venv.set_attr("return_frames", False, indices=[1])
     with pytest.raises(ValueError, match=r"actions must have shape \(3, 56\), got \(3, 8, 7\)"):
-        venv.step_async(chunk_actions(3))
+        venv.step_async(random_chunk_actions(3))
     with pytest.raises(ValueError, match="call step_async first"):
         venv.step_wait()
     venv.set_options([{"episode_indices": [0, 0, 0]}, {}, {}])

@@ -8,19 +8,10 @@ from diffusers import AutoencoderKL
 from einops import rearrange
 
 from opensora_gym.models.vae import SDXL_SCALING_FACTOR, VideoVAE
+from opensora_gym.testing import tiny_vae_config
 
 # Four resolution levels make the downsampling 8x, as in the SDXL VAE; widths are tiny for speed.
-TINY_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [8, 8, 8, 8],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "latent_channels": 4,
-    "sample_size": 32,
-}
+TINY_CONFIG = tiny_vae_config()
 
 
 @pytest.fixture(scope="module")

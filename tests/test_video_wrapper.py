@@ -1,36 +1,16 @@
 import imageio.v2 as imageio
 import numpy as np
 import pytest
-import torch
 
 from opensora_gym.env import OpenSoraLiberoEnv
-from opensora_gym.testing import TINY_TASKS, make_tiny_checkpoint
-from opensora_gym.world_model import WorldModel
+from opensora_gym.testing import TINY_TASKS, random_chunk_actions
 from opensora_gym.wrappers.video import RecordEpisodeVideo, _font, _wrap, annotate_frame
 
 FAST = {"num_sampling_steps": 2, "image_size": 64, "dtype": "float32", "max_episode_steps": 16}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def never_success(checkpoint):
-    """A world model whose classifier gives probability 0 to every frame, so episodes only truncate."""
-    model = WorldModel.from_pretrained(checkpoint, num_sampling_steps=2, image_size=64)
-    model.reward_model.net[-2].bias.data.fill_(-50.0)
-    return model
-
-
 def make_env(checkpoint, world_model, num_envs=2):
     return OpenSoraLiberoEnv(num_envs, checkpoint=checkpoint, world_model=world_model, **FAST)
-
-
-def chunk_actions(num_envs, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(num_envs, 8, 7, generator=g) * 2 - 1).numpy()
 
 
 def read_video(path) -> np.ndarray:
@@ -79,7 +59,7 @@ def test_each_episode_gets_a_file_with_the_start_frame_and_every_predicted_frame
     obs, _ = env.reset(seed=0)
     first_images = obs["image"].copy()
     for seed in range(2):
-        _, _, _, truncated, info = env.step(chunk_actions(2, seed))
+        _, _, _, truncated, info = env.step(random_chunk_actions(2, seed))
     assert truncated.all()
     last_chunk = info["frames"].copy()
     assert sorted(p.name for p in env.video_paths) == ["episode-env0-episode0.mp4", "episode-env1-episode1.mp4"]
@@ -90,8 +70,8 @@ def test_each_episode_gets_a_file_with_the_start_frame_and_every_predicted_frame
         top = slice(0, 180)
         assert np.abs(video[0, top].astype(int) - upscale(first_images[i], 4)[top]).mean() < 6
         assert np.abs(video[-1, top].astype(int) - upscale(last_chunk[i, -1], 4)[top]).mean() < 6
-    env.step(chunk_actions(2, 2))  # both sub-envs reset: new episodes 2 and 3 begin
-    env.step(chunk_actions(2, 3))
+    env.step(random_chunk_actions(2, 2))  # both sub-envs reset: new episodes 2 and 3 begin
+    env.step(random_chunk_actions(2, 3))
     env.close()
     assert sorted(p.name for p in env.video_paths[2:]) == ["episode-env0-episode2.mp4", "episode-env1-episode3.mp4"]
     for path in env.video_paths[2:]:
@@ -110,7 +90,7 @@ def test_episode_trigger_chooses_the_recorded_episodes(checkpoint, never_success
     )
     env.reset(seed=0)
     for seed in range(4):
-        env.step(chunk_actions(2, seed))
+        env.step(random_chunk_actions(2, seed))
     env.close()
     assert seen == [0, 1, 2, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t-env0-episode0.mp4", "t-env0-episode2.mp4"]
@@ -124,12 +104,12 @@ def test_next_step_autoreset_splits_episodes_per_sub_env(checkpoint, never_succe
     state = env.unwrapped.get_state([1])
     state[0].elapsed_steps = 8
     env.unwrapped.set_state(state, [1])
-    _, _, _, truncated, _ = env.step(chunk_actions(2, 0))
+    _, _, _, truncated, _ = env.step(random_chunk_actions(2, 0))
     assert truncated.tolist() == [False, True]
-    obs, _, _, truncated, info = env.step(chunk_actions(2, 1))
+    obs, _, _, truncated, info = env.step(random_chunk_actions(2, 1))
     assert truncated.tolist() == [True, False] and info["_frames"].tolist() == [True, False]
     new_start = obs["image"][1].copy()
-    env.step(chunk_actions(2, 2))  # sub-env 0 resets, sub-env 1 imagines its first chunk
+    env.step(random_chunk_actions(2, 2))  # sub-env 0 resets, sub-env 1 imagines its first chunk
     env.close()
     lengths = {p.name: len(read_video(p)) for p in env.video_paths}
     assert lengths == {
@@ -150,4 +130,4 @@ def test_rejects_an_env_without_frames(checkpoint, never_success, tmp_path):
     wrapped.reset(seed=0)
     env.return_frames = False
     with pytest.raises(RuntimeError, match="return_frames=True"):
-        wrapped.step(chunk_actions(2))
+        wrapped.step(random_chunk_actions(2))

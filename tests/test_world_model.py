@@ -14,16 +14,6 @@ from opensora_gym.testing import TinyCheckpointSpec, make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel, frames_from_uint8, frames_to_uint8
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def world_model(checkpoint):
-    return WorldModel.from_pretrained(checkpoint, num_sampling_steps=3, image_size=64)
-
-
 def start_images(checkpoint, n):
     dataset = TrajectoryDataset(CheckpointLayout.resolve(checkpoint).dataset)
     return torch.from_numpy(np.stack([dataset.start_frame(i % len(dataset))[0] for i in range(n)]))

@@ -21,6 +21,12 @@ TINY_TASKS = (
 )
 
 
+def random_chunk_actions(num_envs: int, seed: int = 0, action_chunk: int = 8, action_dim: int = 7) -> np.ndarray:
+    """Uniform actions in [-1, 1], [num_envs, action_chunk, action_dim] float32, from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(num_envs, action_chunk, action_dim, generator=generator) * 2 - 1).numpy()
+
+
 def tiny_vae_config(latent_channels: int = 4) -> dict:
     """A real diffusers AutoencoderKL config with SDXL's 8x downsampling and very few channels."""
     return {
