@@ -3,6 +3,7 @@
 opensora-gym train --config configs/tiny_cpu_grpo.yaml runner.max_steps=20
 opensora-gym eval --config configs/tiny_cpu_grpo.yaml runner.ckpt_path=runs/tiny_cpu_grpo/checkpoints/global_step_20
 opensora-gym rollout --chunks 2
+torchrun --nproc_per_node 2 -m trainers.cli train --config configs/tiny_cpu_grpo.yaml actor.strategy=ddp
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+import torch
 
 from opensora_gym import cli as world_model_cli
 from trainers.config import ConfigError, TrainConfig, load_config
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
 
         result = train(config)
         print(f"run folder: {result.run_dir}; last checkpoint: {result.last_checkpoint}")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     else:
         run_eval(config)
 

@@ -335,6 +335,9 @@ class ActorConfig:
         micro_batch_size: chunk steps per forward/backward pass.
         global_batch_size: chunk steps per optimizer step (gradients accumulate over its micro-batches).
         seed: seed of the policy's initial weights, the rollout sampling and the batch shuffling.
+        strategy: how the policy is spread over `torchrun` processes: `none` (one process), `ddp` (a full copy
+            per rank, gradients averaged) or `fsdp` (FSDP2-sharded, for OpenVLA-OFT-size policies); see
+            `trainers.distributed`. `global_batch_size` counts chunk steps over all ranks.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -342,6 +345,7 @@ class ActorConfig:
     micro_batch_size: int = 32
     global_batch_size: int = 8192
     seed: int = 1234
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
 
     def __post_init__(self) -> None:
         _positive("actor", micro_batch_size=self.micro_batch_size, global_batch_size=self.global_batch_size)

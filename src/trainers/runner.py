@@ -7,13 +7,18 @@ and, when no world model is configured and `env.train.tiny_checkpoint` is on, th
 Randomness is owned: the policy's sampling generator and the update's shuffling generator are saved in every
 checkpoint, and each rollout pass resets the env with a seed computed from (`actor.seed`, step, pass), so a run
 resumed from `runner.resume_dir` continues exactly as the uninterrupted run would have.
+
+Launched by `torchrun` with `actor.strategy` `ddp` or `fsdp`, every rank runs this loop on its share of the
+sub-envs; `trainers.distributed` says how the work and the files are split.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +32,18 @@ from opensora_gym.data import ActionStatistics
 from opensora_gym.env import OpenSoraLiberoEnv
 from opensora_gym.testing import make_action_sensitive_checkpoint, make_tiny_checkpoint
 from trainers.config import ConfigError, ModelConfig, TrainConfig, config_to_dict, from_dict
+from trainers.distributed import (
+    DistributedContext,
+    ParallelPolicy,
+    gather_concat,
+    init_distributed,
+    normalize_advantages_global,
+)
 from trainers.evaluate import EvalResult, evaluate_policy, world_model_episodes
 from trainers.loggers import MetricLogger
 from trainers.rollout import RolloutBatch, collect_rollout, merge_epochs
 from trainers.targets import Targets, compute_targets
-from trainers.update import NonFiniteLossError, PolicyUpdater, flatten_for_update
+from trainers.update import NonFiniteLossError, PolicyUpdater, UpdateData, flatten_for_update
 from vla_policies.base import Policy
 
 __all__ = [
@@ -45,6 +57,8 @@ __all__ = [
 ]
 
 CHECKPOINTS_FOLDER = "checkpoints"
+# Rank r seeds its sampling and shuffling generators `r * RANK_SEED_STRIDE` away from rank 0's.
+RANK_SEED_STRIDE = 7_919
 POLICY_FOLDER = "policy"
 STATE_NAME = "trainer_state.pt"
 CONFIG_NAME = "config.yaml"
@@ -228,18 +242,34 @@ def _check_same_model(config: TrainConfig, checkpoint: Path) -> None:
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def rollout_metrics(batch: RolloutBatch, targets: Targets) -> dict[str, float]:
-    """`env/*` over the first episodes and `rollout/*` over the valid entries, RLinf's names."""
+def rollout_metrics(
+    batch: RolloutBatch, targets: Targets, context: DistributedContext | None = None
+) -> dict[str, float]:
+    """`env/*` over the first episodes and `rollout/*` over the valid entries, RLinf's names.
+
+    With a `context` of several ranks, the metrics are those of every rank's trajectories and entries together.
+    """
     length = batch.episode_length.float().clamp(min=1)
-    metrics = {
-        "env/success_once": float(batch.success.float().mean()),
-        "env/return": float(batch.episode_return.mean()),
-        "env/episode_len": float(batch.episode_length.float().mean()),
-        "env/reward": float((batch.episode_return / length).mean()),
-    }
     action_mask = batch.loss_mask & targets.loss_mask  # [T, B, A]; R = 1 broadcasts
-    rewards = batch.rewards[action_mask]
-    advantages = targets.advantages[targets.loss_mask]
+    selections = {
+        "success": batch.success.float(),  # [B]
+        "episode_return": batch.episode_return,  # [B]
+        "episode_length": batch.episode_length.float(),  # [B]
+        "reward_per_action": batch.episode_return / length,  # [B]
+        "rewards": batch.rewards[action_mask],  # [valid actions]
+        "advantages": targets.advantages[targets.loss_mask],  # [valid entries]
+        "loss_mask": targets.loss_mask.float().reshape(-1),  # [T * B * R]
+    }
+    if targets.returns is not None:
+        selections["returns"] = targets.returns[targets.loss_mask]  # [valid entries]
+    selections = gather_concat(selections, context or DistributedContext())
+    metrics = {
+        "env/success_once": float(selections["success"].mean()),
+        "env/return": float(selections["episode_return"].mean()),
+        "env/episode_len": float(selections["episode_length"].mean()),
+        "env/reward": float(selections["reward_per_action"].mean()),
+    }
+    rewards, advantages = selections["rewards"], selections["advantages"]
     metrics["rollout/rewards"] = float(rewards.mean()) if rewards.numel() else math.nan
     if advantages.numel():
         metrics.update(
@@ -249,8 +279,8 @@ def rollout_metrics(batch: RolloutBatch, targets: Targets) -> dict[str, float]:
                 "rollout/advantages_min": float(advantages.min()),
             }
         )
-    if targets.returns is not None and advantages.numel():
-        returns = targets.returns[targets.loss_mask]
+    if "returns" in selections and advantages.numel():
+        returns = selections["returns"]
         metrics.update(
             {
                 "rollout/returns_mean": float(returns.mean()),
@@ -258,7 +288,7 @@ def rollout_metrics(batch: RolloutBatch, targets: Targets) -> dict[str, float]:
                 "rollout/returns_min": float(returns.min()),
             }
         )
-    metrics["rollout/valid_fraction"] = float(targets.loss_mask.float().mean())
+    metrics["rollout/valid_fraction"] = float(selections["loss_mask"].mean())
     return metrics
 
 
@@ -290,22 +320,35 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         runner = config.runner
+        self.context = _join_job(config)
+        self.local_num_envs = _local_num_envs(config, self.context.world_size)
         self.run_dir = runner.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        self.env = build_world_model_env(config)
+        if self.context.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+            resolve_world_model(config)
+        # Other ranks use the tiny world model rank 0 may just have written.
+        self.context.barrier()
+        self.env = build_world_model_env(config, num_envs=self.local_num_envs)
         statistics = self.env.world_model.statistics
         seed = config.actor.seed
         if runner.ckpt_path is not None:
-            self.policy = load_policy(config, runner.ckpt_path, statistics)
+            policy = load_policy(config, runner.ckpt_path, statistics)
         else:
-            self.policy = build_policy(config.actor.model, statistics, runner.device, seed)
+            policy = build_policy(config.actor.model, statistics, runner.device, seed)
         reference = None
         if config.algorithm.kl_beta > 0:
-            reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        self.updater = PolicyUpdater(self.policy, config.algorithm, config.actor, config.rollout, reference)
-        self.sampling_generator = torch.Generator(device=self.policy.device).manual_seed(seed)
-        self.shuffle_generator = torch.Generator().manual_seed(seed + 1)
+            reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.parallel = ParallelPolicy(policy, config.actor.strategy, self.context)
+        # `policy` acts, evaluates and is saved; the updater steps `parallel.module` (the same one unless fsdp).
+        self.policy = self.parallel.replica
+        self.updater = PolicyUpdater(
+            self.parallel.module, config.algorithm, config.actor, config.rollout, reference, parallel=self.parallel
+        )
+        # Rank 0 keeps the one-process seeds; other ranks sample and shuffle with their own streams.
+        rank_offset = RANK_SEED_STRIDE * self.context.rank
+        self.sampling_generator = torch.Generator(device=self.policy.device).manual_seed(seed + rank_offset)
+        self.shuffle_generator = torch.Generator().manual_seed(seed + 1 + rank_offset)
         self.global_step = 0
         self.last_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -313,19 +356,25 @@ class Trainer:
         self.evaluations: list[tuple[int, EvalResult]] = []
         if runner.resume_dir is not None:
             self.load_checkpoint(runner.resume_dir)
-        self.logger = MetricLogger(runner.logger_backends, self.run_dir, runner.experiment_name, config_to_dict(config))
+        backends = runner.logger_backends if self.context.is_main else ()
+        self.logger = MetricLogger(backends, self.run_dir, runner.experiment_name, config_to_dict(config))
 
     @property
     def num_chunk_steps(self) -> int:
         return self.config.env.train.max_episode_steps // self.policy.action_chunk
 
     def env_seed(self, step: int, rollout_pass: int) -> int:
-        """The reset seed of pass `rollout_pass` of step `step`: distinct for every (seed, step, pass)."""
-        return (self.config.actor.seed * 1_000_003 + step * 1_009 + rollout_pass) % 2**62
+        """The reset seed of pass `rollout_pass` of step `step`: distinct for every (seed, step, pass).
+
+        Rank r adds `r * local_num_envs`, so its sub-env i gets the seed of the one-process run's sub-env
+        `r * local_num_envs + i`.
+        """
+        base = self.config.actor.seed * 1_000_003 + step * 1_009 + rollout_pass
+        return (base + self.context.rank * self.local_num_envs) % 2**62
 
     def _video_due(self, step: int) -> bool:
         video = self.config.env.train.video_cfg
-        return video.save_video and (step == 1 or step % video.interval == 0)
+        return self.context.is_main and video.save_video and (step == 1 or step % video.interval == 0)
 
     def collect(self, step: int) -> RolloutBatch:
         """Every rollout pass of training step `step` (1-based), merged."""
@@ -373,8 +422,11 @@ class Trainer:
         config = self.config
         step = self.global_step + 1
         batch = self.collect(step)
-        targets = compute_targets(batch, config.algorithm)
-        data = flatten_for_update(batch, targets, with_critic=config.algorithm.adv_type == "gae")
+        targets = self._targets(batch)
+        with_critic = config.algorithm.adv_type == "gae"
+        data = flatten_for_update(batch, targets, with_critic=with_critic)
+        if self.parallel.lockstep and len(data) == 0:
+            data = _padding_row(batch, targets, with_critic)
         if config.env.train.enable_offload:
             self.env.offload()
         try:
@@ -384,7 +436,8 @@ class Trainer:
         finally:
             if config.env.train.enable_offload:
                 self.env.onload()
-        metrics = rollout_metrics(batch, targets)
+        self.parallel.sync_replica()
+        metrics = rollout_metrics(batch, targets, self.context)
         metrics.update({f"train/{key}": value for key, value in train_metrics.items()})
         self.global_step = step
         self.logger.log(metrics, step)
@@ -392,11 +445,24 @@ class Trainer:
         self.history.append(metrics)
         return metrics
 
+    def _targets(self, batch: RolloutBatch) -> Targets:
+        """`compute_targets`, with PPO's advantage whitening over every rank's valid entries."""
+        algorithm = self.config.algorithm
+        if not (self.context.is_distributed and algorithm.adv_type == "gae" and algorithm.normalize_advantages):
+            return compute_targets(batch, algorithm)
+        targets = compute_targets(batch, dataclasses.replace(algorithm, normalize_advantages=False))
+        advantages = normalize_advantages_global(targets.advantages, targets.loss_mask, self.context)
+        return dataclasses.replace(targets, advantages=torch.where(targets.loss_mask, advantages, 0.0))
+
     def run(self) -> TrainResult:
         """Trains until `runner.max_steps`, saving every `save_interval` steps and at the end."""
         runner = self.config.runner
         bar = tqdm(
-            total=runner.max_steps, initial=self.global_step, desc="train", disable=not runner.progress_bar, unit="step"
+            total=runner.max_steps,
+            initial=self.global_step,
+            desc="train",
+            disable=not (runner.progress_bar and self.context.is_main),
+            unit="step",
         )
         try:
             while self.global_step < runner.max_steps:
@@ -417,8 +483,15 @@ class Trainer:
     def evaluate(self) -> EvalResult:
         """Evaluates the policy on the world-model env's start trajectories (`env.eval`); logs `eval/*`.
 
-        The result is also kept in `evaluations` with the step it was taken at.
+        The result is also kept in `evaluations` with the step it was taken at. Under `torchrun`, rank 0 evaluates
+        and the other ranks receive its result.
         """
+        result = self._evaluate_here() if self.context.is_main else None
+        result = self.context.broadcast_object(result)
+        self.evaluations.append((self.global_step, result))
+        return result
+
+    def _evaluate_here(self) -> EvalResult:
         eval_cfg = self.config.env.eval
         env = build_world_model_env(
             self.config,
@@ -441,29 +514,40 @@ class Trainer:
             {"eval/success_once": result.success_rate, "eval/success_ci_low": low, "eval/success_ci_high": high},
             self.global_step,
         )
-        self.evaluations.append((self.global_step, result))
         return result
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path:
-        """Writes `checkpoints/global_step_N` atomically (a temporary folder renamed when complete)."""
+        """Writes `checkpoints/global_step_N` atomically (a temporary folder renamed when complete).
+
+        Under `torchrun` every rank calls it (the optimizer state and the generators are gathered); rank 0 writes.
+        """
         folder = self.run_dir / CHECKPOINTS_FOLDER / f"global_step_{self.global_step}"
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        self.policy.save_pretrained(partial / POLICY_FOLDER)
-        state = {
-            "global_step": self.global_step,
-            "optimizer": self.updater.optimizer.state_dict(),
-            "sampling_generator": self.sampling_generator.get_state(),
-            "shuffle_generator": self.shuffle_generator.get_state(),
-            "last_metrics": self.last_metrics,
-        }
-        torch.save(state, partial / STATE_NAME)
-        (partial / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
-        shutil.rmtree(folder, ignore_errors=True)
-        partial.rename(folder)
+        layout, optimizer_state = self.parallel.optimizer_state(self.updater.optimizer)
+        generators = self.context.all_gather_objects(
+            (self.sampling_generator.get_state(), self.shuffle_generator.get_state())
+        )
+        if self.context.is_main:
+            partial = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            self.policy.save_pretrained(partial / POLICY_FOLDER)
+            state = {
+                "global_step": self.global_step,
+                "optimizer": optimizer_state,
+                "sampling_generator": self.sampling_generator.get_state(),
+                "shuffle_generator": self.shuffle_generator.get_state(),
+                "last_metrics": self.last_metrics,
+            }
+            if self.context.is_distributed:
+                state["optimizer_layout"] = layout
+                state["rank_generators"] = generators
+            torch.save(state, partial / STATE_NAME)
+            (partial / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
+        self.context.barrier()
         self.last_checkpoint = folder
         return folder
 
@@ -480,17 +564,61 @@ class Trainer:
                 f"resume_dir {folder} has no {STATE_NAME} (expected a folder like <run>/checkpoints/global_step_N)"
             )
         loaded = load_policy(self.config, folder, self.env.world_model.statistics)
-        self.policy.load_state_dict(loaded.state_dict())
+        self.parallel.load_state_dict(loaded.state_dict())
         state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
         try:
-            self.updater.optimizer.load_state_dict(state["optimizer"])
+            self.parallel.load_optimizer_state(
+                self.updater.optimizer, state.get("optimizer_layout", "ids"), state["optimizer"]
+            )
         except ValueError as error:
             raise ConfigError(f"the optimizer state in {folder} does not fit this policy ({error})") from error
-        self.sampling_generator.set_state(state["sampling_generator"])
-        self.shuffle_generator.set_state(state["shuffle_generator"])
+        sampling_state, shuffle_state = state["sampling_generator"], state["shuffle_generator"]
+        if self.context.is_distributed:
+            saved = state.get("rank_generators") or [(sampling_state, shuffle_state)]
+            if len(saved) != self.context.world_size:
+                raise ConfigError(
+                    f"checkpoint {folder} was written by {len(saved)} process(es), this run has "
+                    f"{self.context.world_size}: resume with torchrun --nproc_per_node {len(saved)} to continue exactly"
+                )
+            sampling_state, shuffle_state = saved[self.context.rank]
+        self.sampling_generator.set_state(sampling_state)
+        self.shuffle_generator.set_state(shuffle_state)
         self.global_step = int(state["global_step"])
         self.last_metrics = dict(state["last_metrics"])
         self.last_checkpoint = folder
+
+
+def _join_job(config: TrainConfig) -> DistributedContext:
+    """This process's place in a torchrun job (`actor.strategy` ddp / fsdp), or the one-process context."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.actor.strategy == "none":
+        if world_size > 1:
+            raise ConfigError(
+                f"launched by torchrun with {world_size} processes but actor.strategy is 'none' (every process would "
+                "train alone and write the same files): set actor.strategy=ddp or actor.strategy=fsdp"
+            )
+        return DistributedContext()
+    return init_distributed(config.runner.device)
+
+
+def _local_num_envs(config: TrainConfig, world_size: int) -> int:
+    """Sub-envs of each rank: an equal share of `env.train.total_num_envs`, whole GRPO groups."""
+    total, group_size = config.env.train.total_num_envs, config.algorithm.group_size
+    if total % world_size or (total // world_size) % group_size:
+        raise ConfigError(
+            f"env.train.total_num_envs ({total}) must split into {world_size} equal shares (one per rank), each a "
+            f"multiple of algorithm.group_size ({group_size}) so no group spans ranks: use a multiple of "
+            f"{world_size * group_size}"
+        )
+    return total // world_size
+
+
+def _padding_row(batch: RolloutBatch, targets: Targets, with_critic: bool) -> UpdateData:
+    """One chunk step with every entry masked: what a rank without valid steps runs its FSDP passes on."""
+    mask = torch.zeros_like(targets.loss_mask)  # [T, B, R]
+    mask[0, 0] = True
+    row = flatten_for_update(batch, dataclasses.replace(targets, loss_mask=mask), with_critic=with_critic)
+    return dataclasses.replace(row, mask=torch.zeros_like(row.mask))
 
 
 def train(config: TrainConfig) -> TrainResult:

@@ -5,16 +5,21 @@ global batches of `global_batch_size`; per global batch, accumulate the gradient
 `micro_batch_size` (each weighted by its share of the global batch), clip the gradient norm, step AdamW. Chunk
 steps where every action is masked (after the first episode, or in filtered GRPO groups) are left out: they
 would add nothing but compute.
+
+Under `torchrun` (a `ParallelPolicy` over several ranks) the global batch is spread over the ranks; see
+`trainers.distributed` for how the micro-batches are weighted so the step equals the one-process step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 
 from trainers.config import ActorConfig, AlgorithmConfig, RolloutConfig
+from trainers.distributed import DistributedContext, ParallelPolicy
 from trainers.losses import actor_loss, critic_loss, kl_penalty, masked_mean
 from trainers.rollout import RolloutBatch
 from trainers.targets import Targets
@@ -115,6 +120,7 @@ class PolicyUpdater:
         actor: batch sizes and the optimizer settings.
         rollout: the temperature and top-k the log-probs are computed with (as at rollout time).
         reference: the frozen reference policy of the KL penalty (needed when `algorithm.kl_beta > 0`).
+        parallel: how `policy` is spread over ranks (`policy` must be its `module`); None: one process.
     """
 
     def __init__(
@@ -124,14 +130,24 @@ class PolicyUpdater:
         actor: ActorConfig,
         rollout: RolloutConfig,
         reference: Policy | None = None,
+        parallel: ParallelPolicy | None = None,
     ):
         if algorithm.kl_beta > 0 and reference is None:
             raise ValueError("algorithm.kl_beta > 0 needs a reference policy")
+        if parallel is not None and parallel.module is not policy:
+            raise ValueError("parallel.module must be the updated policy")
+        world_size = 1 if parallel is None else parallel.context.world_size
+        if actor.global_batch_size % world_size:
+            raise ValueError(
+                f"actor.global_batch_size ({actor.global_batch_size}) must be a multiple of the number of ranks "
+                f"({world_size}): each rank takes an equal share of every global batch"
+            )
         self.policy = policy
         self.algorithm = algorithm
         self.actor = actor
         self.rollout = rollout
         self.reference = reference
+        self.parallel = parallel
         self.optimizer = build_optimizer(policy, actor)
         self.with_critic = algorithm.adv_type == "gae"
 
@@ -143,6 +159,7 @@ class PolicyUpdater:
         """
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
+        last_metrics: dict[str, float] = {}
         ev_stats = dict.fromkeys(EXPLAINED_VARIANCE_STATS, 0.0)
 
         def record(metrics: dict[str, float]) -> None:
@@ -151,33 +168,65 @@ class PolicyUpdater:
                 counts[key] = counts.get(key, 0) + 1
 
         self.policy.train()
-        if len(data) == 0:
+        parallel = self.parallel
+        context = DistributedContext() if parallel is None else parallel.context
+        lockstep = parallel is not None and parallel.lockstep
+        # Under lockstep a rank without rows to fit still runs zero-weighted passes over a padding row.
+        own = 0 if lockstep and not bool(data.mask.any()) else len(data)
+        row_counts = context.all_gather_objects(own)  # rows to fit on every rank
+        if sum(row_counts) == 0:
             return {}
-        global_size, micro_size = self.actor.global_batch_size, self.actor.micro_batch_size
+        if lockstep and len(data) == 0:
+            raise ValueError("under actor.strategy 'fsdp' every rank needs at least one (padding) row to run passes")
+        micro_size = self.actor.micro_batch_size
+        share = self.actor.global_batch_size // context.world_size  # rows of each rank per optimizer step
+        num_steps = max(math.ceil(count / share) for count in row_counts)
         for _ in range(self.algorithm.update_epoch):
-            order = torch.randperm(len(data), generator=generator)
-            for start in range(0, len(data), global_size):
-                rows = order[start : start + global_size]
+            order = torch.randperm(own, generator=generator)
+            for start in range(0, num_steps * share, share):
+                rows = order[start : start + share]
+                step_counts = [min(max(count - start, 0), share) for count in row_counts]  # rows of every rank
+                micro_batches: list[torch.Tensor | None] = [m for m in torch.split(rows, micro_size) if len(m)]
+                if lockstep:
+                    passes = max(math.ceil(count / micro_size) for count in step_counts)
+                    micro_batches += [None] * (passes - len(micro_batches))
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro_start in range(0, len(rows), micro_size):
-                    micro = rows[micro_start : micro_start + micro_size]
+                failure: tuple[str, dict[str, float]] | None = None
+                for micro in micro_batches:
+                    if micro is None or failure is not None:
+                        # FSDP's collectives need this pass on every rank; its gradient is zero.
+                        padding = torch.arange(min(micro_size, len(data)))
+                        (self._micro_batch_loss(data, padding)[0] * 0.0).backward()
+                        continue
                     loss, metrics, stats = self._micro_batch_loss(data, micro)
                     last_metrics = metrics
                     if not torch.isfinite(loss):
-                        self.optimizer.zero_grad(set_to_none=True)
-                        raise NonFiniteLossError(f"the loss is {loss.item()}", metrics)
-                    (loss * (len(micro) / len(rows))).backward()
+                        failure = (f"the loss is {loss.item()}", metrics)
+                        if lockstep:
+                            continue
+                        break
+                    (loss * (context.world_size * len(micro) / sum(step_counts))).backward()
                     record(metrics)
                     for key in stats:
                         ev_stats[key] += stats[key]
+                failure = _first_failure(context.all_gather_objects(failure), context.rank)
+                if failure is not None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLossError(*failure)
                 params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                if parallel is not None:
+                    parallel.sync_gradients(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, self.actor.optim.clip_grad)
+                if parallel is not None:
+                    grad_norm = parallel.local_norm(grad_norm)
                 if not torch.isfinite(grad_norm):
                     self.optimizer.zero_grad(set_to_none=True)
                     raise NonFiniteLossError(f"the gradient norm is {grad_norm.item()}", last_metrics)
                 self.optimizer.step()
                 record({"actor/grad_norm": float(grad_norm), "actor/lr": self.optimizer.param_groups[0]["lr"]})
         self.optimizer.zero_grad(set_to_none=True)
+        if context.is_distributed:
+            sums, counts, ev_stats = _merge_statistics(context.all_gather_objects((sums, counts, ev_stats)))
         result = {key: sums[key] / counts[key] for key in sums}
         if self.with_critic:
             result["critic/explained_variance"] = _explained_variance(ev_stats)
@@ -242,6 +291,34 @@ class PolicyUpdater:
 
 
 ACTOR_METRICS = ("policy_loss", "approx_kl", "clip_fraction", "clipped_ratio", "ratio", "dual_clip_fraction")
+
+
+def _first_failure(
+    failures: list[tuple[str, dict[str, float]] | None], rank: int
+) -> tuple[str, dict[str, float]] | None:
+    """This rank's non-finite loss, else another rank's (every rank stops together), else None."""
+    if failures[rank] is not None:
+        return failures[rank]
+    for other, failure in enumerate(failures):
+        if failure is not None:
+            return f"{failure[0]} on rank {other}", failure[1]
+    return None
+
+
+def _merge_statistics(
+    parts: list[tuple[dict[str, float], dict[str, int], dict[str, float]]],
+) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:
+    """Sums every rank's (metric sums, metric counts, explained-variance sums), keys in first-seen order."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    ev_stats = dict.fromkeys(EXPLAINED_VARIANCE_STATS, 0.0)
+    for part_sums, part_counts, part_ev in parts:
+        for key, value in part_sums.items():
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + part_counts[key]
+        for key, value in part_ev.items():
+            ev_stats[key] += value
+    return sums, counts, ev_stats
 
 
 def _explained_variance(stats: dict[str, float]) -> float:
