@@ -105,6 +105,7 @@ class TrainEnvConfig:
         use_rel_reward: reward the change of the frame reward (RLinf's default) rather than the frame reward.
         success_threshold: frame reward at which an episode succeeds and ends.
         enable_offload: move the world model to the CPU while the policy trains.
+        compile: `torch.compile` the world model's DiT blocks (about 2x faster chunk steps on a GPU).
         video_cfg: videos of training rollouts.
     """
 
@@ -121,6 +122,7 @@ class TrainEnvConfig:
     use_rel_reward: bool = True
     success_threshold: float = 0.9
     enable_offload: bool = False
+    compile: bool = False
     video_cfg: VideoConfig = field(default_factory=VideoConfig)
 
     def __post_init__(self) -> None:

@@ -126,6 +126,7 @@ def build_world_model_env(config: TrainConfig, num_envs: int | None = None, **ov
         "reward_coef": algorithm.reward_coef,
         "success_threshold": train.success_threshold,
         "group_size": algorithm.group_size,
+        "compile": train.compile,
     }
     settings.update(overrides)
     return OpenSoraLiberoEnv(num_envs or train.total_num_envs, **settings)
