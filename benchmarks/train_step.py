@@ -51,7 +51,8 @@ def write_xl_policy(folder: Path, seed: int = 0) -> Path:
     from vla_policies import ImageProcessorConfig, OpenVLAOFTConfig, OpenVLAOFTPolicy
     from vla_policies.testing import TINY_NORM_STATS, random_checkpoint_weights, tiny_tokenizer
 
-    config = OpenVLAOFTConfig(text_config=dict(LLAMA_1B), norm_stats=TINY_NORM_STATS, add_value_head=True)
+    # No value head in the file: PPO configs add a fresh one at load time, GRPO configs have none.
+    config = OpenVLAOFTConfig(text_config=dict(LLAMA_1B), norm_stats=TINY_NORM_STATS)
     weights = random_checkpoint_weights(config, torch.Generator().manual_seed(seed))
     image_config = ImageProcessorConfig.from_timm(config.timm_model_ids, config.image_sizes)
     policy = OpenVLAOFTPolicy.from_config(config, tiny_tokenizer(), image_config, weights, dtype=torch.bfloat16)
