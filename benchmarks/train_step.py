@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import tempfile
 import time
@@ -148,7 +149,7 @@ def main() -> None:
     if not context.is_main:
         return
     result = {
-        "config": str(config_path),
+        "config": os.path.relpath(config_path),
         "overrides": args.overrides,
         "strategy": config.actor.strategy,
         "world_size": context.world_size,
