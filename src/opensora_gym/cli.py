@@ -1,4 +1,4 @@
-"""`opensora-gym` command line: `opensora-gym rollout` imagines a few chunks in the world model."""
+"""The world-model demo: imagine a few chunks in the world model and write an mp4 (`opensora-gym rollout`)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def rollout(args: argparse.Namespace) -> dict:
     """Starts `num_envs` episodes from recorded start frames, imagines `chunks` chunks, writes an mp4."""
+    if args.image_size is None:
+        args.image_size = 64 if args.checkpoint is None else 256
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.checkpoint
@@ -75,29 +77,27 @@ def rollout(args: argparse.Namespace) -> dict:
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opensora-gym", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("rollout", help="imagine a few action chunks in the world model and write an mp4")
-    run.add_argument("--checkpoint", help="world-model folder (default: a tiny random-weight one, made on the fly)")
-    run.add_argument("--out", default="runs/rollout", help="output folder for the video (and the tiny checkpoint)")
-    run.add_argument("--num-envs", type=int, default=4, help="sub-envs imagined in one batch")
-    run.add_argument("--chunks", type=int, default=4, help="action chunks per sub-env")
-    run.add_argument("--action-chunk", type=int, default=8, help="actions (= predicted frames) per chunk")
-    run.add_argument("--num-sampling-steps", type=int, default=10, help="rectified-flow steps per chunk")
-    run.add_argument("--image-size", type=int, default=None, help="frame side (default: 64 tiny, 256 real)")
-    run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    run.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="DiT and VAE dtype")
-    run.add_argument("--seed", type=int, default=0, help="seed of the sub-envs' generators")
-    run.add_argument("--fps", type=int, default=8, help="frames per second of the video")
+def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `rollout`, added to `parser` (also used by the `opensora-gym` command of `trainers.cli`)."""
+    parser.add_argument("--checkpoint", help="world-model folder (default: a tiny random-weight one, made on the fly)")
+    parser.add_argument("--out", default="runs/rollout", help="output folder for the video (and the tiny checkpoint)")
+    parser.add_argument("--num-envs", type=int, default=4, help="sub-envs imagined in one batch")
+    parser.add_argument("--chunks", type=int, default=4, help="action chunks per sub-env")
+    parser.add_argument("--action-chunk", type=int, default=8, help="actions (= predicted frames) per chunk")
+    parser.add_argument("--num-sampling-steps", type=int, default=10, help="rectified-flow steps per chunk")
+    parser.add_argument("--image-size", type=int, default=None, help="frame side (default: 64 tiny, 256 real)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="DiT and VAE dtype")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sub-envs' generators")
+    parser.add_argument("--fps", type=int, default=8, help="frames per second of the video")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.image_size is None:
-        args.image_size = 64 if args.checkpoint is None else 256
-    rollout(args)
+    """`python -m opensora_gym.cli [rollout options]`: imagine a few chunks and write an mp4."""
+    rollout(
+        add_rollout_arguments(argparse.ArgumentParser(prog="opensora_gym.cli", description=__doc__)).parse_args(argv)
+    )
 
 
 if __name__ == "__main__":

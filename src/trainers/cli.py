@@ -20,13 +20,6 @@ from trainers.config import ConfigError, TrainConfig, load_config
 __all__ = ["build_parser", "main", "run_eval"]
 
 
-def _rollout_parser() -> argparse.ArgumentParser:
-    """The `rollout` arguments of `opensora_gym.cli`, reused as they are defined there."""
-    parser = world_model_cli.build_parser()
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return subparsers.choices["rollout"]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opensora-gym", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -39,9 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. runner.max_steps=10"
         )
-    rollout = _rollout_parser()
-    commands.add_parser(
-        "rollout", parents=[rollout], add_help=False, help="imagine a few action chunks in the world model"
+    world_model_cli.add_rollout_arguments(
+        commands.add_parser("rollout", help="imagine a few action chunks in the world model and write an mp4")
     )
     return parser
 
@@ -113,8 +105,6 @@ def run_eval(config: TrainConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "rollout":
-        if args.image_size is None:
-            args.image_size = 64 if args.checkpoint is None else 256
         world_model_cli.rollout(args)
         return
     try:
