@@ -6,6 +6,7 @@ import pytest
 from opensora_gym.env import OpenSoraLiberoEnv
 from opensora_gym.testing import make_tiny_checkpoint
 from trainers.cli import main
+from trainers.config import load_config
 from trainers.evaluate import evaluate_policy, libero_episodes, wilson_interval, world_model_episodes
 from vla_policies import SmallCNNPolicy, SmallPolicyConfig
 
@@ -33,6 +34,13 @@ def test_episode_lists():
     walk = [(0, 0), (0, 1), (1, 0)]
     assert libero_episodes(walk) == [{"task_id": t, "trial_id": k} for t, k in walk]
     assert libero_episodes(walk, 2) == [{"task_id": 0, "trial_id": 0}, {"task_id": 0, "trial_id": 1}]
+    assert libero_episodes(walk, task_ids=[1]) == [{"task_id": 1, "trial_id": 0}]
+    assert libero_episodes(walk, trial_ids=[0]) == [{"task_id": 0, "trial_id": 0}, {"task_id": 1, "trial_id": 0}]
+    with pytest.raises(ValueError, match=r"task_ids must lie in 0\.\.1, got \[7\]"):
+        libero_episodes(walk, task_ids=[7])
+    with pytest.raises(ValueError, match="set env_type: libero"):
+        load_config(None, ["env.eval.task_ids=[0, 1]"])
+    assert load_config(None, ["env.eval.env_type=libero", "env.eval.task_ids=[0, 3]"]).env.eval.task_ids == (0, 3)
 
 
 @pytest.fixture(scope="module")

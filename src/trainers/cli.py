@@ -67,7 +67,7 @@ def run_eval(config: TrainConfig) -> dict:
         )
         env = LiberoVectorEnv(libero_config, num_envs=eval_cfg.total_num_envs)
         statistics = None
-        episodes = libero_episodes(env.walk, eval_cfg.num_episodes)
+        episodes = libero_episodes(env.walk, eval_cfg.num_episodes, eval_cfg.task_ids, eval_cfg.trial_ids)
     if runner.ckpt_path is not None:
         policy = load_policy(config, runner.ckpt_path, statistics)
     else:

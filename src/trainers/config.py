@@ -145,7 +145,9 @@ class EvalEnvConfig:
         suite: for `libero`, the LIBERO suite (`libero_spatial`, ...); for `world_model`, `spatial` or `object`.
         total_num_envs: sub-envs stepped together.
         num_episodes: episodes evaluated; None: every start trajectory (world model) or every task x trial
-            pair (LIBERO).
+            pair (LIBERO: the 500-episode protocol of a 10-task suite).
+        task_ids: LIBERO only: evaluate only these tasks (None: all).
+        trial_ids: LIBERO only: evaluate only these initial states of each task (None: all 50).
         max_episode_steps: actions per episode; None: the training env's (world model) or the suite's (LIBERO).
         do_sample: sample actions (with `rollout.temperature_eval`) rather than decode greedily.
         seed: seed of the env and of the sampling.
@@ -156,6 +158,8 @@ class EvalEnvConfig:
     suite: str | None = None
     total_num_envs: int = 8
     num_episodes: int | None = None
+    task_ids: tuple[int, ...] | None = None
+    trial_ids: tuple[int, ...] | None = None
     max_episode_steps: int | None = None
     do_sample: bool = False
     seed: int = 0
@@ -163,6 +167,8 @@ class EvalEnvConfig:
 
     def __post_init__(self) -> None:
         _positive("env.eval", total_num_envs=self.total_num_envs)
+        if self.env_type != "libero" and (self.task_ids is not None or self.trial_ids is not None):
+            raise ConfigError("env.eval.task_ids and env.eval.trial_ids choose LIBERO episodes: set env_type: libero")
         if self.num_episodes is not None:
             _positive("env.eval", num_episodes=self.num_episodes)
         if self.max_episode_steps is not None:

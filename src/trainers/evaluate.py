@@ -56,8 +56,26 @@ def world_model_episodes(num_trajectories: int, num_episodes: int | None = None)
     return [{"episode_indices": i % num_trajectories} for i in range(count)]
 
 
-def libero_episodes(walk: Sequence[tuple[int, int]], num_episodes: int | None = None) -> list[dict[str, int]]:
-    """Episodes of the LIBERO env: its task x trial walk (`LiberoVectorEnv.walk`), or its first `num_episodes`."""
+def libero_episodes(
+    walk: Sequence[tuple[int, int]],
+    num_episodes: int | None = None,
+    task_ids: Sequence[int] | None = None,
+    trial_ids: Sequence[int] | None = None,
+) -> list[dict[str, int]]:
+    """Episodes of the LIBERO env: its task x trial walk (`LiberoVectorEnv.walk`), restricted to `task_ids` and
+    `trial_ids` when given, or the first `num_episodes` of that."""
+    for name, chosen, valid in (
+        ("task_ids", task_ids, sorted({task for task, _ in walk})),
+        ("trial_ids", trial_ids, sorted({trial for _, trial in walk})),
+    ):
+        unknown = sorted(set(chosen or ()) - set(valid))
+        if unknown:
+            raise ValueError(f"{name} must lie in {valid[0]}..{valid[-1]}, got {unknown}")
+    walk = [
+        (task, trial)
+        for task, trial in walk
+        if (task_ids is None or task in task_ids) and (trial_ids is None or trial in trial_ids)
+    ]
     pairs = list(walk) if num_episodes is None else [walk[i % len(walk)] for i in range(num_episodes)]
     return [{"task_id": task, "trial_id": trial} for task, trial in pairs]
 
