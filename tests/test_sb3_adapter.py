@@ -148,8 +148,8 @@ def test_ppo_cnn_policy_learns_on_the_adapter(checkpoint, never_success):
         policy_kwargs={"features_extractor_kwargs": {"features_dim": 32}, "net_arch": {"pi": [32], "vf": [32]}},
     )
     before = [p.detach().clone() for p in model.policy.parameters()]
-    model.learn(total_timesteps=96)
-    assert model.num_timesteps == 96
-    # 48 chunk steps of each sub-env, 2 per episode: every episode ended through the same-step reset.
-    assert len(model.ep_info_buffer) == 48 and all(ep["l"] == 2 for ep in model.ep_info_buffer)
+    model.learn(total_timesteps=256)
+    assert model.num_timesteps == 256
+    # 128 chunk steps of each sub-env, 2 per episode: every episode ended through the same-step reset.
+    assert venv.episode_count == 128 and all(ep["l"] == 2 for ep in model.ep_info_buffer)
     assert any(not torch.equal(b, p) for b, p in zip(before, model.policy.parameters(), strict=True))
