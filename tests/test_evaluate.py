@@ -35,6 +35,7 @@ def test_episode_lists():
     assert libero_episodes(walk) == [{"task_id": t, "trial_id": k} for t, k in walk]
     assert libero_episodes(walk, 2) == [{"task_id": 0, "trial_id": 0}, {"task_id": 0, "trial_id": 1}]
     assert libero_episodes(walk, task_ids=[1]) == [{"task_id": 1, "trial_id": 0}]
+    assert libero_episodes(walk, 10, task_ids=[1]) == [{"task_id": 1, "trial_id": 0}]  # a pair runs once
     assert libero_episodes(walk, trial_ids=[0]) == [{"task_id": 0, "trial_id": 0}, {"task_id": 1, "trial_id": 0}]
     with pytest.raises(ValueError, match=r"task_ids must lie in 0\.\.1, got \[7\]"):
         libero_episodes(walk, task_ids=[7])

@@ -63,7 +63,7 @@ def libero_episodes(
     trial_ids: Sequence[int] | None = None,
 ) -> list[dict[str, int]]:
     """Episodes of the LIBERO env: its task x trial walk (`LiberoVectorEnv.walk`), restricted to `task_ids` and
-    `trial_ids` when given, or the first `num_episodes` of that."""
+    `trial_ids` when given, at most its first `num_episodes` (each pair is one fixed initial state: it runs once)."""
     for name, chosen, valid in (
         ("task_ids", task_ids, sorted({task for task, _ in walk})),
         ("trial_ids", trial_ids, sorted({trial for _, trial in walk})),
@@ -76,8 +76,7 @@ def libero_episodes(
         for task, trial in walk
         if (task_ids is None or task in task_ids) and (trial_ids is None or trial in trial_ids)
     ]
-    pairs = list(walk) if num_episodes is None else [walk[i % len(walk)] for i in range(num_episodes)]
-    return [{"task_id": task, "trial_id": trial} for task, trial in pairs]
+    return [{"task_id": task, "trial_id": trial} for task, trial in walk[:num_episodes]]
 
 
 @dataclass(frozen=True)
