@@ -1,8 +1,14 @@
+import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
 from opensora_gym.testing import make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel
 
@@ -16,6 +22,46 @@ def reference_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference vectors not found at {path} (set REFERENCE_DIR to the folder)")
     return path
+
+
+@dataclass(frozen=True)
+class RLMathReference:
+    """`rl_math_case.safetensors` and `rl_math_meta.json`, whose lines name the settings (`gamma=0.99`, ...)."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+
+    def setting(self, block: str, name: str) -> float:
+        """The number `name=<number>` in the meta line of `block` (`actor`, `critic`, `gae`, `grpo`)."""
+        match = re.search(rf"\b{name}=([0-9.eE+-]+)", self.meta[block])
+        assert match is not None, f"no {name}=... in reference meta line {self.meta[block]!r}"
+        return float(match.group(1))
+
+
+@pytest.fixture(scope="session")
+def rl_math_reference(reference_dir) -> RLMathReference:
+    return RLMathReference(
+        load_file(reference_dir / "rl_math_case.safetensors"),
+        json.loads((reference_dir / "rl_math_meta.json").read_text()),
+    )
+
+
+@dataclass(frozen=True)
+class STDiT3Reference:
+    """The tiny STDiT3 reference: its meta (architecture, sizes, sampler settings), its case and the model."""
+
+    meta: dict
+    case: dict[str, torch.Tensor]
+    model: STDiT3
+
+
+@pytest.fixture(scope="session")
+def stdit3_reference(reference_dir) -> STDiT3Reference:
+    meta = json.loads((reference_dir / "stdit3_tiny_meta.json").read_text())
+    model = STDiT3.from_pretrained(
+        reference_dir / "stdit3_tiny_weights.safetensors", config=STDiT3Config.from_json_dict(meta["config"])
+    )
+    return STDiT3Reference(meta, load_file(reference_dir / "stdit3_tiny_case.safetensors"), model)
 
 
 @pytest.fixture(scope="session")

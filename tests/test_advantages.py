@@ -1,11 +1,7 @@
 """Advantage estimators: known answers, a plain-loop GAE, and parity with RLinf's reference vectors."""
 
-import json
-import re
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from trainers.advantages import (
     compute_gae,
@@ -13,20 +9,6 @@ from trainers.advantages import (
     grpo_group_filter,
     normalize_advantages,
 )
-
-
-def _setting(description: str, name: str) -> float:
-    """Reads ``name=<number>`` from a settings line of rl_math_meta.json."""
-    match = re.search(rf"\b{name}=([0-9.eE+-]+)", description)
-    assert match is not None, f"no {name}=... in reference meta line {description!r}"
-    return float(match.group(1))
-
-
-@pytest.fixture(scope="module")
-def reference(reference_dir):
-    tensors = load_file(reference_dir / "rl_math_case.safetensors")
-    meta = json.loads((reference_dir / "rl_math_meta.json").read_text())
-    return tensors, meta
 
 
 def _gae_loop(rewards, values, dones, gamma, gae_lambda):
@@ -47,10 +29,10 @@ def _gae_loop(rewards, values, dones, gamma, gae_lambda):
 
 
 @pytest.mark.reference
-def test_gae_matches_reference(reference):
-    tensors, meta = reference
-    gamma = _setting(meta["gae"], "gamma")
-    gae_lambda = _setting(meta["gae"], "lambda")
+def test_gae_matches_reference(rl_math_reference):
+    tensors = rl_math_reference.tensors
+    gamma = rl_math_reference.setting("gae", "gamma")
+    gae_lambda = rl_math_reference.setting("gae", "lambda")
     advantages, returns = compute_gae(
         tensors["gae_rewards"], tensors["gae_values"], tensors["gae_dones"], gamma, gae_lambda
     )
@@ -115,9 +97,9 @@ def test_gae_rejects_out_of_range_discount():
 
 
 @pytest.mark.reference
-def test_grpo_matches_reference(reference):
-    tensors, meta = reference
-    group_size = int(_setting(meta["grpo"], "group_size"))
+def test_grpo_matches_reference(rl_math_reference):
+    tensors = rl_math_reference.tensors
+    group_size = int(rl_math_reference.setting("grpo", "group_size"))
     expected = tensors["grpo_advantages"]  # [S, B]
     mask = torch.ones(expected.shape, dtype=torch.bool)
     advantages = compute_grpo_advantages(tensors["grpo_scores"], group_size, mask)

@@ -1,30 +1,13 @@
 """PPO losses and KL penalty: known answers, masking, and parity with RLinf's reference vectors."""
 
-import json
 import math
-import re
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from trainers.losses import actor_loss, critic_loss, huber_loss, kl_penalty, masked_mean
 
 CLIP_LOW, CLIP_HIGH, CLIP_C = 0.2, 0.28, 3.0
-
-
-def _setting(description: str, name: str) -> float:
-    """Reads ``name=<number>`` from a settings line of rl_math_meta.json."""
-    match = re.search(rf"\b{name}=([0-9.eE+-]+)", description)
-    assert match is not None, f"no {name}=... in reference meta line {description!r}"
-    return float(match.group(1))
-
-
-@pytest.fixture(scope="module")
-def reference(reference_dir):
-    tensors = load_file(reference_dir / "rl_math_case.safetensors")
-    meta = json.loads((reference_dir / "rl_math_meta.json").read_text())
-    return tensors, meta
 
 
 def _single_token(ratio: float, advantage: float, clip_ratio_c: float | None = CLIP_C):
@@ -39,17 +22,17 @@ def _single_token(ratio: float, advantage: float, clip_ratio_c: float | None = C
 
 
 @pytest.mark.reference
-def test_actor_loss_and_every_metric_match_reference(reference):
-    tensors, meta = reference
+def test_actor_loss_and_every_metric_match_reference(rl_math_reference):
+    tensors = rl_math_reference.tensors
     prefix = "actor_metric_actor_"
     loss, metrics = actor_loss(
         tensors["actor_logprobs"],
         tensors["actor_old_logprobs"],
         tensors["actor_advantages"],
         tensors["actor_mask"],
-        clip_ratio_low=_setting(meta["actor"], "clip_ratio_low"),
-        clip_ratio_high=_setting(meta["actor"], "clip_ratio_high"),
-        clip_ratio_c=_setting(meta["actor"], "clip_ratio_c"),
+        clip_ratio_low=rl_math_reference.setting("actor", "clip_ratio_low"),
+        clip_ratio_high=rl_math_reference.setting("actor", "clip_ratio_high"),
+        clip_ratio_c=rl_math_reference.setting("actor", "clip_ratio_c"),
     )
     torch.testing.assert_close(loss.reshape(1), tensors["actor_loss"], rtol=1e-5, atol=0)
     reference_names = [key.removeprefix(prefix) for key in tensors if key.startswith(prefix)]
@@ -169,15 +152,15 @@ def test_actor_rejects_bad_inputs():
 
 
 @pytest.mark.reference
-def test_critic_loss_and_metrics_match_reference(reference):
-    tensors, meta = reference
+def test_critic_loss_and_metrics_match_reference(rl_math_reference):
+    tensors = rl_math_reference.tensors
     loss, metrics = critic_loss(
         tensors["critic_values"],
         tensors["critic_prev_values"],
         tensors["critic_returns"],
         tensors["critic_mask"],
-        value_clip=_setting(meta["critic"], "value_clip"),
-        huber_delta=_setting(meta["critic"], "huber_delta"),
+        value_clip=rl_math_reference.setting("critic", "value_clip"),
+        huber_delta=rl_math_reference.setting("critic", "huber_delta"),
     )
     torch.testing.assert_close(loss.reshape(1), tensors["critic_loss"], rtol=1e-5, atol=0)
     # RLinf logs "critic/<name>" and the summable stats as "__sum__/_critic_explained_variance/<stat>".

@@ -1,8 +1,5 @@
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
 from opensora_gym.sampling import RectifiedFlowConfig, RectifiedFlowSampler, draw_noise, timestep_transform
@@ -20,12 +17,8 @@ def condition_and_actions(batch, seed=0, latent=4):
 
 
 @pytest.mark.reference
-def test_samples_match_reference(reference_dir):
-    meta = json.loads((reference_dir / "stdit3_tiny_meta.json").read_text())
-    case = load_file(reference_dir / "stdit3_tiny_case.safetensors")
-    model = STDiT3.from_pretrained(
-        reference_dir / "stdit3_tiny_weights.safetensors", config=STDiT3Config.from_json_dict(meta["config"])
-    )
+def test_samples_match_reference(stdit3_reference):
+    meta, case, model = stdit3_reference.meta, stdit3_reference.case, stdit3_reference.model
     settings = meta["sampler"]
     assert settings["condition_frames"] == case["z_cond"].shape[2]
     assert settings["predicted_frames"] == case["z_noise"].shape[2]
@@ -46,9 +39,8 @@ def test_samples_match_reference(reference_dir):
 
 
 @pytest.mark.reference
-def test_timestep_transform_matches_reference(reference_dir):
-    meta = json.loads((reference_dir / "stdit3_tiny_meta.json").read_text())
-    case = load_file(reference_dir / "stdit3_tiny_case.safetensors")
+def test_timestep_transform_matches_reference(stdit3_reference):
+    meta, case = stdit3_reference.meta, stdit3_reference.case
     outputs = [k for k in case if k.startswith("transform_t_out_")]
     assert outputs
     for key in outputs:

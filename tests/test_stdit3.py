@@ -3,7 +3,7 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from opensora_gym.checkpoint import WEIGHTS_INDEX_NAME, shard_name
 from opensora_gym.models.stdit3 import STDiT3, STDiT3Config, is_unused_checkpoint_key
@@ -27,13 +27,9 @@ def tiny_model(seed=0):
 
 
 @pytest.mark.reference
-def test_forward_matches_reference(reference_dir):
-    meta = json.loads((reference_dir / "stdit3_tiny_meta.json").read_text())
-    case = load_file(reference_dir / "stdit3_tiny_case.safetensors")
-    model = STDiT3.from_pretrained(
-        reference_dir / "stdit3_tiny_weights.safetensors", config=STDiT3Config.from_json_dict(meta["config"])
-    )
-    kwargs = meta["model_kwargs"]
+def test_forward_matches_reference(stdit3_reference):
+    case, model = stdit3_reference.case, stdit3_reference.model
+    kwargs = stdit3_reference.meta["model_kwargs"]
     with torch.no_grad():
         out = model(case["x"], case["timestep"], case["actions"], case["x_mask"], kwargs["height"], kwargs["width"])
     assert out.shape == case["out_masked"].shape
