@@ -60,7 +60,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=5, help="chunk steps timed per configuration")
     parser.add_argument("--image-size", type=int, default=256, help="camera image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the env and of the random actions")
-    parser.add_argument("--output", type=Path, default=Path("libero_env.json"), help="JSON file to write")
+    parser.add_argument(
+        "--output", type=Path, default=Path("benchmarks/results/libero_env.json"), help="JSON file to write"
+    )
     args = parser.parse_args()
 
     results = [measure(args.env_id, num_envs, args.chunks, args.image_size, args.seed) for num_envs in args.num_envs]
