@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vla_policies.sampling import entropy_from_logits, logprobs_of, process_logits, select_tokens
+
 __all__ = ["Policy", "PolicyEvaluation", "PolicyOutput", "check_action_tokens", "check_observation"]
 
 
@@ -99,7 +101,21 @@ class Policy(nn.Module, ABC):
         """Tokens per chunk, ``action_chunk * action_dim``."""
         return self.action_chunk * self.action_dim
 
+    @property
     @abstractmethod
+    def token_range(self) -> tuple[int, int]:
+        """``[begin, end)`` of the action token ids: the ids `act` returns are ``begin + bin``."""
+
+    @abstractmethod
+    def action_logits(self, obs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward pass: float32 logits over the bins of every action token ``[N, T, n_bins]`` and the
+        values (``[N, 1]`` or ``[N, action_chunk]`` float32, or None without a value head)."""
+
+    @abstractmethod
+    def tokens_to_actions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[N, T]`` -> actions ``[N, action_chunk, action_dim]`` float32 in robot units, on the CPU."""
+
+    @torch.no_grad()
     def act(
         self,
         obs: Mapping[str, Any],
@@ -110,6 +126,9 @@ class Policy(nn.Module, ABC):
     ) -> PolicyOutput:
         """Choose one action chunk per env, without grad.
 
+        The log-probs use the temperature and top-k also when ``do_sample`` is false, so they equal what
+        `evaluate` returns for the same tokens and settings.
+
         Args:
             obs: The env observation (see `check_observation`).
             do_sample: Sample (needs ``generator``) or decode greedily (argmax).
@@ -117,8 +136,17 @@ class Policy(nn.Module, ABC):
             top_k: Keep the k most likely tokens per position; -1 keeps all.
             generator: The only randomness source; on the policy's device.
         """
+        logits, values = self.action_logits(obs)
+        processed = process_logits(logits, temperature, top_k)  # [N, T, n_bins]
+        bins = select_tokens(processed, do_sample, generator)  # [N, T]
+        tokens = bins + self.token_range[0]  # [N, T] token ids
+        return PolicyOutput(
+            actions=self.tokens_to_actions(tokens),
+            action_tokens=tokens,
+            logprobs=logprobs_of(processed, bins),
+            values=values,
+        )
 
-    @abstractmethod
     def evaluate(
         self,
         obs: Mapping[str, Any],
@@ -134,6 +162,16 @@ class Policy(nn.Module, ABC):
             temperature: Must equal the one used in `act` for the ratio to be meaningful.
             top_k: Likewise.
         """
+        images, _ = check_observation(obs)
+        begin, end = self.token_range
+        check_action_tokens(action_tokens, images.shape[0], self.num_action_tokens, begin, end)
+        logits, values = self.action_logits(obs)
+        processed = process_logits(logits, temperature, top_k)  # [N, T, n_bins]
+        return PolicyEvaluation(
+            logprobs=logprobs_of(processed, action_tokens.to(logits.device) - begin),
+            entropy=entropy_from_logits(processed),
+            values=values,
+        )
 
 
 def check_action_tokens(action_tokens: torch.Tensor, n: int, num_tokens: int, low: int, high: int) -> None:

@@ -39,9 +39,8 @@ from torch import nn
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from vla_policies.base import Policy, PolicyEvaluation, PolicyOutput, check_action_tokens, check_observation
+from vla_policies.base import Policy, check_observation
 from vla_policies.processing import ImageProcessorConfig, PromptTokenizer, preprocess_images
-from vla_policies.sampling import entropy_from_logits, logprobs_of, process_logits, select_tokens
 from vla_policies.tokenizer import ActionTokenizer, resolve_unnorm_key, unnormalize
 from vla_policies.value_head import ValueHead
 
@@ -557,58 +556,21 @@ class OpenVLAOFTPolicy(Policy):
             append_stop_token=self.append_stop_token,
         )
 
-    def _values(self, features: torch.Tensor) -> torch.Tensor | None:
-        if self.model.value_head is None:
-            return None
-        return self.model.value_head(features).float()  # [N, 1] or [N, action_chunk]
+    @property
+    def token_range(self) -> tuple[int, int]:
+        """The last ``n_bins`` ids of the (padded) vocabulary are the action tokens."""
+        return self.action_tokenizer.action_token_begin, self.model.config.vocab_size
 
-    @torch.no_grad()
-    def act(
-        self,
-        obs: Mapping[str, Any],
-        do_sample: bool = True,
-        temperature: float = 1.6,
-        top_k: int = -1,
-        generator: torch.Generator | None = None,
-    ) -> PolicyOutput:
-        """Decode one chunk per env in one forward pass (see `Policy.act`).
-
-        The log-probs use the temperature and top-k also when ``do_sample`` is false, so they equal what
-        `evaluate` returns for the same tokens and settings.
-        """
+    def action_logits(self, obs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the 56 action positions over the action ids, and the value head's output (see `Policy`)."""
         head = self._action_head(obs)
-        processed = process_logits(head.action_logits, temperature, top_k)  # [N, T, n_bins]
-        indices = select_tokens(processed, do_sample, generator)  # [N, T]
-        tokens = indices + self.action_tokenizer.action_token_begin  # [N, T] vocabulary ids
+        values = None if self.model.value_head is None else self.model.value_head(head.value_features).float()
+        return head.action_logits, values  # [N, T, n_bins], [N, 1] or [N, action_chunk]
+
+    def tokens_to_actions(self, tokens: torch.Tensor) -> torch.Tensor:
         normalized = self.action_tokenizer.decode(tokens.cpu())  # [N, T]
         chunks = normalized.reshape(-1, self.action_chunk, self.action_dim)  # [N, chunk, dim]
-        actions = unnormalize(chunks, self.action_stats).float()
-        return PolicyOutput(
-            actions=actions,
-            action_tokens=tokens,
-            logprobs=logprobs_of(processed, indices),
-            values=self._values(head.value_features),
-        )
-
-    def evaluate(
-        self,
-        obs: Mapping[str, Any],
-        action_tokens: torch.Tensor,
-        temperature: float = 1.6,
-        top_k: int = -1,
-    ) -> PolicyEvaluation:
-        """Re-score stored tokens with grad (see `Policy.evaluate`)."""
-        images, _ = check_observation(obs)
-        begin = self.action_tokenizer.action_token_begin
-        check_action_tokens(action_tokens, images.shape[0], self.num_action_tokens, begin, self.model.config.vocab_size)
-        head = self._action_head(obs)
-        processed = process_logits(head.action_logits, temperature, top_k)  # [N, T, n_bins]
-        indices = action_tokens.to(self.device) - begin  # [N, T]
-        return PolicyEvaluation(
-            logprobs=logprobs_of(processed, indices),
-            entropy=entropy_from_logits(processed),
-            values=self._values(head.value_features),
-        )
+        return unnormalize(chunks, self.action_stats).float()
 
     def enable_lora(self, settings: LoraSettings | None = None) -> None:
         """Inject LoRA layers and make only them (and the value head) trainable.

@@ -20,8 +20,7 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vla_policies.base import Policy, PolicyEvaluation, PolicyOutput, check_action_tokens, check_observation
-from vla_policies.sampling import entropy_from_logits, logprobs_of, process_logits, select_tokens
+from vla_policies.base import Policy, check_observation
 from vla_policies.tokenizer import ActionTokenizer, unnormalize
 from vla_policies.value_head import ValueHead
 
@@ -152,50 +151,20 @@ class SmallCNNPolicy(Policy):
         logits = rearrange(logits, "n (t k) -> n t k", k=self.config.n_bins)  # [N, T, n_bins]
         return logits.float(), hidden
 
-    def _values(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return None if self.value_head is None else self.value_head(hidden).float()
+    @property
+    def token_range(self) -> tuple[int, int]:
+        """Tokens are the bins themselves: ids ``[0, n_bins)``."""
+        return 0, self.config.n_bins
 
-    @torch.no_grad()
-    def act(
-        self,
-        obs: Mapping[str, Any],
-        do_sample: bool = True,
-        temperature: float = 1.6,
-        top_k: int = -1,
-        generator: torch.Generator | None = None,
-    ) -> PolicyOutput:
-        """See `Policy.act`; tokens are ids in ``[0, n_bins)``."""
+    def action_logits(self, obs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits, hidden = self._forward(obs)
-        processed = process_logits(logits, temperature, top_k)
-        tokens = select_tokens(processed, do_sample, generator)  # [N, T]
+        return logits, None if self.value_head is None else self.value_head(hidden).float()
+
+    def tokens_to_actions(self, tokens: torch.Tensor) -> torch.Tensor:
         normalized = self.action_tokenizer.decode(tokens.cpu())
         chunks = normalized.reshape(-1, self.action_chunk, self.action_dim)  # [N, chunk, dim]
         stats = self.config.action_stats
-        actions = unnormalize(chunks, stats) if stats is not None else chunks
-        return PolicyOutput(
-            actions=actions.float(),
-            action_tokens=tokens,
-            logprobs=logprobs_of(processed, tokens),
-            values=self._values(hidden),
-        )
-
-    def evaluate(
-        self,
-        obs: Mapping[str, Any],
-        action_tokens: torch.Tensor,
-        temperature: float = 1.6,
-        top_k: int = -1,
-    ) -> PolicyEvaluation:
-        """See `Policy.evaluate`."""
-        images, _ = check_observation(obs)
-        check_action_tokens(action_tokens, images.shape[0], self.num_action_tokens, 0, self.config.n_bins)
-        logits, hidden = self._forward(obs)
-        processed = process_logits(logits, temperature, top_k)
-        return PolicyEvaluation(
-            logprobs=logprobs_of(processed, action_tokens.to(self.device)),
-            entropy=entropy_from_logits(processed),
-            values=self._values(hidden),
-        )
+        return (unnormalize(chunks, stats) if stats is not None else chunks).float()
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write ``config.json`` and ``model.safetensors``."""
