@@ -1,6 +1,8 @@
 import hashlib
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -8,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from trainers.cli import main
 from trainers.config import ConfigError, load_config
 from trainers.runner import Trainer, TrainingDivergedError
-from trainers.update import PolicyUpdater, UpdateData
+from trainers.update import LoraBaseReference, PolicyUpdater, UpdateData
 from vla_policies import SmallCNNPolicy, SmallPolicyConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -178,3 +180,29 @@ def test_openvla_oft_with_lora_trains_saves_and_resumes(tmp_path):
     )
     for key, value in policy_state(resumed.policy).items():
         assert torch.equal(value, after[key]), key
+
+
+def test_kl_reference_of_a_lora_policy_is_its_base_model(tmp_path):
+    from vla_policies.testing import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path / "oft", seed=0)
+    oft = [
+        "actor.model.model_type=openvla_oft", f"actor.model.model_path={folder}", "actor.model.is_lora=true",
+        "actor.model.lora_rank=4", "actor.model.add_value_head=false", "algorithm.kl_beta=0.1",
+        "runner.max_steps=1", "algorithm.filter_rewards=false",
+    ]  # fmt: skip
+    trainer = Trainer(small_config(tmp_path, "grpo", "runner.experiment_name=kl", *oft))
+    reference = trainer.updater.reference
+    assert isinstance(reference, LoraBaseReference) and reference.policy is trainer.policy  # no second model
+    for name, param in trainer.policy.named_parameters():
+        if ".lora_B" in name:
+            param.data.normal_(0.0, 0.5)  # the adapters now change the policy
+    obs = {"image": np.zeros((2, 32, 32, 3), dtype=np.uint8), "task": ("open the drawer", "close the drawer")}
+    tokens = trainer.policy.act(obs, generator=torch.Generator().manual_seed(0)).action_tokens
+    adapted = trainer.policy.evaluate(obs, tokens).logprobs
+    base = reference.evaluate(obs, tokens).logprobs
+    assert not torch.allclose(adapted, base)
+    trainable = {n for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)  # switching adapters off and on keeps them trainable
+    kl = trainer.run().history[-1]["train/actor/kl"]
+    assert math.isfinite(kl) and kl > 0

@@ -43,7 +43,7 @@ from trainers.evaluate import EvalResult, evaluate_policy, world_model_episodes
 from trainers.loggers import MetricLogger
 from trainers.rollout import RolloutBatch, collect_rollout, merge_epochs
 from trainers.targets import Targets, compute_targets
-from trainers.update import NonFiniteLossError, PolicyUpdater, UpdateData, flatten_for_update
+from trainers.update import LoraBaseReference, NonFiniteLossError, PolicyUpdater, UpdateData, flatten_for_update
 from vla_policies.base import Policy
 
 __all__ = [
@@ -339,7 +339,10 @@ class Trainer:
             policy = build_policy(config.actor.model, statistics, runner.device, seed)
         reference = None
         if config.algorithm.kl_beta > 0:
-            reference = copy.deepcopy(policy).eval().requires_grad_(False)
+            if getattr(policy, "lora_settings", None) is not None:
+                reference = LoraBaseReference(policy)
+            else:
+                reference = copy.deepcopy(policy).eval().requires_grad_(False)
         self.parallel = ParallelPolicy(policy, config.actor.strategy, self.context)
         # `policy` acts, evaluates and is saved; the updater steps `parallel.module` (the same one unless fsdp).
         self.policy = self.parallel.replica

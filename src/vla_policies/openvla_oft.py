@@ -25,7 +25,8 @@ stripped on save, and the LoRA weights go to the adapter files in peft's layout.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -571,6 +572,24 @@ class OpenVLAOFTPolicy(Policy):
         normalized = self.action_tokenizer.decode(tokens.cpu())  # [N, T]
         chunks = normalized.reshape(-1, self.action_chunk, self.action_dim)  # [N, chunk, dim]
         return unnormalize(chunks, self.action_stats).float()
+
+    @contextmanager
+    def lora_disabled(self) -> Iterator[None]:
+        """Runs the base model, the LoRA adapters switched off: the policy LoRA training started from.
+
+        A reference policy for a KL penalty at no memory cost (LoRA's B matrices start at zero, so the base model
+        is the initial policy). The adapters' trainable flags are restored on exit.
+        """
+        if self.lora_settings is None:
+            raise RuntimeError("lora_disabled() needs LoRA: call enable_lora() first")
+        layers = [m for m in self.model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
 
     def enable_lora(self, settings: LoraSettings | None = None) -> None:
         """Inject LoRA layers and make only them (and the value head) trainable.
