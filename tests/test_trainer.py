@@ -156,15 +156,20 @@ def test_cli_trains_and_rejects_bad_keys(tmp_path, capsys):
         main(["train", "--config", str(CONFIGS / "tiny_cpu_grpo.yaml"), "actor.lr=1"])
 
 
-def test_openvla_oft_with_lora_trains_saves_and_resumes(tmp_path):
+def tiny_oft_lora_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    """Overrides that train a tiny random OpenVLA-OFT checkpoint (written under `tmp_path`) with LoRA rank 4."""
     from vla_policies.testing import write_tiny_checkpoint
 
     folder = write_tiny_checkpoint(tmp_path / "oft", seed=0)
-    oft = [
+    return [
         "actor.model.model_type=openvla_oft", f"actor.model.model_path={folder}", "actor.model.is_lora=true",
-        "actor.model.lora_rank=4", "actor.model.add_value_head=false", "actor.model.value_type=action_level",
-        "runner.max_steps=1", "algorithm.filter_rewards=false",
+        "actor.model.lora_rank=4", "actor.model.add_value_head=false", "runner.max_steps=1",
+        "algorithm.filter_rewards=false", *extra,
     ]  # fmt: skip
+
+
+def test_openvla_oft_with_lora_trains_saves_and_resumes(tmp_path):
+    oft = tiny_oft_lora_overrides(tmp_path, "actor.model.value_type=action_level")
     trainer = Trainer(small_config(tmp_path, "grpo", "runner.experiment_name=oft", *oft))
     before = policy_state(trainer.policy)
     trainer.env.world_model.reward_model.net[-2].bias.data.fill_(0.0)  # mixed outcomes: nonzero advantages
@@ -183,14 +188,7 @@ def test_openvla_oft_with_lora_trains_saves_and_resumes(tmp_path):
 
 
 def test_kl_reference_of_a_lora_policy_is_its_base_model(tmp_path):
-    from vla_policies.testing import write_tiny_checkpoint
-
-    folder = write_tiny_checkpoint(tmp_path / "oft", seed=0)
-    oft = [
-        "actor.model.model_type=openvla_oft", f"actor.model.model_path={folder}", "actor.model.is_lora=true",
-        "actor.model.lora_rank=4", "actor.model.add_value_head=false", "algorithm.kl_beta=0.1",
-        "runner.max_steps=1", "algorithm.filter_rewards=false",
-    ]  # fmt: skip
+    oft = tiny_oft_lora_overrides(tmp_path, "algorithm.kl_beta=0.1")
     trainer = Trainer(small_config(tmp_path, "grpo", "runner.experiment_name=kl", *oft))
     reference = trainer.updater.reference
     assert isinstance(reference, LoraBaseReference) and reference.policy is trainer.policy  # no second model
