@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainers.losses import actor_loss, critic_loss, huber_loss, kl_penalty, masked_mean
+from trainers.losses import actor_loss, critic_loss, huber_loss, kl_penalty, masked_mean, masked_mean_ratio
 
 CLIP_LOW, CLIP_HIGH, CLIP_C = 0.2, 0.28, 3.0
 
@@ -255,3 +255,66 @@ def test_masked_mean_counts_broadcast_tokens_and_handles_empty_mask():
     assert masked_mean(x, torch.zeros(2, 2, dtype=torch.bool)).item() == 0.0
     with pytest.raises(ValueError, match=r"mask must have shape \(2, 2\).*got \(3,\)"):
         masked_mean(x, torch.ones(3, dtype=torch.bool))
+
+
+# RLinf's embodied aggregation (masked_mean_ratio)
+
+
+@pytest.mark.reference
+def test_embodied_actor_loss_matches_reference(rl_math_reference):
+    tensors = rl_math_reference.tensors
+    # The embodied case runs without dual clip; the clip ratios are the actor block's.
+    assert "clip_ratio_c=None" in rl_math_reference.meta["embodied"]
+    loss, _ = actor_loss(
+        tensors["emb_actor_logprobs"],
+        tensors["emb_actor_old_logprobs"],
+        tensors["emb_actor_advantages"],
+        tensors["emb_actor_mask"],
+        clip_ratio_low=rl_math_reference.setting("actor", "clip_ratio_low"),
+        clip_ratio_high=rl_math_reference.setting("actor", "clip_ratio_high"),
+        clip_ratio_c=None,
+        loss_mask_sum=tensors["emb_actor_loss_mask_sum"],
+        max_episode_steps=int(tensors["emb_max_episode_steps"].item()),
+    )
+    torch.testing.assert_close(loss.reshape(1), tensors["emb_actor_loss"], rtol=1e-5, atol=0)
+
+
+@pytest.mark.reference
+def test_embodied_critic_loss_matches_reference(rl_math_reference):
+    tensors = rl_math_reference.tensors
+    loss, _ = critic_loss(
+        tensors["emb_critic_values"],
+        tensors["emb_critic_prev_values"],
+        tensors["emb_critic_returns"],
+        tensors["emb_critic_mask"],
+        value_clip=rl_math_reference.setting("critic", "value_clip"),
+        huber_delta=rl_math_reference.setting("critic", "huber_delta"),
+        loss_mask_sum=tensors["emb_critic_loss_mask_sum"],
+        max_episode_steps=int(tensors["emb_max_episode_steps"].item()),
+    )
+    torch.testing.assert_close(loss.reshape(1), tensors["emb_critic_loss"], rtol=1e-5, atol=0)
+
+
+def test_masked_mean_ratio_weighs_trajectories_by_episode_limit_over_length():
+    # Two trajectories: 2 valid actions of 4 (value 1) and 4 of 4 (value 3); limit 4, 8 entries in all.
+    x = torch.tensor([[1.0, 1.0, float("nan"), float("inf")], [3.0, 3.0, 3.0, 3.0]])
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    counts = torch.tensor([[2.0], [4.0]])
+    # (1 * 4/2 * 2 + 3 * 4/4 * 4) / 8 = (4 + 12) / 8
+    assert masked_mean_ratio(x, mask, counts, 4).item() == pytest.approx(2.0)
+    # The token-mean of the same entries weighs every valid action alike: (2 + 12) / 6.
+    assert masked_mean(x, mask).item() == pytest.approx(14 / 6)
+    y = x.clone().requires_grad_(True)
+    masked_mean_ratio(y, mask, counts, 4).backward()
+    assert torch.isfinite(y.grad).all() and y.grad[0, 2:].eq(0).all()
+    torch.testing.assert_close(y.grad[0, :2], torch.full((2,), 2.0 / 8))
+
+
+def test_embodied_aggregation_needs_both_arguments_and_positive_counts():
+    logprobs = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="both loss_mask_sum and max_episode_steps"):
+        actor_loss(logprobs, logprobs, logprobs, None, CLIP_LOW, CLIP_HIGH, loss_mask_sum=torch.ones(2, 1))
+    with pytest.raises(ValueError, match="loss_mask_sum must be positive"):
+        masked_mean_ratio(logprobs, None, torch.zeros(2, 1), 8)
+    with pytest.raises(ValueError, match="max_episode_steps must be positive"):
+        masked_mean_ratio(logprobs, None, torch.ones(2, 1), 0)

@@ -1,10 +1,17 @@
-"""PPO/GRPO losses: clipped policy loss, clipped value loss, KL penalty, masked token-mean.
+"""PPO/GRPO losses: clipped policy loss, clipped value loss, KL penalty, and their two aggregations.
 
 The formulas and the logged metrics follow RLinf's ``compute_ppo_actor_loss`` and
 ``compute_ppo_critic_loss`` (the losses behind the RLinf-OpenSora checkpoints); the parity tests in
-``tests/test_losses.py`` check them against the reference vectors. Every loss is a token-mean: the
-sum over valid entries divided by the number of valid entries, where a mask that broadcasts (for
-example ``[B, chunks, 1]`` against ``[B, chunks, tokens]``) counts every token it covers.
+``tests/test_losses.py`` check them against the reference vectors. A loss is aggregated in one of two ways:
+
+- token-mean (``masked_mean``): the sum over valid entries divided by the number of valid entries, where a
+  mask that broadcasts (for example ``[B, chunks, 1]`` against ``[B, chunks, tokens]``) counts every token
+  it covers;
+- embodied (``masked_mean_ratio``, what RLinf's embodied actor computes when it passes
+  ``max_episode_steps`` and ``loss_mask_sum``): the mean over *all* entries of
+  ``value * mask / (loss_mask_sum / max_episode_steps)``, where ``loss_mask_sum`` is the number of valid
+  actions of the entry's trajectory. Every trajectory then weighs in proportion to ``max_episode_steps``,
+  whatever its length, and the denominator is the number of entries, valid or not.
 
 Metrics are detached 0-dim tensors (never Python numbers). Two steps wait for the device: checking
 that a non-bool mask holds only 0 and 1 (pass bool masks to skip it) and the boolean selection of
@@ -15,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["actor_loss", "critic_loss", "huber_loss", "kl_penalty", "masked_mean"]
+__all__ = ["actor_loss", "critic_loss", "huber_loss", "kl_penalty", "masked_mean", "masked_mean_ratio"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -85,6 +92,54 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
     return torch.where(valid, x, 0.0).sum() / valid.sum().clamp(min=1)
 
 
+def masked_mean_ratio(
+    x: torch.Tensor, mask: torch.Tensor | None, loss_mask_sum: torch.Tensor, max_episode_steps: int
+) -> torch.Tensor:
+    """RLinf's embodied aggregation: mean over all entries of ``x * mask / (loss_mask_sum / max_episode_steps)``.
+
+    Masked entries contribute exactly 0 (selected with ``where``, so ``inf``/``nan`` there cannot leak into
+    the value or the gradient) but still count in the denominator, the number of entries of ``x``.
+
+    Args:
+        x: Values of any shape ``S``.
+        mask: Bool (or 0/1) mask of shape ``S`` or one that broadcasts to it; ``None`` means all valid.
+        loss_mask_sum: The number of valid actions of each entry's trajectory, shape ``S`` or broadcastable
+            to it; must be positive on valid entries.
+        max_episode_steps: The env's episode limit in actions (positive).
+
+    Returns:
+        0-dim tensor.
+
+    Raises:
+        ValueError: On shapes that do not broadcast, a non-positive ``max_episode_steps``, or a
+            non-positive ``loss_mask_sum`` on a valid entry.
+    """
+    if max_episode_steps <= 0:
+        raise ValueError(f"max_episode_steps must be positive, got {max_episode_steps}")
+    valid = _valid_mask(mask, x.shape, x.device)  # [*S]
+    counts = _broadcast_to("loss_mask_sum", loss_mask_sum.to(x.device), x.shape)  # [*S]
+    if bool((valid & (counts <= 0)).any()):
+        raise ValueError("loss_mask_sum must be positive wherever the mask is valid (a trajectory's valid actions)")
+    # RLinf's order of operations: x / (loss_mask_sum / max_episode_steps); masked entries divide by 1.
+    ratio = torch.where(valid, counts, max_episode_steps).to(x.dtype) / max_episode_steps  # [*S]
+    return torch.where(valid, x / ratio, 0.0).mean()
+
+
+def _aggregate(
+    x: torch.Tensor, valid: torch.Tensor, loss_mask_sum: torch.Tensor | None, max_episode_steps: int | None
+) -> torch.Tensor:
+    """``masked_mean_ratio`` when both embodied arguments are given, else ``masked_mean``."""
+    if (loss_mask_sum is None) != (max_episode_steps is None):
+        raise ValueError(
+            "the embodied aggregation needs both loss_mask_sum and max_episode_steps (or neither for the "
+            f"token-mean), got loss_mask_sum={'set' if loss_mask_sum is not None else None}, "
+            f"max_episode_steps={max_episode_steps}"
+        )
+    if loss_mask_sum is None:
+        return masked_mean(x, valid)
+    return masked_mean_ratio(x, valid, loss_mask_sum, max_episode_steps)
+
+
 def huber_loss(error: torch.Tensor, delta: float) -> torch.Tensor:
     """Elementwise Huber loss: ``0.5 e^2`` for ``|e| < delta``, else ``delta * (|e| - 0.5 delta)``.
 
@@ -109,8 +164,10 @@ def actor_loss(
     clip_ratio_low: float,
     clip_ratio_high: float,
     clip_ratio_c: float | None = None,
+    loss_mask_sum: torch.Tensor | None = None,
+    max_episode_steps: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped policy loss with asymmetric clipping and optional dual clip, token-mean.
+    """PPO clipped policy loss with asymmetric clipping and optional dual clip.
 
     With ``rho = exp(logprobs - old_logprobs)`` and advantage ``A``, the per-token loss is
     ``max(-A rho, -A clip(rho, 1 - clip_ratio_low, 1 + clip_ratio_high))``; dual clip (Ye et al.,
@@ -128,12 +185,17 @@ def actor_loss(
         clip_ratio_low: Lower clip, ratio floor ``1 - clip_ratio_low``; in ``[0, 1)``.
         clip_ratio_high: Upper clip, ratio ceiling ``1 + clip_ratio_high``; ``>= 0``.
         clip_ratio_c: Dual-clip constant, ``> 1``, or ``None`` to disable dual clip.
+        loss_mask_sum: With ``max_episode_steps``, switches the loss to the embodied aggregation
+            (``masked_mean_ratio``): each entry's trajectory's number of valid actions, the shape of
+            ``logprobs`` or broadcastable to it. ``None``: token-mean.
+        max_episode_steps: The env's episode limit in actions, for the embodied aggregation.
 
     Returns:
         ``(loss, metrics)``: the 0-dim loss (with gradient) and detached 0-dim metrics, keyed by
         the names RLinf logs under ``actor/``:
 
-        - ``policy_loss``: the loss value; ``policy_loss_abs``: token-mean of ``|per-token loss|``.
+        - ``policy_loss``: the loss value; ``policy_loss_abs``: ``|per-token loss|``, aggregated like
+          the loss. The other metrics are token-means in both aggregations, as in RLinf.
         - ``ratio``, ``ratio_abs``: token-means of ``rho`` and ``|rho - 1|``.
         - ``clipped_ratio``: token-mean of ``clip(rho)`` (a mean ratio, not a fraction).
         - ``dual_cliped_ratio`` (RLinf's spelling): token-mean of ``rho`` on dual-clipped tokens, 0
@@ -173,14 +235,14 @@ def actor_loss(
         per_token = torch.min(per_token, loss_dual)
     else:
         dual_clipped = torch.zeros_like(valid)
-    loss = masked_mean(per_token, valid)
+    loss = _aggregate(per_token, valid, loss_mask_sum, max_episode_steps)
 
     with torch.no_grad():
         num_valid = valid.sum().clamp(min=1)
         clipped = (loss_unclipped < loss_clipped) & valid
         metrics = {
             "policy_loss": loss.detach(),
-            "policy_loss_abs": masked_mean(per_token.abs(), valid),
+            "policy_loss_abs": _aggregate(per_token.abs(), valid, loss_mask_sum, max_episode_steps),
             "ratio": masked_mean(ratio, valid),
             "ratio_abs": masked_mean((ratio - 1).abs(), valid),
             "clipped_ratio": masked_mean(clipped_ratio, valid),
@@ -223,8 +285,10 @@ def critic_loss(
     mask: torch.Tensor | None,
     value_clip: float,
     huber_delta: float,
+    loss_mask_sum: torch.Tensor | None = None,
+    max_episode_steps: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped value loss with a Huber error, token-mean.
+    """PPO clipped value loss with a Huber error.
 
     ``V_clip = V_old + clip(V - V_old, -value_clip, value_clip)``; the per-entry loss is
     ``max(huber(R - V), huber(R - V_clip))``.
@@ -236,6 +300,9 @@ def critic_loss(
         mask: Bool (or 0/1) mask of valid entries, same shape or broadcastable; ``None`` = all valid.
         value_clip: Positive clip range of the value update.
         huber_delta: Positive Huber threshold.
+        loss_mask_sum: With ``max_episode_steps``: the embodied aggregation (see ``actor_loss``);
+            ``None``: token-mean.
+        max_episode_steps: The env's episode limit in actions, for the embodied aggregation.
 
     Returns:
         ``(loss, metrics)``: the 0-dim loss (with gradient) and detached 0-dim metrics:
@@ -266,7 +333,7 @@ def critic_loss(
 
     values_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
     per_entry = torch.max(huber_loss(returns - values, huber_delta), huber_loss(returns - values_clipped, huber_delta))
-    loss = masked_mean(per_entry, valid)
+    loss = _aggregate(per_entry, valid, loss_mask_sum, max_episode_steps)
 
     with torch.no_grad():
         metrics = {
