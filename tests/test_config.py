@@ -22,7 +22,12 @@ def test_published_recipe_values():
         assert (optim.lr, optim.value_lr, optim.weight_decay, optim.clip_grad) == (2e-5, 3e-3, 0.01, 1.0)
         assert config.rollout.temperature_train == 1.6 and algorithm.reward_coef == 5.0
         assert algorithm.filter_rewards and (algorithm.rewards_lower_bound, algorithm.rewards_upper_bound) == (0.5, 4.5)
-        assert (algorithm.clip_ratio_low, algorithm.clip_ratio_high, algorithm.clip_ratio_c) == (0.2, 0.28, 3.0)
+        # RLinf's embodied actor passes no dual clip for OpenVLA-OFT and aggregates with masked_mean_ratio.
+        assert (algorithm.clip_ratio_low, algorithm.clip_ratio_high, algorithm.clip_ratio_c) == (0.2, 0.28, None)
+        assert algorithm.loss_aggregation == "embodied"
+        # 256 / 8 chunk steps x 16 rollout epochs x 64 envs = 32768 rows: 4 optimizer steps of 8192.
+        steps = train.max_episode_steps // 8 * train.rollout_epoch * train.total_num_envs
+        assert steps // config.actor.global_batch_size == 4
         assert config.runner.save_interval == 25 and algorithm.normalize_advantages
         assert not config.actor.model.is_lora and config.actor.model.lora_rank == 32  # RLinf: full fine-tuning
         assert config.runner.logger_backends == ("tensorboard",)
@@ -75,3 +80,10 @@ def test_unknown_yaml_key_is_named_with_its_section(tmp_path):
         load_config(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_rows_per_step_must_fill_whole_global_batches():
+    with pytest.raises(ConfigError, match=r"fits 32 chunk steps .* multiple of actor.global_batch_size \(64\)"):
+        load_config(CONFIGS / "tiny_cpu_grpo.yaml", ["actor.global_batch_size=64"])
+    with pytest.raises(ConfigError, match="loss_aggregation"):
+        load_config(CONFIGS / "tiny_cpu_grpo.yaml", ["algorithm.loss_aggregation=seq_mean"])

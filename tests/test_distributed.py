@@ -147,8 +147,8 @@ def update_config(log_path):
             "env.train.tiny_checkpoint=random",
             "algorithm.filter_rewards=false",
             # One optimizer step; each rank's rows form one micro-batch.
-            "actor.micro_batch_size=16",
-            "actor.global_batch_size=32",
+            "actor.micro_batch_size=8",
+            "actor.global_batch_size=16",
             "actor.optim.clip_grad=1000.0",
         ),
     )
@@ -176,8 +176,15 @@ def trajectories(batch: RolloutBatch, start: int, stop: int) -> RolloutBatch:
 def updated_gradients_and_weights(config, policy, data, strategy, context):
     """(first Adam moments by parameter name, full weights) after one update under `strategy`."""
     parallel = ParallelPolicy(copy.deepcopy(policy), strategy, context)
-    updater = PolicyUpdater(parallel.module, config.algorithm, config.actor, config.rollout, parallel=parallel)
-    metrics = updater.update(data, torch.Generator().manual_seed(1))
+    updater = PolicyUpdater(
+        parallel.module,
+        config.algorithm,
+        config.actor,
+        config.rollout,
+        config.env.train.max_episode_steps,
+        parallel=parallel,
+    )
+    metrics = updater.update(data)
     parallel.sync_replica()
     layout, state = parallel.optimizer_state(updater.optimizer)
     if layout == "ids":

@@ -62,6 +62,7 @@ def test_micro_batches_accumulate_to_the_global_batch_gradient(tmp_path):
         logprobs=out.logprobs,
         advantages=torch.randn(8, 1, generator=g),
         mask=torch.ones(8, 1, dtype=torch.bool),
+        loss_mask_sum=torch.full((8, 1), 8.0),
         returns=torch.randn(8, 1, generator=g),
         values=out.values,
     )
@@ -72,11 +73,11 @@ def test_micro_batches_accumulate_to_the_global_batch_gradient(tmp_path):
         actor = type(config.actor)(
             model=config.actor.model, optim=config.actor.optim, micro_batch_size=micro, global_batch_size=8
         )
-        updater = PolicyUpdater(copy, config.algorithm, actor, config.rollout)
+        updater = PolicyUpdater(copy, config.algorithm, actor, config.rollout, config.env.train.max_episode_steps)
         groups = updater.optimizer.param_groups
         assert [g["lr"] for g in groups] == [config.actor.optim.lr, config.actor.optim.value_lr]
         assert {id(p) for p in groups[1]["params"]} == {id(p) for p in copy.value_head.parameters()}
-        metrics = updater.update(data, torch.Generator().manual_seed(1))
+        metrics = updater.update(data)
         assert set(metrics) >= {"actor/policy_loss", "critic/value_loss", "actor/grad_norm", "actor/lr", "loss"}
         # Adam's first moment after one step is (1 - beta1) * the (unclipped) gradient: compare gradients there,
         # since the first Adam step itself divides each entry by its own size and so magnifies float noise.
@@ -148,6 +149,7 @@ def test_cli_trains_and_rejects_bad_keys(tmp_path, capsys):
         f"runner.log_path={tmp_path}", "runner.experiment_name=cli", "runner.max_steps=1", "runner.progress_bar=false",
         "env.train.tiny_checkpoint=random", "env.train.total_num_envs=2", "algorithm.group_size=2",
         "env.train.video_cfg.save_video=false", "actor.model.channels=[8]", "actor.model.hidden_size=32",
+        "actor.micro_batch_size=2", "actor.global_batch_size=2",
     ]  # fmt: skip
     main(["train", "--config", str(CONFIGS / "tiny_cpu_grpo.yaml"), *overrides])
     assert (tmp_path / "cli" / "checkpoints" / "global_step_1" / "trainer_state.pt").is_file()

@@ -201,6 +201,10 @@ class AlgorithmConfig:
         reward_coef: scale of the env's frame rewards.
         filter_rewards: drop GRPO groups whose mean score is outside [rewards_lower_bound, rewards_upper_bound].
         update_epoch: passes over the batch per training step.
+        loss_aggregation: `embodied` (RLinf's embodied actor: each trajectory weighted by `max_episode_steps` over
+            its number of valid actions, averaged over all entries, masked ones included) or `token_mean` (every
+            valid action token of a global batch weighs alike, so long episodes weigh more); see
+            `trainers.update`.
     """
 
     adv_type: Literal["grpo", "gae"] = "grpo"
@@ -211,7 +215,7 @@ class AlgorithmConfig:
     entropy_bonus: float = 0.0
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.28
-    clip_ratio_c: float | None = 3.0
+    clip_ratio_c: float | None = None
     value_clip: float = 0.2
     huber_delta: float = 10.0
     gamma: float = 0.99
@@ -221,6 +225,7 @@ class AlgorithmConfig:
     rewards_lower_bound: float = 0.5
     rewards_upper_bound: float = 4.5
     update_epoch: int = 1
+    loss_aggregation: Literal["embodied", "token_mean"] = "embodied"
 
     def __post_init__(self) -> None:
         _positive("algorithm", group_size=self.group_size, update_epoch=self.update_epoch)
@@ -438,6 +443,14 @@ class TrainConfig:
             raise ConfigError(
                 f"env.train.max_episode_steps must be a multiple of the action chunk ({ACTION_CHUNK}), got "
                 f"{train.max_episode_steps}"
+            )
+        rows = train.max_episode_steps // ACTION_CHUNK * train.rollout_epoch * train.total_num_envs
+        if rows % self.actor.global_batch_size:
+            raise ConfigError(
+                f"a training step fits {rows} chunk steps (env.train max_episode_steps / {ACTION_CHUNK} x "
+                f"rollout_epoch x total_num_envs), which must be a multiple of actor.global_batch_size "
+                f"({self.actor.global_batch_size}): as in RLinf, every chunk step (masked ones included) goes into a "
+                "global batch"
             )
 
 

@@ -4,9 +4,10 @@ A run folder `<runner.log_path>/<runner.experiment_name>` holds `config.yaml`, `
 `video/train` and `video/eval` mp4s, `checkpoints/global_step_N/` (policy, optimizer, step and generator states),
 and, when no world model is configured and `env.train.tiny_checkpoint` is on, the tiny checkpoint it made.
 
-Randomness is owned: the policy's sampling generator and the update's shuffling generator are saved in every
-checkpoint, and each rollout pass resets the env with a seed computed from (`actor.seed`, step, pass), so a run
-resumed from `runner.resume_dir` continues exactly as the uninterrupted run would have.
+Randomness is owned: the policy's sampling generator is saved in every checkpoint (the update's shuffle is
+seeded `actor.seed + rank` at every step, as RLinf's), and each rollout pass resets the env with a seed computed
+from (`actor.seed`, step, pass), so a run resumed from `runner.resume_dir` continues exactly as the
+uninterrupted run would have.
 
 Launched by `torchrun` with `actor.strategy` `ddp` or `fsdp`, every rank runs this loop on its share of the
 sub-envs; `trainers.distributed` says how the work and the files are split.
@@ -43,7 +44,7 @@ from trainers.evaluate import EvalResult, evaluate_policy, world_model_episodes
 from trainers.loggers import MetricLogger
 from trainers.rollout import RolloutBatch, collect_rollout, merge_epochs
 from trainers.targets import Targets, compute_targets
-from trainers.update import LoraBaseReference, NonFiniteLossError, PolicyUpdater, UpdateData, flatten_for_update
+from trainers.update import LoraBaseReference, NonFiniteLossError, PolicyUpdater, flatten_for_update
 from vla_policies.base import Policy
 
 __all__ = [
@@ -347,12 +348,17 @@ class Trainer:
         # `policy` acts, evaluates and is saved; the updater steps `parallel.module` (the same one unless fsdp).
         self.policy = self.parallel.replica
         self.updater = PolicyUpdater(
-            self.parallel.module, config.algorithm, config.actor, config.rollout, reference, parallel=self.parallel
+            self.parallel.module,
+            config.algorithm,
+            config.actor,
+            config.rollout,
+            config.env.train.max_episode_steps,
+            reference,
+            parallel=self.parallel,
         )
-        # Rank 0 keeps the one-process seeds; other ranks sample and shuffle with their own streams.
+        # Rank 0 keeps the one-process seed; other ranks sample with their own streams.
         rank_offset = RANK_SEED_STRIDE * self.context.rank
         self.sampling_generator = torch.Generator(device=self.policy.device).manual_seed(seed + rank_offset)
-        self.shuffle_generator = torch.Generator().manual_seed(seed + 1 + rank_offset)
         self.global_step = 0
         self.last_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -429,12 +435,10 @@ class Trainer:
         targets = self._targets(batch)
         with_critic = config.algorithm.adv_type == "gae"
         data = flatten_for_update(batch, targets, with_critic=with_critic)
-        if self.parallel.lockstep and len(data) == 0:
-            data = _padding_row(batch, targets, with_critic)
         if config.env.train.enable_offload:
             self.env.offload()
         try:
-            train_metrics = self.updater.update(data, self.shuffle_generator)
+            train_metrics = self.updater.update(data)
         except NonFiniteLossError as error:
             raise TrainingDivergedError(step, self.last_metrics, error.metrics, str(error)) from error
         finally:
@@ -529,9 +533,7 @@ class Trainer:
         """
         folder = self.run_dir / CHECKPOINTS_FOLDER / f"global_step_{self.global_step}"
         layout, optimizer_state = self.parallel.optimizer_state(self.updater.optimizer)
-        generators = self.context.all_gather_objects(
-            (self.sampling_generator.get_state(), self.shuffle_generator.get_state())
-        )
+        generators = self.context.all_gather_objects(self.sampling_generator.get_state())
         if self.context.is_main:
             partial = folder.with_name(folder.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
@@ -541,7 +543,6 @@ class Trainer:
                 "global_step": self.global_step,
                 "optimizer": optimizer_state,
                 "sampling_generator": self.sampling_generator.get_state(),
-                "shuffle_generator": self.shuffle_generator.get_state(),
                 "last_metrics": self.last_metrics,
             }
             if self.context.is_distributed:
@@ -576,17 +577,16 @@ class Trainer:
             )
         except ValueError as error:
             raise ConfigError(f"the optimizer state in {folder} does not fit this policy ({error})") from error
-        sampling_state, shuffle_state = state["sampling_generator"], state["shuffle_generator"]
+        sampling_state = state["sampling_generator"]
         if self.context.is_distributed:
-            saved = state.get("rank_generators") or [(sampling_state, shuffle_state)]
+            saved = state.get("rank_generators") or [sampling_state]
             if len(saved) != self.context.world_size:
                 raise ConfigError(
                     f"checkpoint {folder} was written by {len(saved)} process(es), this run has "
                     f"{self.context.world_size}: resume with torchrun --nproc_per_node {len(saved)} to continue exactly"
                 )
-            sampling_state, shuffle_state = saved[self.context.rank]
+            sampling_state = saved[self.context.rank]
         self.sampling_generator.set_state(sampling_state)
-        self.shuffle_generator.set_state(shuffle_state)
         self.global_step = int(state["global_step"])
         self.last_metrics = dict(state["last_metrics"])
         self.last_checkpoint = folder
@@ -615,14 +615,6 @@ def _local_num_envs(config: TrainConfig, world_size: int) -> int:
             f"{world_size * group_size}"
         )
     return total // world_size
-
-
-def _padding_row(batch: RolloutBatch, targets: Targets, with_critic: bool) -> UpdateData:
-    """One chunk step with every entry masked: what a rank without valid steps runs its FSDP passes on."""
-    mask = torch.zeros_like(targets.loss_mask)  # [T, B, R]
-    mask[0, 0] = True
-    row = flatten_for_update(batch, dataclasses.replace(targets, loss_mask=mask), with_critic=with_critic)
-    return dataclasses.replace(row, mask=torch.zeros_like(row.mask))
 
 
 def train(config: TrainConfig) -> TrainResult:
