@@ -77,8 +77,8 @@ def test_update_takes_fixed_steps_with_rlinf_gradients(tiny_oft, aggregation):
     )
     evaluated_rows = []
     evaluate = policy.evaluate
-    policy.evaluate = lambda obs, *args, **kwargs: evaluated_rows.append(len(obs["task"])) or evaluate(
-        obs, *args, **kwargs
+    policy.evaluate = lambda obs, *args, **kwargs: (
+        evaluated_rows.append(len(obs["task"])) or evaluate(obs, *args, **kwargs)
     )
 
     metrics = updater.update(data)
@@ -108,5 +108,5 @@ def test_rows_must_fill_whole_global_batches(tiny_oft):
     data = recorded_batch(tiny_oft)
     actor = ActorConfig(micro_batch_size=MICRO, global_batch_size=8)
     updater = PolicyUpdater(copy.deepcopy(tiny_oft), AlgorithmConfig(), actor, RolloutConfig(), MAX_STEPS)
-    with pytest.raises(ValueError, match="12 chunk steps on this rank, which must be a positive multiple of .* = 8"):
+    with pytest.raises(ValueError, match=r"12 chunk steps on this rank, which must be a positive multiple of .* = 8"):
         updater.update(data)
