@@ -1,6 +1,7 @@
 """The evaluation runner on the real LIBERO simulator (one short episode)."""
 
 from importlib.util import find_spec
+from pathlib import Path
 
 import imageio.v2 as imageio
 import pytest
@@ -8,9 +9,12 @@ import torch
 
 from opensora_gym.libero import LiberoConfig, LiberoVectorEnv
 from opensora_gym.wrappers.video import RecordEpisodeVideo
+from trainers.config import load_config
 from trainers.evaluate import evaluate_policy, libero_episodes
+from trainers.runner import Trainer
 from vla_policies import SmallCNNPolicy, SmallPolicyConfig
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(find_spec("libero") is None, reason="needs the libero extra: pip install -e '.[libero]'"),
@@ -39,3 +43,32 @@ def test_evaluation_runner_runs_chosen_libero_episodes(tmp_path):
     assert low == 0.0 and 0.0 < high < 1.0
     video = imageio.mimread(tmp_path / "episode-env0-episode0.mp4")
     assert len(video) == 1 + 16  # the start frame and every executed step
+
+
+def test_training_evaluates_in_libero_when_configured(tmp_path):
+    from libero.libero import benchmark
+
+    overrides = [
+        f"runner.log_path={tmp_path}", "runner.progress_bar=false", "env.train.tiny_checkpoint=random",
+        "env.train.total_num_envs=8", "env.train.video_cfg.save_video=false", "actor.model.channels=[8]",
+        "actor.model.hidden_size=32", "actor.micro_batch_size=8", "actor.global_batch_size=8",
+        "env.eval.env_type=libero", "env.eval.suite=libero_spatial", "env.eval.total_num_envs=1",
+        "env.eval.num_episodes=1", "env.eval.max_episode_steps=8", "env.eval.protocol=openvla_oft",
+    ]  # fmt: skip
+    trainer = Trainer(load_config(CONFIGS / "tiny_cpu_grpo.yaml", overrides))
+    result = trainer.evaluate()
+    outcome = result.outcomes[0]
+    # A LIBERO episode (task 0, trial 0, its instruction), not a world-model start trajectory.
+    assert outcome.episode == {"task_id": 0, "trial_id": 0} and outcome.length == 8
+    assert outcome.task == benchmark.get_benchmark_dict()["libero_spatial"]().get_task(0).language
+    assert trainer.evaluations == [(0, result)]
+
+
+def test_named_protocols_set_the_settling_and_the_limit():
+    rlinf = LiberoConfig.from_protocol("rlinf", suite="libero_object")
+    assert (rlinf.num_steps_wait, rlinf.settle_gripper, rlinf.episode_limit) == (15, 0.0, 512)
+    oft = LiberoConfig.from_protocol("openvla_oft", suite="libero_object")
+    assert (oft.num_steps_wait, oft.settle_gripper, oft.episode_limit) == (10, -1.0, 280)
+    assert LiberoConfig.from_protocol("openvla_oft", 16).episode_limit == 16
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        LiberoConfig.from_protocol("libero")

@@ -29,8 +29,10 @@ from opensora_gym.spaces import ACTION_DIM, chunk_action_space, controller_actio
 
 __all__ = [
     "CONTROLLER_NOOP_ACTION",
+    "LIBERO_PROTOCOLS",
     "SUITES",
     "LiberoConfig",
+    "LiberoProtocol",
     "LiberoSuite",
     "LiberoVectorEnv",
     "LiberoWorkerError",
@@ -74,6 +76,29 @@ SUITES: dict[str, LiberoSuite] = {
 
 
 @dataclass(frozen=True)
+class LiberoProtocol:
+    """How an evaluation episode starts and ends; published numbers are only comparable under the same one.
+
+    Attributes:
+        num_steps_wait: no-op steps after reset while objects settle, not counted in the episode.
+        settle_gripper: the gripper value of those no-op steps, in LIBERO's controller units (-1 open, +1 closed).
+        max_episode_steps: policy steps per episode; None: the suite's limit (``SUITES``).
+    """
+
+    num_steps_wait: int
+    settle_gripper: float
+    max_episode_steps: int | None
+
+
+LIBERO_PROTOCOLS: dict[str, LiberoProtocol] = {
+    # openvla-oft's run_libero_eval: 10 settling steps with the gripper open, per-suite limits.
+    "openvla_oft": LiberoProtocol(num_steps_wait=10, settle_gripper=-1.0, max_episode_steps=None),
+    # RLinf's LiberoEnv as its OpenSora recipe evaluates: 15 zero actions (reset_gripper_open false), 512 steps.
+    "rlinf": LiberoProtocol(num_steps_wait=15, settle_gripper=0.0, max_episode_steps=512),
+}
+
+
+@dataclass(frozen=True)
 class LiberoConfig:
     """Settings of the LIBERO vector env.
 
@@ -83,6 +108,7 @@ class LiberoConfig:
         wrist_image: also render the wrist camera and return it as ``info["wrist_image"]`` (costs a second render
             per step).
         num_steps_wait: no-op steps after reset while objects settle (OpenVLA-OFT: 10); not counted in the episode.
+        settle_gripper: the gripper value of the no-op steps, in controller units (-1 open, the default).
         max_episode_steps: policy steps before truncation; None uses the suite's limit (``SUITES``).
         action_chunk: actions per ``step()``; the chunk stops early at success or at the step limit.
         return_frames: return every step's image and controller action of the chunk in ``info`` (what
@@ -97,6 +123,7 @@ class LiberoConfig:
     image_size: int = 256
     wrist_image: bool = False
     num_steps_wait: int = 10
+    settle_gripper: float = -1.0
     max_episode_steps: int | None = None
     action_chunk: int = 8
     return_frames: bool = False
@@ -112,6 +139,8 @@ class LiberoConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(self.num_steps_wait, int) or self.num_steps_wait < 0:
             raise ValueError(f"num_steps_wait must be an int >= 0, got {self.num_steps_wait!r}")
+        if not -1.0 <= self.settle_gripper <= 1.0:
+            raise ValueError(f"settle_gripper must lie in [-1, 1] (controller units), got {self.settle_gripper!r}")
         if self.max_episode_steps is not None and (
             not isinstance(self.max_episode_steps, int) or self.max_episode_steps < 1
         ):
@@ -122,6 +151,20 @@ class LiberoConfig:
             )
         if not self.worker_timeout_s > 0:
             raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s!r}")
+
+    @classmethod
+    def from_protocol(cls, protocol: str, max_episode_steps: int | None = None, **settings: Any) -> LiberoConfig:
+        """The config of a named evaluation protocol (``LIBERO_PROTOCOLS``); `max_episode_steps` overrides its
+        limit, `settings` set the other fields."""
+        if protocol not in LIBERO_PROTOCOLS:
+            raise ValueError(f"protocol must be one of {sorted(LIBERO_PROTOCOLS)}, got {protocol!r}")
+        chosen = LIBERO_PROTOCOLS[protocol]
+        return cls(
+            num_steps_wait=chosen.num_steps_wait,
+            settle_gripper=chosen.settle_gripper,
+            max_episode_steps=max_episode_steps or chosen.max_episode_steps,
+            **settings,
+        )
 
     @property
     def episode_limit(self) -> int:
@@ -205,8 +248,9 @@ class _Simulator:
         self.env.seed(seed)
         self.env.reset()
         observation = self.env.set_init_state(self.init_states[trial_id])
+        settle = [*CONTROLLER_NOOP_ACTION[:-1].tolist(), self.config.settle_gripper]
         for _ in range(self.config.num_steps_wait):
-            observation, _, _, _ = self.env.step(CONTROLLER_NOOP_ACTION.tolist())
+            observation, _, _, _ = self.env.step(settle)
         return self._features(observation)
 
     def step(self, actions: np.ndarray, return_frames: bool) -> dict[str, Any]:

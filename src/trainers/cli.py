@@ -44,40 +44,17 @@ def run_eval(config: TrainConfig) -> dict:
     Returns:
         the result as plain data (`EvalResult.to_dict`).
     """
-    from trainers.evaluate import evaluate_policy, libero_episodes, world_model_episodes
+    from trainers.evaluate import evaluate_policy
     from trainers.loggers import MetricLogger
-    from trainers.runner import build_policy, build_world_model_env, load_policy
+    from trainers.runner import build_eval_env, build_policy, load_policy
 
     eval_cfg, runner = config.env.eval, config.runner
-    if eval_cfg.env_type == "world_model":
-        env = build_world_model_env(
-            config,
-            num_envs=eval_cfg.total_num_envs,
-            group_size=1,
-            **({"suite": eval_cfg.suite} if eval_cfg.suite else {}),
-            max_episode_steps=eval_cfg.max_episode_steps or config.env.train.max_episode_steps,
-        )
-        statistics = env.world_model.statistics
-        episodes = world_model_episodes(len(env.dataset), eval_cfg.num_episodes)
-    else:
-        from opensora_gym.libero import LiberoConfig, LiberoVectorEnv
-
-        libero_config = LiberoConfig(
-            suite=eval_cfg.suite or "libero_spatial", max_episode_steps=eval_cfg.max_episode_steps
-        )
-        env = LiberoVectorEnv(libero_config, num_envs=eval_cfg.total_num_envs)
-        statistics = None
-        episodes = libero_episodes(env.walk, eval_cfg.num_episodes, eval_cfg.task_ids, eval_cfg.trial_ids)
+    setup = build_eval_env(config, runner.run_dir)
+    env, statistics, episodes = setup.env, setup.statistics, setup.episodes
     if runner.ckpt_path is not None:
         policy = load_policy(config, runner.ckpt_path, statistics)
     else:
         policy = build_policy(config.actor.model, statistics, runner.device, config.actor.seed)
-    if eval_cfg.video_cfg.save_video:
-        from opensora_gym.wrappers.video import RecordEpisodeVideo
-
-        folder = eval_cfg.video_cfg.video_base_dir or runner.run_dir / "video" / "eval"
-        count = eval_cfg.video_cfg.num_envs
-        env = RecordEpisodeVideo(env, folder, episode_trigger=lambda i: i < count, fps=eval_cfg.video_cfg.fps)
     try:
         result = evaluate_policy(
             env,

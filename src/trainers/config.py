@@ -148,7 +148,10 @@ class EvalEnvConfig:
             pair (LIBERO: the 500-episode protocol of a 10-task suite).
         task_ids: LIBERO only: evaluate only these tasks (None: all).
         trial_ids: LIBERO only: evaluate only these initial states of each task (None: all 50).
-        max_episode_steps: actions per episode; None: the training env's (world model) or the suite's (LIBERO).
+        max_episode_steps: actions per episode; None: the training env's (world model) or the protocol's (LIBERO).
+        protocol: LIBERO only: `rlinf` (RLinf's evaluation: 15 settling zero actions, 512 steps) or `openvla_oft`
+            (10 settling steps with the gripper open, per-suite limits 220/280/300/520/400); see
+            `opensora_gym.libero.LIBERO_PROTOCOLS`.
         do_sample: sample actions (with `rollout.temperature_eval`) rather than decode greedily.
         seed: seed of the env and of the sampling.
         video_cfg: videos of evaluation episodes.
@@ -161,6 +164,7 @@ class EvalEnvConfig:
     task_ids: tuple[int, ...] | None = None
     trial_ids: tuple[int, ...] | None = None
     max_episode_steps: int | None = None
+    protocol: Literal["rlinf", "openvla_oft"] = "rlinf"
     do_sample: bool = False
     seed: int = 0
     video_cfg: VideoConfig = field(default_factory=VideoConfig)

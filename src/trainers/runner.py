@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from opensora_gym.data import ActionStatistics
 from opensora_gym.env import OpenSoraLiberoEnv
 from opensora_gym.testing import make_action_sensitive_checkpoint, make_tiny_checkpoint
+from opensora_gym.world_model import WorldModel
 from trainers.config import ConfigError, ModelConfig, TrainConfig, config_to_dict, from_dict
 from trainers.distributed import (
     DistributedContext,
@@ -40,7 +41,7 @@ from trainers.distributed import (
     init_distributed,
     normalize_advantages_global,
 )
-from trainers.evaluate import EvalResult, evaluate_policy, world_model_episodes
+from trainers.evaluate import EvalResult, evaluate_policy, libero_episodes, world_model_episodes
 from trainers.loggers import MetricLogger
 from trainers.rollout import RolloutBatch, collect_rollout, merge_epochs
 from trainers.targets import Targets, compute_targets
@@ -131,6 +132,59 @@ def build_world_model_env(config: TrainConfig, num_envs: int | None = None, **ov
     }
     settings.update(overrides)
     return OpenSoraLiberoEnv(num_envs or train.total_num_envs, **settings)
+
+
+@dataclass
+class EvalSetup:
+    """What an evaluation runs: the env of `env.eval` (videos recorded when configured), the action statistics
+    the policy is built with (None for LIBERO: the policy's own) and the episodes."""
+
+    env: Any
+    statistics: ActionStatistics | None
+    episodes: list[dict[str, int]]
+
+
+def build_eval_env(
+    config: TrainConfig, run_dir: Path, world_model: WorldModel | None = None, video_prefix: str = "episode"
+) -> EvalSetup:
+    """The evaluation env of `config.env.eval`: the world model (sharing `world_model` when given) or the real
+    LIBERO simulator under the named protocol (`env.eval.protocol`); used by training and by `opensora-gym eval`.
+    """
+    eval_cfg = config.env.eval
+    if eval_cfg.env_type == "world_model":
+        env = build_world_model_env(
+            config,
+            num_envs=eval_cfg.total_num_envs,
+            group_size=1,
+            **({"suite": eval_cfg.suite} if eval_cfg.suite else {}),
+            **({"world_model": world_model} if world_model is not None else {}),
+            max_episode_steps=eval_cfg.max_episode_steps or config.env.train.max_episode_steps,
+        )
+        statistics = env.world_model.statistics
+        episodes = world_model_episodes(len(env.dataset), eval_cfg.num_episodes)
+    else:
+        from opensora_gym.libero import LiberoConfig, LiberoVectorEnv
+
+        # Rendered at the size the policy sees in the world model (`env.train.image_size`).
+        libero_config = LiberoConfig.from_protocol(
+            eval_cfg.protocol,
+            eval_cfg.max_episode_steps,
+            suite=eval_cfg.suite or "libero_spatial",
+            image_size=config.env.train.image_size,
+        )
+        env = LiberoVectorEnv(libero_config, num_envs=eval_cfg.total_num_envs)
+        statistics = None
+        episodes = libero_episodes(env.walk, eval_cfg.num_episodes, eval_cfg.task_ids, eval_cfg.trial_ids)
+    video = eval_cfg.video_cfg
+    if video.save_video:
+        from opensora_gym.wrappers.video import RecordEpisodeVideo
+
+        folder = Path(video.video_base_dir) if video.video_base_dir else run_dir / "video" / "eval"
+        count = video.num_envs
+        env = RecordEpisodeVideo(
+            env, folder, episode_trigger=lambda i: i < count, name_prefix=video_prefix, fps=video.fps
+        )
+    return EvalSetup(env, statistics, episodes)
 
 
 def _small_policy_config(model: ModelConfig, statistics: ActionStatistics | None):
@@ -489,7 +543,7 @@ class Trainer:
         return TrainResult(self.run_dir, self.history, self.last_checkpoint)
 
     def evaluate(self) -> EvalResult:
-        """Evaluates the policy on the world-model env's start trajectories (`env.eval`); logs `eval/*`.
+        """Evaluates the policy on `env.eval` (the world model's start trajectories, or real LIBERO); logs `eval/*`.
 
         The result is also kept in `evaluations` with the step it was taken at. Under `torchrun`, rank 0 evaluates
         and the other ranks receive its result.
@@ -501,22 +555,19 @@ class Trainer:
 
     def _evaluate_here(self) -> EvalResult:
         eval_cfg = self.config.env.eval
-        env = build_world_model_env(
-            self.config,
-            num_envs=eval_cfg.total_num_envs,
-            group_size=1,
-            world_model=self.env.world_model,
-            max_episode_steps=eval_cfg.max_episode_steps or self.config.env.train.max_episode_steps,
-        )
-        result = evaluate_policy(
-            env,
-            self.policy,
-            world_model_episodes(len(env.dataset), eval_cfg.num_episodes),
-            do_sample=eval_cfg.do_sample,
-            temperature=self.config.rollout.temperature_eval,
-            top_k=self.config.rollout.top_k,
-            seed=eval_cfg.seed,
-        )
+        setup = build_eval_env(self.config, self.run_dir, self.env.world_model, video_prefix=f"step{self.global_step}")
+        try:
+            result = evaluate_policy(
+                setup.env,
+                self.policy,
+                setup.episodes,
+                do_sample=eval_cfg.do_sample,
+                temperature=self.config.rollout.temperature_eval,
+                top_k=self.config.rollout.top_k,
+                seed=eval_cfg.seed,
+            )
+        finally:
+            setup.env.close()  # stops LIBERO's workers, finishes videos; a shared world model stays loaded
         low, high = result.interval
         self.logger.log(
             {"eval/success_once": result.success_rate, "eval/success_ci_low": low, "eval/success_ci_high": high},
