@@ -105,8 +105,13 @@ def test_sampling_is_determined_by_the_generator(policy):
 def test_greedy_decoding_is_the_argmax_of_the_action_logits(policy):
     obs = make_obs()
     out = policy.act(obs, do_sample=False, temperature=0.5, top_k=3)
-    expected = model_logits(policy, obs).argmax(-1) + policy.model.config.vocab_size - 256
+    logits = model_logits(policy, obs)
+    expected = logits.argmax(-1) + policy.model.config.vocab_size - 256
     assert torch.equal(out.action_tokens, expected)
+    # RLinf's greedy log-probs are those of the unscaled logits: temperature and top-k play no part.
+    unscaled = torch.log_softmax(logits, dim=-1).amax(dim=-1)
+    torch.testing.assert_close(out.logprobs, unscaled, rtol=0, atol=1e-6)
+    assert (out.logprobs < 0).all()
 
 
 @pytest.mark.parametrize(("temperature", "top_k"), [(1.6, -1), (0.7, 5)])
