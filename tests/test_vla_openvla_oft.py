@@ -216,3 +216,19 @@ def test_bf16_loading_and_a_new_action_level_value_head(tiny_folder, tmp_path):
     assert torch.isfinite(out.actions).all() and torch.isfinite(out.values).all()
     with pytest.raises(ValueError, match=r"value_head\.mlp\.4\.weight.*\(1, 128\), \(8, 128\)"):
         OpenVLAOFTPolicy.from_pretrained(tiny_folder, value_type="action_level")
+
+
+def test_a_new_value_head_is_initialized_like_rlinf(tmp_path):
+    sft_folder = write_tiny_checkpoint(tmp_path, seed=1, add_value_head=False)
+    policy = OpenVLAOFTPolicy.from_pretrained(sft_folder, add_value_head=True, value_type="action_level", seed=3)
+    # transformers' from_pretrained in the reference skips the head's Kaiming init: N(0, 0.02) weights, zero biases.
+    std = policy.model.language_model.config.initializer_range
+    layers = [m for m in policy.model.value_head.mlp if isinstance(m, torch.nn.Linear)]
+    weights = torch.cat([layer.weight.flatten() for layer in layers])
+    assert abs(weights.mean().item()) < 0.05 * std
+    assert weights.std().item() == pytest.approx(std, rel=0.02)
+    for layer in layers:
+        assert layer.weight.std().item() == pytest.approx(std, rel=0.15)
+        assert layer.bias is None or not layer.bias.any()
+    again = OpenVLAOFTPolicy.from_pretrained(sft_folder, add_value_head=True, value_type="action_level", seed=3)
+    assert torch.equal(again.model.value_head.mlp[0].weight, layers[0].weight)

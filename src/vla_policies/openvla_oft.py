@@ -460,7 +460,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def _materialize(
     model: OpenVLAOFTModel, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, device: torch.device, seed: int
 ) -> None:
-    """Fill a meta-device model from checkpoint tensors; a new value head is initialized from ``seed``."""
+    """Fill a meta-device model from checkpoint tensors; a value head absent from them is initialized from ``seed``."""
     expected = model.expected_checkpoint_shapes()
     fresh_value_head = model.value_head is not None and not any(k.startswith("value_head.") for k in tensors)
     required = {k for k in expected if not (fresh_value_head and k.startswith("value_head."))}
@@ -481,7 +481,10 @@ def _materialize(
     model.load_state_dict(state, strict=False, assign=True)
     if fresh_value_head:
         model.value_head.to_empty(device=device)
-        model.value_head.reset_parameters(torch.Generator(device=device).manual_seed(seed))
+        # The reference's from_pretrained skips the head's own Kaiming init and fills the weights it did not find
+        # with PrismaticPreTrainedModel._init_weights: N(0, text_config.initializer_range), zero biases.
+        std = model.language_model.config.initializer_range
+        model.value_head.reset_parameters(torch.Generator(device=device).manual_seed(seed), std=std)
         model.value_head.to(dtype)
     # RoPE frequencies are a non-persistent buffer: recompute them on the target device (kept in float32).
     llama = model.language_model.model
