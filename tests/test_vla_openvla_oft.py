@@ -36,7 +36,7 @@ def make_obs(n=3, seed=0, size=(40, 36)):
     return {"image": torch.randint(0, 256, (n, *size, 3), generator=g, dtype=torch.uint8), "task": TASKS[:n]}
 
 
-def model_logits(policy, obs, append_stop_token=True):
+def model_logits(policy, obs, append_stop_token=False):
     pixel_values = preprocess_images(obs["image"], policy.image_config)
     input_ids, attention_mask = policy.prompt_tokenizer(list(obs["task"]))
     with torch.no_grad():
@@ -58,11 +58,16 @@ def test_prompt_tokens_follow_the_reference_layout(policy):
     assert build_prompt("Open The Drawer") == "In: What action should the robot take to open the drawer?\nOut: "
     ids, mask = prompt(["ab", "abcd"])
     assert ids.shape == mask.shape == (2, ids.shape[1])
-    # left padding, no BOS (the model puts it before the image patches), the empty token last
-    assert mask[0].tolist() == [0, 0] + [1] * (ids.shape[1] - 2) and mask[1].all()
-    assert (ids[0, :2] == policy.model.config.pad_token_id).all()
+    # RLinf's layout: BOS in column 0, left padding between BOS and the prompt, the empty token last
+    assert (ids[:, 0] == prompt.bos_token_id).all() and (mask[:, 0] == 1).all()
+    assert mask[0].tolist() == [1, 0, 0] + [1] * (ids.shape[1] - 3) and mask[1].all()
+    assert (ids[0, 1:3] == policy.model.config.pad_token_id).all()
     assert (ids[:, -1] == prompt.empty_token_id).all()
-    assert prompt.bos_token_id not in ids.tolist()[1]
+    assert prompt.bos_token_id not in ids[1, 1:].tolist()
+    fixed_ids, fixed_mask = prompt(["ab", "abcd"], max_length=ids.shape[1] + 5)
+    assert torch.equal(fixed_ids[:, 6:], ids[:, 1:]) and (fixed_mask[:, 1:6] == 0).all()
+    with pytest.raises(ValueError, match=rf"max_length must be at least {ids.shape[1]} .*, got 3"):
+        prompt(["ab", "abcd"], max_length=3)
 
 
 def test_image_preprocessing_stacks_both_normalizations(policy):
@@ -100,8 +105,13 @@ def test_sampling_is_determined_by_the_generator(policy):
 def test_greedy_decoding_is_the_argmax_of_the_action_logits(policy):
     obs = make_obs()
     out = policy.act(obs, do_sample=False, temperature=0.5, top_k=3)
-    expected = model_logits(policy, obs).argmax(-1) + policy.model.config.vocab_size - 256
+    logits = model_logits(policy, obs)
+    expected = logits.argmax(-1) + policy.model.config.vocab_size - 256
     assert torch.equal(out.action_tokens, expected)
+    # RLinf's greedy log-probs are those of the unscaled logits: temperature and top-k play no part.
+    unscaled = torch.log_softmax(logits, dim=-1).amax(dim=-1)
+    torch.testing.assert_close(out.logprobs, unscaled, rtol=0, atol=1e-6)
+    assert (out.logprobs < 0).all()
 
 
 @pytest.mark.parametrize(("temperature", "top_k"), [(1.6, -1), (0.7, 5)])
@@ -122,8 +132,9 @@ def test_attention_is_bidirectional_and_padding_is_invisible(policy):
     with_stop, without_stop = model_logits(policy, obs, True), model_logits(policy, obs, False)
     # The stop token comes after every action position; it can only change them through non-causal attention.
     assert (with_stop - without_stop).abs().max() > 1e-4
-    alone = model_logits(policy, {"image": obs["image"][2:], "task": obs["task"][2:]})
-    torch.testing.assert_close(with_stop[2:], alone, rtol=1e-5, atol=1e-5)
+    for append_stop_token, batched in [(True, with_stop), (False, without_stop)]:
+        alone = model_logits(policy, {"image": obs["image"][2:], "task": obs["task"][2:]}, append_stop_token)
+        torch.testing.assert_close(batched[2:], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_observations_give_clear_errors(policy):
@@ -205,3 +216,19 @@ def test_bf16_loading_and_a_new_action_level_value_head(tiny_folder, tmp_path):
     assert torch.isfinite(out.actions).all() and torch.isfinite(out.values).all()
     with pytest.raises(ValueError, match=r"value_head\.mlp\.4\.weight.*\(1, 128\), \(8, 128\)"):
         OpenVLAOFTPolicy.from_pretrained(tiny_folder, value_type="action_level")
+
+
+def test_a_new_value_head_is_initialized_like_rlinf(tmp_path):
+    sft_folder = write_tiny_checkpoint(tmp_path, seed=1, add_value_head=False)
+    policy = OpenVLAOFTPolicy.from_pretrained(sft_folder, add_value_head=True, value_type="action_level", seed=3)
+    # transformers' from_pretrained in the reference skips the head's Kaiming init: N(0, 0.02) weights, zero biases.
+    std = policy.model.language_model.config.initializer_range
+    layers = [m for m in policy.model.value_head.mlp if isinstance(m, torch.nn.Linear)]
+    weights = torch.cat([layer.weight.flatten() for layer in layers])
+    assert abs(weights.mean().item()) < 0.05 * std
+    assert weights.std().item() == pytest.approx(std, rel=0.02)
+    for layer in layers:
+        assert layer.weight.std().item() == pytest.approx(std, rel=0.15)
+        assert layer.bias is None or not layer.bias.any()
+    again = OpenVLAOFTPolicy.from_pretrained(sft_folder, add_value_head=True, value_type="action_level", seed=3)
+    assert torch.equal(again.model.value_head.mlp[0].weight, layers[0].weight)

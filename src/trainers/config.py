@@ -292,6 +292,8 @@ class ModelConfig:
         add_value_head: build a value head (needed by `gae`).
         value_type: `chunk_level` (one value per chunk) or `action_level` (one per action).
         unnorm_key: dataset of the action un-normalization statistics (`openvla_oft`).
+        append_stop_token: end the sequence with the stop token after the action slots, as openvla-oft's
+            `predict_action` does; false is RLinf's RL model (`openvla_oft`).
         is_lora, lora_rank: train LoRA adapters of this rank instead of the full network (`openvla_oft`).
         gradient_checkpointing: recompute activations in the backward pass (`openvla_oft`).
         image_size, channels, hidden_size, task_embed_dim, n_bins: the architecture of `small`.
@@ -303,6 +305,7 @@ class ModelConfig:
     add_value_head: bool = True
     value_type: Literal["chunk_level", "action_level"] = "chunk_level"
     unnorm_key: str | None = None
+    append_stop_token: bool = False
     is_lora: bool = False
     lora_rank: int = 32
     gradient_checkpointing: bool = False

@@ -248,6 +248,7 @@ def build_policy(
         unnorm_key=model.unnorm_key,
         add_value_head=model.add_value_head,
         value_type=model.value_type,
+        append_stop_token=model.append_stop_token,
         seed=seed,
     )
     if model.is_lora and policy.lora_settings is None:

@@ -16,7 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from vla_policies.sampling import entropy_from_logits, logprobs_of, process_logits, select_tokens
+from vla_policies.sampling import (
+    check_sampling_args,
+    entropy_from_logits,
+    logprobs_of,
+    process_logits,
+    select_tokens,
+)
 
 __all__ = ["Policy", "PolicyEvaluation", "PolicyOutput", "check_action_tokens", "check_observation"]
 
@@ -126,18 +132,21 @@ class Policy(nn.Module, ABC):
     ) -> PolicyOutput:
         """Choose one action chunk per env, without grad.
 
-        The log-probs use the temperature and top-k also when ``do_sample`` is false, so they equal what
-        `evaluate` returns for the same tokens and settings.
+        Sampling applies the temperature, then top-k over the action ids, and returns the log-probs of the
+        sampled tokens under that distribution: what `evaluate` returns for them with the same settings. Greedy
+        decoding (``do_sample=False``) returns the argmax and, as RLinf does, the log-probs of the UNSCALED
+        logits: temperature and top-k play no part.
 
         Args:
             obs: The env observation (see `check_observation`).
             do_sample: Sample (needs ``generator``) or decode greedily (argmax).
-            temperature: Logit divisor for sampling and for the returned log-probs.
-            top_k: Keep the k most likely tokens per position; -1 keeps all.
+            temperature: Logit divisor when sampling.
+            top_k: When sampling, keep the k most likely tokens per position; -1 keeps all.
             generator: The only randomness source; on the policy's device.
         """
+        check_sampling_args(temperature, top_k)
         logits, values = self.action_logits(obs)
-        processed = process_logits(logits, temperature, top_k)  # [N, T, n_bins]
+        processed = process_logits(logits, temperature, top_k) if do_sample else process_logits(logits, 1.0, -1)
         bins = select_tokens(processed, do_sample, generator)  # [N, T]
         tokens = bins + self.token_range[0]  # [N, T] token ids
         return PolicyOutput(
@@ -154,7 +163,12 @@ class Policy(nn.Module, ABC):
         temperature: float = 1.6,
         top_k: int = -1,
     ) -> PolicyEvaluation:
-        """Score stored tokens with grad (same processing as `act`).
+        """Score stored tokens with grad (same processing as sampling in `act`).
+
+        Top-k is taken over the action ids, as in RLinf's rollout (``predict_action_batch``), so the log-probs of
+        unchanged weights equal the rollout's. RLinf's training forward (``default_forward``) instead takes top-k
+        over the FULL vocabulary and masks to the action ids afterwards, which keeps fewer action ids whenever
+        non-action tokens rank among the k largest; with ``top_k=-1`` (RLinf's training default) both agree.
 
         Args:
             obs: The observations the tokens were chosen for.

@@ -4,13 +4,15 @@ The network (`OpenVLAOFTModel`) is the released layout: a fused DINOv2-L/14 (reg
 vision backbone (features of the second-to-last block, concatenated per patch), a 3-layer GELU projector and
 a Llama-2 language model whose vocabulary is padded to a multiple of 64. One forward pass reads
 
-    [BOS] [image patches] [prompt tokens (left-padded)] [56 zero embeddings] [stop token]
+    [BOS] [image patches] [padding] [prompt tokens] [56 zero embeddings] ([stop token])
 
 with bidirectional attention (OpenVLA-OFT was trained with non-causal attention), and the logits that predict
 the 56 action positions (read one position earlier, as a causal LM predicts the next token: from the prompt's
 last token to the 55th action position) restricted to the last ``n_action_bins`` ids of the unpadded
-vocabulary. Padding sits between the patches and the prompt and is masked out; position ids count only real
-tokens, so a padded row computes what it would compute alone.
+vocabulary. RLinf's RL model ends the sequence at the action positions; OpenVLA-OFT's ``predict_action`` (and
+its supervised training) appends the stop token, which changes every logit through bidirectional attention:
+``append_stop_token`` picks the layout. Padding is masked out and position ids count only real tokens, so a
+padded row computes what it would compute alone.
 
 The policy (`OpenVLAOFTPolicy`) adds the prompt tokenizer, the image preprocessing and the action
 un-normalization around the network, and implements the RL interface of `vla_policies.base.Policy`.
@@ -329,16 +331,17 @@ class OpenVLAOFTModel(nn.Module):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        append_stop_token: bool = True,
+        append_stop_token: bool = False,
     ) -> ActionHeadOutput:
         """One parallel-decoding pass.
 
         Args:
             pixel_values: ``[N, 6, S, S]`` from `preprocess_images`.
-            input_ids: ``[N, L]`` prompt ids without BOS, left-padded (`PromptTokenizer`).
-            attention_mask: ``[N, L]`` 1 for real tokens, 0 for padding.
+            input_ids: ``[N, L]`` prompt ids in RLinf's layout (`PromptTokenizer`): BOS in column 0, then left
+                padding, then the prompt.
+            attention_mask: ``[N, L]`` 1 for BOS and prompt tokens, 0 for padding.
             append_stop_token: Put the stop token after the action positions, as OpenVLA-OFT's
-                ``predict_action`` and its training do (RLinf's own implementation leaves it out).
+                ``predict_action`` and its training do; RLinf's RL model (the default) leaves it out.
 
         Returns:
             Action logits and value features (`ActionHeadOutput`).
@@ -352,21 +355,25 @@ class OpenVLAOFTModel(nn.Module):
         expected = (n, 6, self.config.image_sizes[0], self.config.image_sizes[0])
         if tuple(pixel_values.shape) != expected:
             raise ValueError(f"pixel_values must have shape {expected}, got {tuple(pixel_values.shape)}")
+        if not ((input_ids[:, 0] == self.bos_token_id) & (attention_mask[:, 0] == 1)).all():
+            raise ValueError(
+                f"input_ids must start with BOS (id {self.bos_token_id}, attention 1) in column 0 (RLinf's layout, "
+                f"as PromptTokenizer returns it), got ids {input_ids[:, 0].tolist()}"
+            )
         embed = self.language_model.get_input_embeddings()
         device = input_ids.device
         patches = self.projector(self.vision_backbone(pixel_values))  # [N, P, D]
-        bos = embed(torch.full((n, 1), self.bos_token_id, device=device))  # [N, 1, D]
-        prompt = embed(input_ids)  # [N, L, D]
+        tokens = embed(input_ids)  # [N, L, D]
         # The reference zeroes the action placeholders' embeddings; position embeddings are added by RoPE.
-        actions = torch.zeros(n, self.num_action_tokens, patches.shape[-1], dtype=prompt.dtype, device=device)
-        parts = [bos, patches.to(prompt.dtype), prompt, actions]
+        actions = torch.zeros(n, self.num_action_tokens, patches.shape[-1], dtype=tokens.dtype, device=device)
+        parts = [tokens[:, :1], patches.to(tokens.dtype), tokens[:, 1:], actions]
         if append_stop_token:
             parts.append(embed(torch.full((n, 1), self.stop_token_id, device=device)))
-        embeddings = torch.cat(parts, dim=1)  # [N, S, D]
+        embeddings = torch.cat(parts, dim=1)  # [N, 1 + P + (L - 1) + tail, D]
         tail = self.num_action_tokens + int(append_stop_token)
-        ones = torch.ones(n, 1 + patches.shape[1], dtype=attention_mask.dtype, device=device)
-        mask = torch.cat([ones, attention_mask, ones.new_ones(n, tail)], dim=1)  # [N, S]
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [N, S]
+        ones = torch.ones(n, patches.shape[1], dtype=attention_mask.dtype, device=device)
+        mask = torch.cat([attention_mask[:, :1], ones, attention_mask[:, 1:], ones.new_ones(n, tail)], dim=1)  # [N, S]
+        position_ids = mask.cumsum(dim=1) - 1  # [N, S]; column 0 is BOS, so every real token counts from 0
         # Bidirectional attention: every query sees every real key. An explicit 4-D additive mask is used as is
         # by transformers (no causal mask is added), for sdpa and eager alike.
         key_is_real = mask.bool()[:, None, None, :]  # [N, 1, 1, S]
@@ -453,7 +460,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def _materialize(
     model: OpenVLAOFTModel, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, device: torch.device, seed: int
 ) -> None:
-    """Fill a meta-device model from checkpoint tensors; a new value head is initialized from ``seed``."""
+    """Fill a meta-device model from checkpoint tensors; a value head absent from them is initialized from ``seed``."""
     expected = model.expected_checkpoint_shapes()
     fresh_value_head = model.value_head is not None and not any(k.startswith("value_head.") for k in tensors)
     required = {k for k in expected if not (fresh_value_head and k.startswith("value_head."))}
@@ -474,7 +481,10 @@ def _materialize(
     model.load_state_dict(state, strict=False, assign=True)
     if fresh_value_head:
         model.value_head.to_empty(device=device)
-        model.value_head.reset_parameters(torch.Generator(device=device).manual_seed(seed))
+        # The reference's from_pretrained skips the head's own Kaiming init and fills the weights it did not find
+        # with PrismaticPreTrainedModel._init_weights: N(0, text_config.initializer_range), zero biases.
+        std = model.language_model.config.initializer_range
+        model.value_head.reset_parameters(torch.Generator(device=device).manual_seed(seed), std=std)
         model.value_head.to(dtype)
     # RoPE frequencies are a non-persistent buffer: recompute them on the target device (kept in float32).
     llama = model.language_model.model
@@ -508,7 +518,7 @@ class OpenVLAOFTPolicy(Policy):
         tokenizer: PreTrainedTokenizerBase,
         image_config: ImageProcessorConfig,
         unnorm_key: str | None = None,
-        append_stop_token: bool = True,
+        append_stop_token: bool = False,
     ) -> None:
         super().__init__()
         config = model.config
@@ -672,7 +682,7 @@ class OpenVLAOFTPolicy(Policy):
         unnorm_key: str | None = None,
         add_value_head: bool | None = None,
         value_type: str | None = None,
-        append_stop_token: bool = True,
+        append_stop_token: bool = False,
         seed: int = 0,
     ) -> OpenVLAOFTPolicy:
         """Load a checkpoint folder (OpenVLA-OFT / RLinf layout), offline.

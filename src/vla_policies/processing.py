@@ -1,9 +1,9 @@
 """Prompt and image preprocessing, as OpenVLA-OFT checkpoints expect them.
 
 Prompt: ``In: What action should the robot take to {task.lower()}?\\nOut: `` tokenized by the checkpoint's
-Llama-2 tokenizer. The BOS token is not part of what `PromptTokenizer` returns: the model puts it first and
-the image patches right after it, as the reference does. If the tokenized prompt does not end with the empty
-token ``"▁"`` (id 29871 in Llama-2), it is appended, as the reference does at training and test time.
+Llama-2 tokenizer, in RLinf's layout: BOS in column 0, then left padding, then the prompt (the model puts the
+image patches right after BOS). If the tokenized prompt does not end with the empty token ``"▁"`` (id 29871 in
+Llama-2), it is appended, as the reference does at training and test time.
 
 Images: uint8 ``[N, H, W, 3]`` are resized to each backbone's size (bicubic, antialiased, on uint8 tensors as
 RLinf does), scaled to [0, 1], normalized with each backbone's mean/std, and stacked on channels: DINOv2
@@ -157,7 +157,11 @@ def preprocess_images(images: torch.Tensor, config: ImageProcessorConfig) -> tor
 
 
 class PromptTokenizer:
-    """Tokenizes task descriptions into left-padded prompt ids (BOS excluded; the model adds it).
+    """Tokenizes task descriptions into RLinf's prompt layout: ``[BOS, padding..., prompt...]``.
+
+    RLinf left-pads with the tokenizer, then moves BOS from the first real position to column 0 (where it
+    leaves a padding id), so the padding sits between BOS and the prompt. The model reads the image patches
+    right after column 0; padding is masked out and counts no position, so its amount changes no output.
 
     Args:
         tokenizer: The checkpoint's tokenizer (Llama-2's, or a tiny one in tests), loaded with AutoTokenizer.
@@ -178,14 +182,17 @@ class PromptTokenizer:
         self.bos_token_id = int(tokenizer.bos_token_id)
         self.eos_token_id = int(tokenizer.eos_token_id)
 
-    def __call__(self, tasks: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, tasks: Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenize prompts for N tasks.
 
         Args:
             tasks: N task descriptions.
+            max_length: Row length with BOS (RLinf pads every batch to its ``max_prompt_length``); None pads to
+                the longest prompt, which gives the same model outputs with a shorter sequence.
 
         Returns:
-            ``(input_ids, attention_mask)``, both int64 ``[N, L]``, left-padded to the longest prompt.
+            ``(input_ids, attention_mask)``, both int64 ``[N, L]``: column 0 is BOS (mask 1), then padding
+            (``pad_token_id``, mask 0), then the prompt tokens (mask 1) ending with the empty token.
         """
         if len(tasks) == 0:
             raise ValueError("tasks must hold at least one task description")
@@ -195,9 +202,16 @@ class PromptTokenizer:
             if not ids or ids[-1] != self.empty_token_id:
                 ids.append(self.empty_token_id)
             rows.append(ids)
-        length = max(len(r) for r in rows)
+        longest = 1 + max(len(r) for r in rows)  # BOS + prompt
+        if max_length is not None and max_length < longest:
+            raise ValueError(
+                f"max_length must be at least {longest} (BOS + the longest prompt's tokens), got {max_length}"
+            )
+        length = longest if max_length is None else max_length
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.int64)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.int64)
+        input_ids[:, 0] = self.bos_token_id
+        attention_mask[:, 0] = 1
         for i, ids in enumerate(rows):
             input_ids[i, length - len(ids) :] = torch.tensor(ids, dtype=torch.int64)
             attention_mask[i, length - len(ids) :] = 1

@@ -33,13 +33,22 @@ class ValueHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
 
     @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        """RLinf's init: Kaiming-normal (fan_out, GELU treated as ReLU) hidden layers, N(0, 0.02) last layer."""
-        linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
-        for layer in linears[:-1]:
-            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu", generator=generator)
-            nn.init.zeros_(layer.bias)
-        nn.init.normal_(linears[-1].weight, mean=0.0, std=0.02, generator=generator)
+    def reset_parameters(self, generator: torch.Generator, std: float = 0.02) -> None:
+        """The initialization a new head gets in RLinf: every weight ``N(0, std)``, every bias zero.
+
+        RLinf's head asks for Kaiming-normal hidden layers, but it is built inside transformers'
+        ``from_pretrained``, which skips that init and fills the weights missing from the checkpoint with the
+        model's ``_init_weights``: ``N(0, initializer_range)`` (0.02 for Llama-2) and zero biases.
+
+        Args:
+            generator: The only randomness source; on the parameters' device.
+            std: Standard deviation of the weights (the language model's ``initializer_range``).
+        """
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, mean=0.0, std=std, generator=generator)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Args: features ``[N, input_dim]``. Returns: values ``[N, output_dim]``."""
