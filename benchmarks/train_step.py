@@ -4,13 +4,13 @@ Runs `runner.Trainer` steps of a config (one or several `torchrun` processes) an
 (`collect`), the policy's `act` calls inside it, the env steps inside it (the world model), and the update. The
 first step is a warm-up and is not counted.
 
-    python benchmarks/train_step.py --config configs/tiny_cpu_grpo.yaml
-    torchrun --nproc_per_node 2 benchmarks/train_step.py --config configs/tiny_cpu_grpo.yaml actor.strategy=ddp
+    python benchmarks/train_step.py --config tiny_cpu_grpo
+    torchrun --nproc_per_node 2 benchmarks/train_step.py --config tiny_cpu_grpo actor.strategy=ddp
     torchrun --nproc_per_node 2 benchmarks/train_step.py --xl actor.strategy=fsdp
 
 `--xl` (GPUs) builds STDiT3-XL/2 + the SDXL VAE with random weights (`benchmarks/env_step.py`) and a ~1B-parameter
 policy in the OpenVLA-OFT layout (DINOv2-L + SigLIP-So400m, a Llama of hidden 2048 and 16 layers, random weights,
-LoRA, bf16) on top of `configs/opensora_libero_spatial_grpo_openvlaoft.yaml`. Prints one table on rank 0 and
+LoRA, bf16) on top of the preset `opensora_libero_spatial_grpo_openvlaoft`. Prints one table on rank 0 and
 writes JSON (default benchmarks/results/train_step.json).
 """
 
@@ -30,7 +30,7 @@ from trainers.config import load_config
 from trainers.distributed import init_distributed
 from trainers.runner import Trainer
 
-XL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "opensora_libero_spatial_grpo_openvlaoft.yaml"
+XL_CONFIG = "opensora_libero_spatial_grpo_openvlaoft"
 # A ~1B-parameter Llama in the Llama-2 vocabulary layout of OpenVLA-OFT.
 LLAMA_1B = {
     "model_type": "llama",
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = parser.parse_args()
-    config_path = args.config or (XL_CONFIG if args.xl else "configs/tiny_cpu_grpo.yaml")
+    config_path = args.config or (XL_CONFIG if args.xl else "tiny_cpu_grpo")
     device_name = "cuda" if args.xl else load_config(config_path, args.overrides).runner.device
     context = init_distributed(device_name)
     with tempfile.TemporaryDirectory() as scratch:

@@ -1,21 +1,17 @@
-from pathlib import Path
-
 import pytest
 
-from trainers.config import ConfigError, TrainConfig, config_to_dict, from_dict, load_config
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+from trainers.config import PRESETS_DIR, ConfigError, TrainConfig, config_to_dict, from_dict, load_config, preset_names
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in PRESETS_DIR.glob("*.yaml")))
 def test_every_shipped_config_loads_and_round_trips(name):
-    config = load_config(CONFIGS / name)
+    config = load_config(PRESETS_DIR / name)
     assert from_dict(TrainConfig, config_to_dict(config)) == config
 
 
 def test_published_recipe_values():
     for suite in ("spatial", "object"):
-        config = load_config(CONFIGS / f"opensora_libero_{suite}_grpo_openvlaoft.yaml")
+        config = load_config(PRESETS_DIR / f"opensora_libero_{suite}_grpo_openvlaoft.yaml")
         train, algorithm, optim = config.env.train, config.algorithm, config.actor.optim
         assert (train.total_num_envs, algorithm.group_size, train.max_episode_steps) == (64, 8, 256)
         assert (train.num_sampling_steps, train.rollout_epoch, train.suite) == (10, 16, suite)
@@ -36,7 +32,7 @@ def test_published_recipe_values():
 
 def test_overrides_set_nested_values_with_yaml_types():
     config = load_config(
-        CONFIGS / "tiny_cpu_grpo.yaml",
+        PRESETS_DIR / "tiny_cpu_grpo.yaml",
         [
             "algorithm.group_size=4",
             "actor.optim.lr=1e-2",
@@ -70,7 +66,7 @@ def test_overrides_set_nested_values_with_yaml_types():
 )
 def test_bad_values_name_the_key_and_the_allowed_values(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(CONFIGS / "tiny_cpu_grpo.yaml", overrides)
+        load_config(PRESETS_DIR / "tiny_cpu_grpo.yaml", overrides)
 
 
 def test_unknown_yaml_key_is_named_with_its_section(tmp_path):
@@ -78,12 +74,46 @@ def test_unknown_yaml_key_is_named_with_its_section(tmp_path):
     path.write_text("env:\n  train:\n    num_envs: 4\n")
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['num_envs'\] in env.train; allowed keys"):
         load_config(path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"is neither a file nor a preset \(presets: .*tiny_cpu_grpo"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_presets_load_by_name():
+    assert "tiny_cpu_grpo" in preset_names() and "opensora_libero_spatial_grpo_openvlaoft" in preset_names()
+    assert load_config("tiny_cpu_grpo") == load_config(PRESETS_DIR / "tiny_cpu_grpo.yaml")
+    assert load_config("tiny_cpu_ppo.yaml").algorithm.adv_type == "gae"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("runner:\n  max_steps: [\n", r"is not valid YAML at line \d+, column \d+"),
+        ("runner: !!python/object/apply:os.system ['echo hi']\n", r"not valid YAML at line 1.*constructor.*python"),
+    ],
+)
+def test_yaml_errors_are_one_line_config_errors(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(path)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "actor.optim.lr=nan", "actor.optim.lr=inf", "actor.optim.clip_grad=nan", "algorithm.reward_coef=nan",
+        "env.train.success_threshold=1.5", "env.train.success_threshold=nan", "algorithm.gamma=-inf",
+        "env.train.total_num_envs=100000", "runner.experiment_name=../escape", "runner.experiment_name=a/b",
+    ],
+)  # fmt: skip
+def test_non_finite_and_out_of_range_settings_are_rejected(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1]):
+        load_config("tiny_cpu_grpo", [override])
 
 
 def test_rows_per_step_must_fill_whole_global_batches():
     with pytest.raises(ConfigError, match=r"fits 32 chunk steps .* multiple of actor.global_batch_size \(64\)"):
-        load_config(CONFIGS / "tiny_cpu_grpo.yaml", ["actor.global_batch_size=64"])
+        load_config(PRESETS_DIR / "tiny_cpu_grpo.yaml", ["actor.global_batch_size=64"])
     with pytest.raises(ConfigError, match="loss_aggregation"):
-        load_config(CONFIGS / "tiny_cpu_grpo.yaml", ["algorithm.loss_aggregation=seq_mean"])
+        load_config(PRESETS_DIR / "tiny_cpu_grpo.yaml", ["algorithm.loss_aggregation=seq_mean"])

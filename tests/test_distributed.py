@@ -11,14 +11,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from trainers.config import load_config
+from trainers.config import PRESETS_DIR, load_config
 from trainers.distributed import DistributedContext, ParallelPolicy, init_distributed, normalize_advantages_global
 from trainers.rollout import RolloutBatch, collect_rollout
 from trainers.runner import Trainer, build_policy, build_world_model_env, resolve_world_model
 from trainers.targets import compute_targets
 from trainers.update import PolicyUpdater, flatten_for_update
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WORLD_SIZE = 2
 NUM_ENVS = 16
 GROUP_SIZE = 8
@@ -72,7 +71,7 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
 
 def train_worker(rank: int, port: int, overrides: list[str], out: Path) -> None:
     join(rank, port)
-    config = load_config(CONFIGS / "tiny_cpu_grpo.yaml", overrides)
+    config = load_config(PRESETS_DIR / "tiny_cpu_grpo.yaml", overrides)
     trainer = Trainer(config)
     result = trainer.run()
     record = {
@@ -141,7 +140,7 @@ def test_resume_on_two_ranks_continues_exactly(tmp_path):
 
 def update_config(log_path):
     return load_config(
-        CONFIGS / "tiny_cpu_grpo.yaml",
+        PRESETS_DIR / "tiny_cpu_grpo.yaml",
         tiny_overrides(
             log_path,
             "env.train.tiny_checkpoint=random",

@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import pytest
 
@@ -9,8 +8,6 @@ from trainers.cli import main
 from trainers.config import load_config
 from trainers.evaluate import evaluate_policy, libero_episodes, wilson_interval, world_model_episodes
 from vla_policies import SmallCNNPolicy, SmallPolicyConfig
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize(
@@ -79,10 +76,17 @@ def test_cli_eval_writes_results_and_tensorboard(tmp_path, capsys):
         "env.train.tiny_checkpoint=random", "env.train.max_episode_steps=16", "env.eval.total_num_envs=3",
         "env.eval.num_episodes=4", "actor.model.channels=[8]", "actor.model.hidden_size=32",
     ]  # fmt: skip
-    main(["eval", "--config", str(CONFIGS / "tiny_cpu_grpo.yaml"), *overrides])
-    data = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    main(["eval", "--config", "tiny_cpu_grpo", *overrides])
+    # Each evaluation has its own folder: it writes no step 0 into the run's curves and replaces no earlier result.
+    first = tmp_path / "eval" / "eval" / "policy"
+    data = json.loads((first / "eval_results.json").read_text())
     assert data["episodes"] == 4 and 0.0 <= data["ci_low"] <= data["success_rate"] <= data["ci_high"] <= 1.0
+    assert data["folder"] == str(first)
     assert "overall" in capsys.readouterr().out
-    assert list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))
-    with pytest.raises(Exception, match=r"another architecture: .*hidden_size=32 \(config: 64\)"):
-        main(["eval", "--config", str(CONFIGS / "tiny_cpu_grpo.yaml"), *overrides, "actor.model.hidden_size=64"])
+    assert list((first / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "eval" / "tensorboard").exists()
+    main(["eval", "--config", "tiny_cpu_grpo", *overrides])
+    second = json.loads((tmp_path / "eval" / "eval" / "policy-2" / "eval_results.json").read_text())
+    assert second["success_rate"] == data["success_rate"]  # the same seeded episodes
+    with pytest.raises(SystemExit, match=r"another architecture: .*hidden_size=32 \(config: 64\)"):
+        main(["eval", "--config", "tiny_cpu_grpo", *overrides, "actor.model.hidden_size=64"])

@@ -1,7 +1,6 @@
 """The evaluation runner on the real LIBERO simulator (one short episode)."""
 
 from importlib.util import find_spec
-from pathlib import Path
 
 import imageio.v2 as imageio
 import pytest
@@ -9,12 +8,11 @@ import torch
 
 from opensora_gym.libero import LiberoConfig, LiberoVectorEnv
 from opensora_gym.wrappers.video import RecordEpisodeVideo
-from trainers.config import load_config
+from trainers.config import PRESETS_DIR, load_config
 from trainers.evaluate import evaluate_policy, libero_episodes
 from trainers.runner import Trainer
 from vla_policies import SmallCNNPolicy, SmallPolicyConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(find_spec("libero") is None, reason="needs the libero extra: pip install -e '.[libero]'"),
@@ -55,7 +53,7 @@ def test_training_evaluates_in_libero_when_configured(tmp_path):
         "env.eval.env_type=libero", "env.eval.suite=libero_spatial", "env.eval.total_num_envs=1",
         "env.eval.num_episodes=1", "env.eval.max_episode_steps=8", "env.eval.protocol=openvla_oft",
     ]  # fmt: skip
-    trainer = Trainer(load_config(CONFIGS / "tiny_cpu_grpo.yaml", overrides))
+    trainer = Trainer(load_config(PRESETS_DIR / "tiny_cpu_grpo.yaml", overrides))
     result = trainer.evaluate()
     outcome = result.outcomes[0]
     # A LIBERO episode (task 0, trial 0, its instruction), not a world-model start trajectory.

@@ -6,16 +6,12 @@ learnt the rule in all of them. Success rates are measured by sampled evaluation
 before and after training, and read back from the TensorBoard event files.
 """
 
-from pathlib import Path
-
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from opensora_gym.testing import make_action_sensitive_checkpoint
-from trainers.config import load_config
+from trainers.config import PRESETS_DIR, load_config
 from trainers.runner import Trainer
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +26,7 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.parametrize(("algorithm", "steps"), [("grpo", 8), ("ppo", 12)])
 def test_training_lifts_the_success_rate(checkpoint, tmp_path, algorithm, steps):
     config = load_config(
-        CONFIGS / f"tiny_cpu_{algorithm}.yaml",
+        PRESETS_DIR / f"tiny_cpu_{algorithm}.yaml",
         [
             f"env.train.checkpoint={checkpoint}",
             f"runner.log_path={tmp_path}",

@@ -8,12 +8,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainers.cli import main
-from trainers.config import ConfigError, load_config
+from trainers.config import PRESETS_DIR, ConfigError, load_config
 from trainers.runner import Trainer, TrainingDivergedError
 from trainers.update import LoraBaseReference, PolicyUpdater, UpdateData
 from vla_policies import SmallCNNPolicy, SmallPolicyConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 LOGGED_NAMES = [
     "train/actor/approx_kl", "train/actor/clip_fraction", "train/actor/clipped_ratio", "train/actor/grad_norm",
     "train/actor/lr", "train/actor/policy_loss", "train/critic/value_loss", "train/critic/value_clip_ratio",
@@ -26,7 +25,7 @@ LOGGED_NAMES = [
 def small_config(tmp_path, algorithm="ppo", *extra):
     """A 4-env, 2-chunk run on a tiny random world model, fast enough for a unit test."""
     return load_config(
-        CONFIGS / f"tiny_cpu_{algorithm}.yaml",
+        PRESETS_DIR / f"tiny_cpu_{algorithm}.yaml",
         [
             f"runner.log_path={tmp_path}",
             "runner.progress_bar=false",
@@ -102,7 +101,11 @@ def test_run_logs_the_names_saves_and_resumes_exactly(tmp_path):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert set(LOGGED_NAMES) <= tags, sorted(set(LOGGED_NAMES) - tags)
+    # Every name is computed each step; an undefined value (NaN) is left out of the curves, never drawn.
+    assert all(set(LOGGED_NAMES) <= set(m) for m in result.history)
+    defined = {name for m in result.history for name in LOGGED_NAMES if math.isfinite(m[name])}
+    assert defined <= tags and len(defined) >= len(LOGGED_NAMES) - 1, sorted(set(LOGGED_NAMES) - tags)
+    assert all(math.isfinite(e.value) for tag in tags for e in events.Scalars(tag))
     for name in ("env/success_once", "train/actor/policy_loss"):
         logged = [(e.step, e.value) for e in events.Scalars(name)]
         assert logged == [(i + 1, pytest.approx(m[name], rel=1e-6)) for i, m in enumerate(result.history)]
@@ -151,11 +154,11 @@ def test_cli_trains_and_rejects_bad_keys(tmp_path, capsys):
         "env.train.video_cfg.save_video=false", "actor.model.channels=[8]", "actor.model.hidden_size=32",
         "actor.micro_batch_size=2", "actor.global_batch_size=2",
     ]  # fmt: skip
-    main(["train", "--config", str(CONFIGS / "tiny_cpu_grpo.yaml"), *overrides])
+    main(["train", "--config", str(PRESETS_DIR / "tiny_cpu_grpo.yaml"), *overrides])
     assert (tmp_path / "cli" / "checkpoints" / "global_step_1" / "trainer_state.pt").is_file()
     assert "last checkpoint" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"unknown config key 'lr' .*allowed keys"):
-        main(["train", "--config", str(CONFIGS / "tiny_cpu_grpo.yaml"), "actor.lr=1"])
+        main(["train", "--config", str(PRESETS_DIR / "tiny_cpu_grpo.yaml"), "actor.lr=1"])
 
 
 def tiny_oft_lora_overrides(tmp_path: Path, *extra: str) -> list[str]:
@@ -206,3 +209,15 @@ def test_kl_reference_of_a_lora_policy_is_its_base_model(tmp_path):
     assert trainable and all(".lora_" in n for n in trainable)  # switching adapters off and on keeps them trainable
     kl = trainer.run().history[-1]["train/actor/kl"]
     assert math.isfinite(kl) and kl > 0
+
+
+def test_a_fresh_run_does_not_replace_an_earlier_runs_checkpoints(tmp_path):
+    config = small_config(tmp_path, "grpo", "runner.max_steps=1", "runner.experiment_name=again")
+    first = Trainer(config).run().last_checkpoint
+    digest = hashlib.sha256((first / "trainer_state.pt").read_bytes()).hexdigest()
+    with pytest.raises(ConfigError, match="already holds checkpoints of an earlier run: resume it with"):
+        Trainer(config)
+    assert hashlib.sha256((first / "trainer_state.pt").read_bytes()).hexdigest() == digest
+    Trainer(
+        small_config(tmp_path, "grpo", "runner.max_steps=1", "runner.experiment_name=again", "runner.overwrite=true")
+    )

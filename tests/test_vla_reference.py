@@ -55,7 +55,7 @@ def vla(reference_dir: Path) -> VLAReference:
     if not folder.is_dir():
         pytest.skip(f"no OpenVLA-OFT reference folder at {folder}")
     meta = json.loads((folder / "meta.json").read_text())
-    # As the published recipe builds the policy (configs/opensora_libero_spatial_grpo_openvlaoft.yaml): float32
+    # As the published recipe builds the policy (the preset opensora_libero_spatial_grpo_openvlaoft): float32
     # here, RLinf's sequence without stop token, value type and dataset of the case.
     policy = OpenVLAOFTPolicy.from_pretrained(
         folder, value_type=meta["value_type"], unnorm_key=meta["unnorm_key"], append_stop_token=False

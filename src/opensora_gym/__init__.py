@@ -5,6 +5,8 @@ Importing the package registers the Gymnasium ids; the environments load their m
 
 import gymnasium as gym
 
+__version__ = "0.2.0"
+
 # The world-model envs: `gym.make_vec` builds one batched env, `gym.make` a single episode.
 for _suite in ("Spatial", "Object"):
     gym.register(

@@ -1,9 +1,10 @@
 """`opensora-gym` command line: `train` and `eval` a policy from a YAML config, `rollout` imagines a few chunks.
 
-opensora-gym train --config configs/tiny_cpu_grpo.yaml runner.max_steps=20
-opensora-gym eval --config configs/tiny_cpu_grpo.yaml runner.ckpt_path=runs/tiny_cpu_grpo/checkpoints/global_step_20
+opensora-gym train --config tiny_cpu_grpo runner.max_steps=20
+opensora-gym eval --config tiny_cpu_grpo runner.ckpt_path=runs/tiny_cpu_grpo/checkpoints/global_step_20
+opensora-gym configs
 opensora-gym rollout --chunks 2
-torchrun --nproc_per_node 2 -m trainers.cli train --config configs/tiny_cpu_grpo.yaml actor.strategy=ddp
+torchrun --nproc_per_node 2 -m trainers.cli train --config tiny_cpu_grpo actor.strategy=ddp
 """
 
 from __future__ import annotations
@@ -11,51 +12,106 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
+from pathlib import Path
 
 import torch
 
 from opensora_gym import cli as world_model_cli
-from trainers.config import ConfigError, TrainConfig, load_config
+from trainers.config import TrainConfig, config_to_dict, load_config, preset_names, resolve_config_path
 
 __all__ = ["build_parser", "main", "run_eval"]
 
+DEFAULT_PRESET = "tiny_cpu_grpo"
+# Errors with a message meant for the user: bad settings, missing or malformed files, a diverged run, a missing extra.
+KNOWN_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
+# The keys a newcomer changes first, shown with their defaults in `--help`.
+MAIN_KEYS = (
+    "runner.experiment_name", "runner.log_path", "runner.max_steps", "runner.device", "runner.resume_dir",
+    "runner.ckpt_path", "env.train.checkpoint", "env.train.total_num_envs", "env.train.max_episode_steps",
+    "env.eval.env_type", "algorithm.adv_type", "algorithm.group_size", "actor.model.model_type",
+    "actor.model.model_path", "actor.optim.lr", "actor.global_batch_size", "actor.micro_batch_size",
+)  # fmt: skip
+
+
+def _main_keys_help() -> str:
+    defaults = config_to_dict(TrainConfig())
+    lines = []
+    for key in MAIN_KEYS:
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        lines.append(f"  {key}={value}")
+    return "\n".join(lines)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opensora-gym", description=__doc__.split("\n")[0])
+    epilog = (
+        f"presets (--config NAME): {', '.join(preset_names())}\n"
+        f"main keys (key.path=value) and their defaults:\n{_main_keys_help()}\n"
+        "opensora-gym configs lists the presets with what each runs."
+    )
+    parser = argparse.ArgumentParser(
+        prog="opensora-gym",
+        description=__doc__.split("\n")[0],
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("train", "train a policy with GRPO or PPO in the world-model env"),
         ("eval", "evaluate a policy (runner.ckpt_path) over a fixed list of episodes"),
     ):
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("--config", help="YAML config (default: the built-in defaults)")
+        command = commands.add_parser(
+            name, help=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        command.add_argument(
+            "--config",
+            default=DEFAULT_PRESET,
+            help=f"a YAML file or a preset name (default: {DEFAULT_PRESET}; presets: {', '.join(preset_names())})",
+        )
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
         command.add_argument(
             "overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. runner.max_steps=10"
         )
+    commands.add_parser("configs", help="list the shipped config presets")
     world_model_cli.add_rollout_arguments(
         commands.add_parser("rollout", help="imagine a few action chunks in the world model and write an mp4")
     )
     return parser
 
 
+def list_presets() -> None:
+    """Prints each preset's name and the first line of its leading comment."""
+    for name in preset_names():
+        first = resolve_config_path(name).read_text(encoding="utf-8").splitlines()[0]
+        summary = first.removeprefix("#").strip() if first.startswith("#") else ""
+        print(f"{name:45s} {summary}")
+
+
 def run_eval(config: TrainConfig) -> dict:
     """Evaluates `runner.ckpt_path` (or the initial policy) on `env.eval`; prints a table, writes JSON.
 
+    Every evaluation gets its own folder, `<run folder>/eval/<policy>[-k]` (results, TensorBoard, videos), so it
+    neither writes into a training run's curves nor replaces an earlier evaluation.
+
     Returns:
-        the result as plain data (`EvalResult.to_dict`).
+        the result as plain data (`EvalResult.to_dict`), with `folder` added.
     """
     from trainers.evaluate import evaluate_policy
     from trainers.loggers import MetricLogger
-    from trainers.runner import build_eval_env, build_policy, load_policy
+    from trainers.runner import build_eval_env, build_policy, check_run_inputs, load_policy
 
     eval_cfg, runner = config.env.eval, config.runner
-    setup = build_eval_env(config, runner.run_dir)
+    check_run_inputs(config, evaluation=True)
+    folder = _new_eval_folder(config)
+    setup = build_eval_env(config, folder)
     env, statistics, episodes = setup.env, setup.statistics, setup.episodes
-    if runner.ckpt_path is not None:
-        policy = load_policy(config, runner.ckpt_path, statistics)
-    else:
-        policy = build_policy(config.actor.model, statistics, runner.device, config.actor.seed)
     try:
+        if runner.ckpt_path is not None:
+            policy = load_policy(config, runner.ckpt_path, statistics)
+        else:
+            policy = build_policy(config.actor.model, statistics, runner.device, config.actor.seed)
         result = evaluate_policy(
             env,
             policy,
@@ -64,19 +120,35 @@ def run_eval(config: TrainConfig) -> dict:
             temperature=config.rollout.temperature_eval,
             top_k=config.rollout.top_k,
             seed=eval_cfg.seed,
+            progress_bar=runner.progress_bar,
         )
     finally:
         env.close()
     print(result.table())
-    runner.run_dir.mkdir(parents=True, exist_ok=True)
-    data = result.to_dict()
-    (runner.run_dir / "eval_results.json").write_text(json.dumps(data, indent=2) + "\n")
+    data = {**result.to_dict(), "folder": str(folder)}
+    (folder / "eval_results.json").write_text(json.dumps(data, indent=2) + "\n")
     low, high = result.interval
-    logger = MetricLogger(runner.logger_backends, runner.run_dir, runner.experiment_name)
+    logger = MetricLogger(runner.logger_backends, folder, folder.name)
     logger.log({"eval/success_once": result.success_rate, "eval/success_ci_low": low, "eval/success_ci_high": high}, 0)
     logger.close()
-    print(f"results: {runner.run_dir / 'eval_results.json'}")
+    print(f"results: {folder / 'eval_results.json'}")
     return data
+
+
+def _new_eval_folder(config: TrainConfig) -> Path:
+    """`<run folder>/eval/<name of the evaluated policy>`, with `-2`, `-3`, ... when taken; created."""
+    ckpt = config.runner.ckpt_path
+    name = "initial_policy" if ckpt is None else Path(ckpt).resolve().name
+    parent = config.runner.run_dir / "eval"
+    parent.mkdir(parents=True, exist_ok=True)
+    folder, k = parent / name, 1
+    while True:
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            k += 1
+            folder = parent / f"{name}-{k}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,19 +156,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "rollout":
         world_model_cli.rollout(args)
         return
+    if args.command == "configs":
+        list_presets()
+        return
     try:
         config = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as error:
-        sys.exit(f"opensora-gym {args.command}: {error}")
-    if args.command == "train":
-        from trainers.runner import train
+        if args.command == "train":
+            from trainers.runner import train
 
-        result = train(config)
-        print(f"run folder: {result.run_dir}; last checkpoint: {result.last_checkpoint}")
+            result = train(config)
+            print(f"run folder: {result.run_dir}; last checkpoint: {result.last_checkpoint}")
+        else:
+            run_eval(config)
+    except KNOWN_ERRORS as error:
+        if args.debug:
+            traceback.print_exc()
+        message = " ".join(str(error).split())  # one line, whatever the error's own layout
+        sys.exit(f"opensora-gym {args.command}: {message} (--debug shows the traceback)")
+    finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    else:
-        run_eval(config)
 
 
 if __name__ == "__main__":

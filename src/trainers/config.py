@@ -5,7 +5,7 @@ so a published recipe reads the same here; each section is a dataclass validated
 fills these dataclasses: an unknown key or a value of the wrong type is an error that names the key and what it
 accepts.
 
-    >>> config = load_config("configs/tiny_cpu_grpo.yaml", ["algorithm.group_size=4", "runner.max_steps=3"])
+    >>> config = load_config("tiny_cpu_grpo", ["algorithm.group_size=4", "runner.max_steps=3"])
     >>> config.algorithm.group_size
     4
 """
@@ -13,6 +13,7 @@ accepts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "PRESETS_DIR",
     "ActorConfig",
     "AlgorithmConfig",
     "ConfigError",
@@ -38,11 +40,18 @@ __all__ = [
     "config_to_dict",
     "from_dict",
     "load_config",
+    "preset_names",
+    "resolve_config_path",
 ]
+
+# The shipped configs (package data): `--config tiny_cpu_grpo` names `PRESETS_DIR / "tiny_cpu_grpo.yaml"`.
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 
 LOGGER_BACKENDS = ("tensorboard", "wandb", "swanlab")
 # Actions per chunk of every policy here (OpenVLA-OFT's 8): episodes are stepped in whole chunks.
 ACTION_CHUNK = 8
+# More sub-envs than this in one process is a typo (the recipe steps 64; an H200 fits a few hundred small ones).
+MAX_NUM_ENVS = 4096
 
 
 class ConfigError(ValueError):
@@ -51,8 +60,8 @@ class ConfigError(ValueError):
 
 def _positive(owner: str, **values: int | float) -> None:
     for name, value in values.items():
-        if value <= 0:
-            raise ConfigError(f"{owner}.{name} must be positive, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{owner}.{name} must be a finite positive number, got {value!r}")
 
 
 def _unit_interval(owner: str, **values: float) -> None:
@@ -134,6 +143,9 @@ class TrainEnvConfig:
             num_sampling_steps=self.num_sampling_steps,
             image_size=self.image_size,
         )
+        _unit_interval("env.train", success_threshold=self.success_threshold)
+        if self.total_num_envs > MAX_NUM_ENVS:
+            raise ConfigError(f"env.train.total_num_envs must be at most {MAX_NUM_ENVS}, got {self.total_num_envs}")
 
 
 @dataclass
@@ -171,6 +183,8 @@ class EvalEnvConfig:
 
     def __post_init__(self) -> None:
         _positive("env.eval", total_num_envs=self.total_num_envs)
+        if self.total_num_envs > MAX_NUM_ENVS:
+            raise ConfigError(f"env.eval.total_num_envs must be at most {MAX_NUM_ENVS}, got {self.total_num_envs}")
         if self.env_type != "libero" and (self.task_ids is not None or self.trial_ids is not None):
             raise ConfigError("env.eval.task_ids and env.eval.trial_ids choose LIBERO episodes: set env_type: libero")
         if self.num_episodes is not None:
@@ -391,6 +405,7 @@ class RunnerConfig:
         ckpt_path: a policy folder to start from (training) or to evaluate (`eval`).
         device: torch device of the policy (and of the world model unless `env.train.device` says otherwise).
         progress_bar: show a tqdm bar.
+        overwrite: let a fresh run (no `resume_dir`) replace the checkpoints of an earlier run in its folder.
     """
 
     experiment_name: str = "opensora_gym"
@@ -403,8 +418,15 @@ class RunnerConfig:
     ckpt_path: str | None = None
     device: str = "cpu"
     progress_bar: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
+        name = self.experiment_name
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ConfigError(
+                "runner.experiment_name must be a plain folder name inside runner.log_path (no '/', '..'), "
+                f"got {name!r}"
+            )
         self.logger_backends = tuple(self.logger_backends)
         unknown = [b for b in self.logger_backends if b not in LOGGER_BACKENDS]
         if unknown:
@@ -523,6 +545,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
                 raise ConfigError(f"{key} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -594,26 +618,58 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         node_cls = child_cls
 
 
+def preset_names() -> list[str]:
+    """The names of the shipped configs, for `--config NAME`."""
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """A config file: `config` itself when it is a file, else the shipped preset of that name (`.yaml` optional).
+
+    Raises:
+        FileNotFoundError: neither a file nor a preset; the message lists the presets.
+    """
+    path = Path(config)
+    if path.is_file():
+        return path
+    preset = PRESETS_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and preset.is_file():
+        return preset
+    raise FileNotFoundError(f"config {config} is neither a file nor a preset (presets: {', '.join(preset_names())})")
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document of `path`; a syntax error or a Python tag is one ConfigError naming the file and line."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Reads a YAML config (or starts from the defaults) and applies `key.path=value` overrides.
 
     Args:
-        path: a YAML file whose sections match `TrainConfig`; None uses the defaults.
+        path: a YAML file whose sections match `TrainConfig`, or the name of a shipped preset (`preset_names`);
+            None uses the defaults.
         overrides: dotted assignments applied in order, e.g. `runner.max_steps=10`.
 
     Returns:
         the validated config.
 
     Raises:
-        ConfigError: for unknown keys, wrong types or invalid values.
-        FileNotFoundError: when `path` does not exist.
+        ConfigError: for unknown keys, wrong types or invalid values, and for files that are not YAML.
+        FileNotFoundError: when `path` is neither a file nor a preset.
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text())
+        path = resolve_config_path(path)
+        loaded = _read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
         data = loaded or {}

@@ -2,7 +2,7 @@
 
 Launch (one process per GPU; `actor.strategy` picks how the policy is spread):
 
-    torchrun --nproc_per_node 2 -m trainers.cli train --config configs/opensora_libero_spatial_grpo_openvlaoft.yaml \
+    torchrun --nproc_per_node 2 -m trainers.cli train --config opensora_libero_spatial_grpo_openvlaoft \
         runner.device=cuda actor.strategy=fsdp
 
 or `torchrun --nproc_per_node 2 $(which opensora-gym) train --config ... actor.strategy=ddp`. On the CPU the same

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
+from tqdm.auto import tqdm
 
 from vla_policies.base import Policy
 
@@ -174,6 +175,7 @@ def evaluate_policy(
     top_k: int = -1,
     seed: int = 0,
     max_chunk_steps: int = 10_000,
+    progress_bar: bool = True,
 ) -> EvalResult:
     """Runs every episode of `episodes` once and records its success.
 
@@ -186,6 +188,7 @@ def evaluate_policy(
         seed: seed of every wave's env reset (LIBERO: its scene seed, 0 in OpenVLA-OFT's protocol) and of the
             sampling.
         max_chunk_steps: a bound on the steps of one wave, against an env that never ends an episode.
+        progress_bar: show a tqdm bar of finished episodes with the running success rate.
 
     Returns:
         the outcomes in the order of `episodes`.
@@ -201,6 +204,7 @@ def evaluate_policy(
     n = env.num_envs
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     outcomes: list[EpisodeOutcome] = []
+    bar = tqdm(total=len(episodes), desc="eval", unit="episode", disable=not progress_bar)
     for wave, start in enumerate(range(0, len(episodes), n)):
         chosen = list(episodes[start : start + n])
         # A last, partial wave fills its spare sub-envs with its first episode and ignores their outcomes.
@@ -226,4 +230,7 @@ def evaluate_policy(
             EpisodeOutcome(episode=dict(e), task=tasks[i], success=bool(success[i]), length=int(length[i]))
             for i, e in enumerate(chosen)
         ]
+        bar.update(len(chosen))
+        bar.set_postfix(success=f"{sum(o.success for o in outcomes) / len(outcomes):.3f}")
+    bar.close()
     return EvalResult(outcomes)

@@ -61,8 +61,9 @@ class MetricLogger:
         return self.log_dir / "tensorboard"
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        """Writes every finite-or-not scalar (NaN is written as NaN; backends show gaps)."""
-        values = {key: float(value) for key, value in metrics.items()}
+        """Writes the finite scalars; an undefined one (NaN, e.g. the explained variance of constant returns, or a
+        mean over an empty selection) is left out, so a curve has no NaN points."""
+        values = {key: float(value) for key, value in metrics.items() if math.isfinite(float(value))}
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(key, value, global_step=step)
@@ -70,7 +71,7 @@ class MetricLogger:
         if self._wandb is not None:
             self._wandb.log(values, step=step)
         if self._swanlab is not None:
-            self._swanlab.log({k: v for k, v in values.items() if not math.isnan(v)}, step=step)
+            self._swanlab.log(values, step=step)
 
     def close(self) -> None:
         """Flushes and closes every backend."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import ActionStatistics
 from opensora_gym.env import OpenSoraLiberoEnv
 from opensora_gym.testing import make_action_sensitive_checkpoint, make_tiny_checkpoint
@@ -101,15 +101,20 @@ def resolve_world_model(config: TrainConfig) -> str | None:
     if train.tiny_checkpoint is None:
         return None
     folder = config.runner.run_dir / f"{TINY_CHECKPOINT_FOLDER}_{train.tiny_checkpoint}"
-    if not (folder / "config.json").is_file():
-        if train.tiny_checkpoint == "random":
-            make_tiny_checkpoint(folder, seed=config.actor.seed)
-        else:
-            report = make_action_sensitive_checkpoint(folder, seed=config.actor.seed, image_size=train.image_size)
-            print(
-                f"wrote an action-sensitive tiny world model to {folder} (success iff an action's first normalized "
-                f"number > {report.threshold}; reward classifier accuracy {report.classifier_accuracy:.1%})"
-            )
+    if folder.is_dir():
+        return str(folder)
+    # Built aside and renamed when complete: a run killed meanwhile leaves no half-written model behind.
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if train.tiny_checkpoint == "random":
+        make_tiny_checkpoint(partial, seed=config.actor.seed)
+    else:
+        report = make_action_sensitive_checkpoint(partial, seed=config.actor.seed, image_size=train.image_size)
+        print(
+            f"wrote an action-sensitive tiny world model to {folder} (success iff an action's first normalized "
+            f"number > {report.threshold}; reward classifier accuracy {report.classifier_accuracy:.1%})"
+        )
+    partial.rename(folder)
     return str(folder)
 
 
@@ -327,7 +332,8 @@ def rollout_metrics(
         "env/reward": float(selections["reward_per_action"].mean()),
     }
     rewards, advantages = selections["rewards"], selections["advantages"]
-    metrics["rollout/rewards"] = float(rewards.mean()) if rewards.numel() else math.nan
+    if rewards.numel():  # every group filtered: no reward was fitted, so there is no point to log
+        metrics["rollout/rewards"] = float(rewards.mean())
     if advantages.numel():
         metrics.update(
             {
@@ -377,10 +383,12 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         runner = config.runner
+        check_run_inputs(config)
         self.context = _join_job(config)
         self.local_num_envs = _local_num_envs(config, self.context.world_size)
         self.run_dir = runner.run_dir
         if self.context.is_main:
+            _check_run_folder(config)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / CONFIG_NAME).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
             resolve_world_model(config)
@@ -566,6 +574,7 @@ class Trainer:
                 temperature=self.config.rollout.temperature_eval,
                 top_k=self.config.rollout.top_k,
                 seed=eval_cfg.seed,
+                progress_bar=self.config.runner.progress_bar,
             )
         finally:
             setup.env.close()  # stops LIBERO's workers, finishes videos; a shared world model stays loaded
@@ -642,6 +651,67 @@ class Trainer:
         self.global_step = int(state["global_step"])
         self.last_metrics = dict(state["last_metrics"])
         self.last_checkpoint = folder
+
+
+def check_run_inputs(config: TrainConfig, evaluation: bool = False) -> None:
+    """Checks, before anything heavy loads, what a run needs: devices that exist, policy and checkpoint folders
+    that are complete. Each problem is one `ConfigError` that says what to do.
+
+    Args:
+        config: the run.
+        evaluation: for `opensora-gym eval` (the training env is needed only to evaluate in the world model).
+    """
+    runner, train, model = config.runner, config.env.train, config.actor.model
+    for key, device in (("runner.device", runner.device), ("env.train.device", train.device)):
+        if device is not None:
+            _check_device(key, device)
+    if runner.resume_dir is not None and not Path(runner.resume_dir).is_dir():
+        raise ConfigError(
+            f"runner.resume_dir {runner.resume_dir} does not exist (expected <run>/checkpoints/global_step_N)"
+        )
+    if runner.ckpt_path is not None and not Path(runner.ckpt_path).is_dir():
+        raise ConfigError(f"runner.ckpt_path {runner.ckpt_path} does not exist (expected a policy folder)")
+    if model.model_type == "openvla_oft" and runner.ckpt_path is None and runner.resume_dir is None:
+        if model.model_path is None or not (Path(model.model_path) / "config.json").is_file():
+            raise ConfigError(
+                f"actor.model.model_path {model.model_path} is not an OpenVLA-OFT folder with a config.json; download "
+                "one first, e.g. hf download Haozhan72/Openvla-oft-SFT-libero-spatial-traj1 --local-dir "
+                "models/Openvla-oft-SFT-libero-spatial-traj1"
+            )
+    if train.checkpoint is not None and (not evaluation or config.env.eval.env_type == "world_model"):
+        try:
+            CheckpointLayout.resolve(train.checkpoint)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"env.train.checkpoint: {error}") from None
+
+
+def _check_device(key: str, device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"{key} must be a torch device such as cpu, cuda or cuda:1, got {device!r}") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key} is {device!r} but torch sees no CUDA GPU on this machine: use {key}=cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(
+                f"{key} is {device!r} but this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key} is 'mps' but torch sees no Apple GPU on this machine: use {key}=cpu")
+
+
+def _check_run_folder(config: TrainConfig) -> None:
+    """A fresh run must not replace an earlier run's checkpoints unless told to (`runner.overwrite`)."""
+    runner = config.runner
+    checkpoints = runner.run_dir / CHECKPOINTS_FOLDER
+    if runner.resume_dir is None and not runner.overwrite and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise ConfigError(
+            f"{runner.run_dir} already holds checkpoints of an earlier run: resume it with "
+            f"runner.resume_dir={checkpoints}/global_step_N, choose another runner.experiment_name, or set "
+            "runner.overwrite=true"
+        )
 
 
 def _join_job(config: TrainConfig) -> DistributedContext:

@@ -285,6 +285,10 @@ class PolicyUpdater:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"the gradient norm is {grad_norm.item()}", last_metrics)
         self.optimizer.step()
+        # A finite loss and gradient can still step to non-finite weights (e.g. an overflowing Adam moment).
+        finite = all(context.all_gather_objects(_all_finite(params)))
+        if not finite:
+            raise NonFiniteLossError("the weights are not finite after the optimizer step", last_metrics)
         metrics.add({"actor/grad_norm": float(grad_norm), "actor/lr": self.optimizer.param_groups[0]["lr"]})
 
     def _micro_batch_loss(
@@ -389,6 +393,12 @@ class MetricAccumulator:
         if with_critic and sums:
             result["critic/explained_variance"] = _explained_variance(ev_stats)
         return result
+
+
+def _all_finite(params: list[torch.Tensor]) -> bool:
+    """Whether this rank's part of every parameter is finite (a sharded parameter checks its local shard)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+    return bool(torch.stack([p.detach().isfinite().all() for p in local]).all())
 
 
 ACTOR_METRICS = ("policy_loss", "approx_kl", "clip_fraction", "clipped_ratio", "ratio", "dual_clip_fraction")
