@@ -15,6 +15,7 @@ import sys
 import torch
 
 from opensora_gym import cli as world_model_cli
+from opensora_gym import convert
 from trainers.config import ConfigError, TrainConfig, load_config
 
 __all__ = ["build_parser", "main", "run_eval"]
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     world_model_cli.add_rollout_arguments(
         commands.add_parser("rollout", help="imagine a few action chunks in the world model and write an mp4")
     )
+    convert.add_convert_arguments(commands.add_parser("convert", help="LIBERO HDF5 or LeRobot data -> dataset folder"))
     return parser
 
 
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "rollout":
         world_model_cli.rollout(args)
+        return
+    if args.command == "convert":
+        convert.run_convert(args)
         return
     try:
         config = load_config(args.config, args.overrides)
