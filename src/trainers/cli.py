@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from opensora_gym import cli as world_model_cli
+from opensora_gym import convert
 from trainers.config import TrainConfig, config_to_dict, load_config, preset_names, resolve_config_path
 
 __all__ = ["build_parser", "main", "run_eval"]
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     world_model_cli.add_rollout_arguments(
         commands.add_parser("rollout", help="imagine a few action chunks in the world model and write an mp4")
     )
+    convert.add_convert_arguments(commands.add_parser("convert", help="LIBERO HDF5 or LeRobot data -> dataset folder"))
     return parser
 
 
@@ -158,6 +160,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "configs":
         list_presets()
+        return
+    if args.command == "convert":
+        convert.run_convert(args)
         return
     try:
         config = load_config(args.config, args.overrides)
