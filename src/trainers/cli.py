@@ -15,6 +15,7 @@ import sys
 import torch
 
 from opensora_gym import cli as world_model_cli
+from opensora_gym.training import cli as training_cli
 from trainers.config import ConfigError, TrainConfig, load_config
 
 __all__ = ["build_parser", "main", "run_eval"]
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     world_model_cli.add_rollout_arguments(
         commands.add_parser("rollout", help="imagine a few action chunks in the world model and write an mp4")
     )
+    training_cli.add_commands(commands)
     return parser
 
 
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "rollout":
         world_model_cli.rollout(args)
+        return
+    if args.command in training_cli.COMMANDS:
+        training_cli.run(args)
         return
     try:
         config = load_config(args.config, args.overrides)

@@ -453,7 +453,7 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
         np.add.at(bucket_sum, buckets, per_clip.detach().float().cpu().numpy())
         np.add.at(bucket_count, buckets, 1)
         if state.step % config.log_every == 0:
-            writer.add_scalar("train/loss", float(loss), state.step)
+            writer.add_scalar("train/loss", result.losses[-1], state.step)
             writer.add_scalar("train/lr", lr, state.step)
             writer.add_scalar("train/grad_norm", float(grad_norm), state.step)
             for k in np.flatnonzero(bucket_count):
