@@ -189,6 +189,89 @@ class TrainingResult:
     checkpoint: Path | None = None
 
 
+@dataclass
+class TrainingState:
+    """What a training step changes, and what a checkpoint saves.
+
+    Attributes:
+        model: the trained STDiT3 (float32 master weights).
+        ema: its float32 exponential moving average.
+        optimizer: AdamW over `model`'s parameters.
+        scheduler: the warm-up schedule.
+        generator: the run's only source of randomness (on the CPU).
+        step: optimizer steps taken.
+    """
+
+    model: STDiT3
+    ema: STDiT3
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    step: int = 0
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """Attributes: per_clip (the loss of each clip [B], detached), grad_norm (before clipping), lr (used)."""
+
+    per_clip: torch.Tensor
+    grad_norm: float
+    lr: float
+
+
+def train_step(
+    state: TrainingState,
+    x0: torch.Tensor,
+    actions: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    image_size: int,
+    grad_clip: float = 1.0,
+    ema_decay: float = 0.9999,
+    bf16: bool = True,
+) -> StepOutput:
+    """One optimizer step on a batch: loss, backward, clipping, AdamW, schedule, EMA.
+
+    Args:
+        state: model, EMA, optimizer, scheduler (updated in place; `step` is incremented).
+        x0: clean latents [B, C, Tc + A, h, w]; actions: [B, A, action_dim]; noise: like x0; t: [B].
+        image_size: the frame side the latents stand for.
+        grad_clip: largest global gradient norm (0: no clipping).
+        ema_decay: EMA decay.
+        bf16: compute under bf16 autocast.
+
+    Raises:
+        FloatingPointError: the loss is not finite (nothing is updated).
+    """
+    device = next(state.model.parameters()).device
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        per_clip = rectified_flow_loss(
+            state.model, x0.to(device), actions.to(device), noise.to(device), t.to(device), image_size, image_size
+        )  # [B]
+    loss = per_clip.mean()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite training loss {float(loss.detach())} at step {state.step}; stopping")
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    lr = state.scheduler.get_last_lr()[0]
+    state.optimizer.step()
+    state.scheduler.step()
+    update_ema(state.ema, state.model, ema_decay)
+    state.step += 1
+    return StepOutput(per_clip=per_clip.detach().float().cpu(), grad_norm=float(grad_norm), lr=lr)
+
+
+def build_training_state(
+    model: STDiT3, lr: float, weight_decay: float, adam_eps: float, warmup_steps: int, seed: int
+) -> TrainingState:
+    """EMA copy, AdamW, linear warm-up and the run's generator around `model`."""
+    ema = copy.deepcopy(model).float().eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, eps=adam_eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup_steps=warmup_steps))
+    return TrainingState(model, ema, optimizer, scheduler, torch.Generator().manual_seed(seed))
+
+
 def enable_gradient_checkpointing(model: STDiT3) -> None:
     """Makes every spatial and temporal block recompute its activations in the backward pass.
 
@@ -226,7 +309,7 @@ def dataset_statistics(clips: LatentClips) -> ActionStatistics:
     return ActionStatistics.from_actions(clips.actions[keep].numpy())
 
 
-def save_training_checkpoint(folder: Path, state: _TrainingState) -> Path:
+def save_training_checkpoint(folder: Path, state: TrainingState) -> Path:
     """Writes model, EMA, optimizer, scheduler, step and generator state to `folder`, atomically.
 
     Everything goes to `<folder>.tmp` first, which is renamed to `folder` once complete.
@@ -253,7 +336,7 @@ def save_training_checkpoint(folder: Path, state: _TrainingState) -> Path:
     return folder
 
 
-def load_training_checkpoint(folder: Path, state: _TrainingState) -> None:
+def load_training_checkpoint(folder: Path, state: TrainingState) -> None:
     """Restores what `save_training_checkpoint` wrote into `state`."""
     device = next(state.model.parameters()).device
     state.model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
@@ -306,16 +389,6 @@ def export_checkpoint(
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
-
-
-@dataclass
-class _TrainingState:
-    model: STDiT3
-    ema: STDiT3
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    generator: torch.Generator
-    step: int = 0
 
 
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -404,12 +477,9 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
         )
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    ema = copy.deepcopy(model).float().eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps
+    state = build_training_state(
+        model, config.lr, config.weight_decay, config.adam_eps, config.warmup_steps, config.seed
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(warmup_factor, warmup_steps=config.warmup_steps))
-    state = _TrainingState(model, ema, optimizer, scheduler, torch.Generator().manual_seed(config.seed))
     last = latest_checkpoint(run_dir) if config.resume else None
     if last is not None:
         load_training_checkpoint(last, state)
@@ -417,10 +487,6 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
 
     flow = RectifiedFlowConfig(use_timestep_transform=config.use_timestep_transform)
     size, num_frames = config.image_size, model.config.condition_frames + config.generated_frames
-    autocast = partial(
-        torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"
-    )
-    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
     writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
     preview = _Preview(config, clips, statistics) if config.preview_every else None
     result = TrainingResult(last_checkpoint=last)
@@ -432,36 +498,24 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
         t = sample_timesteps(
             config.batch_size, state.generator, flow, size, size, num_frames, config.timestep_loc, config.timestep_scale
         )
-        with autocast():
-            per_clip = rectified_flow_loss(
-                model, x0.to(device), actions.to(device), noise.to(device), t.to(device), size, size
-            )  # [B]
-        loss = per_clip.mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {float(loss)} at step {state.step}; stopping")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        update_ema(ema, model, config.ema_decay)
-        state.step += 1
-        result.losses.append(float(loss.detach()))
+        out = train_step(
+            state, x0, actions, noise, t, size, config.grad_clip, config.ema_decay, config.mixed_precision == "bf16"
+        )
+        result.losses.append(float(out.per_clip.mean()))
 
         buckets = (t.float() * TIMESTEP_BUCKETS / flow.num_timesteps).long().clamp(0, TIMESTEP_BUCKETS - 1).numpy()
-        np.add.at(bucket_sum, buckets, per_clip.detach().float().cpu().numpy())
+        np.add.at(bucket_sum, buckets, out.per_clip.numpy())
         np.add.at(bucket_count, buckets, 1)
         if state.step % config.log_every == 0:
             writer.add_scalar("train/loss", result.losses[-1], state.step)
-            writer.add_scalar("train/lr", lr, state.step)
-            writer.add_scalar("train/grad_norm", float(grad_norm), state.step)
+            writer.add_scalar("train/lr", out.lr, state.step)
+            writer.add_scalar("train/grad_norm", out.grad_norm, state.step)
             for k in np.flatnonzero(bucket_count):
                 low, high = k * flow.num_timesteps // TIMESTEP_BUCKETS, (k + 1) * flow.num_timesteps // TIMESTEP_BUCKETS
                 writer.add_scalar(f"loss_by_t/{low:04d}-{high:04d}", bucket_sum[k] / bucket_count[k], state.step)
             bucket_sum[:], bucket_count[:] = 0, 0
         if preview is not None and state.step % config.preview_every == 0:
-            preview.log(writer, ema, state.step)
+            preview.log(writer, state.ema, state.step)
         if state.step % config.checkpoint_every == 0 or state.step == config.max_steps:
             result.last_checkpoint = save_training_checkpoint(
                 run_dir / CHECKPOINTS_FOLDER / f"step_{state.step:08d}", state
@@ -474,6 +528,6 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
     if reward_model is None and config.init_checkpoint is not None:
         reward_model = CheckpointLayout(config.init_checkpoint).reward_weights
     result.checkpoint = export_checkpoint(
-        run_dir / EXPORT_FOLDER, ema, config.vae_folder, config.dataset, statistics, reward_model
+        run_dir / EXPORT_FOLDER, state.ema, config.vae_folder, config.dataset, statistics, reward_model
     )
     return result
