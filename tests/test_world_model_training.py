@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from opensora_gym.data import ActionStatistics, TrajectoryDataset, save_trajectory
 from opensora_gym.env import OpenSoraLiberoEnv
@@ -96,7 +97,11 @@ def test_world_model_loss_falls_and_the_folder_loads_in_the_env(recorded, tmp_pa
     result = train_world_model(tiny_config(recorded, tmp_path / "run", max_steps=20, lr=2e-3, preview_every=10))
     first, last = np.mean(result.losses[:5]), np.mean(result.losses[-5:])
     assert last < 0.85 * first, (first, last)
-    assert (tmp_path / "run" / "tensorboard").is_dir()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/grad_norm", "preview/latent_mse"} <= set(scalars)
+    assert any(tag.startswith("loss_by_t/") for tag in scalars)
+    assert events.Tags()["images"] == ["preview/real_top_predicted_below"]
 
     env = OpenSoraLiberoEnv(num_envs=2, checkpoint=result.checkpoint, image_size=32, num_sampling_steps=2)
     env.reset(seed=0)
