@@ -19,6 +19,7 @@ import torch
 
 from opensora_gym import cli as world_model_cli
 from opensora_gym import convert
+from opensora_gym.training import cli as training_cli
 from trainers.config import TrainConfig, config_to_dict, load_config, preset_names, resolve_config_path
 
 __all__ = ["build_parser", "main", "run_eval"]
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("rollout", help="imagine a few action chunks in the world model and write an mp4")
     )
     convert.add_convert_arguments(commands.add_parser("convert", help="LIBERO HDF5 or LeRobot data -> dataset folder"))
+    training_cli.add_commands(commands)
     return parser
 
 
@@ -155,26 +157,24 @@ def _new_eval_folder(config: TrainConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "rollout":
-        world_model_cli.rollout(args)
-        return
-    if args.command == "configs":
-        list_presets()
-        return
-    if args.command == "convert":
-        convert.run_convert(args)
-        return
     try:
-        config = load_config(args.config, args.overrides)
-        if args.command == "train":
+        if args.command == "rollout":
+            world_model_cli.rollout(args)
+        elif args.command == "configs":
+            list_presets()
+        elif args.command == "convert":
+            convert.run_convert(args)
+        elif args.command in training_cli.COMMANDS:
+            training_cli.run(args)
+        elif args.command == "train":
             from trainers.runner import train
 
-            result = train(config)
+            result = train(load_config(args.config, args.overrides))
             print(f"run folder: {result.run_dir}; last checkpoint: {result.last_checkpoint}")
         else:
-            run_eval(config)
+            run_eval(load_config(args.config, args.overrides))
     except KNOWN_ERRORS as error:
-        if args.debug:
+        if getattr(args, "debug", False):
             traceback.print_exc()
         message = " ".join(str(error).split())  # one line, whatever the error's own layout
         sys.exit(f"opensora-gym {args.command}: {message} (--debug shows the traceback)")

@@ -1,0 +1,205 @@
+"""World-model, VAE and reward-model training: the reference loss by hand, learning, exact resume, the report."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from opensora_gym.data import ActionStatistics, TrajectoryDataset, save_trajectory
+from opensora_gym.env import OpenSoraLiberoEnv
+from opensora_gym.models.reward import ResNetRewardModel
+from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
+from opensora_gym.models.vae import SDXL_SCALING_FACTOR, VideoVAE
+from opensora_gym.testing import TinyCheckpointSpec, make_tiny_checkpoint, tiny_vae_config
+from opensora_gym.training.clips import LatentClips, encode_latents
+from opensora_gym.training.rectified_flow import rectified_flow_loss
+from opensora_gym.training.reward_model import RewardTrainingConfig, classification_report, train_reward_model
+from opensora_gym.training.vae import VAETrainingConfig, calibrate_latent_scale, train_vae
+from opensora_gym.training.world_model import WorldModelTrainingConfig, train_world_model
+from opensora_gym.world_model import frames_from_uint8
+from trainers.cli import main as cli_main
+
+TINY_DIT = STDiT3Config(depth=1, hidden_size=32, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """A tiny released-layout folder: 3 episodes of 16 frames at 32 px whose square moves with the actions."""
+    spec = TinyCheckpointSpec(image_size=32, num_trajectories=3, trajectory_length=16, dit=TINY_DIT)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("recorded"), spec)
+
+
+def tiny_config(recorded, out, **overrides) -> WorldModelTrainingConfig:
+    settings = {
+        "dataset": recorded / "dataset",
+        "out": out,
+        "vae": recorded / "vae",
+        "reward_model": recorded,
+        "dit": TINY_DIT,
+        "image_size": 32,
+        "batch_size": 8,
+        "max_steps": 40,
+        "lr": 1e-3,
+        "warmup_steps": 2,
+        "ema_decay": 0.9,
+        "mixed_precision": "no",
+        "log_every": 5,
+        "preview_every": 0,
+        "checkpoint_every": 100,
+    }
+    return WorldModelTrainingConfig(**{**settings, **overrides})
+
+
+def test_loss_matches_hand_computation_of_the_reference_loss():
+    torch.manual_seed(0)
+    model = STDiT3(TINY_DIT).eval()
+    B, C, F, h, w = 2, 4, 12, 4, 4
+    x0, noise = torch.randn(B, C, F, h, w), torch.randn(B, C, F, h, w)
+    actions = torch.rand(B, 8, 7) * 2 - 1
+    t = torch.tensor([700.0, 120.0])
+
+    loss = rectified_flow_loss(model, x0, actions, noise, t, height=32, width=32)
+
+    expected = []
+    for b in range(B):
+        x_in = x0[b].clone()
+        for f in range(F):
+            s = 15.0 / 1000 if f < 4 else float(t[b]) / 1000  # condition frames at t0 = 15, the others at t
+            x_in[:, f] = (1 - s) * x0[b, :, f] + s * noise[b, :, f]
+        x_mask = torch.tensor([[False] * 4 + [True] * 8])
+        velocity = model(x_in[None], t[b : b + 1], actions[b : b + 1], x_mask, 32, 32)[0, :C]
+        target = x0[b] - noise[b]
+        frame_means = [((velocity[:, f] - target[:, f]) ** 2).mean() for f in range(4, F)]  # generated only
+        expected.append(sum(frame_means) / len(frame_means))
+    torch.testing.assert_close(loss, torch.stack(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_clips_pair_each_generated_frame_with_the_action_that_produced_it(recorded, tmp_path):
+    vae = VideoVAE.from_pretrained(recorded / "vae")
+    dataset = TrajectoryDataset(recorded / "dataset")
+    clips = LatentClips.load(encode_latents(dataset, vae, 32, tmp_path / "latents.safetensors"))
+    assert len(clips) == 3 * (16 - 8)
+    # Clip 1 of episode 0: condition frames 0, 0, 0, 1 (frame 0 repeated), generated frames 2..9.
+    assert clips.frame_indices(torch.tensor([1])).tolist() == [[0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    statistics = ActionStatistics.from_json(recorded)
+    latents, actions = clips.batch(torch.tensor([1]), statistics, generator=None)
+    assert latents.shape == (1, 4, 12, 4, 4)
+    episode = dataset.episode(0)
+    np.testing.assert_allclose(actions[0].numpy(), statistics.normalize(episode.actions[1:9]), rtol=1e-6)
+    assert clips.mean.dtype == torch.float16
+
+
+def test_world_model_loss_falls_and_the_folder_loads_in_the_env(recorded, tmp_path):
+    result = train_world_model(tiny_config(recorded, tmp_path / "run", max_steps=20, lr=2e-3, preview_every=10))
+    first, last = np.mean(result.losses[:5]), np.mean(result.losses[-5:])
+    assert last < 0.85 * first, (first, last)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "train/grad_norm", "preview/latent_mse"} <= set(scalars)
+    assert any(tag.startswith("loss_by_t/") for tag in scalars)
+    assert events.Tags()["images"] == ["preview/real_top_predicted_below"]
+
+    env = OpenSoraLiberoEnv(num_envs=2, checkpoint=result.checkpoint, image_size=32, num_sampling_steps=2)
+    env.reset(seed=0)
+    _, reward, _, _, _ = env.step(env.action_space.sample())
+    assert reward.shape == (2,)
+    env.close()
+    ema = load_file(next(result.checkpoint.glob("model-*.safetensors")))
+    assert all(torch.isfinite(value).all() for value in ema.values())
+
+
+def test_resume_reproduces_the_uninterrupted_run(recorded, tmp_path):
+    whole = train_world_model(tiny_config(recorded, tmp_path / "whole", max_steps=5))
+    train_world_model(tiny_config(recorded, tmp_path / "split", max_steps=3))
+    resumed = train_world_model(tiny_config(recorded, tmp_path / "split", max_steps=5))
+
+    assert resumed.losses == whole.losses[3:]
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(whole.last_checkpoint / name)
+        b = load_file(resumed.last_checkpoint / name)
+        assert all(torch.equal(a[key], b[key]) for key in a), name
+
+
+def test_cli_trains_a_world_model(recorded, tmp_path):
+    cli_main(
+        ["train-world-model", "--dataset", str(recorded / "dataset"), "--vae", str(recorded / "vae"),
+         "--out", str(tmp_path / "cli"), "--image-size", "32", "--preset", "tiny", "--depth", "1",
+         "--hidden-size", "32", "--num-heads", "2", "--max-steps", "2", "--batch-size", "2",
+         "--mixed-precision", "no", "--preview-every", "0"]
+    )  # fmt: skip
+    assert (tmp_path / "cli" / "world_model" / "config.json").is_file()
+    assert (tmp_path / "cli" / "world_model" / "dataset_statistics.json").is_file()
+
+
+def test_vae_training_lowers_the_loss_and_writes_a_calibrated_vae(recorded, tmp_path):
+    config = VAETrainingConfig(
+        dataset=recorded / "dataset", out=tmp_path, image_size=32, block_out_channels=(8, 8, 8, 8),
+        norm_num_groups=4, batch_size=4, max_steps=12, lr=3e-3, calibration_frames=16,
+    )  # fmt: skip
+    result = train_vae(config)
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+    vae = VideoVAE.from_pretrained(result.folder)
+    frames = torch.from_numpy(TrajectoryDataset(recorded / "dataset").episode(0).images)  # [16, 32, 32, 3]
+    latents = vae.encode(frames_from_uint8(frames, 32)[:, :, None], sample=False)  # [16, 4, 1, 4, 4], scaled
+    assert 0.5 < float(latents.detach().std()) < 2.0
+
+
+def test_latent_calibration_keeps_reconstructions():
+    torch.manual_seed(0)
+    ae = VideoVAE.from_config(tiny_vae_config()).autoencoder.eval()
+    frames = torch.rand(6, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        before = ae.decode(ae.encode(frames).latent_dist.mean).sample
+        k = calibrate_latent_scale(ae, frames)
+        scaled = ae.encode(frames).latent_dist.mean * SDXL_SCALING_FACTOR
+        after = ae.decode(ae.encode(frames).latent_dist.mean).sample
+    assert k != pytest.approx(1.0)
+    assert float(scaled.std()) == pytest.approx(1.0, rel=1e-4)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_report_on_a_known_case():
+    prob = torch.tensor([0.9, 0.8, 0.3, 0.6, 0.1, 0.5])
+    labels = torch.tensor([1, 1, 0, 0, 0, 1])
+    episode_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    report = classification_report(prob, labels, episode_ids, ["a", "b"], bins=10)
+    # round(): 1, 1, 0, 1, 0, 0 (0.5 rounds to 0, as in the env) -> correct: yes, yes, yes, no, yes, no.
+    assert report.accuracy == pytest.approx(4 / 6)
+    # One frame per bin: ECE = mean |label - prob| = (0.1 + 0.2 + 0.3 + 0.6 + 0.1 + 0.5) / 6.
+    assert report.ece == pytest.approx(1.8 / 6)
+    assert report.false_success_rate == pytest.approx(1 / 3)  # 0.6 of the 3 non-success frames
+    assert report.missed_success_rate == pytest.approx(1 / 3)  # 0.5 of the 3 success frames
+    a, b = report.episodes
+    assert (a.false_success_rate, a.missed_success_rate, a.success_frames) == (0.0, 0.0, 2)
+    assert (b.false_success_rate, b.missed_success_rate, b.success_frames) == (0.5, 1.0, 1)
+    empty = classification_report(torch.tensor([0.2]), torch.tensor([0]), torch.tensor([0]), ["c"])
+    assert math.isnan(empty.missed_success_rate)
+
+
+def test_reward_training_separates_two_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "dataset").mkdir()
+    for episode in range(6):
+        frames = []
+        for t in range(12):
+            success = t >= 6  # the bowl is on the plate from frame 6 on: a bright square in the corner
+            image = rng.integers(0, 60, size=(32, 32, 3), dtype=np.uint8)
+            if success:
+                image[:12, :12] = 230
+            frames.append({"image": image, "delta_action": np.zeros(7, np.float32), "instruction": "x",
+                           "success": success})  # fmt: skip
+        save_trajectory(tmp_path / "dataset" / f"traj{episode}.npy", frames)
+    config = RewardTrainingConfig(
+        dataset=tmp_path / "dataset", out=tmp_path / "rm", image_size=32, widths=(4, 8, 8, 16),
+        held_out_fraction=0.34, batch_size=16, max_steps=40, lr=3e-3,
+    )  # fmt: skip
+    report, path = train_reward_model(config)
+    assert report.accuracy >= 0.95, report.table()
+    assert report.frames == 2 * 12  # two held-out episodes, whole
+    assert report.false_success_rate <= 0.05 and report.missed_success_rate <= 0.05
+    assert isinstance(ResNetRewardModel.from_pretrained(path), ResNetRewardModel)
+    assert json.loads((tmp_path / "rm" / "reward_report.json").read_text())["frames"] == 24
