@@ -175,13 +175,20 @@ class _DeferredCamera:
     (``mjv_updateScene``, microseconds); :meth:`image` rasterizes the last captured scene with the calls robosuite's
     ``MjSim.render`` makes (``mjr_render``, then the render context's ``read_pixels``), so the pixels are the ones
     robosuite would have returned for that observation. Nothing here writes to the simulation state.
+
+    Args:
+        robosuite_env: the robosuite env (LIBERO's ``ControlEnv.env``), built with ``use_camera_obs=False``.
+        context: the robosuite render context (GL context and MuJoCo's ``MjrContext``) that rasterizes.
+        name: the camera's name in the model.
+        size: side of the square image in pixels.
     """
 
-    def __init__(self, robosuite_env: Any, name: str, size: int) -> None:
+    def __init__(self, robosuite_env: Any, context: Any, name: str, size: int) -> None:
         import mujoco
         from robosuite.utils.observables import Observable, sensor
 
         self.robosuite_env = robosuite_env
+        self.context = context
         self.name = name
         self.size = size
         self.model = None
@@ -208,12 +215,11 @@ class _DeferredCamera:
             self.model = sim.model
             self.scene = mujoco.MjvScene(sim.model._model, maxgeom=1000)  # robosuite's scene size
             self.camera.fixedcamid = sim.model.camera_name2id(self.name)
-        context = sim._render_context_offscreen
         mujoco.mjv_updateScene(
             sim.model._model,
             sim.data._data,
-            context.vopt,
-            context.pert,
+            self.context.vopt,
+            self.context.pert,
             self.camera,
             mujoco.mjtCatBit.mjCAT_ALL,
             self.scene,
@@ -224,7 +230,7 @@ class _DeferredCamera:
         """The last captured view, [H, W, 3] uint8, bottom row first (OpenGL order, as robosuite returns it)."""
         import mujoco
 
-        context = self.robosuite_env.sim._render_context_offscreen
+        context = self.context
         if self.size > context.con.offWidth or self.size > context.con.offHeight:
             # As MjSim.render: grow the offscreen buffer (640 x 480 unless the model says otherwise) to fit.
             context.update_offscreen_size(max(self.size, context.con.offWidth), max(self.size, context.con.offHeight))
@@ -237,7 +243,9 @@ class _Simulator:
 
     Camera images are rasterized only where someone uses them (:class:`_DeferredCamera`): the observation after
     reset and after each chunk, and every step's agent view with ``return_frames``. Physics, success and the robot
-    state are those of LIBERO's own every-step rendering.
+    state are those of LIBERO's own every-step rendering. One render context serves all episodes of a task:
+    LIBERO's ``OffScreenRenderEnv`` makes a new one at every reset (about 1 s on CPU, mostly uploading meshes and
+    textures), though a task's scene keeps its meshes and textures from episode to episode.
     """
 
     def __init__(self, config: LiberoConfig) -> None:
@@ -248,27 +256,38 @@ class _Simulator:
             self.tasks = benchmark.get_benchmark_dict()[SUITES[config.suite].benchmark]()
         self.cameras = ["agentview", "robot0_eye_in_hand"] if config.wrist_image else ["agentview"]
         self.env = None
+        self.context = None
         self.views: dict[str, _DeferredCamera] = {}
         self.task_id: int | None = None
         self.init_states: np.ndarray | None = None
 
     def _build(self, task_id: int) -> None:
         from libero.libero import get_libero_path
-        from libero.libero.envs import OffScreenRenderEnv
+        from libero.libero.envs.env_wrapper import ControlEnv
+        from robosuite.utils.binding_utils import MjRenderContextOffscreen
 
         self.close()
         task = self.tasks.get_task(task_id)
-        self.env = OffScreenRenderEnv(
+        # OffScreenRenderEnv's settings, except that robosuite neither renders cameras nor makes render contexts:
+        # the cameras are _DeferredCamera observables that share the one context made here.
+        self.env = ControlEnv(
             bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file),
             camera_names=self.cameras,
             camera_heights=self.config.image_size,
             camera_widths=self.config.image_size,
-            # The cameras are _DeferredCamera observables instead, rendered only when an image is used.
             use_camera_obs=False,
+            has_offscreen_renderer=False,
             # robosuite stops an episode at its horizon; ours must never be cut short by it.
             horizon=self.config.num_steps_wait + self.config.episode_limit + 1,
         )
-        self.views = {camera: _DeferredCamera(self.env.env, camera, self.config.image_size) for camera in self.cameras}
+        self.context = MjRenderContextOffscreen(self.env.sim, device_id=-1)
+        # robosuite's mesh groups: visual meshes (group 1) without collision meshes (group 0).
+        self.context.vopt.geomgroup[0] = 0
+        self.context.vopt.geomgroup[1] = 1
+        self.views = {
+            camera: _DeferredCamera(self.env.env, self.context, camera, self.config.image_size)
+            for camera in self.cameras
+        }
         self.init_states = self.tasks.get_task_init_states(task_id)
         self.task_id = task_id
 
@@ -329,7 +348,12 @@ class _Simulator:
         if self.env is not None:
             self.env.close()
             self.env = None
+            # The cameras' sensors keep the context alive in a reference cycle with the robosuite env, which the
+            # garbage collector may free only after EGL has shut down: free its GL resources now.
+            self.context.con.free()
+            self.context.gl_ctx.free()
             self.views = {}
+            self.context = None
 
 
 def _worker(connection: Connection, config: LiberoConfig) -> None:
