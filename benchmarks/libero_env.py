@@ -1,13 +1,14 @@
 """Speed of the real LIBERO env: evaluation (one image per chunk) and recording (every image), 1 and N workers.
 
-Each configuration makes ``gym.make_vec(<id>, num_envs=N, return_frames=...)``, builds the scenes with a first
-reset, times a second reset (what every later episode of a task costs: LIBERO reloads the scene, then the no-op
-steps settle it) and then ``--chunks`` chunk steps of small random actions. A policy step is one action of one
-sub-env, so a chunk step of N sub-envs is 8 N policy steps. Evaluation renders only the observation after each
+For each worker count one ``gym.make_vec(<id>, num_envs=N)`` builds its scenes with a first reset, then times a
+second reset (what every later episode of a task costs: LIBERO reloads the scene, then the no-op steps settle it)
+and ``--chunks`` chunk steps of small random actions per mode. Evaluation renders only the observation after each
 chunk; recording (``return_frames=True``, what the video and trajectory recorders switch on) renders every step,
-as the env did for evaluation too before it rendered on demand. Episodes per hour assume every episode runs to the
-suite's step limit (a failure; successes end sooner) and count the reset. The configurations run interleaved, and
-the load average is recorded next to each, because the machine may be shared. Prints one table and writes JSON.
+as the env did for evaluation too before it rendered on demand. The two modes alternate chunk by chunk on the same
+env (``return_frames`` is a runtime switch), so a machine shared with other work slows both alike and their ratio
+stays fair; the load average is recorded next to each row. A policy step is one action of one sub-env, so a chunk
+step of N sub-envs is 8 N policy steps. Episodes per hour assume every episode runs to the suite's step limit (a
+failure; successes end sooner) and count the reset. Prints one table and writes JSON.
 
 Usage:
     python benchmarks/libero_env.py --num-envs 1 2 --chunks 8 --output benchmarks/results/libero_env.json
@@ -30,46 +31,56 @@ import opensora_gym  # noqa: F401  (registers the Libero-*-v0 ids)
 MODES = {"evaluation": False, "recording": True}  # mode -> return_frames
 
 
-def measure(
-    env_id: str, num_envs: int, return_frames: bool, chunks: int, image_size: int, seed: int
-) -> dict[str, float | int]:
-    """Times a reset and ``chunks`` steps of a ``num_envs`` LIBERO vector env after a first, scene-building reset."""
-    envs = gym.make_vec(env_id, num_envs=num_envs, image_size=image_size, return_frames=return_frames)
+def measure(env_id: str, num_envs: int, chunks: int, image_size: int, seed: int) -> list[dict[str, object]]:
+    """Times a reset and ``chunks`` chunk steps per mode of a ``num_envs`` LIBERO vector env; one row per mode."""
+    envs = gym.make_vec(env_id, num_envs=num_envs, image_size=image_size)
     try:
+        config = envs.unwrapped.config
+        if 2 * chunks * config.action_chunk > config.episode_limit:
+            raise ValueError(
+                f"--chunks must keep both modes within one episode: 2 x chunks x {config.action_chunk} <= "
+                f"{config.episode_limit}, got chunks={chunks}"
+            )
         load_before = os.getloadavg()[0]
         rng = np.random.default_rng(seed)
         options = {"task_id": 0, "trial_id": list(range(num_envs))}
-        start = time.perf_counter()
         envs.reset(seed=seed, options=options)
-        build_s = time.perf_counter() - start
         start = time.perf_counter()
         envs.reset(seed=seed, options=options)
         reset_s = time.perf_counter() - start
-        config = envs.unwrapped.config
-        start = time.perf_counter()
+        step_s = dict.fromkeys(MODES, 0.0)
         for _ in range(chunks):
-            actions = rng.uniform(-0.3, 0.3, size=envs.action_space.shape).astype(np.float32)
-            actions[..., -1] = 1.0  # keep the gripper open
-            envs.step(actions)
-        step_s = time.perf_counter() - start
+            for mode, return_frames in MODES.items():
+                envs.unwrapped.return_frames = return_frames
+                actions = rng.uniform(-0.3, 0.3, size=envs.action_space.shape).astype(np.float32)
+                actions[..., -1] = 1.0  # keep the gripper open
+                start = time.perf_counter()
+                envs.step(actions)
+                step_s[mode] += time.perf_counter() - start
     finally:
         envs.close()
+    load = [load_before, os.getloadavg()[0]]
     policy_steps = num_envs * chunks * config.action_chunk
-    steps_per_s = policy_steps / step_s
-    episode_s = reset_s + config.episode_limit * num_envs / steps_per_s  # per worker, all workers in parallel
-    return {
-        "num_envs": num_envs,
-        "return_frames": return_frames,
-        "first_reset_s": build_s,
-        "reset_s": reset_s,
-        "step_s": step_s,
-        "policy_steps": policy_steps,
-        "steps_per_s": steps_per_s,
-        "steps_per_s_per_env": steps_per_s / num_envs,
-        "episode_steps": config.episode_limit,
-        "episodes_per_hour": 3600.0 * num_envs / episode_s,
-        "load_average_1min": [load_before, os.getloadavg()[0]],
-    }
+    rows = []
+    for mode, seconds in step_s.items():
+        steps_per_s = policy_steps / seconds
+        episode_s = reset_s + config.episode_limit * num_envs / steps_per_s  # per worker, all workers in parallel
+        rows.append(
+            {
+                "mode": mode,
+                "num_envs": num_envs,
+                "return_frames": MODES[mode],
+                "reset_s": reset_s,
+                "step_s": seconds,
+                "policy_steps": policy_steps,
+                "steps_per_s": steps_per_s,
+                "steps_per_s_per_env": steps_per_s / num_envs,
+                "episode_steps": config.episode_limit,
+                "episodes_per_hour": 3600.0 * num_envs / episode_s,
+                "load_average_1min": load,
+            }
+        )
+    return rows
 
 
 def main() -> None:
@@ -78,8 +89,7 @@ def main() -> None:
     parser.add_argument(
         "--num-envs", type=int, nargs="+", default=[1, os.cpu_count() or 1], help="worker counts to measure"
     )
-    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES), help="what to measure")
-    parser.add_argument("--chunks", type=int, default=8, help="chunk steps timed per configuration")
+    parser.add_argument("--chunks", type=int, default=8, help="chunk steps timed per mode and worker count")
     parser.add_argument("--image-size", type=int, default=256, help="camera image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the env and of the random actions")
     parser.add_argument(
@@ -87,11 +97,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    results = []
-    for num_envs in args.num_envs:
-        for mode in args.modes:
-            row = measure(args.env_id, num_envs, MODES[mode], args.chunks, args.image_size, args.seed)
-            results.append({"mode": mode, **row})
+    results = [row for n in args.num_envs for row in measure(args.env_id, n, args.chunks, args.image_size, args.seed)]
     print(
         f"{args.env_id}, {args.image_size} px, {args.chunks} chunks; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, MUJOCO_GL={os.environ.get('MUJOCO_GL', 'egl (default)')}"
@@ -108,7 +114,11 @@ def main() -> None:
         "env_id": args.env_id,
         "image_size": args.image_size,
         "chunks": args.chunks,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "mujoco_gl": os.environ.get("MUJOCO_GL", "egl (default)"),
+        },
         "results": results,
     }
     args.output.write_text(json.dumps(report, indent=2) + "\n")
