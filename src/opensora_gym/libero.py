@@ -81,7 +81,7 @@ class LiberoConfig:
         suite: the task suite, one of ``SUITES``.
         image_size: side of the square agent-view (and wrist) camera images, in pixels; OpenVLA-OFT renders 256.
         wrist_image: also render the wrist camera and return it as ``info["wrist_image"]`` (costs a second render
-            per step).
+            per observation, one per chunk).
         num_steps_wait: no-op steps after reset while objects settle (OpenVLA-OFT: 10); not counted in the episode.
         max_episode_steps: policy steps before truncation; None uses the suite's limit (``SUITES``).
         action_chunk: actions per ``step()``; the chunk stops early at success or at the step limit.
