@@ -227,3 +227,87 @@ def test_reset_image_matches_openvla_oft_recipe():
     np.testing.assert_array_equal(info["wrist_image"][0], expected_wrist)
     np.testing.assert_allclose(info["state"][0, :3], expected_position, rtol=1e-6)
     assert observation["task"] == (task.language,)
+
+
+@needs_libero
+@pytest.mark.slow
+def test_images_rendered_only_where_used_change_nothing_else(monkeypatch):
+    """The same actions in LIBERO rendering every step and in our simulator rendering once per chunk (and every
+    step only with return_frames): the simulator states after every step, success, proprio and every image we
+    return are identical, and we render one image per camera per chunk."""
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    from libero.libero import benchmark, get_libero_path
+    from libero.libero.envs import OffScreenRenderEnv
+
+    from opensora_gym.libero import _Simulator
+
+    size, task_id, trial_id, chunk, wait = 64, 0, 1, 4, 3
+    cameras = ("agentview", "robot0_eye_in_hand")
+    actions = np.random.default_rng(0).uniform(-1.0, 1.0, size=(2 * chunk, 7)).astype(np.float32)
+    actions[:, -1] = np.sign(actions[:, -1])
+    tasks = benchmark.get_benchmark_dict()["libero_spatial"]()
+    task = tasks.get_task(task_id)
+
+    reference = OffScreenRenderEnv(
+        bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file),
+        camera_names=list(cameras),
+        camera_heights=size,
+        camera_widths=size,
+    )
+    expected_states, expected_done, expected_images = [], [], []
+    try:
+        reference.seed(0)
+        reference.reset()
+        raw = reference.set_init_state(tasks.get_task_init_states(task_id)[trial_id])
+        for action in [CONTROLLER_NOOP_ACTION.tolist()] * wait + actions.tolist():
+            raw, _, done, _ = reference.step(action)
+            expected_states.append(reference.get_sim_state())
+            expected_done.append(done)
+            expected_images.append({camera: raw[f"{camera}_image"][::-1, ::-1] for camera in cameras})
+        expected_position = raw["robot0_eef_pos"]
+    finally:
+        reference.close()
+
+    simulator = _Simulator(LiberoConfig(image_size=size, wrist_image=True, num_steps_wait=wait))
+    try:
+        simulator._build(task_id)
+        states, renders = [], {camera: 0 for camera in cameras}
+        step = simulator.env.step
+
+        def recording_step(action):
+            reply = step(action)
+            states.append(simulator.env.get_sim_state())
+            return reply
+
+        monkeypatch.setattr(simulator.env, "step", recording_step)
+        for camera, view in simulator.views.items():
+            image = view.image
+
+            def counting_image(camera=camera, image=image):
+                renders[camera] += 1
+                return image()
+
+            monkeypatch.setattr(view, "image", counting_image)
+
+        features = simulator.reset(task_id, trial_id, seed=0)
+        np.testing.assert_array_equal(features["image"], expected_images[wait - 1]["agentview"])
+        np.testing.assert_array_equal(features["wrist_image"], expected_images[wait - 1]["robot0_eye_in_hand"])
+        assert renders == {"agentview": 1, "robot0_eye_in_hand": 1}, "settling must not render"
+        evaluation = simulator.step(actions[:chunk], return_frames=False)
+        assert renders == {"agentview": 2, "robot0_eye_in_hand": 2}, "one image per camera per chunk"
+        recording = simulator.step(actions[chunk:], return_frames=True)
+        assert renders == {"agentview": 2 + chunk, "robot0_eye_in_hand": 3}
+    finally:
+        simulator.close()
+
+    assert len(states) == len(expected_states)
+    for index, (state, expected) in enumerate(zip(states, expected_states, strict=True)):
+        np.testing.assert_array_equal(state, expected, err_msg=f"simulator state after step {index}")
+    assert not any(expected_done) and not evaluation["success"] and not recording["success"]
+    assert evaluation["executed"] == recording["executed"] == chunk
+    for result, last in ((evaluation, expected_images[wait - 1 + chunk]), (recording, expected_images[-1])):
+        np.testing.assert_array_equal(result["image"], last["agentview"])
+        np.testing.assert_array_equal(result["wrist_image"], last["robot0_eye_in_hand"])
+    for index, frame in enumerate(recording["frames"]):
+        np.testing.assert_array_equal(frame, expected_images[wait + chunk + index]["agentview"])
+    np.testing.assert_allclose(recording["state"][:3], expected_position, rtol=1e-6)

@@ -106,13 +106,14 @@ class LiberoConfig:
         suite: the task suite, one of ``SUITES``.
         image_size: side of the square agent-view (and wrist) camera images, in pixels; OpenVLA-OFT renders 256.
         wrist_image: also render the wrist camera and return it as ``info["wrist_image"]`` (costs a second render
-            per step).
+            per observation, one per chunk).
         num_steps_wait: no-op steps after reset while objects settle (OpenVLA-OFT: 10); not counted in the episode.
         settle_gripper: the gripper value of the no-op steps, in controller units (-1 open, the default).
         max_episode_steps: policy steps before truncation; None uses the suite's limit (``SUITES``).
         action_chunk: actions per ``step()``; the chunk stops early at success or at the step limit.
         return_frames: return every step's image and controller action of the chunk in ``info`` (what
-            :class:`opensora_gym.wrappers.TrajectoryRecorder` writes).
+            :class:`opensora_gym.wrappers.TrajectoryRecorder` writes). Only then does every step render; otherwise
+            a chunk renders one image (per camera), the observation after its last step.
         worker_timeout_s: seconds to wait for a worker's reply before giving up with an error.
         start_method: how worker processes start (``multiprocessing`` start method). ``spawn`` starts clean
             interpreters (safe next to torch threads and GPU contexts) but re-imports the main script, which must
@@ -207,8 +208,88 @@ def _axis_angle(quat: np.ndarray) -> np.ndarray:
     return quat[:3] * (2.0 * math.acos(w) / sin_half)
 
 
+class _DeferredCamera:
+    """One camera of a robosuite env that is captured at every observation but rasterized only on request.
+
+    robosuite renders its camera observations inside every ``step()``, at the physics substep where it samples all
+    observables; on CPU (EGL with software OpenGL) that render is most of a step's cost. The env is therefore built
+    without camera observations, and this camera registers an observable in their place with the same sampling
+    rate, so robosuite samples it at the same substep. Sampling only copies the geometry into the camera's own scene
+    (``mjv_updateScene``, microseconds); :meth:`image` rasterizes the last captured scene with the calls robosuite's
+    ``MjSim.render`` makes (``mjr_render``, then the render context's ``read_pixels``), so the pixels are the ones
+    robosuite would have returned for that observation. Nothing here writes to the simulation state.
+
+    Args:
+        robosuite_env: the robosuite env (LIBERO's ``ControlEnv.env``), built with ``use_camera_obs=False``.
+        context: the robosuite render context (GL context and MuJoCo's ``MjrContext``) that rasterizes.
+        name: the camera's name in the model.
+        size: side of the square image in pixels.
+    """
+
+    def __init__(self, robosuite_env: Any, context: Any, name: str, size: int) -> None:
+        import mujoco
+        from robosuite.utils.observables import Observable, sensor
+
+        self.robosuite_env = robosuite_env
+        self.context = context
+        self.name = name
+        self.size = size
+        self.model = None
+        self.scene = None
+        self.camera = mujoco.MjvCamera()
+        self.camera.type = mujoco.mjtCamera.mjCAMERA_FIXED
+
+        @sensor(modality="image")
+        def capture(obs_cache: dict[str, Any]) -> int:
+            return self._capture()
+
+        # Inactive: sampled and updated like every observable, but left out of robosuite's observation dict. It
+        # survives robosuite's hard resets (they only replace the sensors of the observables robosuite made).
+        robosuite_env.add_observable(
+            Observable(f"{name}_capture", capture, sampling_rate=robosuite_env.control_freq, active=False)
+        )
+
+    def _capture(self) -> int:
+        import mujoco
+
+        sim = self.robosuite_env.sim
+        if self.model is not sim.model:
+            # A hard reset loads a new model (and sim); the scene is sized for its model.
+            self.model = sim.model
+            self.scene = mujoco.MjvScene(sim.model._model, maxgeom=1000)  # robosuite's scene size
+            self.camera.fixedcamid = sim.model.camera_name2id(self.name)
+        mujoco.mjv_updateScene(
+            sim.model._model,
+            sim.data._data,
+            self.context.vopt,
+            self.context.pert,
+            self.camera,
+            mujoco.mjtCatBit.mjCAT_ALL,
+            self.scene,
+        )
+        return 0
+
+    def image(self) -> np.ndarray:
+        """The last captured view, [H, W, 3] uint8, bottom row first (OpenGL order, as robosuite returns it)."""
+        import mujoco
+
+        context = self.context
+        if self.size > context.con.offWidth or self.size > context.con.offHeight:
+            # As MjSim.render: grow the offscreen buffer (640 x 480 unless the model says otherwise) to fit.
+            context.update_offscreen_size(max(self.size, context.con.offWidth), max(self.size, context.con.offHeight))
+        mujoco.mjr_render(mujoco.MjrRect(0, 0, self.size, self.size), self.scene, context.con)
+        return context.read_pixels(self.size, self.size)
+
+
 class _Simulator:
-    """One LIBERO scene inside a worker process; it rebuilds the scene only when the task changes."""
+    """One LIBERO scene inside a worker process; it rebuilds the scene only when the task changes.
+
+    Camera images are rasterized only where someone uses them (:class:`_DeferredCamera`): the observation after
+    reset and after each chunk, and every step's agent view with ``return_frames``. Physics, success and the robot
+    state are those of LIBERO's own every-step rendering. One render context serves all episodes of a task:
+    LIBERO's ``OffScreenRenderEnv`` makes a new one at every reset (about 1 s on CPU, mostly uploading meshes and
+    textures), though a task's scene keeps its meshes and textures from episode to episode.
+    """
 
     def __init__(self, config: LiberoConfig) -> None:
         from libero.libero import benchmark
@@ -218,25 +299,38 @@ class _Simulator:
             self.tasks = benchmark.get_benchmark_dict()[SUITES[config.suite].benchmark]()
         self.cameras = ["agentview", "robot0_eye_in_hand"] if config.wrist_image else ["agentview"]
         self.env = None
+        self.context = None
+        self.views: dict[str, _DeferredCamera] = {}
         self.task_id: int | None = None
         self.init_states: np.ndarray | None = None
 
     def _build(self, task_id: int) -> None:
         from libero.libero import get_libero_path
-        from libero.libero.envs import OffScreenRenderEnv
+        from libero.libero.envs.env_wrapper import ControlEnv
+        from robosuite.utils.binding_utils import MjRenderContextOffscreen
 
-        if self.env is not None:
-            self.env.close()
-            self.env = None
+        self.close()
         task = self.tasks.get_task(task_id)
-        self.env = OffScreenRenderEnv(
+        # OffScreenRenderEnv's settings, except that robosuite neither renders cameras nor makes render contexts:
+        # the cameras are _DeferredCamera observables that share the one context made here.
+        self.env = ControlEnv(
             bddl_file_name=os.path.join(get_libero_path("bddl_files"), task.problem_folder, task.bddl_file),
             camera_names=self.cameras,
             camera_heights=self.config.image_size,
             camera_widths=self.config.image_size,
+            use_camera_obs=False,
+            has_offscreen_renderer=False,
             # robosuite stops an episode at its horizon; ours must never be cut short by it.
             horizon=self.config.num_steps_wait + self.config.episode_limit + 1,
         )
+        self.context = MjRenderContextOffscreen(self.env.sim, device_id=-1)
+        # robosuite's mesh groups: visual meshes (group 1) without collision meshes (group 0).
+        self.context.vopt.geomgroup[0] = 0
+        self.context.vopt.geomgroup[1] = 1
+        self.views = {
+            camera: _DeferredCamera(self.env.env, self.context, camera, self.config.image_size)
+            for camera in self.cameras
+        }
         self.init_states = self.tasks.get_task_init_states(task_id)
         self.task_id = task_id
 
@@ -263,22 +357,24 @@ class _Simulator:
             executed += 1
             success = bool(done)
             if return_frames:
-                frames.append(self._image(observation, "agentview"))
+                frames.append(self._image("agentview"))
             if success:
                 break
-        result = self._features(observation)
+        # With frames, the chunk's last frame is its observation: rasterized once.
+        result = self._features(observation, frames[-1] if return_frames else None)
         result.update(success=success, executed=executed)
         if return_frames:
             result["frames"] = np.stack(frames)  # [executed, H, W, 3]
         return result
 
-    def _image(self, observation: dict[str, np.ndarray], camera: str) -> np.ndarray:
-        # robosuite returns images bottom-up; OpenVLA-OFT was trained on them rotated by 180 degrees.
-        return np.ascontiguousarray(observation[f"{camera}_image"][::-1, ::-1])
+    def _image(self, camera: str) -> np.ndarray:
+        # robosuite's images are bottom-up; OpenVLA-OFT was trained on them rotated by 180 degrees.
+        return np.ascontiguousarray(self.views[camera].image()[::-1, ::-1])
 
-    def _features(self, observation: dict[str, np.ndarray]) -> dict[str, Any]:
+    def _features(self, observation: dict[str, np.ndarray], image: np.ndarray | None = None) -> dict[str, Any]:
+        """The observation's image (rendered here unless given), proprio state and, if asked for, wrist image."""
         features = {
-            "image": self._image(observation, "agentview"),
+            "image": self._image("agentview") if image is None else image,
             # OpenVLA-OFT's proprio: end-effector position, orientation as a rotation vector, finger positions.
             "state": np.concatenate(
                 [
@@ -289,13 +385,19 @@ class _Simulator:
             ).astype(np.float32),
         }
         if self.config.wrist_image:
-            features["wrist_image"] = self._image(observation, "robot0_eye_in_hand")
+            features["wrist_image"] = self._image("robot0_eye_in_hand")
         return features
 
     def close(self) -> None:
         if self.env is not None:
             self.env.close()
             self.env = None
+            # The cameras' sensors keep the context alive in a reference cycle with the robosuite env, which the
+            # garbage collector may free only after EGL has shut down: free its GL resources now.
+            self.context.con.free()
+            self.context.gl_ctx.free()
+            self.views = {}
+            self.context = None
 
 
 def _worker(connection: Connection, config: LiberoConfig) -> None:
