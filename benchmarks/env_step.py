@@ -14,7 +14,7 @@ Modes:
             steps, 256 px, bfloat16. `--checkpoint DIR` times a real checkpoint folder instead.
 
 Every flag below overrides the mode's default. Prints one table and writes JSON (default
-`benchmarks/results/env_step_<mode>.json`, rewritten after every rung).
+`benchmarks/results/env_step_<mode>_ladder.json`, rewritten after every rung).
 
     python benchmarks/env_step.py --tiny --compile-backend eager
     python benchmarks/env_step.py --xl --rungs eager-sdpa,eager,compiled,static,exact,steps-5,steps-4
@@ -425,7 +425,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path]:
     parser.add_argument("--compare-chunks", type=int, default=2, help="chained chunks compared with the baseline")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: CPU check)")
     parser.add_argument("--checkpoint", help="time this checkpoint folder (e.g. the released model) instead")
-    parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/env_step_<mode>.json)")
+    parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/env_step_<mode>_ladder.json)")
     args = parser.parse_args(argv)
     mode_name = args.mode or "tiny"
     defaults = MODE_DEFAULTS[mode_name]
@@ -444,7 +444,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path]:
         compare_chunks=args.compare_chunks,
         compile_backend=args.compile_backend,
     )
-    return config, args.out or RESULTS / f"env_step_{mode_name}.json"
+    return config, args.out or RESULTS / f"env_step_{mode_name}_ladder.json"
 
 
 def main(argv: list[str] | None = None) -> int:
