@@ -1,4 +1,11 @@
-"""Throughput of `OpenSoraLiberoEnv.step`: frames per second, seconds per chunk step and peak memory.
+"""The speed ladder of `OpenSoraLiberoEnv.step`: each lever and each approximate mode, measured on one machine.
+
+Every rung builds the env from the same checkpoint with one more lever (or one approximate mode) and reports
+seconds per chunk step, imagined frames per second, the env's peak memory, where the time of a chunk step goes
+(DiT sampling, VAE decode, reward model, host transfers; the VAE encode of a reset of every sub-env beside them),
+and how far the rung's chunks are from the baseline rung's on the same inputs (condition latents, actions and
+noise), chunk by chunk: latent MSE, PSNR of the decoded uint8 frames, and the share of frames whose rounded
+success label agrees. Exact rungs differ from the baseline by bf16 rounding only; approximate ones say so.
 
 Modes:
     --tiny  a tiny random-weight checkpoint on the CPU (64 px, 2 sampling steps, float32): checks the script.
@@ -7,15 +14,16 @@ Modes:
             steps, 256 px, bfloat16. `--checkpoint DIR` times a real checkpoint folder instead.
 
 Every flag below overrides the mode's default. Prints one table and writes JSON (default
-`benchmarks/results/env_step_<mode>.json`).
+`benchmarks/results/env_step_<mode>_ladder.json`, rewritten after every rung).
 
-    python benchmarks/env_step.py --tiny
-    python benchmarks/env_step.py --xl --num-envs 64
+    python benchmarks/env_step.py --tiny --compile-backend eager
+    python benchmarks/env_step.py --xl --rungs eager-sdpa,eager,compiled,static,exact,steps-5,steps-4
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -31,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from opensora_gym.checkpoint import DATASET_FOLDER, STATISTICS_NAME, VAE_FOLDER
 from opensora_gym.env import OpenSoraLiberoEnv
@@ -38,6 +47,7 @@ from opensora_gym.models.reward import ResNetRewardModel
 from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
 from opensora_gym.models.vae import VideoVAE
 from opensora_gym.testing import TinyCheckpointSpec, make_tiny_checkpoint
+from opensora_gym.world_model import WorldModel, frames_to_uint8
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,17 +69,60 @@ SDXL_VAE_CONFIG = {
 
 
 @dataclass(frozen=True)
+class Rung:
+    """One configuration of the ladder.
+
+    Attributes:
+        name: short name for `--rungs`.
+        description: what the rung adds, for the table.
+        temporal_attention: kernel of the causal temporal attention (`STDiT3.set_temporal_attention`).
+        compile_dit: `torch.compile` the DiT blocks (static shapes when `dit_micro_batch_size` is set).
+        dit_micro_batch_size: sub-envs per DiT forward; 0 stands for all of them (padded, one static shape).
+        compile_vae: compiled channels-last VAE decode.
+        num_sampling_steps: sampling steps; None keeps the benchmark's (10 for --xl, the exact number).
+    """
+
+    name: str
+    description: str
+    temporal_attention: str = "matmul"
+    compile_dit: bool = False
+    dit_micro_batch_size: int | None = None
+    compile_vae: bool = False
+    num_sampling_steps: int | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.num_sampling_steps is None
+
+
+EXACT = {"compile_dit": True, "dit_micro_batch_size": 0, "compile_vae": True}
+RUNGS = (
+    Rung("eager-sdpa", "eager, masked SDPA for temporal attention (before)", temporal_attention="sdpa"),
+    Rung("eager", "eager: matmul temporal attention, fused QK-norm + RoPE, K/V freed"),
+    Rung("compiled", "+ compiled blocks, dynamic shapes", compile_dit=True),
+    Rung("static", "+ static shapes (batch padded to the envs)", compile_dit=True, dit_micro_batch_size=0),
+    Rung("exact", "+ compiled channels-last VAE decode (exact mode)", **EXACT),
+    Rung("micro-32", "exact mode, DiT micro-batches of 32 envs", **{**EXACT, "dit_micro_batch_size": 32}),
+    Rung("steps-5", "APPROXIMATE: exact mode with 5 sampling steps", **EXACT, num_sampling_steps=5),
+    Rung("steps-4", "APPROXIMATE: exact mode with 4 sampling steps", **EXACT, num_sampling_steps=4),
+)
+RUNGS_BY_NAME = {rung.name: rung for rung in RUNGS}
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
     """One benchmark run.
 
     Attributes:
         mode: `tiny` or `xl` (which checkpoint is built when `checkpoint` is None).
-        device, dtype, num_envs, num_sampling_steps, image_size: the env's settings.
-        warmup_steps: chunk steps run before timing (kernel selection, allocator growth).
+        device, dtype, num_envs, num_sampling_steps, image_size: the env's settings (the exact number of steps).
+        warmup_steps: chunk steps run before timing (compilation, kernel selection, allocator growth).
         timed_steps: chunk steps timed.
-        seed: seeds the env and the random actions.
+        seed: seeds the env, the random actions and the compared chunks' noise.
         checkpoint: an existing checkpoint folder to time instead of the mode's random one.
-        compile: `torch.compile` the DiT's blocks.
+        rungs: names of the rungs to run, in order; the first is the baseline of the comparisons.
+        compare_chunks: chained chunks compared with the baseline's.
+        compile_backend: `torch.compile` backend (`inductor`; `eager` traces without building kernels, for CPUs).
     """
 
     mode: str
@@ -82,16 +135,21 @@ class BenchmarkConfig:
     timed_steps: int
     seed: int
     checkpoint: str | None
-    compile: bool = False
+    rungs: tuple[str, ...]
+    compare_chunks: int = 2
+    compile_backend: str = "inductor"
 
     def __post_init__(self):
         if self.mode not in ("tiny", "xl"):
             raise ValueError(f"mode must be 'tiny' or 'xl', got {self.mode!r}")
-        for name in ("num_envs", "num_sampling_steps", "image_size", "timed_steps"):
+        for name in ("num_envs", "num_sampling_steps", "image_size", "timed_steps", "compare_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        unknown = [name for name in self.rungs if name not in RUNGS_BY_NAME]
+        if unknown or not self.rungs:
+            raise ValueError(f"rungs must be names among {list(RUNGS_BY_NAME)}, got {list(self.rungs)}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for but CUDA is not available: use --tiny or --device cpu")
 
@@ -130,104 +188,224 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(config: BenchmarkConfig, workdir: Path) -> dict:
-    """Builds (or reads) the checkpoint, makes the env and times its chunk steps.
-
-    Returns:
-        the settings, per-step times and summary numbers (see `summarize`).
-    """
-    started = time.perf_counter()
-    if config.checkpoint is not None:
-        checkpoint = Path(config.checkpoint)
-    elif config.mode == "xl":
-        checkpoint = build_xl_checkpoint(workdir, config.device, config.seed)
-    else:
-        checkpoint = make_tiny_checkpoint(workdir / "tiny", seed=config.seed)
-    build_s = time.perf_counter() - started
-
-    steps = config.warmup_steps + config.timed_steps
+def make_env(config: BenchmarkConfig, rung: Rung, checkpoint: Path, steps: int) -> OpenSoraLiberoEnv:
+    """The env with the rung's levers applied to its world model."""
+    micro = rung.dit_micro_batch_size
     env = OpenSoraLiberoEnv(
         config.num_envs,
         checkpoint=checkpoint,
         device=config.device,
         dtype=config.dtype,
-        num_sampling_steps=config.num_sampling_steps,
+        num_sampling_steps=rung.num_sampling_steps or config.num_sampling_steps,
         image_size=config.image_size,
-        compile=config.compile,
+        dit_micro_batch_size=config.num_envs if micro == 0 else micro,
         # No episode ends while being timed (no time limit reached, no success), so every step imagines all
         # sub-envs: a sub-env that ended would reset on its next step and imagine nothing on it.
         max_episode_steps=8 * steps,
         success_from="probability",
         success_threshold=math.inf,
     )
+    world_model = env.world_model
+    world_model.dit.set_temporal_attention(rung.temporal_attention)
+    if rung.compile_dit:
+        world_model.dit.compile_blocks(dynamic=micro is None, backend=config.compile_backend)
+    if rung.compile_vae:
+        world_model.vae.compile_decoder(backend=config.compile_backend)
+    return env
+
+
+def profile_chunk(world_model: WorldModel, latents: torch.Tensor, actions: torch.Tensor, seed: int) -> dict:
+    """Seconds of each part of one chunk step (synchronized between parts), as `predict_chunk` and the env run it.
+
+    Args:
+        latents: condition latents [N, C, Tc, h, w]; actions: [N, A, action_dim] in robot units.
+    """
+    device = world_model.device
+    n = latents.shape[0]
+    times = {}
+
+    def timed(name, fn):
+        _synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        _synchronize(device)
+        times[name] = time.perf_counter() - start
+        return out
+
+    generator = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    normalized = world_model.statistics.normalize(actions.float().to(device)).to(world_model.dit.dtype)
+    sampled = timed(
+        "dit_s",
+        lambda: world_model.sampler.sample(
+            world_model.dit,
+            latents.to(device),
+            normalized,
+            height=world_model.image_size,
+            width=world_model.image_size,
+            generator=generator,
+        )[:, :, world_model.condition_frames :],
+    )
+    decoded = timed("vae_decode_s", lambda: world_model.vae.decode(sampled.to(world_model.vae.dtype)))
+    timed("reward_model_s", lambda: world_model.reward_model(rearrange(decoded, "n c t h w -> (n t) c h w")))
+    timed("host_transfer_s", lambda: (frames_to_uint8(decoded).cpu(), sampled[:, :, -latents.shape[2] :].cpu()))
+    images = torch.randint(0, 256, (n, world_model.image_size, world_model.image_size, 3), dtype=torch.uint8)
+    timed("vae_encode_reset_s", lambda: world_model.encode_start(images, generator=generator))
+    return times
+
+
+def compare_inputs(world_model: WorldModel, config: BenchmarkConfig, action_chunk: int) -> dict:
+    """Start latents [N, C, Tc, h, w] and per-chunk actions [chunks, N, A, 7] shared by every rung (on the CPU)."""
+    rng = np.random.default_rng(config.seed + 1)
+    n, s = config.num_envs, config.image_size
+    images = torch.from_numpy(rng.integers(0, 256, size=(n, s, s, 3), dtype=np.uint8))
+    generators = [torch.Generator().manual_seed(config.seed + i) for i in range(n)]
+    actions = rng.uniform(-1, 1, size=(config.compare_chunks, n, action_chunk, world_model.action_dim))
+    latents = world_model.encode_start(images, generator=generators).cpu()
+    return {"latents": latents, "actions": torch.from_numpy(actions.astype(np.float32))}
+
+
+def chunk_outputs(world_model: WorldModel, inputs: dict, seed: int, conditions: list[torch.Tensor] | None) -> list:
+    """(latents, uint8 frames, rounded success labels) of each compared chunk, on the CPU.
+
+    Chunk 0 starts from the shared start latents; chunk k > 0 from `conditions[k]` (the baseline's chunk k - 1)
+    or, for the baseline itself (`conditions` None), from its own previous chunk.
+    """
+    outputs, condition = [], inputs["latents"]
+    tc = world_model.condition_frames
+    for k, actions in enumerate(inputs["actions"]):
+        if conditions is not None:
+            condition = conditions[k]
+        generator = [torch.Generator().manual_seed(seed + 1000 * (k + 1) + i) for i in range(actions.shape[0])]
+        prediction = world_model.predict_chunk(condition, actions, generator=generator)
+        outputs.append((prediction.latents.cpu(), prediction.frames.cpu(), prediction.success_prob.round().cpu()))
+        condition = prediction.latents[:, :, -tc:].cpu()
+    return outputs
+
+
+def differences(outputs: list, baseline: list) -> list[dict]:
+    """Per chunk: latent MSE, PSNR (dB) of the uint8 frames, and the share of agreeing success labels."""
+    rows = []
+    for (latents, frames, labels), (base_latents, base_frames, base_labels) in zip(outputs, baseline, strict=True):
+        frame_mse = float((frames.float() - base_frames.float()).pow(2).mean())
+        rows.append(
+            {
+                "latent_mse": float((latents - base_latents).pow(2).mean()),
+                "psnr_db": 10 * math.log10(255**2 / frame_mse) if frame_mse > 0 else math.inf,
+                "label_agreement": float((labels == base_labels).float().mean()),
+            }
+        )
+    return rows
+
+
+def run_rung(config: BenchmarkConfig, rung: Rung, checkpoint: Path, baseline: dict | None) -> tuple[dict, dict]:
+    """Builds the rung's env, times its chunk steps, profiles one, and compares its chunks with the baseline's.
+
+    Returns:
+        the rung's results, and the baseline: `baseline` as given, or (given None) this rung's shared inputs and
+        outputs, the baseline of the rungs after it.
+    """
     device = torch.device(config.device)
+    steps = config.warmup_steps + config.timed_steps
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    env = make_env(config, rung, checkpoint, steps)
     rng = np.random.default_rng(config.seed)
     actions = rng.uniform(-1, 1, size=(steps, *env.action_space.shape)).astype(np.float32)  # [steps, N, 8, 7]
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
     _synchronize(device)
     start = time.perf_counter()
     env.reset(seed=config.seed)
     _synchronize(device)
     reset_s = time.perf_counter() - start
-
     step_s, frames = [], []
     for k in range(steps):
         _synchronize(device)
         start = time.perf_counter()
         _, _, _, _, info = env.step(actions[k])
         _synchronize(device)
-        if k >= config.warmup_steps:
-            step_s.append(time.perf_counter() - start)
-            frames.append(int(info["_frame_rewards"].sum()) * env.config.action_chunk)
+        step_s.append(time.perf_counter() - start)
+        frames.append(int(info["_frame_rewards"].sum()) * env.config.action_chunk)
+    timed_s, timed_frames = step_s[config.warmup_steps :], frames[config.warmup_steps :]
+
+    world_model = env.world_model
+    if baseline is None:
+        inputs = compare_inputs(world_model, config, env.config.action_chunk)
+        outputs = chunk_outputs(world_model, inputs, config.seed, None)
+        baseline = {"rung": rung.name, "inputs": inputs, "outputs": outputs}
+    else:
+        conditions = [baseline["inputs"]["latents"]] + [
+            out[0][:, :, -world_model.condition_frames :] for out in baseline["outputs"][:-1]
+        ]
+        outputs = chunk_outputs(world_model, baseline["inputs"], config.seed, conditions)
+    parts = profile_chunk(world_model, baseline["inputs"]["latents"], baseline["inputs"]["actions"][0], config.seed)
 
     if device.type == "cuda":
-        peak_bytes, peak_kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
+        peak_bytes, peak_kind = torch.cuda.max_memory_allocated(device) - before, "cuda_max_memory_allocated"
     else:
-        # ru_maxrss is in KiB on Linux: the process's peak resident memory, checkpoint building included.
+        # ru_maxrss is in KiB on Linux: the process's peak resident memory so far, earlier rungs included.
         peak_bytes, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
     env.close()
-    return {
-        "config": asdict(config),
-        "machine": {
-            "device_name": (
-                torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-            ),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "cpu_threads": torch.get_num_threads(),
-        },
-        "checkpoint_build_s": build_s,
+    result = {
+        "rung": asdict(rung),
+        "exact": rung.exact,
         "reset_s": reset_s,
-        "step_s": step_s,
-        "imagined_frames": frames,
-        "seconds_per_step_mean": statistics.mean(step_s),
-        "seconds_per_step_std": statistics.stdev(step_s) if len(step_s) > 1 else 0.0,
-        "frames_per_second": sum(frames) / sum(step_s),
+        "warmup_step_s": step_s[: config.warmup_steps],
+        "step_s": timed_s,
+        "seconds_per_step_mean": statistics.mean(timed_s),
+        "seconds_per_step_std": statistics.stdev(timed_s) if len(timed_s) > 1 else 0.0,
+        "frames_per_second": sum(timed_frames) / sum(timed_s),
         "peak_memory_bytes": peak_bytes,
         "peak_memory_kind": peak_kind,
+        "parts": parts,
+        "compared_with": baseline["rung"],
+        "difference_per_chunk": differences(outputs, baseline["outputs"]),
     }
+    return result, baseline
 
 
-def table(result: dict) -> str:
-    """One row of the headline numbers."""
-    c = result["config"]
-    header = ["mode", "device", "dtype", "envs", "px", "steps", "s/chunk step", "frames/s", "peak GiB"]
-    row = [
-        c["mode"] if c["checkpoint"] is None else "checkpoint",
-        result["machine"]["device_name"],
-        c["dtype"],
-        str(c["num_envs"]),
-        str(c["image_size"]),
-        str(c["num_sampling_steps"]),
-        f"{result['seconds_per_step_mean']:.3f} ± {result['seconds_per_step_std']:.3f}",
-        f"{result['frames_per_second']:.1f}",
-        f"{result['peak_memory_bytes'] / 2**30:.2f} ({'GPU' if 'cuda' in result['peak_memory_kind'] else 'RSS'})",
+def table(results: list[dict]) -> str:
+    """The ladder: one row per rung."""
+    header = [
+        "rung",
+        "s/chunk step",
+        "frames/s",
+        "peak GiB",
+        "DiT s",
+        "decode s",
+        "RM s",
+        "host s",
+        "encode s (reset)",
+        "latent MSE",
+        "PSNR dB",
+        "labels agree",
     ]
-    widths = [max(len(h), len(r)) for h, r in zip(header, row, strict=True)]
-    lines = [" | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) for values in (header, row)]
-    return "\n".join([lines[0], "-+-".join("-" * w for w in widths), lines[1]])
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["rung"]["name"], f"failed: {r['error'][:60]}"] + [""] * (len(header) - 2))
+            continue
+        p, diffs = r["parts"], r["difference_per_chunk"]
+        rows.append(
+            [
+                r["rung"]["name"] + ("" if r["exact"] else " (approx.)"),
+                f"{r['seconds_per_step_mean']:.3f} ± {r['seconds_per_step_std']:.3f}",
+                f"{r['frames_per_second']:.1f}",
+                f"{r['peak_memory_bytes'] / 2**30:.2f}",
+                f"{p['dit_s']:.3f}",
+                f"{p['vae_decode_s']:.3f}",
+                f"{p['reward_model_s']:.3f}",
+                f"{p['host_transfer_s']:.3f}",
+                f"{p['vae_encode_reset_s']:.3f}",
+                " / ".join(f"{d['latent_mse']:.2g}" for d in diffs),
+                " / ".join(f"{d['psnr_db']:.1f}" for d in diffs),
+                " / ".join(f"{d['label_agreement']:.3f}" for d in diffs),
+            ]
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = [" | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) for values in (header, *rows)]
+    return "\n".join([lines[0], "-+-".join("-" * w for w in widths), *lines[1:]])
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path]:
@@ -238,14 +416,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path]:
     parser.add_argument("--device", help="torch device (tiny: cpu, xl: cuda)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="tiny: float32, xl: bfloat16")
     parser.add_argument("--num-envs", type=int, help="sub-envs in the batch (tiny: 4, xl: 64)")
-    parser.add_argument("--num-sampling-steps", type=int, help="rectified-flow steps (tiny: 2, xl: 10)")
+    parser.add_argument("--num-sampling-steps", type=int, help="exact rectified-flow steps (tiny: 2, xl: 10)")
     parser.add_argument("--image-size", type=int, help="frame side in pixels (tiny: 64, xl: 256)")
-    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed chunk steps first")
-    parser.add_argument("--timed-steps", type=int, default=5, help="chunk steps timed")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="untimed chunk steps first (compilation)")
+    parser.add_argument("--timed-steps", type=int, default=2, help="chunk steps timed")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the env and the actions")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
+    parser.add_argument("--rungs", default=",".join(RUNGS_BY_NAME), help="comma-separated rungs; first = baseline")
+    parser.add_argument("--compare-chunks", type=int, default=2, help="chained chunks compared with the baseline")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: CPU check)")
     parser.add_argument("--checkpoint", help="time this checkpoint folder (e.g. the released model) instead")
-    parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/env_step_<mode>.json)")
+    parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/env_step_<mode>_ladder.json)")
     args = parser.parse_args(argv)
     mode_name = args.mode or "tiny"
     defaults = MODE_DEFAULTS[mode_name]
@@ -260,19 +440,56 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path]:
         timed_steps=args.timed_steps,
         seed=args.seed,
         checkpoint=args.checkpoint,
-        compile=args.compile,
+        rungs=tuple(name for name in args.rungs.split(",") if name),
+        compare_chunks=args.compare_chunks,
+        compile_backend=args.compile_backend,
     )
-    suffix = "_compiled" if args.compile else ""
-    return config, args.out or RESULTS / f"env_step_{mode_name}{suffix}.json"
+    return config, args.out or RESULTS / f"env_step_{mode_name}_ladder.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     config, out = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="env_step_") as workdir:
-        result = run(config, Path(workdir))
-    print(table(result))
+    device = torch.device(config.device)
+    machine = {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    results, baseline, compiled_as = [], None, None
+    with tempfile.TemporaryDirectory(prefix="env_step_") as workdir:
+        started = time.perf_counter()
+        if config.checkpoint is not None:
+            checkpoint = Path(config.checkpoint)
+        elif config.mode == "xl":
+            checkpoint = build_xl_checkpoint(Path(workdir), config.device, config.seed)
+        else:
+            checkpoint = make_tiny_checkpoint(Path(workdir) / "tiny", seed=config.seed)
+        build_s = time.perf_counter() - started
+        for name in config.rungs:
+            rung = RUNGS_BY_NAME[name]
+            # Rungs that compile the same shapes share graphs; other shapes would pile up recompilations (and
+            # reach torch.compile's limit, past which blocks silently run eager), so start those afresh.
+            shapes = (rung.compile_dit, rung.dit_micro_batch_size)
+            if rung.compile_dit and compiled_as not in (None, shapes):
+                torch._dynamo.reset()
+            compiled_as = shapes if rung.compile_dit else compiled_as
+            try:
+                result, baseline = run_rung(config, rung, checkpoint, baseline)
+            except Exception as error:  # a failing rung is reported in the table; the others still run
+                result = {"rung": asdict(rung), "error": f"{type(error).__name__}: {error}"}
+            results.append(result)
+            gc.collect()
+            print(f"rung {name} done", flush=True)
+            out.write_text(
+                json.dumps(
+                    {"config": asdict(config), "machine": machine, "checkpoint_build_s": build_s, "rungs": results},
+                    indent=2,
+                )
+            )
+    print(f"{config.mode}: {machine['device_name']}, {config.dtype}, {config.num_envs} envs, {config.image_size} px")
+    print(table(results))
     print(f"wrote {out}")
     return 0
 

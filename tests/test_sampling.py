@@ -100,7 +100,26 @@ def test_noise_of_wrong_shape_is_rejected(tiny_model):
         RectifiedFlowSampler().sample(tiny_model, cond, actions, height=32, width=32, noise=torch.zeros(1, 4, 7, 4, 4))
 
 
-@pytest.mark.parametrize("overrides", [{"num_sampling_steps": 0}, {"num_timesteps": 0}, {"transform_scale": 0.0}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{"num_sampling_steps": 0}, {"num_timesteps": 0}, {"transform_scale": 0.0}, {"micro_batch_size": 0}],
+)
 def test_config_rejects_bad_values(overrides):
     with pytest.raises(ValueError):
         RectifiedFlowConfig(**overrides)
+
+
+@pytest.mark.parametrize("micro_batch_size", [2, 5, 8])
+def test_micro_batches_give_the_whole_batch_samples(tiny_model, micro_batch_size):
+    # Padded micro-batches (the static shapes of compiled blocks) leave every item's sample as it is; batch sizes
+    # that autoreset leaves (here 5) need not be multiples of the micro-batch.
+    cond, actions = condition_and_actions(5)
+    config = RectifiedFlowConfig(num_sampling_steps=2)
+    whole = RectifiedFlowSampler(config).sample(
+        tiny_model, cond, actions, height=32, width=32, generator=[torch.Generator().manual_seed(i) for i in range(5)]
+    )
+    micro = RectifiedFlowSampler(RectifiedFlowConfig(num_sampling_steps=2, micro_batch_size=micro_batch_size)).sample(
+        tiny_model, cond, actions, height=32, width=32, generator=[torch.Generator().manual_seed(i) for i in range(5)]
+    )
+    assert micro.shape == whole.shape
+    torch.testing.assert_close(micro, whole, rtol=1e-5, atol=1e-5)

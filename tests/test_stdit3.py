@@ -200,3 +200,62 @@ def test_forward_generated_rejects_mismatched_inputs():
         model.forward_generated(x[:, :, 4:], timestep, actions[:, :5], cache, 32, 32)
     with pytest.raises(ValueError, match="cache must hold 2"):
         model.forward_generated(x[:, :, 4:], timestep, actions, cache[:1], 32, 32)
+
+
+@pytest.mark.parametrize("latent", [4, 5])
+def test_temporal_attention_kernels_agree(latent):
+    # The matmul kernel of the short causal attention computes what masked SDPA computes, cached or not.
+    model = tiny_model()
+    x, timestep, actions, x_mask = tiny_inputs(batch=3, latent=latent)
+    c = TINY.condition_frames
+    outputs = {}
+    with torch.no_grad():
+        for kernel in ("sdpa", "matmul"):
+            model.set_temporal_attention(kernel)
+            cache = model.condition_cache(x[:, :, :c], 32, 32)
+            outputs[kernel] = (
+                model(x, timestep, actions, x_mask, 32, 32),
+                model.forward_generated(x[:, :, c:], timestep, actions, cache, 32, 32),
+            )
+    for matmul, sdpa in zip(outputs["matmul"], outputs["sdpa"], strict=True):
+        torch.testing.assert_close(matmul, sdpa, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="'matmul' or 'sdpa', got 'flash'"):
+        model.set_temporal_attention("flash")
+
+
+def test_bf16_fast_path_adds_no_error_over_bf16_rounding():
+    # Exact mode's fast path (bf16, cached condition frames, fused QK-norm + RoPE, matmul temporal attention)
+    # against the float32 uncached forward: its error is that of the plain bf16 forward with SDPA, the
+    # reference's computation, and no more.
+    x, timestep, actions, x_mask = tiny_inputs(batch=3)
+    c = TINY.condition_frames
+    model = tiny_model()
+    with torch.no_grad():
+        exact = model(x, timestep, actions, x_mask, 32, 32)[:, :, c:]
+        model.to(torch.bfloat16)
+        model.set_temporal_attention("sdpa")
+        plain = model(x, timestep, actions, x_mask, 32, 32)[:, :, c:]
+        model.set_temporal_attention("matmul")
+        cache = model.condition_cache(x[:, :, :c], 32, 32)
+        fast = model.forward_generated(x[:, :, c:], timestep, actions, cache, 32, 32)
+
+    def error(out):
+        return ((out - exact).norm() / exact.norm()).item()
+
+    assert error(plain) < 0.05
+    assert error(fast) <= 1.05 * error(plain)
+
+
+def test_blocks_trace_as_one_graph_each():
+    # torch.compile fuses a block only as far as it traces: a graph break would split it and cost speed.
+    model = tiny_model()
+    x = tiny_inputs()[0]
+    c = TINY.condition_frames
+    with torch.no_grad():
+        cache = model.condition_cache(x[:, :, :c], 32, 32)
+        tokens = model._tokens(x[:, :, c:], 32, 32)  # [B, A, S, C]
+        modulation = torch.randn(2, 8, 6 * TINY.hidden_size)
+        x_mask = torch.ones(2, 8, dtype=torch.bool)
+        for block, past in ((model.spatial_blocks[0], None), (model.temporal_blocks[0], cache[0])):
+            explained = torch._dynamo.explain(block)(tokens, modulation, modulation[:, :1], x_mask, past)
+            assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

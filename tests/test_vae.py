@@ -237,3 +237,15 @@ def test_bfloat16(vae):
     assert torch.isfinite(decoded).all()
     sampled = half.encode(frames, generator=_seeded(0))
     assert sampled.dtype == torch.bfloat16 and torch.isfinite(sampled).all()
+
+
+@torch.no_grad()
+def test_channels_last_compiled_decoder_decodes_the_same(vae):
+    # The "eager" backend traces the decoder as torch.compile does, without building kernels (CPU CI).
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        fast = VideoVAE.from_config(TINY_CONFIG).eval()
+    fast.load_state_dict(vae.state_dict())
+    fast.compile_decoder(backend="eager")
+    latents = torch.randn(2, 4, 3, 4, 4, generator=_seeded(1))
+    torch.testing.assert_close(fast.decode(latents), vae.decode(latents), rtol=1e-5, atol=1e-5)

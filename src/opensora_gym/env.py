@@ -46,7 +46,9 @@ class OpenSoraLiberoConfig:
         suite: `spatial` or `object`: which released checkpoint to fetch when none is given.
         device: torch device of the models.
         dtype: `bfloat16`, `float16` or `float32` for the DiT and the VAE (the reward classifier runs in float32).
-        num_sampling_steps: rectified-flow steps per chunk.
+        num_sampling_steps: rectified-flow steps per chunk. The released models use 10; fewer (e.g. 5 or 4) is an
+            approximate mode: faster chunk steps whose frames differ from the 10-step ones (`benchmarks/env_step.py`
+            measures by how much).
         action_chunk: actions (= predicted frames) per step.
         condition_frames: latent frames of context; must match the checkpoint.
         image_size: side of the frames the world model works at and of the observed image.
@@ -59,7 +61,10 @@ class OpenSoraLiberoConfig:
         group_size: consecutive sub-envs that start from the same episode (GRPO groups).
         return_frames: put the decoded chunk frames [N, A, H, W, 3] in `info["frames"]`.
         vae_micro_batch_size: frames per VAE call.
-        compile: `torch.compile` the DiT's blocks (about 2x faster chunk steps on a GPU; compiling takes a minute).
+        dit_micro_batch_size: sub-envs per DiT forward (None: all at once); bounds the DiT's memory and, with
+            `compile`, gives the compiled blocks one static batch size (see `RectifiedFlowConfig.micro_batch_size`).
+        compile: `torch.compile` the DiT's blocks and the VAE decoder (about 2x faster chunk steps on a GPU;
+            compiling takes a minute or two). Same results up to float rounding.
     """
 
     num_envs: int = 1
@@ -79,6 +84,7 @@ class OpenSoraLiberoConfig:
     group_size: int = 1
     return_frames: bool = False
     vae_micro_batch_size: int = 64
+    dit_micro_batch_size: int | None = None
     compile: bool = False
 
     def __post_init__(self):
@@ -97,6 +103,12 @@ class OpenSoraLiberoConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.success_from not in ("reward", "probability"):
             raise ValueError(f"success_from must be 'reward' or 'probability', got {self.success_from!r}")
+        if self.dit_micro_batch_size is not None and (
+            not isinstance(self.dit_micro_batch_size, int) or self.dit_micro_batch_size < 1
+        ):
+            raise ValueError(
+                f"dit_micro_batch_size must be None or a positive integer, got {self.dit_micro_batch_size!r}"
+            )
         if self.max_episode_steps % self.action_chunk:
             raise ValueError(
                 f"max_episode_steps ({self.max_episode_steps}) must be a multiple of action_chunk "
@@ -172,6 +184,7 @@ class OpenSoraLiberoEnv(VectorEnv):
             num_sampling_steps=config.num_sampling_steps,
             image_size=config.image_size,
             vae_micro_batch_size=config.vae_micro_batch_size,
+            dit_micro_batch_size=config.dit_micro_batch_size,
             compile=config.compile,
         )
         if self.world_model.condition_frames != config.condition_frames:

@@ -23,11 +23,17 @@ class RectifiedFlowConfig:
     """Settings of the sampler.
 
     Attributes:
-        num_sampling_steps: Euler steps from noise to data.
+        num_sampling_steps: Euler steps from noise to data. The released models sample 10; fewer (e.g. 5 or 4) is
+            an approximate mode: faster, but the frames differ from those of 10 steps (`benchmarks/env_step.py`).
         num_timesteps: the training timestep scale (the model sees t in [0, num_timesteps]).
         use_timestep_transform: shift the timesteps by the image resolution, as the reference does.
         base_resolution: pixels of the image size at which the transform is the identity (512 * 512).
         transform_scale: extra factor on the transform's ratio.
+        micro_batch_size: batch items per DiT forward; None runs the whole batch at once. The last micro-batch is
+            padded (with copies of its last item, whose results are dropped) to this size, so the DiT always sees
+            one batch size: compiled blocks then need only static shapes, and the condition frames' cached keys
+            and values take memory for one micro-batch at a time. Items are independent, so the samples are the
+            same as with the whole batch.
     """
 
     num_sampling_steps: int = 10
@@ -35,6 +41,7 @@ class RectifiedFlowConfig:
     use_timestep_transform: bool = True
     base_resolution: int = 512 * 512
     transform_scale: float = 1.0
+    micro_batch_size: int | None = None
 
     def __post_init__(self):
         if self.num_sampling_steps < 1:
@@ -46,6 +53,8 @@ class RectifiedFlowConfig:
                 "base_resolution and transform_scale must be positive, "
                 f"got {self.base_resolution} and {self.transform_scale}"
             )
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be None or a positive integer, got {self.micro_batch_size}")
 
 
 def timestep_transform(
@@ -136,12 +145,44 @@ class RectifiedFlowSampler:
         elif noise.shape != (B, C, A, h, w):
             raise ValueError(f"noise must have shape {(B, C, A, h, w)}, got {tuple(noise.shape)}")
         cond = condition_latents.float()
-        # The condition frames' activations do not change between steps: compute them once.
-        cache = model.condition_cache(cond, height, width)
         z = noise.to(cond.device, torch.float32)  # [B, C, A, h, w]
         steps = self.timesteps(height, width, Tc + A, device=z.device)
+        size = self.config.micro_batch_size
+        if size is None:
+            return torch.cat([cond, self._integrate(model, cond, actions, z, steps, height, width)], dim=2)
+        parts = []
+        for start in range(0, B, size):
+            part = slice(start, start + size)
+            n = cond[part].shape[0]
+            padded = [_pad_batch(tensor[part], size) for tensor in (cond, actions, z)]
+            parts.append(self._integrate(model, *padded, steps, height, width)[:n])
+        return torch.cat([cond, torch.cat(parts)], dim=2)
+
+    def _integrate(
+        self,
+        model: STDiT3,
+        cond: torch.Tensor,
+        actions: torch.Tensor,
+        z: torch.Tensor,
+        steps: torch.Tensor,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """Euler steps from the noise `z` [B, C, A, h, w] along `steps`, given `cond` [B, C, Tc, h, w] float32.
+
+        Returns:
+            the generated latents [B, C, A, h, w] float32.
+        """
+        B, C = z.shape[:2]
+        # The condition frames' activations do not change between steps: compute them once.
+        cache = model.condition_cache(cond, height, width)
         next_steps = torch.cat([steps[1:], steps.new_zeros(1)])
         for t, t_next in zip(steps, next_steps, strict=True):
             velocity = model.forward_generated(z, t.expand(B), actions, cache, height, width)[:, :C]
             z = z + velocity * ((t - t_next) / self.config.num_timesteps)
-        return torch.cat([cond, z], dim=2)
+        return z
+
+
+def _pad_batch(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """[n, ...] -> [size, ...] (n <= size), repeating the last item."""
+    return torch.cat([tensor, tensor[-1:].expand(size - tensor.shape[0], *tensor.shape[1:])])

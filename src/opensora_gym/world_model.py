@@ -88,24 +88,33 @@ class WorldModel:
         num_sampling_steps: int = 10,
         image_size: int = 256,
         vae_micro_batch_size: int = 64,
+        dit_micro_batch_size: int | None = None,
         compile: bool = False,
     ) -> WorldModel:
         """Loads every part of a checkpoint folder in the released layout (see `opensora_gym.checkpoint`).
 
         The DiT and the VAE run in `dtype`; the reward classifier always runs in float32, as in the reference.
-        `compile` compiles the DiT's blocks with `torch.compile` (worth it on a GPU; the first chunk is slower).
+        `dit_micro_batch_size` sub-envs go through the sampler at a time (`RectifiedFlowConfig.micro_batch_size`).
+        `compile` compiles the DiT's blocks with `torch.compile`, for static shapes when `dit_micro_batch_size` is
+        set (the sampler pads to it) and for any batch size otherwise, and the VAE decoder in the channels-last
+        layout (worth it on a GPU; the first chunk is slower). Neither option changes the results beyond float
+        rounding; `num_sampling_steps` below the released 10 is an approximate mode.
         """
         layout = CheckpointLayout.resolve(folder)
         vae = VideoVAE.from_pretrained(layout.vae, micro_batch_size=vae_micro_batch_size, torch_dtype=dtype)
+        vae = vae.to(device).eval()
         dit = STDiT3.from_pretrained(layout.root, device=device, dtype=dtype)
         if compile:
-            dit.compile_blocks()
+            dit.compile_blocks(dynamic=dit_micro_batch_size is None)
+            vae.compile_decoder()
         return cls(
             dit=dit,
-            vae=vae.to(device).eval(),
+            vae=vae,
             reward_model=ResNetRewardModel.from_pretrained(layout.reward_weights).to(device),
             statistics=ActionStatistics.from_json(layout.statistics),
-            sampler=RectifiedFlowSampler(RectifiedFlowConfig(num_sampling_steps=num_sampling_steps)),
+            sampler=RectifiedFlowSampler(
+                RectifiedFlowConfig(num_sampling_steps=num_sampling_steps, micro_batch_size=dit_micro_batch_size)
+            ),
             image_size=image_size,
         )
 

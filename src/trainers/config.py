@@ -114,7 +114,7 @@ class TrainEnvConfig:
         use_rel_reward: reward the change of the frame reward (RLinf's default) rather than the frame reward.
         success_threshold: frame reward at which an episode succeeds and ends.
         enable_offload: move the world model to the CPU while the policy trains.
-        compile: `torch.compile` the world model's DiT blocks (about 2x faster chunk steps on a GPU).
+        compile: `torch.compile` the world model's DiT blocks and VAE decoder (about 2x faster chunk steps on a GPU).
         video_cfg: videos of training rollouts.
     """
 

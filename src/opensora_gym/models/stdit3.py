@@ -144,10 +144,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        return self.forward_float(x).to(x.dtype)
+
+    def forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalized and scaled `x` [..., D] in float32, not rounded back to `x`'s dtype."""
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
 class RotaryEmbedding(nn.Module):
@@ -160,19 +162,68 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("freqs", 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim))
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotates `x` [..., T, D] by position `offset + t` along T."""
-        positions = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=torch.float32)
+    def tables(self, length: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine and sine [length, D] float32 of positions `offset .. offset + length - 1`."""
+        positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
         angles = positions[:, None] * self.freqs.float()[None]  # [T, D/2]
         angles = repeat(angles, "t d -> t (d r)", r=2)  # [T, D], each angle for one channel pair
-        pairs = rearrange(x.float(), "... (d r) -> ... d r", r=2)
-        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1)
-        rotated = rearrange(rotated, "... d r -> ... (d r)")
-        return (x.float() * angles.cos() + rotated * angles.sin()).to(x.dtype)
+        return angles.cos(), angles.sin()
+
+    @staticmethod
+    def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotates float32 `x` [..., T, D] by the angles of `tables` ([T, D] each)."""
+        cos, sin = tables
+        pairs = rearrange(x, "... (d r) -> ... d r", r=2)
+        rotated = rearrange(torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1), "... d r -> ... (d r)")
+        return x * cos + rotated * sin
+
+
+def normalize_and_rotate(
+    x: torch.Tensor, norm: nn.Module, tables: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """QK-norm then rotary embedding of queries or keys [N, heads, L, head_dim], in float32 with one rounding.
+
+    The reference rounds to the model dtype after the norm and again after the rotation; computing both in float32
+    and rounding once is the same up to that rounding, and saves two passes over the tensor.
+    """
+    if isinstance(norm, RMSNorm):
+        y = norm.forward_float(x)
+    elif tables is None:
+        return x
+    else:
+        y = x.float()
+    if tables is not None:
+        y = RotaryEmbedding.rotate(y, tables)
+    return y.to(x.dtype)
+
+
+def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over a few positions as two batched matmuls and a float32 softmax.
+
+    The temporal blocks attend over 4 to 12 frames for each of B * S patches: flash kernels tile 64 or more positions
+    and the masked SDPA kernels are several times slower than these plain matmuls at that length.
+
+    Args:
+        q: queries [N, heads, L, head_dim] of the last L positions.
+        k, v: keys and values [N, heads, P + L, head_dim] of the P earlier positions, then of the queries'.
+
+    Returns:
+        [N, heads, L, head_dim] in `v`'s dtype.
+    """
+    L, K = q.shape[-2], k.shape[-2]
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # [N, heads, L, K]
+    future = torch.arange(K, device=q.device)[None] > torch.arange(K - L, K, device=q.device)[:, None]  # [L, K]
+    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the second dimension of `[N, L, C]`."""
+    """Multi-head self-attention over the second dimension of `[N, L, C]`.
+
+    `short_causal_kernel` is a runtime switch of causal attention, not architecture: `"matmul"` (default,
+    `short_causal_attention`) or `"sdpa"` (`scaled_dot_product_attention` with a causal mask, kept to measure the
+    difference in `benchmarks/env_step.py`).
+    """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, rope: RotaryEmbedding | None, causal: bool):
         super().__init__()
@@ -184,6 +235,7 @@ class Attention(nn.Module):
         # A plain attribute, not a submodule: the rotary table belongs to the model (key `rope.freqs`).
         self._rope = (rope,) if rope is not None else ()
         self.causal = causal
+        self.short_causal_kernel = "matmul"
 
     def forward(self, x: torch.Tensor, past: KeyValue | None = None) -> tuple[torch.Tensor, KeyValue]:
         """Attends from `x` [N, L, C] to `past` keys/values (earlier positions) and to itself.
@@ -192,20 +244,20 @@ class Attention(nn.Module):
             the output [N, L, C] and the keys/values of `x`'s own positions ([N, heads, L, head_dim] each).
         """
         q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.num_heads)
-        q, k = self.q_norm(q), self.k_norm(k)
         offset = 0 if past is None else past[0].shape[-2]
-        for rope in self._rope:
-            q, k = rope(q, offset), rope(k, offset)
+        tables = self._rope[0].tables(q.shape[-2], offset, x.device) if self._rope else None
+        q, k = normalize_and_rotate(q, self.q_norm, tables), normalize_and_rotate(k, self.k_norm, tables)
         own = (k, v)
-        if past is None:
-            x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [N, heads, L, head_dim]
-        else:
+        if past is not None:
             k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
-            mask = None
-            if self.causal:  # query i sits at position offset + i and sees keys up to there
-                mask = torch.arange(k.shape[-2], device=x.device)[None] <= (
-                    torch.arange(q.shape[-2], device=x.device)[:, None] + offset
-                )  # [L, offset + L]
+        if not self.causal:
+            x = F.scaled_dot_product_attention(q, k, v)  # [N, heads, L, head_dim]
+        elif self.short_causal_kernel == "matmul":
+            x = short_causal_attention(q, k, v)
+        else:  # query i sits at position offset + i and sees keys up to there
+            mask = torch.arange(k.shape[-2], device=x.device)[None] <= (
+                torch.arange(q.shape[-2], device=x.device)[:, None] + offset
+            )  # [L, offset + L]
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(rearrange(x, "n h l d -> n l (h d)")), own
 
@@ -385,13 +437,29 @@ class STDiT3(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.x_embedder.proj.weight.dtype
 
-    def compile_blocks(self, **kwargs) -> None:
-        """`torch.compile` every block (kwargs go to `torch.compile`); fuses the many elementwise operations of
-        modulation, normalization and rotary embedding (2.2x faster forward on an H100 in bf16, see
-        `benchmarks/stdit3_forward.py`). All blocks share one compiled graph. Shapes are dynamic by default: the
-        batch changes when only some sub-envs step, and recompiling for each batch size would cost minutes."""
+    def compile_blocks(self, dynamic: bool = True, **kwargs) -> None:
+        """`torch.compile` every block; fuses the many elementwise operations of modulation, normalization and
+        rotary embedding (2.2x faster forward on an H100 in bf16, see `benchmarks/stdit3_forward.py`). The blocks
+        share their compiled graphs (one per kind of block and frame count).
+
+        Args:
+            dynamic: compile for any batch size (the batch changes when only some sub-envs step, and recompiling
+                for each size would cost minutes). `False` compiles for the shapes seen: use it only when the
+                batch never changes, as with the sampler's padded `micro_batch_size`.
+            kwargs: further arguments of `torch.compile` (`mode`, ...).
+        """
         for block in (*self.spatial_blocks, *self.temporal_blocks):
-            block.compile(**{"dynamic": True, **kwargs})
+            block.compile(dynamic=dynamic, **kwargs)
+
+    def set_temporal_attention(self, kernel: str) -> None:
+        """Chooses the kernel of the causal temporal attention: `"matmul"` (default) or `"sdpa"`.
+
+        A runtime switch (not saved); both compute the same attention, see `Attention`.
+        """
+        if kernel not in ("matmul", "sdpa"):
+            raise ValueError(f"temporal attention kernel must be 'matmul' or 'sdpa', got {kernel!r}")
+        for block in self.temporal_blocks:
+            block.attn.short_causal_kernel = kernel
 
     def check_inputs(self, x: torch.Tensor, timestep: torch.Tensor, actions: torch.Tensor, x_mask: torch.Tensor):
         """Raises ValueError naming the expected and received shapes."""
@@ -464,7 +532,8 @@ class STDiT3(nn.Module):
         _, t0 = self._timestep_embeddings(torch.zeros(B, device=condition_latents.device, dtype=self.dtype))
         t0_mlp = self.t_block(t0)[:, None]  # [B, 1, 6C]
         x_mask = torch.zeros(B, Tc, dtype=torch.bool, device=condition_latents.device)
-        _, cache = self._blocks(self._tokens(condition_latents, height, width), t0_mlp, t0_mlp, t0_mlp, x_mask)
+        tokens = self._tokens(condition_latents, height, width)
+        _, cache = self._blocks(tokens, t0_mlp, t0_mlp, t0_mlp, x_mask, keep_cache=True)
         return cache
 
     def forward_generated(
@@ -527,13 +596,17 @@ class STDiT3(nn.Module):
         )  # [S, C]
         return self.x_embedder(x.to(self.dtype)) + pos
 
-    def _blocks(self, x, t_spatial, t_temporal, t0_mlp, x_mask, past: list[KeyValue] | None = None):
-        """Runs the block pairs; returns the tokens and each temporal block's keys/values of these frames."""
+    def _blocks(
+        self, x, t_spatial, t_temporal, t0_mlp, x_mask, past: list[KeyValue] | None = None, keep_cache: bool = False
+    ) -> tuple[torch.Tensor, list[KeyValue]]:
+        """Runs the block pairs; returns the tokens and, with `keep_cache`, each temporal block's keys/values of
+        these frames (else an empty list: holding them would keep 2 of every block's activations alive)."""
         cache = []
         for i, (spatial, temporal) in enumerate(zip(self.spatial_blocks, self.temporal_blocks, strict=True)):
             x, _ = spatial(x, t_spatial, t0_mlp, x_mask)
             x, kv = temporal(x, t_temporal, t0_mlp, x_mask, None if past is None else past[i])
-            cache.append(kv)
+            if keep_cache:
+                cache.append(kv)
         return x, cache
 
     def _unpatchify(self, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
