@@ -214,6 +214,7 @@ def make_env(config: BenchmarkConfig, rung: Rung, checkpoint: Path, steps: int) 
     return env
 
 
+@torch.inference_mode()
 def profile_chunk(world_model: WorldModel, latents: torch.Tensor, actions: torch.Tensor, seed: int) -> dict:
     """Seconds of each part of one chunk step (synchronized between parts), as `predict_chunk` and the env run it.
 
