@@ -171,3 +171,12 @@ def test_sb3_check_env_passes_on_the_image_observation_of_the_single_env(checkpo
     assert obs.shape == (40, 40, 3) and info["task"] == env.unwrapped.vector_env.get_state([0])[0].task
     with pytest.raises(TypeError, match="Dict observation space with an 'image'"):
         ImageObservation(gym.make("CartPole-v1"))
+
+    from stable_baselines3.common.env_util import make_vec_env
+
+    venv = make_vec_env(
+        "OpenSoraLibero-Spatial-v0",
+        wrapper_class=ImageObservation,
+        env_kwargs={"checkpoint": checkpoint, **FAST, "image_size": 40},
+    )
+    assert venv.reset().shape == (1, 40, 40, 3)
