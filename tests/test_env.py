@@ -175,18 +175,21 @@ def fresh_after_reset(checkpoint, world_model):
 
 
 @pytest.mark.parametrize(
-    ("actions", "message"),
+    ("actions", "error", "message"),
     [
-        (np.zeros((2, 7)), r"actions must have shape \(2, 8, 7\), got \(2, 7\)"),
-        (np.zeros((3, 8, 7)), r"actions must have shape \(2, 8, 7\), got \(3, 8, 7\)"),
-        (np.full((2, 8, 7), np.nan), r"actions must be finite, got NaN or inf for sub-envs \[0, 1\]"),
-        (np.array([[[np.inf] * 7] * 8, [[0.0] * 7] * 8]), r"finite.*sub-envs \[0\]"),
-        (np.full((2, 8, 7), "a"), "actions must be numbers"),
+        (np.zeros((2, 7)), ValueError, r"actions must have shape \(2, 8, 7\), got \(2, 7\)"),
+        (np.zeros((3, 8, 7)), ValueError, r"actions must have shape \(2, 8, 7\), got \(3, 8, 7\)"),
+        (np.full((2, 8, 7), np.nan), ValueError, r"actions must be finite, got NaN or inf for sub-envs \[0, 1\]"),
+        (np.array([[[np.inf] * 7] * 8, [[0.0] * 7] * 8]), ValueError, r"finite.*sub-envs \[0\]"),
+        (np.full((2, 8, 7), "a"), TypeError, r"actions must be real numbers of shape \(2, 8, 7\), got dtype <U1"),
+        (np.zeros((2, 8, 7), dtype=bool), TypeError, "got dtype bool"),
+        (None, TypeError, "got dtype object"),
+        (torch.zeros(2, 8, 7, dtype=torch.complex64), TypeError, "got dtype complex64"),
     ],
 )
-def test_bad_actions_are_rejected_and_leave_the_state_unchanged(checkpoint, world_model, actions, message):
+def test_bad_actions_are_rejected_and_leave_the_state_unchanged(checkpoint, world_model, actions, error, message):
     env = fresh_after_reset(checkpoint, world_model)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         env.step(actions)
     obs, reward, *_ = env.step(random_chunk_actions(2))
     reference = fresh_after_reset(checkpoint, world_model)
@@ -294,12 +297,145 @@ def test_partial_reset_restarts_only_the_masked_sub_envs(checkpoint, never_succe
     np.testing.assert_array_equal(auto_obs["image"][1], obs["image"][1])
 
 
-def test_partial_reset_rejects_bad_masks(checkpoint, world_model):
+def test_partial_reset_rejects_bad_masks_as_gymnasium_does(checkpoint, world_model):
     env = make_env(checkpoint, world_model)
     with pytest.raises(ValueError, match="reset_mask needs a full reset"):
         env.reset(options={"reset_mask": np.array([True, False])})
     env.reset(seed=0)
-    with pytest.raises(ValueError, match="reset_mask must be 2 booleans"):
-        env.reset(options={"reset_mask": np.array([1, 0])})
-    with pytest.raises(ValueError, match="seed cannot be combined with reset_mask"):
-        env.reset(seed=1, options={"reset_mask": np.array([True, False])})
+    before = env.get_state()
+    for mask, error, message in [
+        ([True, False], TypeError, "reset_mask must be a numpy array of 2 bools, got list"),
+        (np.array([1, 0]), TypeError, "reset_mask must have dtype bool, got int64"),
+        (np.array([True]), ValueError, r"reset_mask must have shape \(2,\), got \(1,\)"),
+        (np.array([False, False]), ValueError, "reset_mask must choose at least one sub-env, got all False"),
+    ]:
+        with pytest.raises(error, match=message):
+            env.reset(seed=1, options={"reset_mask": mask})
+    assert env.np_random_seed == (0, 1)
+    assert all(torch.equal(a.latents, b.latents) for a, b in zip(before, env.get_state(), strict=True))
+
+
+def test_vector_seeding_follows_gymnasium(checkpoint, world_model):
+    env = make_env(checkpoint, world_model)
+    assert env.metadata["render_fps"] > 0 and env.np_random_seed == (None, None)
+    obs_int, _ = env.reset(seed=np.int64(7))
+    assert env.np_random_seed == (7, 8)
+    obs_list, _ = env.reset(seed=[7, np.uint64(8)])
+    np.testing.assert_array_equal(obs_int["image"], obs_list["image"])
+    env.reset(seed=[3, None])
+    assert env.np_random_seed[0] == 3 and isinstance(env.np_random_seed[1], int)
+
+    # A seeded partial reset reseeds only the masked sub-envs, with the seeds a full reset would give them.
+    env.reset(seed=0)
+    env.step(random_chunk_actions(2))
+    obs, _ = env.reset(seed=10, options={"reset_mask": np.array([False, True])})
+    assert env.np_random_seed == (0, 11)
+    assert [s.elapsed_steps for s in env.get_state()] == [8, 0]
+    again = make_env(checkpoint, world_model)
+    again.reset(seed=0)
+    again.step(random_chunk_actions(2))
+    obs_again, _ = again.reset(seed=[99, 11], options={"reset_mask": np.array([False, True])})
+    np.testing.assert_array_equal(obs["image"], obs_again["image"])
+
+
+@pytest.mark.parametrize(
+    ("seed", "error", "message"),
+    [
+        (2**64 - 1, ValueError, r"\[0, 2\*\*64 - 1\] \(seed \+ i for sub-env i of 2\), got \[18446744073709551616\]"),
+        (-1, ValueError, r"seeds must lie in \[0, 2\*\*64 - 1\] .*got \[-1\]"),
+        ([1], ValueError, r"seed must be an int or 2 seeds \(one per sub-env\), got 1"),
+        ([1, 2.5], TypeError, r"seeds must be ints or None, got \['int', 'float'\]"),
+        (True, TypeError, "seed must be an int, 2 ints or None"),
+        ("7", TypeError, "seed must be an int, 2 ints or None"),
+    ],
+)
+def test_bad_seeds_change_nothing(checkpoint, world_model, seed, error, message):
+    env = fresh_after_reset(checkpoint, world_model)
+    with pytest.raises(error, match=message):
+        env.reset(seed=seed)
+    assert env.np_random_seed == (1, 2)
+    obs, *_ = env.step(random_chunk_actions(2))
+    obs_ref, *_ = fresh_after_reset(checkpoint, world_model).step(random_chunk_actions(2))
+    np.testing.assert_array_equal(obs["image"], obs_ref["image"])
+
+
+def test_actions_outside_the_box_are_clipped(checkpoint, world_model):
+    actions = random_chunk_actions(2) * 4
+    obs, reward, *_ = fresh_after_reset(checkpoint, world_model).step(actions)
+    obs_ref, reward_ref, *_ = fresh_after_reset(checkpoint, world_model).step(np.clip(actions, -1, 1))
+    np.testing.assert_array_equal(obs["image"], obs_ref["image"])
+    np.testing.assert_array_equal(reward, reward_ref)
+
+
+@pytest.mark.parametrize("part", ["latents", "success probabilities"])
+def test_non_finite_predictions_raise_and_change_nothing(checkpoint, part):
+    model = WorldModel.from_pretrained(checkpoint, num_sampling_steps=2, image_size=64)
+    env = make_env(checkpoint, model)
+    env.reset(seed=0)
+    layer = model.dit.final_layer.linear if part == "latents" else model.reward_model.net[-2]
+    layer.bias.data.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=rf"NaN or inf {part} for sub-envs \[0, 1\]; no sub-env was changed"):
+        env.step(random_chunk_actions(2))
+    assert [s.elapsed_steps for s in env.get_state()] == [0, 0]
+
+
+def edited(field, value):
+    """An edit of one SubEnvState field: `value` or `value(state)`."""
+
+    def edit(state):
+        setattr(state, field, value(state) if callable(value) else value)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "message"),
+    [
+        (edited("latents", lambda s: s.latents[:2]), ValueError, r"states\[1\]\.latents must be torch\.float32 of"),
+        (edited("latents", lambda s: s.latents.double()), ValueError, "got torch.float64"),
+        (edited("latents", lambda s: s.latents * np.nan), ValueError, r"states\[1\]\.latents must be finite"),
+        (edited("image", lambda s: s.image.astype(np.float32)), ValueError, r"uint8 of shape \(64, 64, 3\)"),
+        (edited("task", 3), TypeError, r"states\[1\]\.task must be str, got int"),
+        (edited("success_once", "yes"), TypeError, "success_once must be bool or bool, got str"),
+        (edited("elapsed_steps", True), TypeError, "elapsed_steps must be int or integer, got bool"),
+        (edited("elapsed_steps", 40), ValueError, r"elapsed_steps must lie in \[0, 32\], got 40"),
+        (edited("episode_index", 6), ValueError, r"episode_index must lie in \[0, 5\], got 6"),
+        (edited("episode_return", float("inf")), ValueError, "rewards must be finite"),
+        (edited("generator_state", None), ValueError, r"states\[1\] has no generator state: pass seeds"),
+        (edited("generator_state", torch.zeros(3, dtype=torch.uint8)), ValueError, "not a CPU torch.Generator"),
+    ],
+)
+def test_set_state_checks_every_state_before_changing_any(checkpoint, world_model, edit, error, message):
+    env = fresh_after_reset(checkpoint, world_model)
+    before = env.get_state([0])[0]
+    states = env.get_state([1, 1])
+    states[0].elapsed_steps = 8
+    edit(states[1])
+    with pytest.raises(error, match=message):
+        env.set_state(states, [0, 1])
+    after = env.get_state([0])[0]
+    assert after.elapsed_steps == 0 and torch.equal(after.latents, before.latents)
+    with pytest.raises(TypeError, match=r"states\[0\] must be a SubEnvState \(from get_state\), got str"):
+        env.set_state(["state"], [0])
+    with pytest.raises(ValueError, match=r"seeds must be ints in \[0, 2\*\*64 - 1\], got \[-3\]"):
+        env.set_state(env.get_state([0]), [0], seeds=[-3])
+    assert env.np_random_seed == (1, 2)
+
+
+def test_a_shared_world_model_must_match_the_config(checkpoint, world_model):
+    with pytest.raises(ValueError, match=r"expected image_size 32 \(world model: 64\)"):
+        make_env(checkpoint, world_model, image_size=32)
+    with pytest.raises(ValueError, match=r"condition_frames 2 \(world model: 4\)"):
+        make_env(checkpoint, world_model, condition_frames=2)
+
+
+def test_gymnasium_env_checker_passes_on_the_registered_single_env(checkpoint):
+    import gymnasium as gym
+    from gymnasium.utils.env_checker import check_env
+
+    import opensora_gym  # noqa: F401  (registers the ids)
+
+    env = gym.make("OpenSoraLibero-Spatial-v0", checkpoint=checkpoint, **{**FAST, "image_size": 32})
+    check_env(env.unwrapped)
+    env.reset(seed=np.int64(3))
+    assert env.unwrapped.np_random_seed == 3

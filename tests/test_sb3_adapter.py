@@ -153,3 +153,30 @@ def test_ppo_cnn_policy_learns_on_the_adapter(checkpoint, never_success):
     # 128 chunk steps of each sub-env, 2 per episode: every episode ended through the same-step reset.
     assert venv.episode_count == 128 and all(ep["l"] == 2 for ep in model.ep_info_buffer)
     assert any(not torch.equal(b, p) for b, p in zip(before, model.policy.parameters(), strict=True))
+
+
+def test_sb3_check_env_passes_on_the_image_observation_of_the_single_env(checkpoint):
+    import gymnasium as gym
+    from stable_baselines3.common.env_checker import check_env
+
+    import opensora_gym  # noqa: F401  (registers the ids)
+    from opensora_gym.wrappers.sb3 import ImageObservation
+
+    # 40 px: the smallest multiple of the VAE's 8 that SB3's default CnnPolicy takes (36 px and more).
+    env = ImageObservation(gym.make("OpenSoraLibero-Spatial-v0", checkpoint=checkpoint, **{**FAST, "image_size": 40}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (40, 40, 3) and info["task"] == env.unwrapped.vector_env.get_state([0])[0].task
+    with pytest.raises(TypeError, match="Dict observation space with an 'image'"):
+        ImageObservation(gym.make("CartPole-v1"))
+
+    from stable_baselines3.common.env_util import make_vec_env
+
+    venv = make_vec_env(
+        "OpenSoraLibero-Spatial-v0",
+        wrapper_class=ImageObservation,
+        env_kwargs={"checkpoint": checkpoint, **FAST, "image_size": 40},
+    )
+    assert venv.reset().shape == (1, 40, 40, 3)

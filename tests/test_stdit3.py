@@ -156,6 +156,27 @@ def test_missing_files_are_named(tmp_path):
         STDiT3.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, r"no STDiT3 config\.json at .*config\.json \(expected the architecture beside the weights"),
+        (b"\xff\xfe{}", r"config\.json is not a UTF-8 JSON file"),
+        (b'{"depth": 2,', r"config\.json is not a UTF-8 JSON file"),
+        (b"[1, 2]", r"config\.json holds a JSON list, expected an object"),
+        (b'{"depth": 0}', r"config\.json is not a valid STDiT3 config: STDiT3Config\.depth must be a positive integer"),
+    ],
+)
+def test_missing_or_bad_config_json_is_named(tmp_path, content, message):
+    tiny_model().save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    if content is None:
+        config.unlink()
+    else:
+        config.write_bytes(content)
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        STDiT3.from_pretrained(tmp_path)
+
+
 def test_corrupt_weights_are_named(tmp_path):
     (tmp_path / "model-00001.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match=re.escape("model-00001.safetensors is not a readable safetensors file")):

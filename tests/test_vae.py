@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from einops import rearrange
+from safetensors.torch import load_file, save_file
 
 from opensora_gym.models.vae import SDXL_SCALING_FACTOR, VideoVAE
 from opensora_gym.testing import tiny_vae_config
@@ -175,6 +176,19 @@ def test_missing_files_are_named(vae, tmp_path, missing):
         VideoVAE.from_pretrained(tmp_path)
     assert "vae/config.json" in str(error.value)
     assert "vae/diffusion_pytorch_model.safetensors" in str(error.value)
+
+
+def test_weights_with_missing_or_extra_keys_are_named(vae, tmp_path):
+    vae.save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    del state["decoder.conv_out.bias"]
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match .*config\.json") as error:
+        VideoVAE.from_pretrained(tmp_path)
+    assert "1 missing keys (first: ['decoder.conv_out.bias'])" in str(error.value)
+    assert "1 unexpected keys (first: ['extra.weight'])" in str(error.value)
 
 
 def test_missing_folder_is_named(tmp_path):

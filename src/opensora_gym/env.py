@@ -28,12 +28,14 @@ from gymnasium.vector.utils import batch_space
 
 from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import TrajectoryDataset
-from opensora_gym.spaces import chunk_action_space, controller_actions, observation_space
+from opensora_gym.spaces import ACTION_DIM, chunk_action_space, controller_actions, observation_space
 from opensora_gym.world_model import WorldModel, frames_from_uint8, frames_to_uint8
 
 CHECKPOINT_ENV_VAR = "OPENSORA_GYM_CHECKPOINT"
 HUB_IDS = {"spatial": "RLinf/RLinf-OpenSora-LIBERO-Spatial", "object": "RLinf/RLinf-OpenSora-LIBERO-Object"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch.Generator.manual_seed takes seeds in [0, 2**64).
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -158,18 +160,37 @@ class OpenSoraLiberoEnv(VectorEnv):
     Observation: `{"image": [N, S, S, 3] uint8, "task": tuple of N instructions}`.
     Action: `[N, action_chunk, 7]` float32 in the robot's units as the policy emits them (gripper 1 = open,
     0 = close); converted to LIBERO's controller convention (`opensora_gym.spaces.controller_actions`) and
-    normalized with the checkpoint's action q01/q99. Reward: the chunk's summed step reward `[N]`.
+    normalized with the checkpoint's action q01/q99. Actions outside the Box [-1, 1] are clipped to it, as LIBERO's
+    controller clips them; actions that are not real numbers raise TypeError, NaN/inf or a wrong shape ValueError.
+    Reward: the chunk's summed step reward `[N]`, always finite: a world model that predicts NaN/inf latents or
+    success probabilities raises FloatingPointError and the step changes no sub-env.
 
     Sub-envs reset on the step after they end (Gymnasium's next-step autoreset): that step ignores their action
     and returns the first observation of a new episode with reward 0.
 
+    Seeding follows Gymnasium's vector envs: `reset(seed=s)` seeds sub-env i with `s + i`, `reset(seed=[s0, s1,
+    ...])` with one seed each (None: from the OS); `np_random_seed` reports the seeds in use. `reset`, `step` and
+    `set_state` check all their arguments before they change any sub-env; errors are the ones Gymnasium's own
+    vector envs raise (TypeError for a wrong type, ValueError for a wrong value).
+
     Args:
         num_envs, checkpoint, ...: the fields of `OpenSoraLiberoConfig`.
         world_model: an already loaded world model to use instead of loading `checkpoint` (to share one between
-            envs); `checkpoint` then only locates the dataset.
+            envs); `checkpoint` then only locates the dataset. Its image size, condition frames and action width
+            must match the config.
+
+    Example:
+        >>> env = OpenSoraLiberoEnv(4, checkpoint="RLinf-OpenSora-LIBERO-Spatial")  # doctest: +SKIP
+        >>> obs, info = env.reset(seed=[0, 1, 2, 3])  # doctest: +SKIP
+        >>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())  # doctest: +SKIP
     """
 
-    metadata: ClassVar[dict] = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["rgb_array"]}
+    # render_fps: playback rate of the predicted frames (one per action), as `RecordEpisodeVideo` writes them.
+    metadata: ClassVar[dict] = {
+        "autoreset_mode": AutoresetMode.NEXT_STEP,
+        "render_modes": ["rgb_array"],
+        "render_fps": 10,
+    }
 
     def __init__(self, num_envs: int = 1, *, world_model: WorldModel | None = None, render_mode=None, **kwargs):
         self.config = config = OpenSoraLiberoConfig(num_envs=num_envs, **kwargs)
@@ -187,11 +208,7 @@ class OpenSoraLiberoEnv(VectorEnv):
             dit_micro_batch_size=config.dit_micro_batch_size,
             compile=config.compile,
         )
-        if self.world_model.condition_frames != config.condition_frames:
-            raise ValueError(
-                f"condition_frames={config.condition_frames} but the checkpoint's STDiT3 has "
-                f"{self.world_model.condition_frames} condition frames"
-            )
+        self._check_world_model()
         self.dataset = TrajectoryDataset(CheckpointLayout(root).dataset)
         self.return_frames = config.return_frames
 
@@ -207,19 +224,47 @@ class OpenSoraLiberoEnv(VectorEnv):
         self._episode_generator = torch.Generator()
         self._group_episodes: list[list[int]] = [[] for _ in range(num_envs // config.group_size)]
         self._episodes_started = np.zeros(num_envs, dtype=np.int64)
+        self._seeds: list[int | None] = [None] * num_envs
+
+    def _check_world_model(self) -> None:
+        """A shared world model must work at the config's sizes: it is not reloaded from `checkpoint`."""
+        cfg, model = self.config, self.world_model
+        expected = {
+            "image_size": (cfg.image_size, model.image_size),
+            "condition_frames": (cfg.condition_frames, model.condition_frames),
+            "action_dim": (ACTION_DIM, model.action_dim),
+        }
+        wrong = [f"{name} {want} (world model: {got})" for name, (want, got) in expected.items() if want != got]
+        if wrong:
+            raise ValueError(
+                f"the world model does not match the env config: expected {', '.join(wrong)}; load it with the "
+                "env's settings (WorldModel.from_pretrained(..., image_size=...)) or change the config"
+            )
+
+    @property
+    def np_random_seed(self) -> tuple[int | None, ...]:
+        """The seed of each sub-env's generator: None before the first reset, -1 after `set_state` restored a
+        generator state (its seed is unknown)."""
+        return tuple(self._seeds)
 
     # ----------------------------------------------------------------------------------------------- reset
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+    def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
         """Starts a new episode in every sub-env, or in the sub-envs of `options["reset_mask"]`.
 
+        Every argument is checked before any sub-env changes.
+
         Args:
-            seed: sub-env i's generator is seeded with `seed + i` and the episode draw with `seed`; without a
-                seed, the first reset seeds from the OS and later resets continue the streams.
+            seed: an int `s` seeds sub-env i's generator with `s + i`, a list with one seed per sub-env (an int,
+                or None for a seed from the OS) seeds each with its own; the episode draw is seeded with the first
+                sub-env's seed. Seeds are ints (Python or numpy) in [0, 2**64 - 1]. Without a seed, the first
+                reset seeds from the OS and later resets continue the streams.
             options: `episode_indices` ([N] ints) chooses the start trajectory of each sub-env; otherwise one
                 trajectory per group of `group_size` sub-envs is drawn from the env's generator. `reset_mask`
-                ([N] bool, Gymnasium's partial reset) restarts only the chosen sub-envs, exactly as the
-                next-step autoreset would (same episode draw, same generators); the others are left as they are.
+                ([N] numpy bool with at least one True, Gymnasium's partial reset) restarts only the chosen
+                sub-envs, exactly as the next-step autoreset would (their group's next episode draw); with a seed,
+                the chosen sub-envs' generators are reseeded first (`s + i` or the list's i-th seed) and the
+                others' seeds are ignored. The other sub-envs are left as they are.
 
         Returns:
             (observation, info) of all sub-envs, with `info["episode_index"]` and `info["task"]`.
@@ -230,18 +275,21 @@ class OpenSoraLiberoEnv(VectorEnv):
             raise ValueError(
                 f"unknown reset options {sorted(unknown)}; the options are 'episode_indices' and 'reset_mask'"
             )
+        seeds = self._check_seeds(seed)
         episodes = options.get("episode_indices")
         if episodes is not None:
             episodes = self._check_episode_indices(episodes)
         if "reset_mask" in options:
-            indices = self._check_reset_mask(options["reset_mask"], seed)
+            indices = self._check_reset_mask(options["reset_mask"])
+            if seeds is not None:
+                self._seed_generators({i: seeds[i] for i in indices})
             self._restart(indices, None if episodes is None else [episodes[i] for i in indices])
             return self._observation(), self._reset_info()
-        if seed is not None or self._states is None:
-            base = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**62)
-            for i, generator in enumerate(self._generators):
-                generator.manual_seed(base + i)
-            self._episode_generator.manual_seed(base)
+        if seeds is not None or self._states is None:
+            seeds = seeds or [None] * self.num_envs
+            seeds = [self._os_seed() if s is None else s for s in seeds]
+            self._seed_generators(dict(enumerate(seeds)))
+            self._episode_generator.manual_seed(seeds[0])
             self._group_episodes = [[] for _ in self._group_episodes]
             self._episodes_started[:] = 0
         if episodes is None:
@@ -249,20 +297,57 @@ class OpenSoraLiberoEnv(VectorEnv):
         self._states = self._start_episodes(list(range(self.num_envs)), episodes)
         return self._observation(), self._reset_info()
 
-    def _check_reset_mask(self, mask, seed) -> list[int]:
+    def _check_seeds(self, seed) -> list[int | None] | None:
+        """One seed (or None) per sub-env, as Gymnasium's vector envs number them; None when no seed is given."""
+        if seed is None:
+            return None
+        if _is_int(seed):
+            seeds = [int(seed) + i for i in range(self.num_envs)]
+        elif isinstance(seed, (Sequence, np.ndarray)) and not isinstance(seed, str):
+            if len(seed) != self.num_envs:
+                raise ValueError(f"seed must be an int or {self.num_envs} seeds (one per sub-env), got {len(seed)}")
+            if not all(s is None or _is_int(s) for s in seed):
+                raise TypeError(f"seeds must be ints or None, got {[type(s).__name__ for s in seed]}")
+            seeds = [None if s is None else int(s) for s in seed]
+        else:
+            raise TypeError(
+                f"seed must be an int, {self.num_envs} ints or None (one per sub-env), got {type(seed).__name__}"
+            )
+        bad = [s for s in seeds if s is not None and not 0 <= s <= MAX_SEED]
+        if bad:
+            numbering = f" (seed + i for sub-env i of {self.num_envs})" if _is_int(seed) else ""
+            raise ValueError(f"seeds must lie in [0, 2**64 - 1]{numbering}, got {bad}")
+        return seeds
+
+    @staticmethod
+    def _os_seed() -> int:
+        return int(np.random.SeedSequence().entropy % 2**62)
+
+    def _seed_generators(self, seeds: dict[int, int | None]) -> None:
+        """Seeds the generators of the given sub-envs (None: a seed from the OS) and records the seeds."""
+        for i, s in seeds.items():
+            s = self._os_seed() if s is None else s
+            self._generators[i].manual_seed(s)
+            self._seeds[i] = s
+
+    def _check_reset_mask(self, mask) -> list[int]:
+        # Gymnasium's SyncVectorEnv checks, with its exception types.
+        if not isinstance(mask, np.ndarray):
+            raise TypeError(f"reset_mask must be a numpy array of {self.num_envs} bools, got {type(mask).__name__}")
+        if mask.shape != (self.num_envs,):
+            raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
+        if mask.dtype != np.bool_:
+            raise TypeError(f"reset_mask must have dtype bool, got {mask.dtype}")
+        if not mask.any():
+            raise ValueError("reset_mask must choose at least one sub-env, got all False")
         if self._states is None:
             raise ValueError("reset_mask needs a full reset() first: there are no episodes to restart yet")
-        if seed is not None:
-            raise ValueError("seed cannot be combined with reset_mask: seeds are set by a full reset")
-        mask = np.asarray(mask)
-        if mask.shape != (self.num_envs,) or mask.dtype != bool:
-            raise ValueError(f"reset_mask must be {self.num_envs} booleans, got shape {mask.shape} of {mask.dtype}")
         return np.flatnonzero(mask).tolist()
 
     def _restart(self, indices: list[int], episodes: list[int] | None = None) -> None:
         """Starts the next episode of the sub-envs `indices` (their group's next draw unless `episodes` is given)."""
         if not indices:
-            return
+            return  # the step's autoreset with no sub-env to restart
         if episodes is None:
             episodes = [self._next_group_episode(i) for i in indices]
         for i, state in zip(indices, self._start_episodes(indices, episodes), strict=True):
@@ -306,6 +391,7 @@ class OpenSoraLiberoEnv(VectorEnv):
         starts = [self._start_frame(e) for e in episodes]
         images = torch.from_numpy(np.stack([image for image, _ in starts]))
         latents = self.world_model.encode_start(images, generator=[self._generators[i] for i in env_indices]).cpu()
+        _check_finite(latents, "start latents", env_indices)
         # The first observation goes through the same [-1, 1] round trip as in the reference.
         normalized = frames_from_uint8(images, self.config.image_size)  # [N, 3, S, S]
         observed = frames_to_uint8(normalized[:, :, None])[:, 0].numpy()  # [N, S, S, 3]
@@ -330,7 +416,12 @@ class OpenSoraLiberoEnv(VectorEnv):
         """Imagines one chunk per sub-env.
 
         Args:
-            actions: [N, action_chunk, action_dim] in the robot's units (numpy or torch, finite).
+            actions: [N, action_chunk, action_dim] real numbers in the robot's units (numpy or torch, finite);
+                values outside the action space's [-1, 1] are clipped to it.
+
+        Raises:
+            TypeError: the actions are not real numbers. ValueError: a wrong shape, NaN or inf.
+            FloatingPointError: the world model predicted NaN/inf latents or probabilities (no sub-env changed).
 
         Returns:
             (observation, reward [N] float32, terminated [N] bool, truncated [N] bool, info).
@@ -358,7 +449,9 @@ class OpenSoraLiberoEnv(VectorEnv):
             prediction = self.world_model.predict_chunk(
                 latents, actions[active], generator=[self._generators[i] for i in active]
             )
+            _check_finite(prediction.latents, "latents", active)
             new_latents = prediction.latents[:, :, -cfg.condition_frames :].cpu()
+            _check_finite(prediction.success_prob, "success probabilities", active)
             chunk_frames = prediction.frames.cpu().numpy()  # [n_active, A, S, S, 3]
             probs = prediction.success_prob.cpu().numpy()
             for k, i in enumerate(active):
@@ -386,19 +479,22 @@ class OpenSoraLiberoEnv(VectorEnv):
         expected = (self.num_envs, *self.single_action_space.shape)
         if isinstance(actions, torch.Tensor):
             actions = actions.detach().cpu()
+            actions = (actions.float() if actions.is_floating_point() else actions).numpy()  # numpy has no bfloat16
         else:
             actions = np.asarray(actions)
-            if not np.issubdtype(actions.dtype, np.number):
-                raise ValueError(f"actions must be numbers of shape {expected}, got dtype {actions.dtype}")
-            actions = torch.from_numpy(actions)
-        if tuple(actions.shape) != expected:
-            raise ValueError(f"actions must have shape {expected}, got {tuple(actions.shape)}")
-        actions = actions.float()
-        if not torch.isfinite(actions).all():
-            bad = sorted({int(i) for i in torch.nonzero(~torch.isfinite(actions))[:, 0]})
+        is_real = np.issubdtype(actions.dtype, np.integer) or np.issubdtype(actions.dtype, np.floating)
+        if not is_real:
+            raise TypeError(f"actions must be real numbers of shape {expected}, got dtype {actions.dtype}")
+        if actions.shape != expected:
+            raise ValueError(f"actions must have shape {expected}, got {actions.shape}")
+        actions = actions.astype(np.float32)
+        if not np.isfinite(actions).all():
+            bad = np.flatnonzero(~np.isfinite(actions).all(axis=(1, 2))).tolist()
             raise ValueError(f"actions must be finite, got NaN or inf for sub-envs {bad}")
+        # As LIBERO's controller clips them: the world model never saw actions outside the action space.
+        actions = np.clip(actions, self.single_action_space.low, self.single_action_space.high)
         # The world model was trained on LIBERO's controller actions, as the real env executes them.
-        return torch.from_numpy(controller_actions(actions.numpy()))
+        return torch.from_numpy(controller_actions(actions))
 
     def _frame_rewards(self, state: SubEnvState, probs: np.ndarray) -> tuple[np.ndarray, bool]:
         """Step rewards [A] of one chunk from the classifier's probabilities [A], and whether it succeeded."""
@@ -482,6 +578,10 @@ class OpenSoraLiberoEnv(VectorEnv):
     ) -> None:
         """Puts `states[k]` into sub-env `indices[k]`: to restore a saved state or fork one into several sub-envs.
 
+        Every state is checked before any sub-env changes: the field types, the latents' shape, float32 dtype and
+        finiteness, the image's shape and uint8 dtype, the episode index, the step count (0 to
+        `max_episode_steps`), finite rewards, and the generator state (or a seed).
+
         Args:
             seeds: reseed the chosen sub-envs' generators instead of restoring the saved generator state, so
                 forked copies of one state imagine different futures.
@@ -494,21 +594,76 @@ class OpenSoraLiberoEnv(VectorEnv):
                 f"need one state (and one seed, if given) per index: {len(indices)} indices, {len(states)} states, "
                 f"{None if seeds is None else len(seeds)} seeds"
             )
-        expected = tuple(self._states[0].latents.shape)
-        for s in states:
-            if tuple(s.latents.shape) != expected:
-                raise ValueError(f"state latents must have shape {expected}, got {tuple(s.latents.shape)}")
-            if seeds is None and s.generator_state is None:
-                raise ValueError("a state without a generator state needs a seed: pass seeds=[...]")
+        if seeds is not None and not all(_is_int(s) and 0 <= s <= MAX_SEED for s in seeds):
+            raise ValueError(f"seeds must be ints in [0, 2**64 - 1], got {list(seeds)}")
+        for k, state in enumerate(states):
+            self._check_state(state, f"states[{k}]", needs_generator=seeds is None)
         for k, (i, s) in enumerate(zip(indices, states, strict=True)):
             values = {f.name: getattr(s, f.name) for f in fields(SubEnvState)}
             values.update(latents=s.latents.clone(), image=s.image.copy())
             values["generator_state"] = None
             self._states[i] = SubEnvState(**values)
             if seeds is not None:
-                self._generators[i].manual_seed(int(seeds[k]))
+                self._seed_generators({i: int(seeds[k])})
             else:
                 self._generators[i].set_state(s.generator_state)
+                self._seeds[i] = -1
+
+    def _check_state(self, state: SubEnvState, name: str, needs_generator: bool) -> None:
+        if not isinstance(state, SubEnvState):
+            raise TypeError(f"{name} must be a SubEnvState (from get_state), got {type(state).__name__}")
+        integer, real, flag = (int, np.integer), (float, int, np.floating, np.integer), (bool, np.bool_)
+        types = {
+            "latents": (torch.Tensor,),
+            "image": (np.ndarray,),
+            "episode_index": integer,
+            "task": (str,),
+            "elapsed_steps": integer,
+            "prev_frame_reward": real,
+            "success_once": flag,
+            "episode_return": real,
+            "needs_reset": flag,
+            "generator_state": (torch.Tensor, type(None)),
+        }
+        for field_name, kinds in types.items():
+            value = getattr(state, field_name)
+            if not isinstance(value, kinds) or (kinds != flag and isinstance(value, bool)):
+                expected = " or ".join(kind.__name__ for kind in kinds)
+                raise TypeError(f"{name}.{field_name} must be {expected}, got {type(value).__name__}")
+        latents = self._states[0].latents
+        if state.latents.shape != latents.shape or state.latents.dtype != latents.dtype:
+            raise ValueError(
+                f"{name}.latents must be {latents.dtype} of shape {tuple(latents.shape)}, got "
+                f"{state.latents.dtype} of shape {tuple(state.latents.shape)}"
+            )
+        if not torch.isfinite(state.latents).all():
+            raise ValueError(f"{name}.latents must be finite, got NaN or inf")
+        image_shape = (self.config.image_size, self.config.image_size, 3)
+        if state.image.shape != image_shape or state.image.dtype != np.uint8:
+            raise ValueError(
+                f"{name}.image must be uint8 of shape {image_shape}, got {state.image.dtype} of shape "
+                f"{state.image.shape}"
+            )
+        if not 0 <= state.episode_index < len(self.dataset):
+            raise ValueError(
+                f"{name}.episode_index must lie in [0, {len(self.dataset) - 1}], got {state.episode_index}"
+            )
+        if not 0 <= state.elapsed_steps <= self.config.max_episode_steps:
+            raise ValueError(
+                f"{name}.elapsed_steps must lie in [0, {self.config.max_episode_steps}], got {state.elapsed_steps}"
+            )
+        if not (np.isfinite(state.prev_frame_reward) and np.isfinite(state.episode_return)):
+            raise ValueError(
+                f"{name} rewards must be finite, got prev_frame_reward={state.prev_frame_reward}, "
+                f"episode_return={state.episode_return}"
+            )
+        if needs_generator:
+            if state.generator_state is None:
+                raise ValueError(f"{name} has no generator state: pass seeds=[...] to seed its sub-env instead")
+            try:
+                torch.Generator().set_state(state.generator_state)
+            except RuntimeError as err:
+                raise ValueError(f"{name}.generator_state is not a CPU torch.Generator state: {err}") from err
 
     def _check_indices(self, indices) -> list[int]:
         indices = list(range(self.num_envs)) if indices is None else [int(i) for i in indices]
@@ -532,10 +687,11 @@ class OpenSoraLiberoSingleEnv(gym.Env):
     """One imagined episode at a time, for `gym.make`: `OpenSoraLiberoEnv` with one sub-env, unbatched.
 
     `reset(options={"episode_index": i})` chooses the start trajectory. Stepping after the episode ended is an
-    error (call `reset()`), as a single env has no autoreset.
+    error (call `reset()`), as a single env has no autoreset. `reset(seed=s)` seeds the sub-env's generator and
+    Gymnasium's `np_random` with `s`. Actions, validation and errors are those of `OpenSoraLiberoEnv`.
     """
 
-    metadata: ClassVar[dict] = {"render_modes": ["rgb_array"]}
+    metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": OpenSoraLiberoEnv.metadata["render_fps"]}
 
     def __init__(self, render_mode=None, **kwargs):
         self.vector_env = OpenSoraLiberoEnv(1, render_mode=render_mode, **kwargs)
@@ -548,6 +704,7 @@ class OpenSoraLiberoSingleEnv(gym.Env):
         if "episode_index" in options:
             options["episode_indices"] = [options.pop("episode_index")]
         obs, info = self.vector_env.reset(seed=seed, options=options)
+        super().reset(seed=None if seed is None else int(seed))  # the seed is valid: the vector env checked it
         return _first(obs), _first(info)
 
     def step(self, action):
@@ -562,6 +719,21 @@ class OpenSoraLiberoSingleEnv(gym.Env):
     def render(self) -> np.ndarray | None:
         frames = self.vector_env.render()
         return None if frames is None else frames[0]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_finite(values: torch.Tensor, name: str, env_indices: list[int]) -> None:
+    """Raises FloatingPointError naming the sub-envs whose `values` [n, ...] hold NaN or inf."""
+    finite = torch.isfinite(values.float()).flatten(1).all(dim=1)
+    if not finite.all():
+        bad = [env_indices[k] for k in torch.nonzero(~finite)[:, 0].tolist()]
+        raise FloatingPointError(
+            f"the world model predicted NaN or inf {name} for sub-envs {bad}; no sub-env was changed (a float16 "
+            "overflow? try dtype='bfloat16' or 'float32'; else check the checkpoint's weights)"
+        )
 
 
 def _first(batched: dict) -> dict:

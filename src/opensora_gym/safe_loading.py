@@ -172,7 +172,8 @@ def load_torch_state_dict(
                 "refusing to unpickle it (only plain state dicts of tensors are accepted)"
             ) from error
         raise ValueError(f"{source} is not a readable torch checkpoint (corrupt or truncated)") from error
-    except (RuntimeError, EOFError) as error:
+    # A truncated zip archive fails in torch's reader (RuntimeError) or, cut inside a record, as a bad seek (OSError).
+    except (RuntimeError, EOFError, OSError) as error:
         raise ValueError(f"{source} is not a readable torch checkpoint (corrupt or truncated): {error}") from error
     if isinstance(checkpoint, dict) and "model_state_dict" in checkpoint:
         checkpoint = checkpoint["model_state_dict"]

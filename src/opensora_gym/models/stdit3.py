@@ -134,6 +134,25 @@ class STDiT3Config:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    @classmethod
+    def from_json_file(cls, file: Path) -> STDiT3Config:
+        """Reads `config.json`; every problem (missing, not UTF-8, not JSON, bad fields) names the file."""
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"no STDiT3 {CONFIG_NAME} at {file} (expected the architecture beside the weights, as in the released "
+                "checkpoints; pass config=STDiT3Config(...) to load weights without one)"
+            )
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{file} is not a UTF-8 JSON file ({err}); expected the STDiT3 config.json") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{file} holds a JSON {type(data).__name__}, expected an object of STDiT3 config fields")
+        try:
+            return cls.from_json_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{file} is not a valid STDiT3 config: {err}") from err
+
 
 class RMSNorm(nn.Module):
     """RMS normalization over the last dimension, computed in float32 (queries and keys of one head)."""
@@ -627,7 +646,8 @@ class STDiT3(nn.Module):
     ) -> STDiT3:
         """Loads the released weights (a checkpoint folder, an index file or one `.safetensors` file).
 
-        The architecture comes from `config`, else from `config.json` beside the weights, else the XL/2 preset.
+        The architecture comes from `config`, else from `config.json` beside the weights (a missing, unreadable or
+        invalid `config.json` is an error that names the file: no preset is guessed).
         Key names and shapes are checked against the model before any tensor is read; the keys in
         `UNUSED_CHECKPOINT_KEYS` are skipped. The model is built on the meta device and takes the loaded tensors,
         so nothing is allocated twice.
@@ -638,12 +658,7 @@ class STDiT3(nn.Module):
         path = Path(path)
         files = weight_files(path)
         if config is None:
-            config_file = (path if path.is_dir() else path.parent) / CONFIG_NAME
-            config = (
-                STDiT3Config.from_json_dict(json.loads(config_file.read_text()))
-                if config_file.is_file()
-                else STDiT3Config.xl_2()
-            )
+            config = STDiT3Config.from_json_file((path if path.is_dir() else path.parent) / CONFIG_NAME)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

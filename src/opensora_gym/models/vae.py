@@ -87,6 +87,7 @@ class VideoVAE(nn.Module):
 
         Raises:
             FileNotFoundError: The folder, its config or its weights are missing.
+            ValueError: The weights miss keys of the config's architecture, or hold others.
         """
         _check_micro_batch_size(micro_batch_size)
         folder = Path(folder)
@@ -98,9 +99,15 @@ class VideoVAE(nn.Module):
                     f"VAE folder {folder} has no {name} (expected {_EXPECTED_LAYOUT}); pass the vae/ "
                     "subfolder itself, not the checkpoint root"
                 )
-        autoencoder = AutoencoderKL.from_pretrained(
-            folder, torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True
+        autoencoder, loading = AutoencoderKL.from_pretrained(
+            folder, torch_dtype=torch_dtype, local_files_only=True, use_safetensors=True, output_loading_info=True
         )
+        # diffusers only warns about missing keys and leaves those weights random: a broken VAE must not load.
+        kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
+        problems = {kind.replace("_", " "): loading[kind] for kind in kinds if loading[kind]}
+        if problems:
+            listed = "; ".join(f"{len(keys)} {kind} (first: {keys[:5]})" for kind, keys in problems.items())
+            raise ValueError(f"{folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: {listed}")
         return cls(autoencoder, scaling_factor=scaling_factor, micro_batch_size=micro_batch_size)
 
     @classmethod

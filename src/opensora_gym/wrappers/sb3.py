@@ -8,6 +8,10 @@ SB3 does not take a Gymnasium `VectorEnv`; this adapter translates the three thi
 - the autoreset: SB3 resets a sub-env on the step it ends, returns the new episode's first observation and puts
   the last one in `infos[i]["terminal_observation"]`, while `OpenSoraLiberoEnv` resets on the next step.
 
+For one env at a time (SB3's `check_env`, `make_vec_env`), `ImageObservation` wraps the single env of
+`gym.make("OpenSoraLibero-Spatial-v0")`: the observation becomes the image and the task goes to `info["task"]`.
+SB3's default `CnnPolicy` needs images of at least 36 px: use `image_size=40` or more (a multiple of 8).
+
 Requires the `sb3` extra (`pip install opensora-gym[sb3]`).
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 from einops import rearrange
 from gymnasium import spaces
@@ -32,6 +37,31 @@ from opensora_gym.env import OpenSoraLiberoEnv
 
 # Step infos that describe the chunk just imagined (for a sub-env that ended: the last chunk of its episode).
 CHUNK_INFO_KEYS = ("frame_rewards", "success_prob", "success_once", "episode_return", "episode_length")
+
+
+class ImageObservation(gym.ObservationWrapper):
+    """The single env's observation without its text: the image (S, S, 3) uint8, which SB3 can batch.
+
+    The instruction of the returned observation is in `info["task"]` after `reset` and `step`.
+
+    Example:
+        >>> from stable_baselines3.common.env_util import make_vec_env  # doctest: +SKIP
+        >>> venv = make_vec_env(  # doctest: +SKIP
+        ...     "OpenSoraLibero-Spatial-v0", wrapper_class=ImageObservation, env_kwargs={"image_size": 64}
+        ... )
+    """
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        if not isinstance(env.observation_space, spaces.Dict) or "image" not in env.observation_space.spaces:
+            raise TypeError(
+                f"env must have a Dict observation space with an 'image' (the OpenSoraLibero single env), got "
+                f"{env.observation_space}"
+            )
+        self.observation_space = env.observation_space["image"]
+
+    def observation(self, observation: dict) -> np.ndarray:
+        return observation["image"]
 
 
 class OpenSoraLiberoVecEnv(VecEnv):

@@ -98,7 +98,8 @@ class RecordEpisodeVideo(VectorWrapper):
     predicted frames; an episode's video is its start frame followed by every predicted frame. A sub-env whose
     step infos are masked has just been reset by the env's next-step autoreset: its new episode starts with the
     observation of that step. A video file is complete when its episode ends, when `reset()` starts new episodes,
-    or on `close()` (unfinished episodes are written up to where they are).
+    or on `close()` (unfinished episodes are written up to where they are; an episode that has only its start frame,
+    not a single imagined chunk, is dropped and leaves no file).
 
     Files are named `{name_prefix}-env{i}-episode{e}.mp4`: `i` the sub-env, `e` the episode id, which counts the
     episodes started in all sub-envs (in order of start, then sub-env index) from 0.
@@ -208,8 +209,11 @@ class RecordEpisodeVideo(VectorWrapper):
         if recording is None:
             return
         recording.writer.close()
-        self.video_paths.append(recording.path)
         self._recordings[index] = None
+        if recording.frames == 1:  # only the start frame: nothing was imagined in this episode
+            recording.path.unlink()
+            return
+        self.video_paths.append(recording.path)
 
     def _finish_all(self) -> None:
         for i in range(len(self._recordings)):
