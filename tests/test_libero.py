@@ -87,6 +87,7 @@ def test_config_rejects_bad_values():
 def test_registration_is_lazy():
     for env_id in IDS:
         assert gym.spec(env_id).vector_entry_point == "opensora_gym.libero:make_libero_vector_env"
+        assert gym.spec(env_id).entry_point == "opensora_gym.libero:LiberoSingleEnv"
     probe = "import sys, opensora_gym; print(sorted({'libero', 'robosuite', 'mujoco'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -113,6 +114,14 @@ def test_spaces_walk_and_bad_ids_without_simulating():
             env.reset(options={"task_id": [0], "trial_id": 0})
         with pytest.raises(ValueError, match=r"both"):
             env.reset(options={"task_id": 0})
+        with pytest.raises(TypeError, match="reset_mask must be a numpy array"):
+            env.reset(options={"reset_mask": [True, False]})
+        with pytest.raises(TypeError, match="reset_mask must have dtype bool"):
+            env.reset(options={"reset_mask": np.array([1, 0])})
+        with pytest.raises(ValueError, match="at least one True"):
+            env.reset(options={"reset_mask": np.zeros(2, dtype=bool)})
+        with pytest.raises(RuntimeError, match="without a reset_mask first"):
+            env.reset(options={"reset_mask": np.array([True, False])})
         # A refused reset leaves the env as it was.
         assert env.task_ids.tolist() == [0, 0] and env.walk_index.tolist() == [-1, -1]
     finally:
@@ -311,3 +320,29 @@ def test_images_rendered_only_where_used_change_nothing_else(monkeypatch):
     for index, frame in enumerate(recording["frames"]):
         np.testing.assert_array_equal(frame, expected_images[wait + chunk + index]["agentview"])
     np.testing.assert_allclose(recording["state"][:3], expected_position, rtol=1e-6)
+
+
+@needs_libero
+@pytest.mark.slow
+def test_single_env_passes_gymnasiums_checker_and_vector_env_resets_by_mask():
+    from gymnasium.utils.env_checker import check_env
+
+    single = gym.make("Libero-Spatial-v0", image_size=32, max_episode_steps=-1)
+    try:
+        check_env(single.unwrapped, skip_render_check=True)
+        obs, info = single.reset(seed=0, options={"task_id": 1, "trial_id": 2})
+        assert obs["image"].shape == (32, 32, 3) and isinstance(obs["task"], str) and info["task_id"] == 1
+    finally:
+        single.close()
+
+    env = gym.make_vec("Libero-Spatial-v0", num_envs=2, image_size=32)
+    try:
+        start, _ = env.reset(options={"task_id": [0, 3], "trial_id": [0, 4]})
+        moved, *_ = env.step(np.tile(np.array([0.5, 0, 0, 0, 0, 0, 1], dtype=np.float32), (2, 8, 1)))
+        obs, info = env.reset(options={"reset_mask": np.array([True, False]), "task_id": 0, "trial_id": 0})
+        np.testing.assert_array_equal(obs["image"][0], start["image"][0])  # the same initial state again
+        np.testing.assert_array_equal(obs["image"][1], moved["image"][1])  # untouched
+        assert info["_task_id"].tolist() == [True, False] and info["trial_id"].tolist() == [0, 4]
+        assert env.unwrapped.episode_length.tolist()[1] == 8
+    finally:
+        env.close()

@@ -27,6 +27,7 @@ for _id, _suite in (
 ):
     gym.register(
         id=f"Libero-{_id}-v0",
+        entry_point="opensora_gym.libero:LiberoSingleEnv",
         vector_entry_point="opensora_gym.libero:make_libero_vector_env",
         kwargs={"suite": _suite},
     )

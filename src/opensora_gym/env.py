@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
@@ -28,6 +27,7 @@ from gymnasium.vector.utils import batch_space
 
 from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import TrajectoryDataset
+from opensora_gym.single import SingleEpisodeEnv
 from opensora_gym.spaces import ACTION_DIM, chunk_action_space, controller_actions, observation_space
 from opensora_gym.world_model import WorldModel, frames_from_uint8, frames_to_uint8
 
@@ -683,7 +683,7 @@ class OpenSoraLiberoEnv(VectorEnv):
         self.world_model.to(self.config.device)
 
 
-class OpenSoraLiberoSingleEnv(gym.Env):
+class OpenSoraLiberoSingleEnv(SingleEpisodeEnv):
     """One imagined episode at a time, for `gym.make`: `OpenSoraLiberoEnv` with one sub-env, unbatched.
 
     `reset(options={"episode_index": i})` chooses the start trajectory. Stepping after the episode ended is an
@@ -694,31 +694,13 @@ class OpenSoraLiberoSingleEnv(gym.Env):
     metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": OpenSoraLiberoEnv.metadata["render_fps"]}
 
     def __init__(self, render_mode=None, **kwargs):
-        self.vector_env = OpenSoraLiberoEnv(1, render_mode=render_mode, **kwargs)
-        self.render_mode = render_mode
-        self.action_space = self.vector_env.single_action_space
-        self.observation_space = self.vector_env.single_observation_space
+        super().__init__(OpenSoraLiberoEnv(1, render_mode=render_mode, **kwargs), render_mode)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         options = dict(options or {})
         if "episode_index" in options:
             options["episode_indices"] = [options.pop("episode_index")]
-        obs, info = self.vector_env.reset(seed=seed, options=options)
-        super().reset(seed=None if seed is None else int(seed))  # the seed is valid: the vector env checked it
-        return _first(obs), _first(info)
-
-    def step(self, action):
-        if self.vector_env.episode_ended[0]:
-            raise ValueError("the episode has ended: call reset() before step()")
-        action = np.asarray(action) if not isinstance(action, torch.Tensor) else action
-        if tuple(action.shape) != self.action_space.shape:
-            raise ValueError(f"action must have shape {self.action_space.shape}, got {tuple(action.shape)}")
-        obs, reward, terminated, truncated, info = self.vector_env.step(action[None])
-        return _first(obs), float(reward[0]), bool(terminated[0]), bool(truncated[0]), _first(info)
-
-    def render(self) -> np.ndarray | None:
-        frames = self.vector_env.render()
-        return None if frames is None else frames[0]
+        return super().reset(seed=seed, options=options)
 
 
 def _is_int(value) -> bool:
@@ -734,8 +716,3 @@ def _check_finite(values: torch.Tensor, name: str, env_indices: list[int]) -> No
             f"the world model predicted NaN or inf {name} for sub-envs {bad}; no sub-env was changed (a float16 "
             "overflow? try dtype='bfloat16' or 'float32'; else check the checkpoint's weights)"
         )
-
-
-def _first(batched: dict) -> dict:
-    """Sub-env 0 of a batched observation or info dict (the `_key` masks are dropped)."""
-    return {k: v[0] for k, v in batched.items() if not k.startswith("_")}

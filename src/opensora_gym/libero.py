@@ -25,6 +25,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from opensora_gym.single import SingleEpisodeEnv
 from opensora_gym.spaces import ACTION_DIM, chunk_action_space, controller_actions, observation_space
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "SUITES",
     "LiberoConfig",
     "LiberoProtocol",
+    "LiberoSingleEnv",
     "LiberoSuite",
     "LiberoVectorEnv",
     "LiberoWorkerError",
@@ -482,7 +484,12 @@ class LiberoVectorEnv(VectorEnv):
         v0: initial version.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
+    # One frame per policy step at LIBERO's 20 Hz control rate.
+    metadata: ClassVar[dict[str, Any]] = {
+        "autoreset_mode": AutoresetMode.NEXT_STEP,
+        "render_modes": [],
+        "render_fps": 20,
+    }
 
     def __init__(self, config: LiberoConfig, num_envs: int = 1) -> None:
         if not isinstance(num_envs, int) or num_envs < 1:
@@ -509,6 +516,7 @@ class LiberoVectorEnv(VectorEnv):
         self._episode_over = np.zeros(num_envs, dtype=bool)
         self._next_walk = 0
         self._has_reset = False
+        self._last_replies: list[dict[str, Any]] = [{} for _ in range(num_envs)]
         self.closed = False
         context = multiprocessing.get_context(config.start_method)
         self._connections: list[Connection] = []
@@ -543,28 +551,54 @@ class LiberoVectorEnv(VectorEnv):
 
         Args:
             seed: LIBERO's scene-sampling seed for this and later episodes (default 0, as OpenVLA-OFT).
-            options: ``{"task_id": int | Sequence[int], "trial_id": int | Sequence[int]}``, or None to restart
-                the walk through all task x trial pairs.
+            options: ``{"task_id": int | Sequence[int], "trial_id": int | Sequence[int]}``, or neither to take
+                the walk through all task x trial pairs (restarted from its beginning when every sub-env resets);
+                ``"reset_mask"``, a numpy bool array ``[num_envs]``, restarts only those sub-envs (the others keep
+                their episode; their infos' ``_key`` masks are false).
 
         Returns:
             ``(observation, info)`` as described in the class docstring.
+
+        Raises:
+            TypeError, ValueError: on a bad mask (as Gymnasium's vector envs), seed or options; nothing changes.
         """
         self._check_open()
-        pairs = self._pairs_from_options(options)
+        options = dict(options or {})
+        mask = options.pop("reset_mask", None)
+        indices = list(range(self.num_envs)) if mask is None else self._check_reset_mask(mask)
+        pairs = self._pairs_from_options(options or None)
         if seed is not None:
-            if not isinstance(seed, (int, np.integer)) or seed < 0:
+            if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
                 raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        if mask is not None and not self._has_reset:
+            raise RuntimeError("call reset() without a reset_mask first: the other sub-envs have no episode yet")
+        if seed is not None:
             self.seed_value = int(seed)
         if pairs is None:
-            self._next_walk = 0
-            pairs = [self._take_walk() for _ in range(self.num_envs)]
+            if mask is None:
+                self._next_walk = 0
+            chosen = [self._take_walk() for _ in indices]
         else:
-            pairs = [(task, trial, -1) for task, trial in pairs]
-        for index, (task, trial, walk) in enumerate(pairs):
+            chosen = [(*pairs[index], -1) for index in indices]
+        for index, (task, trial, walk) in zip(indices, chosen, strict=True):
             self._start_episode(index, task, trial, walk)
-        replies = self._gather("reset")
+        replies = self._gather("reset", indices)
         self._has_reset = True
-        return self._observation(replies), self._info(replies)
+        reset = np.zeros(self.num_envs, dtype=bool)
+        reset[indices] = True
+        return self._observation(replies), self._info(replies, reset)
+
+    def _check_reset_mask(self, mask: Any) -> list[int]:
+        """The sub-envs a ``reset_mask`` restarts; Gymnasium's errors for a mask of the wrong type or shape."""
+        if not isinstance(mask, np.ndarray):
+            raise TypeError(f"reset_mask must be a numpy array of {self.num_envs} bools, got {type(mask).__name__}")
+        if mask.shape != (self.num_envs,):
+            raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
+        if mask.dtype != np.bool_:
+            raise TypeError(f"reset_mask must have dtype bool, got {mask.dtype}")
+        if not mask.any():
+            raise ValueError("reset_mask must contain at least one True value (it restarts nothing)")
+        return [int(i) for i in np.flatnonzero(mask)]
 
     def step(self, actions: np.ndarray) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Executes one action chunk per sub-env (or autoresets the sub-envs whose episode ended last step).
@@ -592,7 +626,7 @@ class LiberoVectorEnv(VectorEnv):
             steps_left = self.config.episode_limit - self.episode_length[index]
             chunk = controller_actions(actions[index, :steps_left])
             self._connections[index].send(("step", (chunk, self.return_frames)))
-        replies = self._gather("step")
+        replies = self._gather("step", list(range(self.num_envs)))
         reward = np.zeros(self.num_envs, dtype=np.float32)
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
@@ -697,11 +731,12 @@ class LiberoVectorEnv(VectorEnv):
             raise ValueError(f"{name} must hold ints, got {value!r}")
         return [int(v) for v in values]
 
-    def _gather(self, operation: str) -> list[dict[str, Any]]:
-        """Collects one reply per sub-env; any failure closes the env and raises LiberoWorkerError."""
-        replies: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+    def _gather(self, operation: str, indices: list[int]) -> list[dict[str, Any]]:
+        """Collects one reply from each sub-env of `indices`, the others keeping their last reply; any failure
+        closes the env and raises LiberoWorkerError."""
+        replies = list(self._last_replies)
         deadline = time.monotonic() + self.config.worker_timeout_s
-        pending = set(range(self.num_envs))
+        pending = set(indices)
         failure = None
         while pending and failure is None:
             waitables = {self._connections[i]: i for i in pending}
@@ -739,6 +774,7 @@ class LiberoVectorEnv(VectorEnv):
             )
             self.close()
             raise LiberoWorkerError(message)
+        self._last_replies = replies
         return replies
 
     def _death_note(self, index: int) -> str:
@@ -755,7 +791,8 @@ class LiberoVectorEnv(VectorEnv):
             "task": tuple(self.catalog.languages[task] for task in self.task_ids),
         }
 
-    def _info(self, replies: list[dict[str, Any]]) -> dict[str, Any]:
+    def _info(self, replies: list[dict[str, Any]], fresh: np.ndarray | None = None) -> dict[str, Any]:
+        """The per-sub-env infos; `fresh` [N] bool marks the sub-envs they are new for (default: all)."""
         info: dict[str, Any] = {
             "task_id": self.task_ids.copy(),
             "trial_id": self.trial_ids.copy(),
@@ -765,7 +802,7 @@ class LiberoVectorEnv(VectorEnv):
         if self.config.wrist_image:
             info["wrist_image"] = np.stack([reply["wrist_image"] for reply in replies])  # [N, H, W, 3]
         for key in list(info):
-            info[f"_{key}"] = np.ones(self.num_envs, dtype=bool)
+            info[f"_{key}"] = np.ones(self.num_envs, dtype=bool) if fresh is None else fresh.copy()
         return info
 
     def _frames_info(
@@ -781,6 +818,22 @@ class LiberoVectorEnv(VectorEnv):
             executed[index, :count] = True
             executed_actions[index, :count] = controller_actions(actions[index, :count])
         return {"frames": frames, "controller_actions": executed_actions, "frame_executed": executed}
+
+
+class LiberoSingleEnv(SingleEpisodeEnv):
+    """One LIBERO episode at a time, for ``gym.make("Libero-Spatial-v0")``: `LiberoVectorEnv` with one sub-env.
+
+    ``reset(options={"task_id": t, "trial_id": k})`` chooses the initial state (else the walk through all pairs
+    goes on); ``close()`` stops the worker process. Spaces, rewards and errors are those of `LiberoVectorEnv`.
+
+    Args:
+        config: `LiberoConfig` fields, e.g. ``suite="libero_spatial", image_size=128``.
+    """
+
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": [], "render_fps": LiberoVectorEnv.metadata["render_fps"]}
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__(LiberoVectorEnv(LiberoConfig(**config), num_envs=1))
 
 
 def make_libero_vector_env(num_envs: int = 1, **config: Any) -> LiberoVectorEnv:
