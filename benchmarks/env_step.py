@@ -5,7 +5,9 @@ seconds per chunk step, imagined frames per second, the env's peak memory, where
 (DiT sampling, VAE decode, reward model, host transfers; the VAE encode of a reset of every sub-env beside them),
 and how far the rung's chunks are from the baseline rung's on the same inputs (condition latents, actions and
 noise), chunk by chunk: latent MSE, PSNR of the decoded uint8 frames, and the share of frames whose rounded
-success label agrees. Exact rungs differ from the baseline by bf16 rounding only; approximate ones say so.
+success label agrees. Exact rungs differ from the baseline by bf16 rounding only; approximate ones say so. The
+`draws-K` rungs are exact mode with the env's reliability signal on (K samples per chunk, `uncertainty="draws"`):
+their cost over `exact` is the signal's.
 
 Modes:
     --tiny  a tiny random-weight checkpoint on the CPU (64 px, 2 sampling steps, float32): checks the script.
@@ -18,6 +20,7 @@ Every flag below overrides the mode's default. Prints one table and writes JSON 
 
     python benchmarks/env_step.py --tiny --compile-backend eager
     python benchmarks/env_step.py --xl --rungs eager-sdpa,eager,compiled,static,exact,steps-5,steps-4
+    python benchmarks/env_step.py --xl --rungs exact,draws-2,draws-4
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class Rung:
         dit_micro_batch_size: sub-envs per DiT forward; 0 stands for all of them (padded, one static shape).
         compile_vae: compiled channels-last VAE decode.
         num_sampling_steps: sampling steps; None keeps the benchmark's (10 for --xl, the exact number).
+        uncertainty_draws: K samples per chunk for the env's reliability signal (`uncertainty="draws"`, report
+            only: the stepped draw is the exact one); None: the signal is off.
     """
 
     name: str
@@ -89,6 +94,7 @@ class Rung:
     dit_micro_batch_size: int | None = None
     compile_vae: bool = False
     num_sampling_steps: int | None = None
+    uncertainty_draws: int | None = None
 
     @property
     def exact(self) -> bool:
@@ -105,6 +111,8 @@ RUNGS = (
     Rung("micro-32", "exact mode, DiT micro-batches of 32 envs", **{**EXACT, "dit_micro_batch_size": 32}),
     Rung("steps-5", "APPROXIMATE: exact mode with 5 sampling steps", **EXACT, num_sampling_steps=5),
     Rung("steps-4", "APPROXIMATE: exact mode with 4 sampling steps", **EXACT, num_sampling_steps=4),
+    Rung("draws-2", "exact mode + reliability signal, K = 2 draws per chunk", **EXACT, uncertainty_draws=2),
+    Rung("draws-4", "exact mode + reliability signal, K = 4 draws per chunk", **EXACT, uncertainty_draws=4),
 )
 RUNGS_BY_NAME = {rung.name: rung for rung in RUNGS}
 
@@ -204,6 +212,8 @@ def make_env(config: BenchmarkConfig, rung: Rung, checkpoint: Path, steps: int) 
         max_episode_steps=8 * steps,
         success_from="probability",
         success_threshold=math.inf,
+        uncertainty="off" if rung.uncertainty_draws is None else "draws",
+        uncertainty_draws=rung.uncertainty_draws or 2,
     )
     world_model = env.world_model
     world_model.dit.set_temporal_attention(rung.temporal_attention)

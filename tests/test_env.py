@@ -401,7 +401,8 @@ def edited(field, value):
         (edited("elapsed_steps", 40), ValueError, r"elapsed_steps must lie in \[0, 32\], got 40"),
         (edited("episode_index", 6), ValueError, r"episode_index must lie in \[0, 5\], got 6"),
         (edited("episode_return", float("inf")), ValueError, "rewards must be finite"),
-        (edited("generator_state", None), ValueError, r"states\[1\] has no generator state: pass seeds"),
+        (edited("generator_state", None), ValueError, r"states\[1\] has no generator_state: pass seeds"),
+        (edited("draw_generator_state", None), ValueError, r"states\[1\] has no draw_generator_state: pass seeds"),
         (edited("generator_state", torch.zeros(3, dtype=torch.uint8)), ValueError, "not a CPU torch.Generator"),
     ],
 )

@@ -27,9 +27,10 @@ from gymnasium.vector.utils import batch_space
 
 from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import TrajectoryDataset
+from opensora_gym.reliability import classifier_uncertainty
 from opensora_gym.single import SingleEpisodeEnv
 from opensora_gym.spaces import ACTION_DIM, chunk_action_space, controller_actions, observation_space
-from opensora_gym.world_model import WorldModel, frames_from_uint8, frames_to_uint8
+from opensora_gym.world_model import ChunkPrediction, WorldModel, frames_from_uint8, frames_to_uint8
 
 CHECKPOINT_ENV_VAR = "OPENSORA_GYM_CHECKPOINT"
 HUB_IDS = {"spatial": "RLinf/RLinf-OpenSora-LIBERO-Spatial", "object": "RLinf/RLinf-OpenSora-LIBERO-Object"}
@@ -67,6 +68,18 @@ class OpenSoraLiberoConfig:
             `compile`, gives the compiled blocks one static batch size (see `RectifiedFlowConfig.micro_batch_size`).
         compile: `torch.compile` the DiT's blocks and the VAE decoder (about 2x faster chunk steps on a GPU;
             compiling takes a minute or two). Same results up to float rounding.
+        uncertainty: the per-chunk reliability signal in `info["wm_uncertainty"]` (`opensora_gym.reliability`):
+            `off`; `draws`: the disagreement of `uncertainty_draws` samples of the chunk (mean per-element std of
+            their latents; costs `uncertainty_draws - 1` more DiT samplings per chunk, no decode); `margin`: the
+            reward classifier's closeness to its 0.5 threshold, `1 - 2 * min_t |p_t - 0.5|` (free).
+        uncertainty_draws: K, samples per chunk for `draws` (>= 2). Draw 0 is the one the env steps with, from
+            the sub-env's generator as without the option; draws 1..K-1 come from a second generator per sub-env,
+            seeded from the sub-env's seed, so turning the signal on changes no observation or reward.
+        uncertainty_policy: what the signal does when it exceeds `uncertainty_threshold`: `report` (nothing),
+            `truncate` (the sub-env's episode is truncated after this chunk) or `withhold` (a chunk that would
+            succeed gets no reward and does not terminate; the relative reward's baseline stays at the frame reward
+            before the chunk, so a later confident success still counts once).
+        uncertainty_threshold: the threshold of `truncate` and `withhold` (fires when the signal is strictly above).
     """
 
     num_envs: int = 1
@@ -88,6 +101,10 @@ class OpenSoraLiberoConfig:
     vae_micro_batch_size: int = 64
     dit_micro_batch_size: int | None = None
     compile: bool = False
+    uncertainty: Literal["off", "draws", "margin"] = "off"
+    uncertainty_draws: int = 2
+    uncertainty_policy: Literal["report", "truncate", "withhold"] = "report"
+    uncertainty_threshold: float | None = None
 
     def __post_init__(self):
         for name in ("num_envs", "num_sampling_steps", "action_chunk", "image_size", "max_episode_steps"):
@@ -116,6 +133,25 @@ class OpenSoraLiberoConfig:
                 f"max_episode_steps ({self.max_episode_steps}) must be a multiple of action_chunk "
                 f"({self.action_chunk}): episodes are stepped in whole chunks"
             )
+        if self.uncertainty not in ("off", "draws", "margin"):
+            raise ValueError(f"uncertainty must be 'off', 'draws' or 'margin', got {self.uncertainty!r}")
+        if not isinstance(self.uncertainty_draws, int) or self.uncertainty_draws < 2:
+            raise ValueError(f"uncertainty_draws must be an integer >= 2, got {self.uncertainty_draws!r}")
+        if self.uncertainty_policy not in ("report", "truncate", "withhold"):
+            raise ValueError(
+                f"uncertainty_policy must be 'report', 'truncate' or 'withhold', got {self.uncertainty_policy!r}"
+            )
+        if self.uncertainty_policy != "report":
+            if self.uncertainty == "off":
+                raise ValueError(
+                    f"uncertainty_policy {self.uncertainty_policy!r} needs a signal: set uncertainty to 'draws' or "
+                    "'margin'"
+                )
+            if self.uncertainty_threshold is None or not np.isfinite(self.uncertainty_threshold):
+                raise ValueError(
+                    f"uncertainty_policy {self.uncertainty_policy!r} needs a finite uncertainty_threshold, got "
+                    f"{self.uncertainty_threshold!r}"
+                )
 
 
 def resolve_checkpoint(checkpoint: str | Path | None, suite: str) -> Path:
@@ -150,8 +186,9 @@ class SubEnvState:
     success_once: bool
     episode_return: float
     needs_reset: bool
-    # Filled by `get_state` only: the live generators belong to the env.
+    # Filled by `get_state` only: the live generators (draw 0's and the extra draws') belong to the env.
     generator_state: torch.Tensor | None = field(default=None, repr=False)
+    draw_generator_state: torch.Tensor | None = field(default=None, repr=False)
 
 
 class OpenSoraLiberoEnv(VectorEnv):
@@ -221,6 +258,8 @@ class OpenSoraLiberoEnv(VectorEnv):
         self._start_frames: dict[int, tuple[np.ndarray, str]] = {}
         self._states: list[SubEnvState] | None = None
         self._generators = [torch.Generator() for _ in range(num_envs)]
+        # The extra draws of `uncertainty="draws"` have their own streams, so draw 0 is what it is without them.
+        self._draw_generators = [torch.Generator() for _ in range(num_envs)]
         self._episode_generator = torch.Generator()
         self._group_episodes: list[list[int]] = [[] for _ in range(num_envs // config.group_size)]
         self._episodes_started = np.zeros(num_envs, dtype=np.int64)
@@ -328,6 +367,7 @@ class OpenSoraLiberoEnv(VectorEnv):
         for i, s in seeds.items():
             s = self._os_seed() if s is None else s
             self._generators[i].manual_seed(s)
+            self._draw_generators[i].manual_seed(_draw_seed(s))
             self._seeds[i] = s
 
     def _check_reset_mask(self, mask) -> list[int]:
@@ -427,7 +467,10 @@ class OpenSoraLiberoEnv(VectorEnv):
             (observation, reward [N] float32, terminated [N] bool, truncated [N] bool, info).
             `info` holds `frame_rewards` [N, A] and `success_prob` [N, A] of the predicted frames, and
             `success_once`, `episode_return`, `episode_length`, `episode_index`, `task`, with `_key` masks
-            (false for sub-envs that reset on this step); `frames` [N, A, S, S, 3] when `return_frames`.
+            (false for sub-envs that reset on this step); `frames` [N, A, S, S, 3] when `return_frames`. With
+            `uncertainty` on: `wm_uncertainty` [N] float32 (the chunk's signal), `wm_truncated` [N] bool (the
+            `truncate` policy ended the episode) and `wm_withheld` [N] bool (the `withhold` policy took a success
+            away), masked the same way.
         """
         if self._states is None:
             raise ValueError("step() called before reset(): call reset() first")
@@ -444,26 +487,51 @@ class OpenSoraLiberoEnv(VectorEnv):
         success_prob = np.zeros((n, a), dtype=np.float32)
         frames = np.zeros((n, a, cfg.image_size, cfg.image_size, 3), dtype=np.uint8) if self.return_frames else None
 
+        reliability = None
+        if cfg.uncertainty != "off":
+            reliability = {
+                "wm_uncertainty": np.zeros(n, dtype=np.float32),
+                "wm_truncated": np.zeros(n, dtype=bool),
+                "wm_withheld": np.zeros(n, dtype=bool),
+            }
+
         if active:
             latents = torch.stack([self._states[i].latents for i in active])
             prediction = self.world_model.predict_chunk(
-                latents, actions[active], generator=[self._generators[i] for i in active]
+                latents,
+                actions[active],
+                generator=[self._generators[i] for i in active],
+                num_draws=cfg.uncertainty_draws if cfg.uncertainty == "draws" else 1,
+                draw_generator=[self._draw_generators[i] for i in active],
             )
             _check_finite(prediction.latents, "latents", active)
             new_latents = prediction.latents[:, :, -cfg.condition_frames :].cpu()
             _check_finite(prediction.success_prob, "success probabilities", active)
             chunk_frames = prediction.frames.cpu().numpy()  # [n_active, A, S, S, 3]
             probs = prediction.success_prob.cpu().numpy()
+            uncertainty = self._uncertainty(prediction, probs)  # [n_active] or None
             for k, i in enumerate(active):
                 state = self._states[i]
+                prev_frame_reward = state.prev_frame_reward
                 step_rewards, done = self._frame_rewards(state, probs[k])
+                if reliability is not None:
+                    fired = cfg.uncertainty_policy != "report" and bool(uncertainty[k] > cfg.uncertainty_threshold)
+                    reliability["wm_uncertainty"][i] = uncertainty[k]
+                    reliability["wm_truncated"][i] = fired and cfg.uncertainty_policy == "truncate"
+                    if fired and done and cfg.uncertainty_policy == "withhold":
+                        reliability["wm_withheld"][i] = True
+                        step_rewards[:] = 0.0
+                        state.prev_frame_reward = prev_frame_reward  # the success never happened
+                        done = False
                 state.latents = new_latents[k]
                 state.image = chunk_frames[k, -1]
                 state.elapsed_steps += a
                 state.success_once |= done
                 state.episode_return += float(step_rewards.sum())
                 terminated[i] = done
-                truncated[i] = state.elapsed_steps >= cfg.max_episode_steps
+                truncated[i] = state.elapsed_steps >= cfg.max_episode_steps or (
+                    reliability is not None and reliability["wm_truncated"][i]
+                )
                 state.needs_reset = bool(terminated[i] or truncated[i])
                 rewards[i] = step_rewards.sum()
                 frame_rewards[i] = step_rewards
@@ -472,8 +540,16 @@ class OpenSoraLiberoEnv(VectorEnv):
                     frames[i] = chunk_frames[k]
 
         self._restart(resetting)
-        info = self._step_info(active, frame_rewards, success_prob, frames)
+        info = self._step_info(active, frame_rewards, success_prob, frames, reliability)
         return self._observation(), rewards, terminated, truncated, info
+
+    def _uncertainty(self, prediction: ChunkPrediction, probs: np.ndarray) -> np.ndarray | None:
+        """The configured signal [n_active] float32 of a chunk (None when off), from its prediction and [n, A]."""
+        if self.config.uncertainty == "draws":
+            return prediction.draw_disagreement.cpu().numpy()
+        if self.config.uncertainty == "margin":
+            return classifier_uncertainty(probs)
+        return None
 
     def _check_actions(self, actions) -> torch.Tensor:
         expected = (self.num_envs, *self.single_action_space.shape)
@@ -526,7 +602,7 @@ class OpenSoraLiberoEnv(VectorEnv):
             "_task": ones.copy(),
         }
 
-    def _step_info(self, active, frame_rewards, success_prob, frames) -> dict:
+    def _step_info(self, active, frame_rewards, success_prob, frames, reliability) -> dict:
         mask = np.zeros(self.num_envs, dtype=bool)
         mask[active] = True
         info = self._reset_info()
@@ -541,6 +617,8 @@ class OpenSoraLiberoEnv(VectorEnv):
             info[f"_{key}"] = mask.copy()
         if frames is not None:
             info["frames"], info["_frames"] = frames, mask.copy()
+        for key, value in (reliability or {}).items():
+            info[key], info[f"_{key}"] = value, mask.copy()
         return info
 
     @property
@@ -568,7 +646,10 @@ class OpenSoraLiberoEnv(VectorEnv):
             s = self._states[i]
             values = {f.name: getattr(s, f.name) for f in fields(SubEnvState)}
             values.update(
-                latents=s.latents.clone(), image=s.image.copy(), generator_state=self._generators[i].get_state()
+                latents=s.latents.clone(),
+                image=s.image.copy(),
+                generator_state=self._generators[i].get_state(),
+                draw_generator_state=self._draw_generators[i].get_state(),
             )
             out.append(SubEnvState(**values))
         return out
@@ -601,12 +682,13 @@ class OpenSoraLiberoEnv(VectorEnv):
         for k, (i, s) in enumerate(zip(indices, states, strict=True)):
             values = {f.name: getattr(s, f.name) for f in fields(SubEnvState)}
             values.update(latents=s.latents.clone(), image=s.image.copy())
-            values["generator_state"] = None
+            values["generator_state"] = values["draw_generator_state"] = None
             self._states[i] = SubEnvState(**values)
             if seeds is not None:
                 self._seed_generators({i: int(seeds[k])})
             else:
                 self._generators[i].set_state(s.generator_state)
+                self._draw_generators[i].set_state(s.draw_generator_state)
                 self._seeds[i] = -1
 
     def _check_state(self, state: SubEnvState, name: str, needs_generator: bool) -> None:
@@ -624,6 +706,7 @@ class OpenSoraLiberoEnv(VectorEnv):
             "episode_return": real,
             "needs_reset": flag,
             "generator_state": (torch.Tensor, type(None)),
+            "draw_generator_state": (torch.Tensor, type(None)),
         }
         for field_name, kinds in types.items():
             value = getattr(state, field_name)
@@ -658,12 +741,14 @@ class OpenSoraLiberoEnv(VectorEnv):
                 f"episode_return={state.episode_return}"
             )
         if needs_generator:
-            if state.generator_state is None:
-                raise ValueError(f"{name} has no generator state: pass seeds=[...] to seed its sub-env instead")
-            try:
-                torch.Generator().set_state(state.generator_state)
-            except RuntimeError as err:
-                raise ValueError(f"{name}.generator_state is not a CPU torch.Generator state: {err}") from err
+            for field_name in ("generator_state", "draw_generator_state"):
+                generator_state = getattr(state, field_name)
+                if generator_state is None:
+                    raise ValueError(f"{name} has no {field_name}: pass seeds=[...] to seed its sub-env instead")
+                try:
+                    torch.Generator().set_state(generator_state)
+                except RuntimeError as err:
+                    raise ValueError(f"{name}.{field_name} is not a CPU torch.Generator state: {err}") from err
 
     def _check_indices(self, indices) -> list[int]:
         indices = list(range(self.num_envs)) if indices is None else [int(i) for i in indices]
@@ -701,6 +786,11 @@ class OpenSoraLiberoSingleEnv(SingleEpisodeEnv):
         if "episode_index" in options:
             options["episode_indices"] = [options.pop("episode_index")]
         return super().reset(seed=seed, options=options)
+
+
+def _draw_seed(seed: int) -> int:
+    """The seed of a sub-env's extra-draw generator: derived from its seed, distinct from it."""
+    return int(np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, dtype=np.uint64)[0])
 
 
 def _is_int(value) -> bool:

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange, repeat
 
-from opensora_gym.models.stdit3 import STDiT3
+from opensora_gym.models.stdit3 import KeyValue, STDiT3
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -138,44 +139,116 @@ class RectifiedFlowSampler:
 
         As in the reference, every step moves only the generated frames; the condition frames stay clean.
         """
+        return self.sample_draws(
+            model, condition_latents, actions, height=height, width=width, noise=noise, generator=generator
+        )[0]
+
+    @torch.no_grad()
+    def sample_draws(
+        self,
+        model: STDiT3,
+        condition_latents: torch.Tensor,
+        actions: torch.Tensor,
+        *,
+        height: int,
+        width: int,
+        noise: torch.Tensor | None = None,
+        generator: Generators = None,
+        extra_noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`sample`, plus D more draws of the same chunk from `extra_noise`, sharing the condition frames' cache.
+
+        The first draw runs exactly as `sample` runs it (same shapes, same noise), so it is bitwise the sample
+        `sample` returns. The extra draws of a (micro-)batch reuse its condition frames' keys and values, computed
+        once and repeated D times, and go through the DiT as one more batch of D x (micro-batch) items.
+
+        Args:
+            model, condition_latents, actions, height, width, noise, generator: as for `sample`.
+            extra_noise: [B, D, C, A, h, w] starting noise of the extra draws, or None for none.
+
+        Returns:
+            latents [B, C, Tc + A, h, w] as `sample`, and the extra draws' generated latents [B, D, C, A, h, w]
+            float32 (None without `extra_noise`).
+        """
         B, C, Tc, h, w = condition_latents.shape
         A = actions.shape[1]
         if noise is None:
             noise = draw_noise((B, C, A, h, w), generator, device=condition_latents.device)
         elif noise.shape != (B, C, A, h, w):
             raise ValueError(f"noise must have shape {(B, C, A, h, w)}, got {tuple(noise.shape)}")
+        if extra_noise is not None and (extra_noise.ndim != 6 or extra_noise[:, 0].shape != (B, C, A, h, w)):
+            raise ValueError(
+                f"extra_noise must have shape [{B}, D, {C}, {A}, {h}, {w}], got {tuple(extra_noise.shape)}"
+            )
         cond = condition_latents.float()
         z = noise.to(cond.device, torch.float32)  # [B, C, A, h, w]
+        extra = None if extra_noise is None else extra_noise.to(cond.device, torch.float32)  # [B, D, C, A, h, w]
         steps = self.timesteps(height, width, Tc + A, device=z.device)
-        size = self.config.micro_batch_size
-        if size is None:
-            return torch.cat([cond, self._integrate(model, cond, actions, z, steps, height, width)], dim=2)
-        parts = []
+        # Micro-batches are padded to one static size; without micro-batching the whole batch runs as it is.
+        size = self.config.micro_batch_size or B
+
+        def pad(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if self.config.micro_batch_size is None else _pad_batch(tensor, size)
+
+        parts, extra_parts = [], []
         for start in range(0, B, size):
             part = slice(start, start + size)
             n = cond[part].shape[0]
-            padded = [_pad_batch(tensor[part], size) for tensor in (cond, actions, z)]
-            parts.append(self._integrate(model, *padded, steps, height, width)[:n])
-        return torch.cat([cond, torch.cat(parts)], dim=2)
+            part_cond, part_actions = pad(cond[part]), pad(actions[part])
+            # The condition frames' activations do not change between steps or draws: compute them once.
+            cache = model.condition_cache(part_cond, height, width)
+            parts.append(self._integrate(model, cache, part_actions, pad(z[part]), steps, height, width)[:n])
+            if extra is not None:
+                drawn = self._integrate_draws(model, cache, part_actions, pad(extra[part]), steps, height, width)
+                extra_parts.append(drawn[:n])
+        latents = torch.cat([cond, torch.cat(parts)], dim=2)
+        return latents, (torch.cat(extra_parts) if extra is not None else None)
 
-    def _integrate(
+    def _integrate_draws(
         self,
         model: STDiT3,
-        cond: torch.Tensor,
+        cache: list[KeyValue],
         actions: torch.Tensor,
         z: torch.Tensor,
         steps: torch.Tensor,
         height: int,
         width: int,
     ) -> torch.Tensor:
-        """Euler steps from the noise `z` [B, C, A, h, w] along `steps`, given `cond` [B, C, Tc, h, w] float32.
+        """`_integrate` of D draws per item: `z` [m, D, C, A, h, w], the `cache` of m items repeated D times.
+
+        Returns:
+            the generated latents [m, D, C, A, h, w] float32.
+        """
+        m, D = z.shape[:2]
+        # Keys/values are [(m s), heads, Tc, head_dim]: item i's tokens are rows i*s .. (i+1)*s - 1.
+        repeated = [tuple(repeat(t, "(m s) n t d -> (m r s) n t d", m=m, r=D) for t in kv) for kv in cache]
+        drawn = self._integrate(
+            model,
+            repeated,
+            repeat(actions, "m a k -> (m r) a k", r=D),
+            rearrange(z, "m r c a h w -> (m r) c a h w"),
+            steps,
+            height,
+            width,
+        )
+        return rearrange(drawn, "(m r) c a h w -> m r c a h w", r=D)
+
+    def _integrate(
+        self,
+        model: STDiT3,
+        cache: list[KeyValue],
+        actions: torch.Tensor,
+        z: torch.Tensor,
+        steps: torch.Tensor,
+        height: int,
+        width: int,
+    ) -> torch.Tensor:
+        """Euler steps from the noise `z` [B, C, A, h, w] along `steps`, given the condition frames' `cache`.
 
         Returns:
             the generated latents [B, C, A, h, w] float32.
         """
         B, C = z.shape[:2]
-        # The condition frames' activations do not change between steps: compute them once.
-        cache = model.condition_cache(cond, height, width)
         next_steps = torch.cat([steps[1:], steps.new_zeros(1)])
         for t, t_next in zip(steps, next_steps, strict=True):
             velocity = model.forward_generated(z, t.expand(B), actions, cache, height, width)[:, :C]

@@ -19,7 +19,8 @@ from opensora_gym.data import ActionStatistics
 from opensora_gym.models.reward import ResNetRewardModel
 from opensora_gym.models.stdit3 import STDiT3
 from opensora_gym.models.vae import VideoVAE
-from opensora_gym.sampling import Generators, RectifiedFlowConfig, RectifiedFlowSampler
+from opensora_gym.reliability import draw_disagreement
+from opensora_gym.sampling import Generators, RectifiedFlowConfig, RectifiedFlowSampler, draw_noise
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,14 @@ class ChunkPrediction:
         latents: predicted latent frames [N, C, A, h, w] (the next condition frames are the last Tc of them).
         frames: decoded frames [N, A, H, W, 3] uint8.
         success_prob: the reward classifier's probability per frame [N, A] float32.
+        draw_disagreement: with K > 1 draws, `opensora_gym.reliability.draw_disagreement` of the K draws' latents
+            [N] float32 (draw 0 is `latents`); None with one draw.
     """
 
     latents: torch.Tensor
     frames: torch.Tensor
     success_prob: torch.Tensor
+    draw_disagreement: torch.Tensor | None = None
 
 
 def frames_to_uint8(frames: torch.Tensor) -> torch.Tensor:
@@ -149,28 +153,54 @@ class WorldModel:
 
     @torch.no_grad()
     def predict_chunk(
-        self, condition_latents: torch.Tensor, actions: torch.Tensor, generator: Generators = None
+        self,
+        condition_latents: torch.Tensor,
+        actions: torch.Tensor,
+        generator: Generators = None,
+        *,
+        num_draws: int = 1,
+        draw_generator: Generators = None,
     ) -> ChunkPrediction:
         """Predicts the frames that follow `condition_latents` under `actions` (robot units).
+
+        With `num_draws` K > 1 the chunk is also sampled K - 1 more times from noise of `draw_generator`, sharing
+        the condition frames' cache (`RectifiedFlowSampler.sample_draws`); only draw 0 is decoded and scored, and
+        it is bitwise the prediction of `num_draws=1`, since `generator` is used for draw 0 only. The extra draws
+        cost (K - 1) times the DiT sampling, no decode.
 
         Args:
             condition_latents: [N, C, Tc, h, w].
             actions: [N, A, action_dim] in the robot's units (normalized here with q01/q99).
-            generator: a generator, or one per sub-env, for the starting noise.
+            generator: a generator, or one per sub-env, for the starting noise of draw 0.
+            num_draws: K, draws of the chunk (1: no disagreement is computed).
+            draw_generator: a generator, or one per sub-env, for the K - 1 extra draws' noise.
         """
+        if num_draws < 1:
+            raise ValueError(f"num_draws must be a positive integer, got {num_draws}")
         normalized = self.statistics.normalize(actions.float().to(self.device))
-        latents = self.sampler.sample(
+        n, c, _, h, w = condition_latents.shape
+        extra_noise = None
+        if num_draws > 1:
+            shape = (n, num_draws - 1, c, actions.shape[1], h, w)
+            extra_noise = draw_noise(shape, draw_generator, device=self.device)  # [N, K - 1, C, A, h, w]
+        sampled, extra = self.sampler.sample_draws(
             self.dit,
             condition_latents.to(self.device),
             normalized.to(self.dit.dtype),
             height=self.image_size,
             width=self.image_size,
             generator=generator,
-        )[:, :, self.condition_frames :]  # [N, C, A, h, w]
+            extra_noise=extra_noise,
+        )
+        latents = sampled[:, :, self.condition_frames :]  # [N, C, A, h, w]
         decoded = self.vae.decode(latents.to(self.vae.dtype))  # [N, 3, A, H, W]
         prob = self.reward_model(rearrange(decoded, "n c t h w -> (n t) c h w"))  # [N * A]
+        disagreement = None
+        if extra is not None:
+            disagreement = draw_disagreement(torch.cat([latents[:, None], extra], dim=1))  # of [N, K, C, A, h, w]
         return ChunkPrediction(
             latents=latents,
             frames=frames_to_uint8(decoded),
             success_prob=rearrange(prob, "(n t) -> n t", n=latents.shape[0]),
+            draw_disagreement=disagreement,
         )

@@ -115,6 +115,12 @@ class TrainEnvConfig:
         success_threshold: frame reward at which an episode succeeds and ends.
         enable_offload: move the world model to the CPU while the policy trains.
         compile: `torch.compile` the world model's DiT blocks and VAE decoder (about 2x faster chunk steps on a GPU).
+        uncertainty: the env's per-chunk reliability signal: `off`, `draws` (disagreement of `uncertainty_draws`
+            samples) or `margin` (the reward classifier's margin); see `OpenSoraLiberoConfig`.
+        uncertainty_draws: samples per chunk for `draws` (>= 2; each extra one costs a DiT sampling).
+        uncertainty_policy: `report`, `truncate` (end the episode) or `withhold` (no success reward, no
+            termination) when the signal is above `uncertainty_threshold`.
+        uncertainty_threshold: the threshold of `truncate` and `withhold`.
         video_cfg: videos of training rollouts.
     """
 
@@ -132,6 +138,10 @@ class TrainEnvConfig:
     success_threshold: float = 0.9
     enable_offload: bool = False
     compile: bool = False
+    uncertainty: Literal["off", "draws", "margin"] = "off"
+    uncertainty_draws: int = 2
+    uncertainty_policy: Literal["report", "truncate", "withhold"] = "report"
+    uncertainty_threshold: float | None = None
     video_cfg: VideoConfig = field(default_factory=VideoConfig)
 
     def __post_init__(self) -> None:
@@ -146,6 +156,11 @@ class TrainEnvConfig:
         _unit_interval("env.train", success_threshold=self.success_threshold)
         if self.total_num_envs > MAX_NUM_ENVS:
             raise ConfigError(f"env.train.total_num_envs must be at most {MAX_NUM_ENVS}, got {self.total_num_envs}")
+        if self.uncertainty_policy != "report" and (self.uncertainty == "off" or self.uncertainty_threshold is None):
+            raise ConfigError(
+                f"env.train.uncertainty_policy {self.uncertainty_policy!r} needs env.train.uncertainty 'draws' or "
+                f"'margin' and an uncertainty_threshold, got {self.uncertainty!r} and {self.uncertainty_threshold!r}"
+            )
 
 
 @dataclass

@@ -63,6 +63,10 @@ class RolloutBatch:
         success: [B] bool, whether the first episode succeeded.
         episode_return: [B] float32 summed reward of the first episode.
         episode_length: [B] int64 actions in the first episode.
+        wm_uncertainty: [T, B] float32 `info["wm_uncertainty"]` of each chunk (0 where the sub-env was not
+            stepped), or None when the env reports no reliability signal.
+        wm_truncated: [B] bool, the first episode was cut by the env's `truncate` reliability policy (or None).
+        wm_withheld: [B] bool, the env's `withhold` policy took a success of the first episode away (or None).
     """
 
     images: torch.Tensor
@@ -76,6 +80,9 @@ class RolloutBatch:
     success: torch.Tensor
     episode_return: torch.Tensor
     episode_length: torch.Tensor
+    wm_uncertainty: torch.Tensor | None = None
+    wm_truncated: torch.Tensor | None = None
+    wm_withheld: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         T, B, A = self.rewards.shape
@@ -92,6 +99,8 @@ class RolloutBatch:
         }
         if self.values is not None:
             expected["values"] = (T + 1, B, self.values.shape[-1])
+        reliability = {"wm_uncertainty": (T, B), "wm_truncated": (B,), "wm_withheld": (B,)}
+        expected.update({name: shape for name, shape in reliability.items() if getattr(self, name) is not None})
         for name, shape in expected.items():
             if tuple(getattr(self, name).shape) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(getattr(self, name).shape)}")
@@ -135,6 +144,9 @@ def merge_epochs(batches: list[RolloutBatch]) -> RolloutBatch:
         success=cat("success"),
         episode_return=cat("episode_return"),
         episode_length=cat("episode_length"),
+        wm_uncertainty=cat("wm_uncertainty"),
+        wm_truncated=cat("wm_truncated"),
+        wm_withheld=cat("wm_withheld"),
     )
 
 
@@ -184,6 +196,8 @@ def collect_rollout(
     success = np.zeros(n, dtype=bool)
     episode_return = np.zeros(n, dtype=np.float32)
     episode_length = np.zeros(n, dtype=np.int64)
+    # Filled only when the env reports its reliability signal (`OpenSoraLiberoEnv(uncertainty=...)`).
+    wm: dict[str, np.ndarray] | None = None
 
     steps_taken = 0
     for t in range(num_steps):
@@ -204,6 +218,13 @@ def collect_rollout(
         ended = np.asarray(terminated) | np.asarray(truncated)
         dones[t + 1, :, -1] = torch.from_numpy(ended)
         ending = alive & ended
+        if "wm_uncertainty" in info:
+            if wm is None:
+                wm = {"uncertainty": np.zeros((num_steps, n), np.float32), "truncated": np.zeros(n, bool)}
+                wm["withheld"] = np.zeros(n, bool)
+            wm["uncertainty"][t] = np.where(stepped, info["wm_uncertainty"], 0.0)
+            wm["truncated"] |= ending & np.asarray(info["wm_truncated"])
+            wm["withheld"] |= alive & stepped & np.asarray(info["wm_withheld"])
         success[ending] = np.asarray(info["success_once"])[ending]
         episode_return[ending] = np.asarray(info["episode_return"])[ending]
         episode_length[ending] = np.asarray(info["episode_length"])[ending]
@@ -235,4 +256,7 @@ def collect_rollout(
         success=torch.from_numpy(success),
         episode_return=torch.from_numpy(episode_return),
         episode_length=torch.from_numpy(episode_length),
+        wm_uncertainty=None if wm is None else torch.from_numpy(wm["uncertainty"]),
+        wm_truncated=None if wm is None else torch.from_numpy(wm["truncated"]),
+        wm_withheld=None if wm is None else torch.from_numpy(wm["withheld"]),
     )

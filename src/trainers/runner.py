@@ -134,6 +134,10 @@ def build_world_model_env(config: TrainConfig, num_envs: int | None = None, **ov
         "success_threshold": train.success_threshold,
         "group_size": algorithm.group_size,
         "compile": train.compile,
+        "uncertainty": train.uncertainty,
+        "uncertainty_draws": train.uncertainty_draws,
+        "uncertainty_policy": train.uncertainty_policy,
+        "uncertainty_threshold": train.uncertainty_threshold,
     }
     settings.update(overrides)
     return OpenSoraLiberoEnv(num_envs or train.total_num_envs, **settings)
@@ -324,6 +328,10 @@ def rollout_metrics(
     }
     if targets.returns is not None:
         selections["returns"] = targets.returns[targets.loss_mask]  # [valid entries]
+    if batch.wm_uncertainty is not None:
+        selections["wm_uncertainty"] = batch.wm_uncertainty[batch.loss_mask[:, :, 0]]  # [first episodes' chunks]
+        selections["wm_truncated"] = batch.wm_truncated.float()  # [B]
+        selections["wm_withheld"] = batch.wm_withheld.float()  # [B]
     selections = gather_concat(selections, context or DistributedContext())
     metrics = {
         "env/success_once": float(selections["success"].mean()),
@@ -352,6 +360,12 @@ def rollout_metrics(
             }
         )
     metrics["rollout/valid_fraction"] = float(selections["loss_mask"].mean())
+    if "wm_uncertainty" in selections:
+        # The env's reliability signal: its mean over the chunks of the first episodes, and the fraction of first
+        # episodes that its truncate / withhold policy cut or had a success withheld in.
+        metrics["env/wm_uncertainty_mean"] = float(selections["wm_uncertainty"].mean())
+        metrics["env/wm_truncated_fraction"] = float(selections["wm_truncated"].mean())
+        metrics["env/wm_withheld_fraction"] = float(selections["wm_withheld"].mean())
     return metrics
 
 
