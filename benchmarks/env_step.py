@@ -49,7 +49,7 @@ from opensora_gym.env import OpenSoraLiberoEnv
 from opensora_gym.models.reward import ResNetRewardModel
 from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
 from opensora_gym.models.vae import VideoVAE
-from opensora_gym.testing import TinyCheckpointSpec, make_tiny_checkpoint
+from opensora_gym.presets import TinyCheckpointSpec, make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel, frames_to_uint8
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
-from opensora_gym.testing import make_tiny_checkpoint
+from opensora_gym.presets import make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel
 
 _DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from opensora_gym.env import OpenSoraLiberoEnv
-from opensora_gym.testing import make_tiny_checkpoint
+from opensora_gym.presets import make_tiny_checkpoint
 from trainers.cli import main
 from trainers.config import load_config
 from trainers.evaluate import evaluate_policy, libero_episodes, wilson_interval, world_model_episodes

@@ -9,7 +9,7 @@ before and after training, and read back from the TensorBoard event files.
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from opensora_gym.testing import make_action_sensitive_checkpoint
+from opensora_gym.presets import make_action_sensitive_checkpoint
 from trainers.config import PRESETS_DIR, load_config
 from trainers.runner import Trainer
 

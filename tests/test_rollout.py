@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from opensora_gym.env import OpenSoraLiberoEnv
-from opensora_gym.testing import make_tiny_checkpoint
+from opensora_gym.presets import make_tiny_checkpoint
 from trainers.advantages import compute_gae
 from trainers.config import AlgorithmConfig
 from trainers.rollout import RolloutBatch, collect_rollout, loss_mask_from_dones, merge_epochs

@@ -9,7 +9,7 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 
 from opensora_gym.models.vae import SDXL_SCALING_FACTOR, VideoVAE
-from opensora_gym.testing import tiny_vae_config
+from opensora_gym.presets import tiny_vae_config
 
 # Four resolution levels make the downsampling 8x, as in the SDXL VAE; widths are tiny for speed.
 TINY_CONFIG = tiny_vae_config()

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from opensora_gym.env import OpenSoraLiberoEnv
-from opensora_gym.testing import TINY_TASKS, random_chunk_actions
+from opensora_gym.presets import TINY_TASKS
+from opensora_gym.testing import random_chunk_actions
 from opensora_gym.wrappers.video import RecordEpisodeVideo, _font, _wrap, annotate_frame
 
 FAST = {"num_sampling_steps": 2, "image_size": 64, "dtype": "float32", "max_episode_steps": 16}

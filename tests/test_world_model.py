@@ -9,7 +9,7 @@ from einops import rearrange
 
 from opensora_gym.checkpoint import WEIGHTS_INDEX_NAME, CheckpointLayout
 from opensora_gym.data import TrajectoryDataset
-from opensora_gym.testing import TinyCheckpointSpec, make_tiny_checkpoint
+from opensora_gym.presets import TinyCheckpointSpec, make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel, frames_from_uint8, frames_to_uint8
 from trainers.cli import main
 

@@ -14,7 +14,7 @@ from opensora_gym.env import OpenSoraLiberoEnv
 from opensora_gym.models.reward import ResNetRewardModel
 from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
 from opensora_gym.models.vae import SDXL_SCALING_FACTOR, VideoVAE
-from opensora_gym.testing import TinyCheckpointSpec, make_tiny_checkpoint, tiny_vae_config
+from opensora_gym.presets import TinyCheckpointSpec, make_tiny_checkpoint, tiny_vae_config
 from opensora_gym.training.clips import LatentClips, encode_latents
 from opensora_gym.training.rectified_flow import rectified_flow_loss
 from opensora_gym.training.reward_model import RewardTrainingConfig, classification_report, train_reward_model

@@ -12,7 +12,7 @@ import torch
 
 from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import TrajectoryDataset
-from opensora_gym.testing import make_tiny_checkpoint
+from opensora_gym.presets import make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

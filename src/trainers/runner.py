@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import ActionStatistics
 from opensora_gym.env import OpenSoraLiberoEnv
-from opensora_gym.testing import make_action_sensitive_checkpoint, make_tiny_checkpoint
+from opensora_gym.presets import make_action_sensitive_checkpoint, make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel
 from trainers.config import ConfigError, ModelConfig, TrainConfig, config_to_dict, from_dict
 from trainers.distributed import (
