@@ -191,3 +191,54 @@ def test_a_real_libero_episode_against_a_tiny_world_model(checkpoint, tmp_path):
     assert "## Closed loop" in markdown_path.read_text()
     video = imageio.mimread(episode.video)
     assert len(video) == 1 + 16 and video[0].shape[1] == 3 * video[0].shape[0]  # start + every step, 3 panels
+
+
+def test_training_audits_every_interval_and_logs_audit_numbers(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import trainers.fidelity
+    from trainers.config import PRESETS_DIR, load_config
+    from trainers.runner import Trainer
+
+    calls = []
+
+    def fake_audit(config, world_model, policy, folder):  # the real one runs LIBERO: see the command's test
+        calls.append(folder.name)
+        episodes = [ClosedLoopEpisode(0, k, "task", k == 0, True, 8, 8) for k in range(2)]
+        return {"simulator": AuditReport(settings={}, closed_loop=episodes)}
+
+    monkeypatch.setattr(trainers.fidelity, "run_fidelity_audit", fake_audit)
+    overrides = [
+        f"runner.log_path={tmp_path}", "runner.progress_bar=false", "env.train.tiny_checkpoint=random",
+        "env.train.total_num_envs=4", "env.train.max_episode_steps=8", "env.train.video_cfg.save_video=false",
+        "algorithm.group_size=2", "actor.model.channels=[8]", "actor.model.hidden_size=32",
+        "actor.micro_batch_size=4", "actor.global_batch_size=4", "runner.max_steps=2", "runner.val_check_interval=-1",
+        "runner.save_interval=-1", "audit.interval=2",
+    ]  # fmt: skip
+    Trainer(load_config(PRESETS_DIR / "tiny_cpu_grpo.yaml", overrides)).run()
+    assert calls == ["step2"]
+    events = EventAccumulator(str(tmp_path / "tiny_cpu_grpo" / "tensorboard"))
+    events.Reload()
+    false_success = events.Scalars("audit/closed_loop/false_success_rate")
+    assert [(e.step, e.value) for e in false_success] == [(2, 1.0)]  # the simulator's one failure: a WM success
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_spec("libero") is None, reason="needs the libero extra: pip install -e '.[libero]'")
+def test_the_audit_command_against_libero_and_an_approximate_mode(tmp_path, capsys):
+    from trainers.cli import main
+
+    main([
+        "audit", "--config", "tiny_cpu_grpo", f"runner.log_path={tmp_path}", "runner.progress_bar=false",
+        "env.train.tiny_checkpoint=random", "env.train.num_sampling_steps=2", "audit.task_ids=[1]",
+        "audit.trial_ids=[0]", "audit.max_episode_steps=8", "audit.compare_steps=[1]",
+    ])  # fmt: skip
+    folder = tmp_path / "tiny_cpu_grpo" / "audit" / "initial_policy"
+    simulator = json.loads((folder / "simulator" / "audit.json").read_text())
+    assert simulator["settings"]["starts"] == [[1, 0]] and simulator["settings"]["reference"] == "LIBERO simulator"
+    assert len(simulator["open_loop"][0]["chunks"]) == 1 and len(simulator["closed_loop"]) == 1
+    assert (folder / "simulator" / "videos" / "open_loop-task1-trial0.mp4").is_file()
+    approximate = json.loads((folder / "steps_1" / "audit.json").read_text())
+    assert approximate["settings"]["reference"].startswith("world model (2 sampling steps")
+    assert "open_loop/psnr" in approximate["summary"] and (folder / "steps_1" / "audit.md").is_file()
+    assert "# World-model fidelity audit" in capsys.readouterr().out
