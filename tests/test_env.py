@@ -399,7 +399,11 @@ def edited(field, value):
         (edited("success_once", "yes"), TypeError, "success_once must be bool or bool, got str"),
         (edited("elapsed_steps", True), TypeError, "elapsed_steps must be int or integer, got bool"),
         (edited("elapsed_steps", 40), ValueError, r"elapsed_steps must lie in \[0, 32\], got 40"),
-        (edited("episode_index", 6), ValueError, r"episode_index must lie in \[0, 5\], got 6"),
+        (
+            edited("episode_index", 6),
+            ValueError,
+            r"episode_index must lie in \[0, 5\] or be -1 \(a given start image\), got 6",
+        ),
         (edited("episode_return", float("inf")), ValueError, "rewards must be finite"),
         (edited("generator_state", None), ValueError, r"states\[1\] has no generator_state: pass seeds"),
         (edited("draw_generator_state", None), ValueError, r"states\[1\] has no draw_generator_state: pass seeds"),
@@ -440,3 +444,53 @@ def test_gymnasium_env_checker_passes_on_the_registered_single_env(checkpoint):
     check_env(env.unwrapped)
     env.reset(seed=np.int64(3))
     assert env.unwrapped.np_random_seed == 3
+
+
+def test_a_given_start_image_starts_like_the_same_dataset_frame(checkpoint, world_model):
+    recorded = make_env(checkpoint, world_model, num_envs=2)
+    obs_recorded, _ = recorded.reset(seed=5, options={"episode_indices": [3, 1]})
+    given = make_env(checkpoint, world_model, num_envs=2)
+    frames = [given.dataset.start_frame(e) for e in (3, 1)]
+    images, tasks = np.stack([image for image, _ in frames]), [task for _, task in frames]
+    obs, info = given.reset(seed=5, options={"start_images": images, "start_tasks": tasks})
+    np.testing.assert_array_equal(obs["image"], obs_recorded["image"])
+    assert obs["task"] == obs_recorded["task"] and info["episode_index"].tolist() == [-1, -1]
+    torch.testing.assert_close(given.get_state()[0].latents, recorded.get_state()[0].latents)
+    actions = random_chunk_actions(2)
+    np.testing.assert_array_equal(given.step(actions)[0]["image"], recorded.step(actions)[0]["image"])
+    # A state started from a given image round-trips through get_state / set_state.
+    given.set_state(given.get_state([0]), [1])
+
+
+def test_start_images_of_another_size_are_resized_and_mask_partial_resets(checkpoint, world_model):
+    env = make_env(checkpoint, world_model, num_envs=2)
+    env.reset(seed=0, options={"episode_indices": [0, 1]})
+    before = env.get_state([0])[0]
+    images = np.full((2, 48, 40, 3), 200, dtype=np.uint8)
+    obs, info = env.reset(
+        options={"start_images": images, "start_tasks": ["a", "b"], "reset_mask": np.array([False, True])}
+    )
+    np.testing.assert_array_equal(obs["image"][0], before.image)
+    assert obs["image"].shape == (2, 64, 64, 3) and info["episode_index"].tolist() == [0, -1]
+    assert np.abs(obs["image"][1].astype(int) - 200).max() <= 1 and obs["task"] == (before.task, "b")
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"start_images": np.zeros((2, 8, 8, 3), np.uint8)}, ValueError, "come together"),
+        ({"start_images": np.zeros((2, 8, 8, 3)), "start_tasks": ["a", "b"]}, TypeError, "uint8"),
+        ({"start_images": np.zeros((1, 8, 8, 3), np.uint8), "start_tasks": ["a"]}, ValueError, r"\(2, H, W, 3\)"),
+        ({"start_images": np.zeros((2, 8, 8, 3), np.uint8), "start_tasks": "ab"}, ValueError, "2 instructions"),
+        ({"start_images": np.zeros((2, 8, 8, 3), np.uint8), "start_tasks": ["a", ""]}, TypeError, "non-empty"),
+        (
+            {"start_images": np.zeros((2, 8, 8, 3), np.uint8), "start_tasks": ["a", "b"], "episode_indices": [0, 1]},
+            ValueError,
+            "give one",
+        ),
+    ],
+)
+def test_bad_start_images_are_rejected(checkpoint, world_model, options, error, message):
+    env = make_env(checkpoint, world_model, num_envs=2)
+    with pytest.raises(error, match=message):
+        env.reset(seed=0, options=options)

@@ -37,6 +37,8 @@ HUB_IDS = {"spatial": "RLinf/RLinf-OpenSora-LIBERO-Spatial", "object": "RLinf/RL
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # torch.Generator.manual_seed takes seeds in [0, 2**64).
 MAX_SEED = 2**64 - 1
+# `episode_index` of a sub-env started from a given image (`reset(options={"start_images": ...})`), not a trajectory.
+GIVEN_START = -1
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ class SubEnvState:
 
     latents: torch.Tensor  # [C, Tc, h, w] condition latents
     image: np.ndarray  # [H, W, 3] uint8 current observation
-    episode_index: int
+    episode_index: int  # the start trajectory, or GIVEN_START
     task: str
     elapsed_steps: int
     prev_frame_reward: float
@@ -299,7 +301,13 @@ class OpenSoraLiberoEnv(VectorEnv):
                 sub-env's seed. Seeds are ints (Python or numpy) in [0, 2**64 - 1]. Without a seed, the first
                 reset seeds from the OS and later resets continue the streams.
             options: `episode_indices` ([N] ints) chooses the start trajectory of each sub-env; otherwise one
-                trajectory per group of `group_size` sub-envs is drawn from the env's generator. `reset_mask`
+                trajectory per group of `group_size` sub-envs is drawn from the env's generator. `start_images`
+                ([N, H, W, 3] uint8) with `start_tasks` (N instructions) starts each sub-env from a given frame
+                instead of a recorded one (e.g. the frame the LIBERO simulator renders, to compare the two: see
+                `opensora_gym.audit`); the frame must be in the orientation of the dataset's frames (the LIBERO
+                env's) and goes through the same resize and VAE encoding as a dataset start frame. Such sub-envs
+                report `episode_index` -1 (`GIVEN_START`); their later autoresets draw recorded starts as usual.
+                `reset_mask`
                 ([N] numpy bool with at least one True, Gymnasium's partial reset) restarts only the chosen
                 sub-envs, exactly as the next-step autoreset would (their group's next episode draw); with a seed,
                 the chosen sub-envs' generators are reseeded first (`s + i` or the list's i-th seed) and the
@@ -309,20 +317,24 @@ class OpenSoraLiberoEnv(VectorEnv):
             (observation, info) of all sub-envs, with `info["episode_index"]` and `info["task"]`.
         """
         options = dict(options or {})
-        unknown = set(options) - {"episode_indices", "reset_mask"}
+        allowed = ["episode_indices", "reset_mask", "start_images", "start_tasks"]
+        unknown = set(options) - set(allowed)
         if unknown:
-            raise ValueError(
-                f"unknown reset options {sorted(unknown)}; the options are 'episode_indices' and 'reset_mask'"
-            )
+            raise ValueError(f"unknown reset options {sorted(unknown)}; the options are {allowed}")
         seeds = self._check_seeds(seed)
         episodes = options.get("episode_indices")
         if episodes is not None:
             episodes = self._check_episode_indices(episodes)
+        given = self._check_start_images(options, episodes)
         if "reset_mask" in options:
             indices = self._check_reset_mask(options["reset_mask"])
             if seeds is not None:
                 self._seed_generators({i: seeds[i] for i in indices})
-            self._restart(indices, None if episodes is None else [episodes[i] for i in indices])
+            self._restart(
+                indices,
+                None if episodes is None else [episodes[i] for i in indices],
+                None if given is None else [given[i] for i in indices],
+            )
             return self._observation(), self._reset_info()
         if seeds is not None or self._states is None:
             seeds = seeds or [None] * self.num_envs
@@ -331,10 +343,32 @@ class OpenSoraLiberoEnv(VectorEnv):
             self._episode_generator.manual_seed(seeds[0])
             self._group_episodes = [[] for _ in self._group_episodes]
             self._episodes_started[:] = 0
-        if episodes is None:
+        if given is not None:
+            episodes = [GIVEN_START] * self.num_envs
+        elif episodes is None:
             episodes = [self._next_group_episode(i) for i in range(self.num_envs)]
-        self._states = self._start_episodes(list(range(self.num_envs)), episodes)
+        self._states = self._start_episodes(list(range(self.num_envs)), episodes, given)
         return self._observation(), self._reset_info()
+
+    def _check_start_images(self, options: dict, episodes: list[int] | None) -> list[tuple[np.ndarray, str]] | None:
+        """The (image, task) of each sub-env from the `start_images` and `start_tasks` options, or None."""
+        if "start_images" not in options and "start_tasks" not in options:
+            return None
+        if "start_images" not in options or "start_tasks" not in options:
+            raise ValueError("reset options start_images and start_tasks come together: give both or neither")
+        if episodes is not None:
+            raise ValueError("reset options episode_indices and start_images both choose the starts: give one")
+        images, tasks = options["start_images"], options["start_tasks"]
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+            kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
+            raise TypeError(f"start_images must be a uint8 numpy array [{self.num_envs}, H, W, 3], got {kind}")
+        if images.ndim != 4 or images.shape[0] != self.num_envs or images.shape[-1] != 3 or 0 in images.shape:
+            raise ValueError(f"start_images must have shape ({self.num_envs}, H, W, 3), got {images.shape}")
+        if isinstance(tasks, str) or not isinstance(tasks, (Sequence, np.ndarray)) or len(tasks) != self.num_envs:
+            raise ValueError(f"start_tasks must be {self.num_envs} instructions (one per sub-env), got {tasks!r}")
+        if not all(isinstance(task, str) and task for task in tasks):
+            raise TypeError(f"start_tasks must be non-empty strings, got {[type(t).__name__ for t in tasks]}")
+        return [(images[i], str(tasks[i])) for i in range(self.num_envs)]
 
     def _check_seeds(self, seed) -> list[int | None] | None:
         """One seed (or None) per sub-env, as Gymnasium's vector envs number them; None when no seed is given."""
@@ -384,13 +418,21 @@ class OpenSoraLiberoEnv(VectorEnv):
             raise ValueError("reset_mask needs a full reset() first: there are no episodes to restart yet")
         return np.flatnonzero(mask).tolist()
 
-    def _restart(self, indices: list[int], episodes: list[int] | None = None) -> None:
-        """Starts the next episode of the sub-envs `indices` (their group's next draw unless `episodes` is given)."""
+    def _restart(
+        self,
+        indices: list[int],
+        episodes: list[int] | None = None,
+        given: list[tuple[np.ndarray, str]] | None = None,
+    ) -> None:
+        """Starts the next episode of the sub-envs `indices`: from the `given` (image, task) starts, else the
+        `episodes`, else their group's next draw."""
         if not indices:
             return  # the step's autoreset with no sub-env to restart
-        if episodes is None:
+        if given is not None:
+            episodes = [GIVEN_START] * len(indices)
+        elif episodes is None:
             episodes = [self._next_group_episode(i) for i in indices]
-        for i, state in zip(indices, self._start_episodes(indices, episodes), strict=True):
+        for i, state in zip(indices, self._start_episodes(indices, episodes, given), strict=True):
             self._states[i] = state
 
     def _check_episode_indices(self, episodes) -> list[int]:
@@ -427,9 +469,12 @@ class OpenSoraLiberoEnv(VectorEnv):
             self._start_frames[episode] = self.dataset.start_frame(episode)
         return self._start_frames[episode]
 
-    def _start_episodes(self, env_indices: list[int], episodes: list[int]) -> list[SubEnvState]:
-        starts = [self._start_frame(e) for e in episodes]
-        images = torch.from_numpy(np.stack([image for image, _ in starts]))
+    def _start_episodes(
+        self, env_indices: list[int], episodes: list[int], given: list[tuple[np.ndarray, str]] | None = None
+    ) -> list[SubEnvState]:
+        """New states of the sub-envs `env_indices`, from the `given` (image, task) starts or the `episodes`'."""
+        starts = given if given is not None else [self._start_frame(e) for e in episodes]
+        images = torch.from_numpy(np.stack([image for image, _ in starts]))  # [n, H, W, 3]
         latents = self.world_model.encode_start(images, generator=[self._generators[i] for i in env_indices]).cpu()
         _check_finite(latents, "start latents", env_indices)
         # The first observation goes through the same [-1, 1] round trip as in the reference.
@@ -727,9 +772,10 @@ class OpenSoraLiberoEnv(VectorEnv):
                 f"{name}.image must be uint8 of shape {image_shape}, got {state.image.dtype} of shape "
                 f"{state.image.shape}"
             )
-        if not 0 <= state.episode_index < len(self.dataset):
+        if not (0 <= state.episode_index < len(self.dataset) or state.episode_index == GIVEN_START):
             raise ValueError(
-                f"{name}.episode_index must lie in [0, {len(self.dataset) - 1}], got {state.episode_index}"
+                f"{name}.episode_index must lie in [0, {len(self.dataset) - 1}] or be {GIVEN_START} (a given start "
+                f"image), got {state.episode_index}"
             )
         if not 0 <= state.elapsed_steps <= self.config.max_episode_steps:
             raise ValueError(

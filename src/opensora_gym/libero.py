@@ -39,6 +39,7 @@ __all__ = [
     "LiberoVectorEnv",
     "LiberoWorkerError",
     "make_libero_vector_env",
+    "suite_walk",
 ]
 
 STATE_DIM = 8
@@ -199,6 +200,13 @@ def _load_catalog(suite: str) -> _Catalog:
         languages=tuple(tasks.get_task(t).language for t in range(tasks.n_tasks)),
         num_trials=tuple(len(tasks.get_task_init_states(t)) for t in range(tasks.n_tasks)),
     )
+
+
+def suite_walk(suite: str) -> tuple[tuple[int, int], ...]:
+    """Every (task, trial) pair of a suite in task-major order: the order `LiberoVectorEnv.walk` visits them."""
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
+    return tuple((t, k) for t, trials in enumerate(_load_catalog(suite).num_trials) for k in range(trials))
 
 
 def _axis_angle(quat: np.ndarray) -> np.ndarray:

@@ -56,3 +56,22 @@ def controller_actions(actions: np.ndarray) -> np.ndarray:
         raise ValueError(f"actions must have shape [..., {ACTION_DIM}], got {actions.shape}")
     actions[..., -1] = -np.sign(2.0 * actions[..., -1] - 1.0)
     return actions
+
+
+def policy_actions(controller: np.ndarray) -> np.ndarray:
+    """The inverse of `controller_actions` on its outputs: recorded controller actions back in robot units.
+
+    The gripper -1 (open), +1 (close) and 0 become 1, 0 and 0.5, which `controller_actions` maps back exactly; so a
+    recorded trajectory (stored in the controller convention) can be replayed through either env.
+
+    Args:
+        controller: ``[..., 7]`` float controller actions (gripper -1 = open, +1 = close).
+
+    Returns:
+        ``[..., 7]`` float32 actions in robot units (a new array).
+    """
+    actions = np.array(controller, dtype=np.float32)
+    if actions.ndim == 0 or actions.shape[-1] != ACTION_DIM:
+        raise ValueError(f"actions must have shape [..., {ACTION_DIM}], got {actions.shape}")
+    actions[..., -1] = (1.0 - actions[..., -1]) / 2.0
+    return actions

@@ -2,6 +2,7 @@
 
 opensora-gym train --config tiny_cpu_grpo runner.max_steps=20
 opensora-gym eval --config tiny_cpu_grpo runner.ckpt_path=runs/tiny_cpu_grpo/checkpoints/global_step_20
+opensora-gym audit --config tiny_cpu_grpo runner.ckpt_path=runs/tiny_cpu_grpo/checkpoints/global_step_20
 opensora-gym configs
 opensora-gym rollout --chunks 2
 torchrun --nproc_per_node 2 -m trainers.cli train --config tiny_cpu_grpo actor.strategy=ddp
@@ -22,7 +23,7 @@ from opensora_gym import convert
 from opensora_gym.training import cli as training_cli
 from trainers.config import TrainConfig, config_to_dict, load_config, preset_names, resolve_config_path
 
-__all__ = ["build_parser", "main", "run_eval"]
+__all__ = ["build_parser", "main", "run_audit", "run_eval"]
 
 DEFAULT_PRESET = "tiny_cpu_grpo"
 # Errors with a message meant for the user: bad settings, missing or malformed files, a diverged run, a missing extra.
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("train", "train a policy with GRPO or PPO in the world-model env"),
         ("eval", "evaluate a policy (runner.ckpt_path) over a fixed list of episodes"),
+        ("audit", "audit the world model against the LIBERO simulator with a policy (the audit section)"),
     ):
         command = commands.add_parser(
             name, help=help_text, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,11 +141,35 @@ def run_eval(config: TrainConfig) -> dict:
     return data
 
 
-def _new_eval_folder(config: TrainConfig) -> Path:
-    """`<run folder>/eval/<name of the evaluated policy>`, with `-2`, `-3`, ... when taken; created."""
+def run_audit(config: TrainConfig) -> dict:
+    """Audits `env.train`'s world model against LIBERO with `runner.ckpt_path` (or the initial policy) as the
+    `audit` section says, in `<run folder>/audit/<policy>[-k]`; prints the markdown reports.
+
+    Returns:
+        the logged numbers (`trainers.fidelity.audit_metrics`), with `folder` added.
+    """
+    from trainers.fidelity import audit_metrics, run_fidelity_audit
+    from trainers.runner import build_policy, build_world_model_env, check_run_inputs, load_policy
+
+    check_run_inputs(config)
+    folder = _new_eval_folder(config, "audit")
+    world_model = build_world_model_env(config, num_envs=1, group_size=1).world_model
+    if config.runner.ckpt_path is not None:
+        policy = load_policy(config, config.runner.ckpt_path, world_model.statistics)
+    else:
+        policy = build_policy(config.actor.model, world_model.statistics, config.runner.device, config.actor.seed)
+    reports = run_fidelity_audit(config, world_model, policy, folder)
+    for report in reports.values():
+        print(report.markdown())
+    print(f"reports: {folder}")
+    return {**audit_metrics(reports), "folder": str(folder)}
+
+
+def _new_eval_folder(config: TrainConfig, kind: str = "eval") -> Path:
+    """`<run folder>/<kind>/<name of the evaluated policy>`, with `-2`, `-3`, ... when taken; created."""
     ckpt = config.runner.ckpt_path
     name = "initial_policy" if ckpt is None else Path(ckpt).resolve().name
-    parent = config.runner.run_dir / "eval"
+    parent = config.runner.run_dir / kind
     parent.mkdir(parents=True, exist_ok=True)
     folder, k = parent / name, 1
     while True:
@@ -171,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
 
             result = train(load_config(args.config, args.overrides))
             print(f"run folder: {result.run_dir}; last checkpoint: {result.last_checkpoint}")
+        elif args.command == "audit":
+            run_audit(load_config(args.config, args.overrides))
         else:
             run_eval(load_config(args.config, args.overrides))
     except KNOWN_ERRORS as error:

@@ -27,6 +27,7 @@ __all__ = [
     "PRESETS_DIR",
     "ActorConfig",
     "AlgorithmConfig",
+    "AuditConfig",
     "ConfigError",
     "EnvConfig",
     "EvalEnvConfig",
@@ -459,6 +460,57 @@ class RunnerConfig:
 
 
 @dataclass
+class AuditConfig:
+    """The fidelity audit of the world model against the LIBERO simulator (`audit`; see `opensora_gym.audit`).
+
+    `opensora-gym audit` runs it once; during training it runs every `interval` steps with the current policy and
+    logs `audit/...`, so a curve shows when the policy starts exploiting the world model.
+
+    Attributes:
+        interval: training steps between audits (-1: never during training, the default).
+        suite: the LIBERO suite of the starts (`libero_spatial`, `libero_object`, ...).
+        task_ids: the tasks whose initial states are audited (None: all).
+        trial_ids: the initial states of each task (None: all 50).
+        num_starts: K, the first K of the chosen (task, trial) pairs in task-major order (None: all of them).
+        max_episode_steps: actions per audited episode; None: the protocol's limit.
+        protocol: how LIBERO episodes start and end (`rlinf` or `openvla_oft`, as `env.eval.protocol`).
+        total_num_envs: LIBERO worker processes (and world-model sub-envs) per wave of starts; None: one per start.
+        divergence_psnr: an open-loop chunk whose PSNR is below this many dB counts as diverged.
+        compare_steps: also audit these approximate sampling-step counts against the exact mode
+            (`env.train.num_sampling_steps`), from the same starts and noise.
+        recorded_episodes: replay these trajectories of the world model's dataset open loop (one per start)
+            instead of the policy's actions; the closed loop still runs the policy.
+        save_video: write side-by-side videos (simulator | world model | difference) of the open loop.
+        seed: the reset seed of every env (LIBERO's scene seed, the world model's noise) and of the policy.
+    """
+
+    interval: int = -1
+    suite: str = "libero_spatial"
+    task_ids: tuple[int, ...] | None = None
+    trial_ids: tuple[int, ...] | None = (0,)
+    num_starts: int | None = None
+    max_episode_steps: int | None = None
+    protocol: Literal["rlinf", "openvla_oft"] = "rlinf"
+    total_num_envs: int | None = None
+    divergence_psnr: float = 20.0
+    compare_steps: tuple[int, ...] = ()
+    recorded_episodes: tuple[int, ...] | None = None
+    save_video: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.interval != -1 and self.interval < 1:
+            raise ConfigError(f"audit.interval must be -1 (off) or positive, got {self.interval}")
+        for name in ("num_starts", "max_episode_steps", "total_num_envs"):
+            if getattr(self, name) is not None:
+                _positive("audit", **{name: getattr(self, name)})
+        _positive("audit", divergence_psnr=self.divergence_psnr)
+        self.compare_steps = tuple(self.compare_steps)
+        if any(steps < 1 for steps in self.compare_steps):
+            raise ConfigError(f"audit.compare_steps must be positive sampling-step counts, got {self.compare_steps}")
+
+
+@dataclass
 class TrainConfig:
     """A whole run: the root of a YAML config."""
 
@@ -467,6 +519,7 @@ class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         train, algorithm = self.env.train, self.algorithm

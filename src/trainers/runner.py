@@ -558,6 +558,8 @@ class Trainer:
                     self.save_checkpoint()
                 if runner.val_check_interval != -1 and self.global_step % runner.val_check_interval == 0:
                     self.evaluate()
+                if self.config.audit.interval != -1 and self.global_step % self.config.audit.interval == 0:
+                    self.audit()
             if self.last_checkpoint is None or not self.last_checkpoint.name.endswith(f"_{self.global_step}"):
                 self.save_checkpoint()
         finally:
@@ -598,6 +600,22 @@ class Trainer:
             self.global_step,
         )
         return result
+
+    def audit(self) -> dict[str, float]:
+        """Audits the world model against the LIBERO simulator with the current policy (the `audit` section):
+        reports in `<run folder>/audit/step<N>/`, numbers logged as `audit/...`; returns them.
+
+        Under `torchrun`, rank 0 audits (the other ranks return no numbers).
+        """
+        metrics: dict[str, float] = {}
+        if self.context.is_main:
+            from trainers.fidelity import audit_metrics, run_fidelity_audit
+
+            folder = self.run_dir / "audit" / f"step{self.global_step}"
+            metrics = audit_metrics(run_fidelity_audit(self.config, self.env.world_model, self.policy, folder))
+            self.logger.log(metrics, self.global_step)
+        self.context.barrier()
+        return metrics
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
