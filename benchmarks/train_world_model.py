@@ -12,6 +12,7 @@ Prints one table and writes JSON (default benchmarks/results/train_world_model[_
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
@@ -35,6 +36,13 @@ TINY_CASES = (("tiny", STDiT3Config(depth=2, hidden_size=64, num_heads=4), 32, 4
 
 def measure(config: STDiT3Config, image_size: int, batch: int, checkpointing: bool, steps: int, device: str) -> dict:
     """Times `steps` training steps after 2 warm-up steps; returns clips/s, s/step and peak memory."""
+    cuda = device.startswith("cuda")
+    base = 0
+    if cuda:
+        # What an earlier case left behind is freed, and what stays is not counted as this case's.
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = STDiT3(config).to(device).train()
@@ -51,7 +59,6 @@ def measure(config: STDiT3Config, image_size: int, batch: int, checkpointing: bo
         t = sample_timesteps(batch, generator, RectifiedFlowConfig(), image_size, image_size, frames)
         return x0, actions, noise, t
 
-    cuda = device.startswith("cuda")
     for _ in range(2):
         train_step(state, *batch_tensors(), image_size=image_size)
     if cuda:
@@ -65,7 +72,9 @@ def measure(config: STDiT3Config, image_size: int, batch: int, checkpointing: bo
         if cuda:
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated() - base if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "s_per_step": elapsed / steps,
