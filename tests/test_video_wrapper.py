@@ -133,3 +133,16 @@ def test_rejects_an_env_without_frames(checkpoint, never_success, tmp_path):
     env.return_frames = False
     with pytest.raises(RuntimeError, match="return_frames=True"):
         wrapped.step(random_chunk_actions(2))
+
+
+def test_stop_writes_the_running_episodes_and_gives_the_env_back_as_it_was(checkpoint, never_success, tmp_path):
+    inner = make_env(checkpoint, never_success)
+    assert not inner.return_frames
+    env = RecordEpisodeVideo(inner, tmp_path)
+    env.reset(seed=0)
+    env.step(random_chunk_actions(2, 0))
+    env.stop()
+    assert not inner.return_frames  # restored by the wrapper itself
+    assert all(len(read_video(path)) == 1 + 8 for path in env.video_paths)
+    _, _, _, _, info = inner.step(random_chunk_actions(2, 1))  # the env goes on, unwrapped and open
+    assert "frames" not in info

@@ -487,7 +487,7 @@ class Trainer:
                 )
             finally:
                 if env is not self.env:
-                    self.env.return_frames = False
+                    env.stop()
         return merge_epochs(passes)
 
     def _video_wrapper(self, video, kind: str, prefix: str):

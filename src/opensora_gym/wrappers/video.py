@@ -149,6 +149,7 @@ class RecordEpisodeVideo(VectorWrapper):
         self.video_paths: list[Path] = []
         self._next_episode_id = 0
         self._recordings: list[_Recording | None] = [None] * env.num_envs
+        self._return_frames_before = env.unwrapped.return_frames
         env.unwrapped.return_frames = True
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -185,9 +186,15 @@ class RecordEpisodeVideo(VectorWrapper):
                 self._finish(i)
         return obs, reward, terminated, truncated, info
 
+    def stop(self) -> None:
+        """Writes the episodes still being recorded and leaves the env as it found it (its `return_frames` switch
+        restored), without closing it: the env can go on unwrapped."""
+        self._finish_all()
+        self.env.unwrapped.return_frames = self._return_frames_before
+
     def close(self, **kwargs: Any) -> None:
         """Writes the episodes still being recorded, then closes the env."""
-        self._finish_all()
+        self.stop()
         super().close(**kwargs)
 
     def _start(self, index: int, image: np.ndarray, task: str) -> None:
