@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
-from opensora_gym.sampling import RectifiedFlowConfig
+from opensora_gym.rectified_flow import RectifiedFlowConfig
 from opensora_gym.training.rectified_flow import sample_timesteps
 from opensora_gym.training.world_model import build_training_state, enable_gradient_checkpointing, train_step
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from opensora_gym.env import CHECKPOINT_ENV_VAR, OpenSoraLiberoConfig, OpenSoraLiberoEnv
+from opensora_gym.checkpoint import CHECKPOINT_ENV_VAR
+from opensora_gym.env import OpenSoraLiberoConfig, OpenSoraLiberoEnv
 from opensora_gym.spaces import controller_actions
 from opensora_gym.testing import random_chunk_actions
 from opensora_gym.world_model import WorldModel

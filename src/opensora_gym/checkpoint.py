@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,3 +191,27 @@ class CheckpointLayout:
             if not part.exists():
                 raise FileNotFoundError(f"checkpoint folder {layout.root} has no {part.name} ({LAYOUT_HELP})")
         return layout
+
+
+# Where a world model comes from when none is given: this variable, else the released model of the suite.
+CHECKPOINT_ENV_VAR = "OPENSORA_GYM_CHECKPOINT"
+HUB_IDS = {"spatial": "RLinf/RLinf-OpenSora-LIBERO-Spatial", "object": "RLinf/RLinf-OpenSora-LIBERO-Object"}
+
+
+def resolve_checkpoint(checkpoint: str | Path | None, suite: str) -> Path:
+    """The checkpoint folder: the argument, else `$OPENSORA_GYM_CHECKPOINT`, else the released model from the Hub."""
+    if checkpoint is None:
+        checkpoint = os.environ.get(CHECKPOINT_ENV_VAR)
+    if checkpoint is not None:
+        return CheckpointLayout.resolve(checkpoint).root
+    repo_id = HUB_IDS[suite]
+    from huggingface_hub import snapshot_download
+
+    try:
+        return CheckpointLayout.resolve(snapshot_download(repo_id)).root
+    except Exception as err:
+        raise FileNotFoundError(
+            f"no world-model checkpoint given and {repo_id} could not be fetched from the Hugging Face Hub ({err}). "
+            f"Download it where there is network access (`hf download {repo_id} --local-dir <folder>`), then pass "
+            f"checkpoint=<folder> or set {CHECKPOINT_ENV_VAR}=<folder>."
+        ) from err

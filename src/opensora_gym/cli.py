@@ -12,10 +12,9 @@ import torch
 
 from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import TrajectoryDataset
+from opensora_gym.env import DTYPES
 from opensora_gym.presets import make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def rollout(args: argparse.Namespace) -> dict:

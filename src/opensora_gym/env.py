@@ -14,7 +14,6 @@ Changed from the reference: every counter, the randomness and the autoreset are 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,15 +24,13 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from opensora_gym.checkpoint import CheckpointLayout
+from opensora_gym.checkpoint import HUB_IDS, CheckpointLayout, resolve_checkpoint
 from opensora_gym.data import TrajectoryDataset
 from opensora_gym.reliability import classifier_uncertainty
 from opensora_gym.single import SingleEpisodeEnv
 from opensora_gym.spaces import ACTION_DIM, chunk_action_space, controller_actions, observation_space
 from opensora_gym.world_model import ChunkPrediction, WorldModel, frames_from_uint8, frames_to_uint8
 
-CHECKPOINT_ENV_VAR = "OPENSORA_GYM_CHECKPOINT"
-HUB_IDS = {"spatial": "RLinf/RLinf-OpenSora-LIBERO-Spatial", "object": "RLinf/RLinf-OpenSora-LIBERO-Object"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # torch.Generator.manual_seed takes seeds in [0, 2**64).
 MAX_SEED = 2**64 - 1
@@ -154,25 +151,6 @@ class OpenSoraLiberoConfig:
                     f"uncertainty_policy {self.uncertainty_policy!r} needs a finite uncertainty_threshold, got "
                     f"{self.uncertainty_threshold!r}"
                 )
-
-
-def resolve_checkpoint(checkpoint: str | Path | None, suite: str) -> Path:
-    """The checkpoint folder: the argument, else `$OPENSORA_GYM_CHECKPOINT`, else the released model from the Hub."""
-    if checkpoint is None:
-        checkpoint = os.environ.get(CHECKPOINT_ENV_VAR)
-    if checkpoint is not None:
-        return CheckpointLayout.resolve(checkpoint).root
-    repo_id = HUB_IDS[suite]
-    from huggingface_hub import snapshot_download
-
-    try:
-        return CheckpointLayout.resolve(snapshot_download(repo_id)).root
-    except Exception as err:
-        raise FileNotFoundError(
-            f"no world-model checkpoint given and {repo_id} could not be fetched from the Hugging Face Hub ({err}). "
-            f"Download it where there is network access (`hf download {repo_id} --local-dir <folder>`), then pass "
-            f"checkpoint=<folder> or set {CHECKPOINT_ENV_VAR}=<folder>."
-        ) from err
 
 
 @dataclass

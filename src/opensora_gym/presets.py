@@ -14,6 +14,7 @@ from opensora_gym.data import ActionStatistics, save_trajectory
 from opensora_gym.models.reward import ResNetRewardModel
 from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
 from opensora_gym.models.vae import VideoVAE
+from opensora_gym.spaces import ACTION_CHUNK
 
 TINY_TASKS = (
     "pick up the black bowl between the plate and the ramekin and place it on the plate",
@@ -124,7 +125,6 @@ def make_tiny_checkpoint(folder: str | Path, spec: TinyCheckpointSpec | None = N
 
 
 # Actions per chunk the classifier of `make_action_sensitive_checkpoint` is trained with (the env's default).
-ACTION_CHUNK = 8
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,15 @@ from gymnasium import spaces
 
 # Numbers per action: 3 end-effector translation deltas, 3 rotation deltas, the gripper.
 ACTION_DIM = 7
+# Actions per chunk of OpenVLA-OFT and of the released world models (one env step, 8 predicted frames).
+ACTION_CHUNK = 8
 
 # Task instructions are plain printable text (LIBERO's language goals).
 TASK_CHARSET = string.printable
 MAX_TASK_LENGTH = 512
 
 
-def chunk_action_space(action_chunk: int = 8, action_dim: int = ACTION_DIM) -> spaces.Box:
+def chunk_action_space(action_chunk: int = ACTION_CHUNK, action_dim: int = ACTION_DIM) -> spaces.Box:
     """A chunk of `action_chunk` actions, each `action_dim` controls in [-1, 1]: Box (action_chunk, action_dim)."""
     return spaces.Box(low=-1.0, high=1.0, shape=(action_chunk, action_dim), dtype=np.float32)
 

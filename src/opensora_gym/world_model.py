@@ -19,8 +19,8 @@ from opensora_gym.data import ActionStatistics
 from opensora_gym.models.reward import ResNetRewardModel
 from opensora_gym.models.stdit3 import STDiT3
 from opensora_gym.models.vae import VideoVAE
+from opensora_gym.rectified_flow import Generators, RectifiedFlowConfig, RectifiedFlowSampler, draw_noise
 from opensora_gym.reliability import draw_disagreement
-from opensora_gym.sampling import Generators, RectifiedFlowConfig, RectifiedFlowSampler, draw_noise
 
 
 @dataclass(frozen=True)

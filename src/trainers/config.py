@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from opensora_gym.spaces import ACTION_CHUNK
+
 __all__ = [
     "PRESETS_DIR",
     "ActorConfig",
@@ -49,8 +51,6 @@ __all__ = [
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 
 LOGGER_BACKENDS = ("tensorboard", "wandb", "swanlab")
-# Actions per chunk of every policy here (OpenVLA-OFT's 8): episodes are stepped in whole chunks.
-ACTION_CHUNK = 8
 # More sub-envs than this in one process is a typo (the recipe steps 64; an H200 fits a few hundred small ones).
 MAX_NUM_ENVS = 4096
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from opensora_gym.audit import AuditReport, audit_world_model
-from opensora_gym.sampling import RectifiedFlowSampler
-from opensora_gym.spaces import policy_actions
+from opensora_gym.rectified_flow import RectifiedFlowSampler
+from opensora_gym.spaces import ACTION_CHUNK, policy_actions
 from opensora_gym.world_model import WorldModel
-from trainers.config import ACTION_CHUNK, TrainConfig
+from trainers.config import TrainConfig
 from trainers.evaluate import libero_episodes
 from trainers.runner import build_world_model_env
 from vla_policies.base import Policy

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vla_policies.sampling import (
+from vla_policies.token_sampling import (
     check_sampling_args,
     entropy_from_logits,
     logprobs_of,

@@ -17,7 +17,7 @@ import torch
 from einops import reduce
 
 from opensora_gym.models.stdit3 import CONDITION_TIMESTEP, STDiT3
-from opensora_gym.sampling import RectifiedFlowConfig, timestep_transform
+from opensora_gym.rectified_flow import RectifiedFlowConfig, timestep_transform
 
 
 def sample_timesteps(

@@ -40,7 +40,7 @@ from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
 from opensora_gym.models.vae import CONFIG_NAME as VAE_CONFIG_NAME
 from opensora_gym.models.vae import WEIGHTS_NAME as VAE_WEIGHTS_NAME
 from opensora_gym.models.vae import VideoVAE
-from opensora_gym.sampling import RectifiedFlowConfig, RectifiedFlowSampler
+from opensora_gym.rectified_flow import RectifiedFlowConfig, RectifiedFlowSampler
 from opensora_gym.training.clips import LatentClips, encode_latents
 from opensora_gym.training.rectified_flow import rectified_flow_loss, sample_timesteps
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
-from opensora_gym.sampling import RectifiedFlowConfig, RectifiedFlowSampler, draw_noise, timestep_transform
+from opensora_gym.rectified_flow import RectifiedFlowConfig, RectifiedFlowSampler, draw_noise, timestep_transform
 
 
 @pytest.fixture(scope="module")
