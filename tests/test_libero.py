@@ -118,7 +118,7 @@ def test_spaces_walk_and_bad_ids_without_simulating():
             env.reset(options={"reset_mask": [True, False]})
         with pytest.raises(TypeError, match="reset_mask must have dtype bool"):
             env.reset(options={"reset_mask": np.array([1, 0])})
-        with pytest.raises(ValueError, match="at least one True"):
+        with pytest.raises(ValueError, match="at least one sub-env"):
             env.reset(options={"reset_mask": np.zeros(2, dtype=bool)})
         with pytest.raises(RuntimeError, match="without a reset_mask first"):
             env.reset(options={"reset_mask": np.array([True, False])})

@@ -28,7 +28,13 @@ from opensora_gym.checkpoint import HUB_IDS, CheckpointLayout, resolve_checkpoin
 from opensora_gym.data import TrajectoryDataset
 from opensora_gym.reliability import classifier_uncertainty
 from opensora_gym.single import SingleEpisodeEnv
-from opensora_gym.spaces import ACTION_DIM, chunk_action_space, controller_actions, observation_space
+from opensora_gym.spaces import (
+    ACTION_DIM,
+    chunk_action_space,
+    controller_actions,
+    observation_space,
+    reset_mask_indices,
+)
 from opensora_gym.world_model import ChunkPrediction, WorldModel, frames_from_uint8, frames_to_uint8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -383,18 +389,10 @@ class OpenSoraLiberoEnv(VectorEnv):
             self._seeds[i] = s
 
     def _check_reset_mask(self, mask) -> list[int]:
-        # Gymnasium's SyncVectorEnv checks, with its exception types.
-        if not isinstance(mask, np.ndarray):
-            raise TypeError(f"reset_mask must be a numpy array of {self.num_envs} bools, got {type(mask).__name__}")
-        if mask.shape != (self.num_envs,):
-            raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
-        if mask.dtype != np.bool_:
-            raise TypeError(f"reset_mask must have dtype bool, got {mask.dtype}")
-        if not mask.any():
-            raise ValueError("reset_mask must choose at least one sub-env, got all False")
+        indices = reset_mask_indices(mask, self.num_envs)
         if self._states is None:
             raise ValueError("reset_mask needs a full reset() first: there are no episodes to restart yet")
-        return np.flatnonzero(mask).tolist()
+        return indices
 
     def _restart(
         self,

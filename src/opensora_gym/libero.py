@@ -26,7 +26,13 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from opensora_gym.single import SingleEpisodeEnv
-from opensora_gym.spaces import ACTION_DIM, chunk_action_space, controller_actions, observation_space
+from opensora_gym.spaces import (
+    ACTION_DIM,
+    chunk_action_space,
+    controller_actions,
+    observation_space,
+    reset_mask_indices,
+)
 
 __all__ = [
     "CONTROLLER_NOOP_ACTION",
@@ -573,7 +579,7 @@ class LiberoVectorEnv(VectorEnv):
         self._check_open()
         options = dict(options or {})
         mask = options.pop("reset_mask", None)
-        indices = list(range(self.num_envs)) if mask is None else self._check_reset_mask(mask)
+        indices = list(range(self.num_envs)) if mask is None else reset_mask_indices(mask, self.num_envs)
         pairs = self._pairs_from_options(options or None)
         if seed is not None:
             if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
@@ -595,18 +601,6 @@ class LiberoVectorEnv(VectorEnv):
         reset = np.zeros(self.num_envs, dtype=bool)
         reset[indices] = True
         return self._observation(replies), self._info(replies, reset)
-
-    def _check_reset_mask(self, mask: Any) -> list[int]:
-        """The sub-envs a ``reset_mask`` restarts; Gymnasium's errors for a mask of the wrong type or shape."""
-        if not isinstance(mask, np.ndarray):
-            raise TypeError(f"reset_mask must be a numpy array of {self.num_envs} bools, got {type(mask).__name__}")
-        if mask.shape != (self.num_envs,):
-            raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
-        if mask.dtype != np.bool_:
-            raise TypeError(f"reset_mask must have dtype bool, got {mask.dtype}")
-        if not mask.any():
-            raise ValueError("reset_mask must contain at least one True value (it restarts nothing)")
-        return [int(i) for i in np.flatnonzero(mask)]
 
     def step(self, actions: np.ndarray) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Executes one action chunk per sub-env (or autoresets the sub-envs whose episode ended last step).

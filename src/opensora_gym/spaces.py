@@ -10,6 +10,7 @@ controller convention).
 from __future__ import annotations
 
 import string
+from typing import Any
 
 import numpy as np
 from gymnasium import spaces
@@ -77,3 +78,20 @@ def policy_actions(controller: np.ndarray) -> np.ndarray:
         raise ValueError(f"actions must have shape [..., {ACTION_DIM}], got {actions.shape}")
     actions[..., -1] = (1.0 - actions[..., -1]) / 2.0
     return actions
+
+
+def reset_mask_indices(mask: Any, num_envs: int) -> list[int]:
+    """The sub-envs a vector env's ``reset(options={"reset_mask": mask})`` restarts.
+
+    Raises what Gymnasium's own vector envs raise: TypeError for a mask that is not a numpy bool array, ValueError
+    for a wrong shape or a mask that restarts nothing.
+    """
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"reset_mask must be a numpy array of {num_envs} bools, got {type(mask).__name__}")
+    if mask.shape != (num_envs,):
+        raise ValueError(f"reset_mask must have shape ({num_envs},), got {mask.shape}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"reset_mask must have dtype bool, got {mask.dtype}")
+    if not mask.any():
+        raise ValueError("reset_mask must choose at least one sub-env, got all False")
+    return np.flatnonzero(mask).tolist()
