@@ -73,3 +73,12 @@ def test_the_wheel_ships_the_presets(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for name in preset_names():
         assert f"trainers/configs/{name}.yaml" in names
+
+
+def test_train_without_config_runs_the_embedded_default():
+    from trainers.cli import build_parser
+
+    args = build_parser().parse_args(["train", "runner.max_steps=1"])
+    assert args.config == "tiny_cpu_grpo"
+    config = load_config(args.config, args.overrides)
+    assert config.env.train.tiny_checkpoint == "action_sensitive" and config.env.train.checkpoint is None
