@@ -16,7 +16,7 @@ the missing episodes, and the statistics (of all episodes) are written last.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -117,7 +117,7 @@ class CollectedEpisode:
     trial_id: int
     success: bool
     length: int
-    new: bool = field(default=True)
+    new: bool = True
 
 
 def _plan(config: CollectConfig, walk: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -183,8 +183,8 @@ def collect_episodes(config: CollectConfig, actor: Actor) -> list[CollectedEpiso
                 )
             else:
                 missing.append(episode)
-        bar = tqdm(total=len(plan), initial=len(plan) - len(missing), desc="collect", unit="episode")
-        bar.disable = not config.progress
+        done = len(plan) - len(missing)
+        bar = tqdm(total=len(plan), initial=done, desc="collect", unit="episode", disable=not config.progress)
         for start in range(0, len(missing), config.num_envs):
             for episode, played, executed in _play_wave(
                 env, actor, config, plan, missing[start : start + config.num_envs]
