@@ -62,6 +62,8 @@ __all__ = [
     "run_convert",
     "to_dataset_actions",
     "to_env_orientation",
+    "write_episode",
+    "write_statistics",
 ]
 
 Orientation = Literal["opengl", "opencv", "env"]
@@ -197,18 +199,39 @@ def _write_dataset(
         frames = [
             {"image": image, _ACTION_KEY: action, **shared} for image, action in zip(images, actions, strict=True)
         ]
-        # Hidden while incomplete: TrajectoryDataset's listing skips dot-files, and a rerun overwrites it.
-        partial = folder / f".{ref.name[: -len('.npy')]}.partial.npy"
-        save_trajectory(partial, frames)
-        os.replace(partial, path)
+        write_episode(path, frames)
         all_actions.append(actions)
     if not all_actions:
         raise ValueError(f"nothing to convert: the source holds no episodes (writing {output})")
-    statistics = ActionStatistics.from_actions(np.concatenate(all_actions))  # over [N, A]
+    write_statistics(output, ActionStatistics.from_actions(np.concatenate(all_actions)))  # over [N, A]
+    return output
+
+
+def write_episode(path: Path, frames: Sequence[dict[str, Any]]) -> Path:
+    """Writes one episode file so that a killed writer never leaves a partial episode under its name.
+
+    The frames go to a hidden temporary file next to ``path`` (TrajectoryDataset's listing skips dot-files, and a
+    rerun overwrites it), which is then renamed to ``path``.
+
+    Args:
+        path: the episode's ``.npy`` file.
+        frames: its per-frame dicts (see :func:`opensora_gym.data.save_trajectory`).
+
+    Returns:
+        ``path``.
+    """
+    partial = path.parent / f".{path.name[: -len('.npy')]}.partial.npy"
+    save_trajectory(partial, frames)
+    os.replace(partial, path)
+    return path
+
+
+def write_statistics(output: Path, statistics: ActionStatistics) -> Path:
+    """Writes ``output/dataset_statistics.json`` through a temporary file and a rename; returns its path."""
     partial = output / f".{STATISTICS_NAME}.partial"
     statistics.to_json(partial)
     os.replace(partial, output / STATISTICS_NAME)
-    return output
+    return output / STATISTICS_NAME
 
 
 # LIBERO's demonstration files.

@@ -361,11 +361,13 @@ class ActionStatistics:
         return path
 
     @classmethod
-    def from_actions(cls, actions: np.ndarray) -> ActionStatistics:
+    def from_actions(cls, actions: np.ndarray, flat_range: tuple[float, float] | None = None) -> ActionStatistics:
         """Computes the statistics of recorded actions.
 
         Args:
             actions: actions ``[N, A]``.
+            flat_range: ``(q01, q99)`` given to the dimensions whose q99 does not exceed their q01 (the data hardly
+                varies them, e.g. a scripted expert that never rotates); None: such dimensions raise ValueError.
 
         Returns:
             q01 and q99 (``np.quantile`` at 0.01 and 0.99, linear interpolation), mean, std (population),
@@ -374,9 +376,13 @@ class ActionStatistics:
         actions = np.asarray(actions, dtype=np.float64)
         if actions.ndim != 2 or len(actions) == 0:
             raise ValueError(f"actions must have shape [N, A] with N >= 1, got {actions.shape}")
+        q01, q99 = np.quantile(actions, 0.01, axis=0), np.quantile(actions, 0.99, axis=0)
+        if flat_range is not None:
+            flat = q99 <= q01
+            q01[flat], q99[flat] = flat_range
         return cls(
-            q01=np.quantile(actions, 0.01, axis=0),
-            q99=np.quantile(actions, 0.99, axis=0),
+            q01=q01,
+            q99=q99,
             mean=actions.mean(axis=0),
             std=actions.std(axis=0),
             min=actions.min(axis=0),

@@ -123,6 +123,10 @@ class LiberoConfig:
         return_frames: return every step's image and controller action of the chunk in ``info`` (what
             :class:`opensora_gym.wrappers.TrajectoryRecorder` writes). Only then does every step render; otherwise
             a chunk renders one image (per camera), the observation after its last step.
+        privileged_state: also return the simulator's poses of the task's objects of interest (LIBERO's
+            ``obj_of_interest`` of the BDDL file; LIBERO-Spatial: the bowl to move, then the plate) as
+            ``info["object_poses"]``, what a scripted expert reads. Not part of the observation: a policy must not see
+            it.
         worker_timeout_s: seconds to wait for a worker's reply before giving up with an error.
         start_method: how worker processes start (``multiprocessing`` start method). ``spawn`` starts clean
             interpreters (safe next to torch threads and GPU contexts) but re-imports the main script, which must
@@ -137,6 +141,7 @@ class LiberoConfig:
     max_episode_steps: int | None = None
     action_chunk: int = 8
     return_frames: bool = False
+    privileged_state: bool = False
     worker_timeout_s: float = 600.0
     start_method: str = "spawn"
 
@@ -402,7 +407,20 @@ class _Simulator:
         }
         if self.config.wrist_image:
             features["wrist_image"] = self._image("robot0_eye_in_hand")
+        if self.config.privileged_state:
+            features["object_poses"] = self._object_poses()
         return features
+
+    def _object_poses(self) -> dict[str, np.ndarray]:
+        """``{name: [7] float32}``: world position (m) and orientation quaternion (x, y, z, w) of each object of
+        interest, in the BDDL file's order."""
+        scene = self.env.env
+        poses = {}
+        for name in scene.obj_of_interest:
+            body = scene.obj_body_id[name]
+            quat_wxyz = scene.sim.data.body_xquat[body]
+            poses[name] = np.concatenate([scene.sim.data.body_xpos[body], np.roll(quat_wxyz, -1)]).astype(np.float32)
+        return poses
 
     def close(self) -> None:
         if self.env is not None:
@@ -473,7 +491,9 @@ class LiberoVectorEnv(VectorEnv):
 
     **Info** (arrays over sub-envs, each with a ``_key`` mask): always ``task_id``, ``trial_id``, ``walk_index``
     int64 and ``state`` ``[N, 8]`` float32 (end-effector position, rotation vector, two finger positions), plus
-    ``wrist_image`` ``[N, H, W, 3]`` uint8 with ``wrist_image=True``. After ``step()``, for the sub-envs that
+    ``wrist_image`` ``[N, H, W, 3]`` uint8 with ``wrist_image=True``, and with ``privileged_state=True``
+    ``object_poses``, a tuple of N dicts ``{object name: [7] float32}`` (world position in m, then the orientation
+    quaternion x, y, z, w) of the task's objects of interest. After ``step()``, for the sub-envs that
     stepped (the mask is false for those that reset on this step): ``success_once`` bool, ``episode_length`` int64
     (policy steps so far), ``episode_return`` float32, and with ``return_frames=True`` ``frames``
     ``[N, action_chunk, H, W, 3]`` uint8 (the image after each executed action), ``controller_actions``
@@ -803,6 +823,8 @@ class LiberoVectorEnv(VectorEnv):
         }
         if self.config.wrist_image:
             info["wrist_image"] = np.stack([reply["wrist_image"] for reply in replies])  # [N, H, W, 3]
+        if self.config.privileged_state:
+            info["object_poses"] = tuple(reply["object_poses"] for reply in replies)
         for key in list(info):
             info[f"_{key}"] = np.ones(self.num_envs, dtype=bool) if fresh is None else fresh.copy()
         return info

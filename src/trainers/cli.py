@@ -5,6 +5,7 @@ opensora-gym eval --config tiny_cpu_grpo runner.ckpt_path=runs/tiny_cpu_grpo/che
 opensora-gym audit --config tiny_cpu_grpo runner.ckpt_path=runs/tiny_cpu_grpo/checkpoints/global_step_20
 opensora-gym configs
 opensora-gym rollout --chunks 2
+opensora-gym collect --expert --output data/spatial_expert --task-ids 0 1 --trial-ids 0 1 2
 torchrun --nproc_per_node 2 -m trainers.cli train --config tiny_cpu_grpo actor.strategy=ddp
 """
 
@@ -21,6 +22,7 @@ import torch
 from opensora_gym import cli as world_model_cli
 from opensora_gym import convert
 from opensora_gym.training import cli as training_cli
+from trainers import collect
 from trainers.config import TrainConfig, config_to_dict, load_config, preset_names, resolve_config_path
 
 __all__ = ["build_parser", "main", "run_audit", "run_eval"]
@@ -83,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("rollout", help="imagine a few action chunks in the world model and write an mp4")
     )
     convert.add_convert_arguments(commands.add_parser("convert", help="LIBERO HDF5 or LeRobot data -> dataset folder"))
+    collect.add_collect_arguments(
+        commands.add_parser("collect", help="LIBERO episodes of the expert or a policy -> dataset folder")
+    )
     training_cli.add_commands(commands)
     return parser
 
@@ -190,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
             list_presets()
         elif args.command == "convert":
             convert.run_convert(args)
+        elif args.command == "collect":
+            collect.run_collect(args)
         elif args.command in training_cli.COMMANDS:
             training_cli.run(args)
         elif args.command == "train":

@@ -7,15 +7,18 @@ read by :class:`opensora_gym.data.TrajectoryDataset`) of T + 1 per-frame dicts:
 - ``delta_action``: ``[7]`` float32, the controller action executed from this frame (LIBERO's convention, gripper
   -1 = open, +1 = close; see :func:`opensora_gym.libero.controller_actions`); the final frame has no action and
   holds zeros;
-- ``task`` (the instruction), ``task_id``, ``trial_id``, ``init_ee_pose`` (``[8]`` float32, the proprio state at
-  frame 0: end-effector position, rotation vector, finger positions) and ``success`` (whether the episode
-  reached LIBERO's success), the same in every frame.
+- ``success``: LIBERO's success check at this frame, true from the first success frame on. The env ends an
+  episode at its first success, so only the final frame of a successful episode is true (the per-frame label
+  the reward model is trained on; the episode's outcome is the final frame's flag);
+- ``task`` (the instruction), ``task_id``, ``trial_id`` and ``init_ee_pose`` (``[8]`` float32, the proprio state
+  at frame 0: end-effector position, rotation vector, finger positions), the same in every frame.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,48 @@ from gymnasium.vector import VectorEnv, VectorWrapper
 from opensora_gym.data import ActionStatistics, TrajectoryDataset, save_trajectory
 
 _ACTION_KEY = "delta_action"
+
+
+def episode_frames(
+    images: Sequence[np.ndarray],
+    actions: Sequence[np.ndarray],
+    task: str,
+    task_id: int,
+    trial_id: int,
+    init_ee_pose: np.ndarray,
+    success: bool,
+) -> list[dict[str, Any]]:
+    """The per-frame dicts of one recorded episode (the layout in the module docstring).
+
+    Args:
+        images: the T + 1 observations ``[H, W, 3]`` uint8, from the one after reset to the final one.
+        actions: the T controller actions ``[7]`` executed between them.
+        task: the instruction.
+        task_id: LIBERO's task index.
+        trial_id: LIBERO's initial-state index.
+        init_ee_pose: ``[8]`` proprio state at frame 0.
+        success: whether the episode ended by LIBERO's success check (at its final frame).
+
+    Returns:
+        T + 1 frame dicts.
+    """
+    if len(images) != len(actions) + 1:
+        raise ValueError(f"an episode of {len(actions)} actions needs {len(actions) + 1} images, got {len(images)}")
+    if len(actions) == 0:
+        raise ValueError("an episode needs at least one executed action, got none")
+    actions = [np.asarray(action, dtype=np.float32) for action in actions]
+    actions.append(np.zeros_like(actions[0]))  # the final frame: no action was taken from it
+    shared = {
+        "task": task,
+        "task_id": int(task_id),
+        "trial_id": int(trial_id),
+        "init_ee_pose": np.asarray(init_ee_pose, dtype=np.float32),
+    }
+    last = len(actions) - 1
+    return [
+        {"image": image, _ACTION_KEY: action, "success": success and t == last, **shared}
+        for t, (image, action) in enumerate(zip(images, actions, strict=True))
+    ]
 
 
 class TrajectoryRecorder(VectorWrapper):
@@ -98,19 +143,15 @@ class TrajectoryRecorder(VectorWrapper):
         }
 
     def _save(self, episode: dict[str, Any], success: bool) -> None:
-        actions = [np.asarray(action, dtype=np.float32) for action in episode["actions"]]
-        actions.append(np.zeros_like(actions[0]))  # the final frame: no action was taken from it
-        shared = {
-            "task": episode["task"],
-            "task_id": episode["task_id"],
-            "trial_id": episode["trial_id"],
-            "init_ee_pose": episode["init_ee_pose"],
-            "success": success,
-        }
-        frames = [
-            {"image": image, _ACTION_KEY: action, **shared}
-            for image, action in zip(episode["images"], actions, strict=True)
-        ]
+        frames = episode_frames(
+            episode["images"],
+            episode["actions"],
+            episode["task"],
+            episode["task_id"],
+            episode["trial_id"],
+            episode["init_ee_pose"],
+            success,
+        )
         name = f"traj{self._next_index:06d}_task{episode['task_id']:02d}_trial{episode['trial_id']:02d}.npy"
         path = self.folder / name
         if path.exists():

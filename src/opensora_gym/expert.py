@@ -1,0 +1,231 @@
+"""A scripted expert for LIBERO-Spatial: a waypoint controller that reads the bowl's and the plate's poses.
+
+Every LIBERO-Spatial task is "pick up the black bowl ... and place it on the plate"; the task's BDDL file names the
+bowl and the plate as its objects of interest, in that order, and the LIBERO env returns their poses with
+``privileged_state=True`` (``info["object_poses"]``). The expert moves the end effector through fixed waypoints,
+with the gripper pointing down as at reset (no rotation):
+
+1. ``approach``: above the bowl, offset sideways so that the fingers close on its wall;
+2. ``descend``: to the grasp point, a little above the bowl's base;
+3. ``grasp``: close the gripper and hold still while it closes;
+4. ``lift``: straight up to a safe height;
+5. ``carry``: above the plate at that height (the same offset, so the bowl's centre lands on the plate's);
+6. ``lower``: down to the release height above the plate;
+7. ``release``: open the gripper and hold still.
+
+Each step commands the end-effector displacement ``clip(gain * (waypoint - position), -1, 1)`` (LIBERO's controller
+moves about 1.25 cm per step at full command); a phase ends when the end effector is within ``tolerance`` of its
+waypoint, or after ``max_phase_steps`` steps (a bowl that blocks the fingers must not stall the episode).
+
+Two knobs make failures on purpose, for datasets with a chosen success rate: Gaussian noise on the six arm
+commands, and with ``mistake_probability`` per episode one mistake: an early release while lifting or carrying,
+or a wrong place waypoint (the plate's position shifted sideways), both drawn from the episode's own generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from opensora_gym.spaces import ACTION_DIM
+
+__all__ = ["PHASES", "ScriptedSpatialExpert", "SpatialExpert", "SpatialExpertConfig", "waypoint"]
+
+PHASES = ("approach", "descend", "grasp", "lift", "carry", "lower", "release")
+# Phases that end when the waypoint is reached; the others end by step count (grasp) or never (release).
+_MOVING = ("approach", "descend", "lift", "carry", "lower")
+# Policy gripper convention (vla_policies, spaces.controller_actions): 1 = open, 0 = close.
+_OPEN, _CLOSE = 1.0, 0.0
+_UP, _HORIZONTAL = np.array([0.0, 0.0, 1.0]), np.array([1.0, 1.0, 0.0])
+
+
+@dataclass(frozen=True)
+class SpatialExpertConfig:
+    """Settings of the LIBERO-Spatial expert (lengths in metres, in the simulator's world frame).
+
+    Attributes:
+        grasp_offset: the end effector's position at the grasp relative to the bowl's base (its body position):
+            4.5 cm along +y puts the fingers on the bowl's wall, 1.2 cm up just above its bottom.
+        approach_height: height of the approach waypoint above the grasp point.
+        lift_z: world height the bowl is lifted to and carried at (the table top is at about 0.9).
+        release_height: height of the end effector above the plate's base when the gripper opens.
+        gain: command per metre of error, before clipping to [-1, 1].
+        tolerance: distance to a waypoint that ends a moving phase.
+        grasp_steps: steps the gripper is given to close.
+        max_phase_steps: steps after which a moving phase ends even if its waypoint is not reached.
+        action_noise_std: standard deviation of Gaussian noise added to the six arm commands (then clipped).
+        mistake_probability: probability that an episode makes one mistake (early release or wrong place
+            waypoint, equally likely).
+        wrong_place_distance: (min, max) sideways shift of the place waypoint of a wrong-waypoint mistake.
+    """
+
+    grasp_offset: tuple[float, float, float] = (0.0, 0.045, 0.012)
+    approach_height: float = 0.10
+    lift_z: float = 1.15
+    release_height: float = 0.10
+    gain: float = 30.0
+    tolerance: float = 0.01
+    grasp_steps: int = 15
+    max_phase_steps: int = 60
+    action_noise_std: float = 0.0
+    mistake_probability: float = 0.0
+    wrong_place_distance: tuple[float, float] = (0.12, 0.2)
+
+    def __post_init__(self) -> None:
+        if len(self.grasp_offset) != 3:
+            raise ValueError(f"grasp_offset must be 3 numbers (x, y, z), got {self.grasp_offset!r}")
+        for name in ("approach_height", "release_height", "gain", "tolerance"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("grasp_steps", "max_phase_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not self.action_noise_std >= 0:
+            raise ValueError(f"action_noise_std must be >= 0, got {self.action_noise_std!r}")
+        if not 0.0 <= self.mistake_probability <= 1.0:
+            raise ValueError(f"mistake_probability must lie in [0, 1], got {self.mistake_probability!r}")
+        low, high = self.wrong_place_distance
+        if not 0 < low <= high:
+            raise ValueError(f"wrong_place_distance must be (min, max) with 0 < min <= max, got {(low, high)}")
+
+
+def waypoint(phase: str, bowl: np.ndarray, plate: np.ndarray, config: SpatialExpertConfig) -> tuple[np.ndarray, bool]:
+    """The end-effector target of a phase and whether the gripper is open in it.
+
+    Args:
+        phase: one of ``PHASES``.
+        bowl: the bowl's world position ``[3]`` (read before the grasp; afterwards the bowl moves with the hand).
+        plate: the place position ``[3]`` (the plate's, or a wrong one).
+        config: the expert's settings.
+
+    Returns:
+        ``(target [3] float64, gripper_open)``; for ``grasp`` and ``release`` the target is the grasp point and
+        the release point, where the hand holds still.
+    """
+    offset = np.asarray(config.grasp_offset, dtype=np.float64)
+    grasp = np.asarray(bowl, dtype=np.float64) + offset
+    place = np.asarray(plate, dtype=np.float64) + offset * _HORIZONTAL
+    targets = {
+        "approach": (grasp + config.approach_height * _UP, True),
+        "descend": (grasp, True),
+        "grasp": (grasp, False),
+        "lift": (np.array([grasp[0], grasp[1], config.lift_z]), False),
+        "carry": (np.array([place[0], place[1], config.lift_z]), False),
+        "lower": (place + config.release_height * _UP, False),
+        "release": (place + config.release_height * _UP, True),
+    }
+    if phase not in targets:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    return targets[phase]
+
+
+class SpatialExpert:
+    """The expert of one episode: it keeps its phase and its random mistake.
+
+    Args:
+        config: the expert's settings.
+        generator: the episode's random generator (noise and mistake).
+    """
+
+    def __init__(self, config: SpatialExpertConfig, generator: np.random.Generator) -> None:
+        self.config = config
+        self.generator = generator
+        self.phase = "approach"
+        self.phase_steps = 0
+        self.bowl: np.ndarray | None = None
+        self.place_shift = np.zeros(3)
+        # Steps after the grasp at which an early-release mistake opens the gripper; None: no early release.
+        self.release_after: int | None = None
+        self.steps_since_grasp = 0
+        if generator.random() < config.mistake_probability:
+            if generator.random() < 0.5:
+                self.release_after = int(generator.integers(3, 25))
+            else:
+                angle = generator.uniform(0.0, 2.0 * math.pi)
+                distance = generator.uniform(*config.wrong_place_distance)
+                self.place_shift = np.array([math.cos(angle), math.sin(angle), 0.0]) * distance
+
+    def act(self, position: np.ndarray, bowl: np.ndarray, plate: np.ndarray) -> np.ndarray:
+        """One action from the end effector's and the objects' positions.
+
+        Args:
+            position: the end effector's world position ``[3]``.
+            bowl: the bowl's world position ``[3]``.
+            plate: the plate's world position ``[3]``.
+
+        Returns:
+            ``[7]`` float32 action in policy units: six arm commands in [-1, 1], gripper 1 = open, 0 = close.
+        """
+        position = np.asarray(position, dtype=np.float64)
+        if self.bowl is None or self.phase in ("approach", "descend"):
+            self.bowl = np.asarray(bowl, dtype=np.float64)  # the bowl moves with the hand once grasped
+        target, gripper_open = waypoint(self.phase, self.bowl, np.asarray(plate) + self.place_shift, self.config)
+        arm = np.zeros(6)
+        arm[:3] = np.clip(self.config.gain * (target - position), -1.0, 1.0)
+        if self.config.action_noise_std > 0:
+            arm = np.clip(arm + self.generator.normal(0.0, self.config.action_noise_std, size=6), -1.0, 1.0)
+        self._advance(float(np.linalg.norm(target - position)))
+        return np.array([*arm, _OPEN if gripper_open else _CLOSE], dtype=np.float32)
+
+    def _advance(self, distance: float) -> None:
+        """Counts the step and moves to the next phase when this one is done."""
+        config = self.config
+        self.phase_steps += 1
+        if self.phase in ("lift", "carry", "lower"):
+            self.steps_since_grasp += 1
+            if self.release_after is not None and self.steps_since_grasp >= self.release_after:
+                self._enter("release")
+                return
+        if self.phase in _MOVING:
+            done = distance < config.tolerance or self.phase_steps >= config.max_phase_steps
+        else:
+            done = self.phase == "grasp" and self.phase_steps >= config.grasp_steps
+        if done:
+            self._enter(PHASES[PHASES.index(self.phase) + 1])
+
+    def _enter(self, phase: str) -> None:
+        self.phase = phase
+        self.phase_steps = 0
+
+
+class ScriptedSpatialExpert:
+    """The expert for a LIBERO vector env: one :class:`SpatialExpert` per sub-env, one action per step.
+
+    The env must run with ``privileged_state=True`` and ``action_chunk=1`` (the expert closes the loop every step).
+
+    Args:
+        config: the expert's settings.
+        num_envs: sub-envs of the env.
+    """
+
+    action_chunk = 1
+
+    def __init__(self, config: SpatialExpertConfig, num_envs: int) -> None:
+        self.config = config
+        self.experts: list[SpatialExpert | None] = [None] * num_envs
+
+    def begin(self, index: int, seed: Any) -> None:
+        """Starts the expert of sub-env ``index`` on a new episode with the generator ``default_rng(seed)``."""
+        self.experts[index] = SpatialExpert(self.config, np.random.default_rng(seed))
+
+    def act(self, observation: dict[str, Any], info: dict[str, Any]) -> np.ndarray:
+        """Actions ``[N, 1, 7]`` float32 (policy units) from ``info["state"]`` and ``info["object_poses"]``."""
+        if "object_poses" not in info:
+            raise ValueError(
+                "the scripted expert needs info['object_poses']: make the LIBERO env with privileged_state=True"
+            )
+        actions = np.zeros((len(self.experts), 1, ACTION_DIM), dtype=np.float32)
+        for index, expert in enumerate(self.experts):
+            if expert is None:
+                continue
+            poses = list(info["object_poses"][index].values())
+            if len(poses) != 2:
+                raise ValueError(
+                    "the LIBERO-Spatial expert needs two objects of interest (the bowl, then the plate), got "
+                    f"{list(info['object_poses'][index])}"
+                )
+            actions[index, 0] = expert.act(info["state"][index, :3], poses[0][:3], poses[1][:3])
+        return actions
