@@ -146,15 +146,24 @@ class _SourceEpisode:
         images: ``[T, H, W, 3]`` uint8 in the source's orientation.
         actions: ``[T, A]`` in the source's gripper convention.
         task: the language instruction.
-        success: whether the episode succeeded, or None when the source does not say.
+        success: ``[T]`` bool per frame, true from the first frame whose step reached success (LIBERO's ``dones``
+            or ``rewards``, LeRobot's ``next.success``), or None when the source does not say.
         init_ee_pose: ``[8]`` float32 proprio state at frame 0, or None.
     """
 
     images: np.ndarray
     actions: np.ndarray
     task: str
-    success: bool | None = None
+    success: np.ndarray | None = None
     init_ee_pose: np.ndarray | None = None
+
+
+def _success_from(reached: np.ndarray, num_frames: int) -> np.ndarray:
+    """``[T]`` per-frame success: true from the first frame whose step reached success on (a source's flags
+    ``[T]``); frame t's step leads to frame t + 1, so the flag sits one control step before the success is seen."""
+    if reached.shape != (num_frames,):
+        raise ValueError(f"success flags must have one entry per frame ({num_frames}), got shape {reached.shape}")
+    return np.logical_or.accumulate(reached)
 
 
 @dataclass(frozen=True)
@@ -192,13 +201,14 @@ def _write_dataset(
         actions = to_dataset_actions(episode.actions, gripper)  # [T, A]
         images = resize_images(to_env_orientation(episode.images, ref.orientation), image_size)  # [T, H, W, 3]
         shared: dict[str, Any] = {"task": episode.task}
-        if episode.success is not None:
-            shared["success"] = episode.success
         if episode.init_ee_pose is not None:
             shared["init_ee_pose"] = episode.init_ee_pose
         frames = [
             {"image": image, _ACTION_KEY: action, **shared} for image, action in zip(images, actions, strict=True)
         ]
+        if episode.success is not None:  # per frame, as the collector writes it
+            for frame, success in zip(frames, episode.success, strict=True):
+                frame["success"] = bool(success)
         write_episode(path, frames)
         all_actions.append(actions)
     if not all_actions:
@@ -331,7 +341,7 @@ def _libero_episode(file: Path, demo_key: str, camera: str) -> _SourceEpisode:
                 "expected one image per action"
             )
         # LIBERO marks the last step of every (successful) demonstration done, with reward 1.
-        ends = [demo[key][()][-1] for key in ("dones", "rewards") if key in demo and len(demo[key])]
+        ends = [np.asarray(demo[key][()]) > 0 for key in ("dones", "rewards") if key in demo and len(demo[key])]
         init_ee_pose = None
         if "obs/ee_states" in demo and "obs/gripper_states" in demo:
             # End-effector position and axis-angle, then finger positions: the recorder's init_ee_pose.
@@ -340,7 +350,7 @@ def _libero_episode(file: Path, demo_key: str, camera: str) -> _SourceEpisode:
             images=images,
             actions=actions,
             task=_libero_task(file, data),
-            success=bool(any(ends)) if ends else None,
+            success=_success_from(np.logical_or.reduce(ends), len(actions)) if ends else None,
             init_ee_pose=init_ee_pose,
         )
 
@@ -388,8 +398,8 @@ def convert_libero_hdf5(
 ) -> Path:
     """Converts LIBERO demonstration files into ``output/dataset/traj*.npy`` and ``output/dataset_statistics.json``.
 
-    Demo ``demo_<i>`` of ``<stem>.hdf5`` becomes ``traj_<stem>_demo<iiii>.npy``; its success is the last frame's
-    ``dones``/``rewards`` (LIBERO keeps only successful demonstrations).
+    Demo ``demo_<i>`` of ``<stem>.hdf5`` becomes ``traj_<stem>_demo<iiii>.npy``; its per-frame success comes from
+    ``dones``/``rewards`` (LIBERO keeps only successful demonstrations: their last frame is the success).
 
     Args:
         paths: ``.hdf5`` files, or folders of them (one file per task, e.g. a whole suite).
@@ -565,7 +575,9 @@ class _LeRobotDataset:
             images=images,
             actions=_lerobot_actions(path, rows),
             task=self.tasks[task_index],
-            success=bool(rows[success_column][-1]) if success_column else None,
+            success=_success_from(np.asarray(rows[success_column], dtype=bool), len(rows["action"]))
+            if success_column
+            else None,
         )
 
     def _decode_image(self, path: Path, cell: Any) -> np.ndarray:
@@ -626,8 +638,8 @@ def convert_lerobot(
 ) -> Path:
     """Converts a LeRobot dataset folder into ``output/dataset/traj*.npy`` and ``output/dataset_statistics.json``.
 
-    Episode ``e`` becomes ``traj{e:06d}.npy``; its task is its first frame's ``task_index``; ``success`` is the last
-    frame's ``next.success`` when the dataset has that feature. Frames of a video feature are decoded with ffmpeg
+    Episode ``e`` becomes ``traj{e:06d}.npy``; its task is its first frame's ``task_index``; ``success`` is per
+    frame, from ``next.success`` when the dataset has that feature. Frames of a video feature are decoded with ffmpeg
     (imageio-ffmpeg) at ``round((from_timestamp + timestamp) * fps)``.
 
     Args:
