@@ -3,6 +3,7 @@ optimizer steps, and the embodied aggregation (or the token-mean option), checke
 tiny OpenVLA-OFT with a recorded batch where most rows are masked."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -110,3 +111,19 @@ def test_rows_must_fill_whole_global_batches(tiny_oft):
     updater = PolicyUpdater(copy.deepcopy(tiny_oft), AlgorithmConfig(), actor, RolloutConfig(), MAX_STEPS)
     with pytest.raises(ValueError, match=r"12 chunk steps on this rank, which must be a positive multiple of .* = 8"):
         updater.update(data)
+
+
+def test_a_global_batch_without_valid_rows_still_steps_the_optimizer(tiny_oft):
+    policy = copy.deepcopy(tiny_oft)
+    data = dataclasses.replace(recorded_batch(policy), mask=torch.zeros(ROWS, 8, dtype=torch.bool))
+    actor = ActorConfig(micro_batch_size=MICRO, global_batch_size=GLOBAL)
+    updater = PolicyUpdater(policy, AlgorithmConfig(loss_aggregation="embodied"), actor, RolloutConfig(), MAX_STEPS)
+    steps = []
+    updater.optimizer.register_step_pre_hook(lambda *_: steps.append(1))
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    metrics = updater.update(data)
+    # As RLinf: a zero gradient, but the optimizer steps on schedule (here AdamW's weight decay moves the weights).
+    assert len(steps) == ROWS // GLOBAL and metrics["actor/grad_norm"] == 0.0
+    decay = 1 - actor.optim.lr * actor.optim.weight_decay
+    weight = "model.language_model.model.embed_tokens.weight"
+    torch.testing.assert_close(dict(policy.named_parameters())[weight].detach(), before[weight] * decay ** len(steps))

@@ -15,7 +15,8 @@ The loss of a micro-batch is aggregated as `algorithm.loss_aggregation` says:
 
 Rows whose every entry is masked (after the first episode, or in filtered GRPO groups) add exactly zero to
 every loss term: they count in the `embodied` denominators but are never run through the policy. A micro-batch
-without a valid row is skipped; the logged metrics average the micro-batches that ran.
+without a valid row is skipped; a global batch without one still steps the optimizer with zero gradients, as
+RLinf's does. The logged loss metrics average the micro-batches that ran.
 
 Under `torchrun` (a `ParallelPolicy` over several ranks) every rank shuffles its own rows and takes
 `global_batch_size / ranks` of them per optimizer step; the gradients are averaged over the ranks.
@@ -227,9 +228,9 @@ class PolicyUpdater:
         self.policy.train()
         for _ in range(self.algorithm.update_epoch):
             for index, step in enumerate(steps):
-                passes = max(plan[index][0] for plan in plans)
-                if passes == 0:
-                    continue  # every row of this global batch, on every rank, is masked: nothing to fit
+                # A global batch without a valid row still steps the optimizer (zero gradients: Adam's momentum and
+                # the weight decay move the weights), as RLinf's does; it takes one zero-weighted pass.
+                passes = max(1, *(plan[index][0] for plan in plans))
                 valid_entries = sum(plan[index][1] for plan in plans)
                 self._optimizer_step(data, step, passes, valid_entries, metrics, context)
         self.optimizer.zero_grad(set_to_none=True)
@@ -248,15 +249,17 @@ class PolicyUpdater:
         lockstep = self.parallel is not None and self.parallel.lockstep
         micro_size = self.actor.micro_batch_size
         accumulation = len(step)  # micro-batches of a global batch on each rank
-        runs = [rows for rows in step if len(rows)]
+        runs: list[torch.Tensor | None] = [rows for rows in step if len(rows)]
         if lockstep:
             runs += [None] * (passes - len(runs))
+        elif not runs:
+            runs = [None]
         self.optimizer.zero_grad(set_to_none=True)
         failure: tuple[str, dict[str, float]] | None = None
         last_metrics: dict[str, float] = {}
         for rows in runs:
             if rows is None or failure is not None:
-                # FSDP's collectives need this pass on every rank; its gradient is zero.
+                # FSDP's collectives need this pass on every rank (or the batch has no valid row); its gradient is 0.
                 (self._micro_batch_loss(data, torch.arange(min(micro_size, len(data))))[0] * 0.0).backward()
                 continue
             loss, last_metrics, stats = self._micro_batch_loss(data, rows)
