@@ -203,3 +203,28 @@ def test_reward_training_separates_two_classes(tmp_path):
     assert report.false_success_rate <= 0.05 and report.missed_success_rate <= 0.05
     assert isinstance(ResNetRewardModel.from_pretrained(path), ResNetRewardModel)
     assert json.loads((tmp_path / "rm" / "reward_report.json").read_text())["frames"] == 24
+
+
+def test_statistics_come_from_beside_the_dataset_else_from_its_actions(recorded, tmp_path):
+    from opensora_gym.data import load_trajectory
+    from opensora_gym.training.world_model import _statistics
+
+    def statistics_of(dataset):
+        config = tiny_config(recorded, tmp_path / "run", dataset=dataset)
+        vae = VideoVAE.from_pretrained(recorded / "vae")
+        latents = encode_latents(TrajectoryDataset(dataset), vae, 32, tmp_path / f"{dataset.parent.name}.safetensors")
+        return _statistics(config, LatentClips.load(latents))
+
+    # What `collect` and `convert` write beside the dataset folder is used as it is.
+    np.testing.assert_array_equal(statistics_of(recorded / "dataset").q01, ActionStatistics.from_json(recorded).q01)
+    # A dataset alone, whose actions never vary dimension 3 (a scripted expert that never rotates).
+    alone = tmp_path / "alone" / "dataset"
+    alone.mkdir(parents=True)
+    for path in sorted((recorded / "dataset").glob("traj*.npy")):
+        frames = load_trajectory(path)
+        for frame in frames:
+            frame["delta_action"] = np.asarray(frame["delta_action"], dtype=np.float32).copy()
+            frame["delta_action"][3] = 0.0
+        save_trajectory(alone / path.name, frames)
+    statistics = statistics_of(alone)
+    assert (statistics.q01[3], statistics.q99[3]) == (-1.0, 1.0)  # the controller's range

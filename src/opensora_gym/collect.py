@@ -27,13 +27,13 @@ from opensora_gym.checkpoint import DATASET_FOLDER
 from opensora_gym.convert import write_episode, write_statistics
 from opensora_gym.data import ActionStatistics, load_trajectory
 from opensora_gym.libero import SUITES, LiberoConfig, LiberoVectorEnv
+from opensora_gym.spaces import CONTROLLER_RANGE
 from opensora_gym.wrappers.trajectory_recorder import episode_frames
 
-__all__ = ["CONTROLLER_RANGE", "Actor", "CollectConfig", "CollectedEpisode", "collect_episodes"]
+__all__ = ["Actor", "CollectConfig", "CollectedEpisode", "collect_episodes"]
 
 # q01/q99 of an action dimension the episodes never vary (the expert never rotates; a short run may never close the
 # gripper): the controller's whole range, so that normalization stays defined.
-CONTROLLER_RANGE = (-1.0, 1.0)
 
 
 class Actor(Protocol):

@@ -19,6 +19,8 @@ from gymnasium import spaces
 ACTION_DIM = 7
 # Actions per chunk of OpenVLA-OFT and of the released world models (one env step, 8 predicted frames).
 ACTION_CHUNK = 8
+# LIBERO's controller takes every action number in [-1, 1]: the statistics of a dimension the data never varies.
+CONTROLLER_RANGE = (-1.0, 1.0)
 
 # Task instructions are plain printable text (LIBERO's language goals).
 TASK_CHARSET = string.printable

@@ -41,6 +41,7 @@ from opensora_gym.models.vae import CONFIG_NAME as VAE_CONFIG_NAME
 from opensora_gym.models.vae import WEIGHTS_NAME as VAE_WEIGHTS_NAME
 from opensora_gym.models.vae import VideoVAE
 from opensora_gym.rectified_flow import RectifiedFlowConfig, RectifiedFlowSampler
+from opensora_gym.spaces import CONTROLLER_RANGE
 from opensora_gym.training.clips import LatentClips, encode_latents
 from opensora_gym.training.rectified_flow import rectified_flow_loss, sample_timesteps
 
@@ -62,8 +63,8 @@ class WorldModelTrainingConfig:
         init_checkpoint: a folder in the released layout to fine-tune (its STDiT3; by default also its VAE,
             action statistics and reward model).
         vae: a diffusers AutoencoderKL folder (`<checkpoint>/vae` or the output of `train-vae`).
-        statistics: `dataset_statistics.json` to normalize actions with; default: the init checkpoint's, else
-            q01/q99 of the dataset's actions.
+        statistics: `dataset_statistics.json` to normalize actions with; default: the init checkpoint's, else the
+            one beside the dataset folder (as `collect` and `convert` write it), else q01/q99 of its actions.
         reward_model: `resnet_rm.pth` (or a folder with it) to put in the exported folder.
         image_size: side of the square frames the model works at (frames are resized to it).
         action_key: the per-frame key of the action in the episodes.
@@ -302,11 +303,11 @@ def check_finite(module: torch.nn.Module, what: str) -> None:
 
 def dataset_statistics(clips: LatentClips) -> ActionStatistics:
     """q01/q99 (and mean, std, min, max) of the recorded actions, leaving out each episode's last frame, which
-    has no action in the recorder's layout."""
+    has no action in the recorder's layout; a dimension the data never varies gets the controller's range."""
     last_frames = clips.offsets[1:] - 1
     keep = torch.ones(len(clips.actions), dtype=torch.bool)
     keep[last_frames] = False
-    return ActionStatistics.from_actions(clips.actions[keep].numpy())
+    return ActionStatistics.from_actions(clips.actions[keep].numpy(), flat_range=CONTROLLER_RANGE)
 
 
 def save_training_checkpoint(folder: Path, state: TrainingState) -> Path:
@@ -409,6 +410,9 @@ def _statistics(config: WorldModelTrainingConfig, clips: LatentClips) -> ActionS
         return ActionStatistics.from_json(config.statistics)
     if config.init_checkpoint is not None:
         return ActionStatistics.from_json(CheckpointLayout(config.init_checkpoint).statistics)
+    beside = Path(config.dataset).parent / STATISTICS_NAME  # what `collect` and `convert` write next to `dataset/`
+    if beside.is_file():
+        return ActionStatistics.from_json(beside)
     return dataset_statistics(clips)
 
 
