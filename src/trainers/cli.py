@@ -1,4 +1,4 @@
-"""`opensora-gym` command line: `train` and `eval` a policy from a YAML config, `rollout` imagines a few chunks.
+"""`opensora-gym` command line: train and evaluate policies, audit world models, record, convert and train them.
 
 opensora-gym train --config tiny_cpu_grpo runner.max_steps=20
 opensora-gym eval --config tiny_cpu_grpo runner.ckpt_path=runs/tiny_cpu_grpo/checkpoints/global_step_20
@@ -6,6 +6,8 @@ opensora-gym audit --config tiny_cpu_grpo runner.ckpt_path=runs/tiny_cpu_grpo/ch
 opensora-gym configs
 opensora-gym rollout --chunks 2
 opensora-gym collect --expert --output data/spatial_expert --task-ids 0 1 --trial-ids 0 1 2
+opensora-gym convert lerobot datasets/libero_lerobot --output data/libero_lerobot
+opensora-gym train-world-model --dataset data/spatial_expert/dataset --vae runs/vae/vae --out runs/wm
 torchrun --nproc_per_node 2 -m trainers.cli train --config tiny_cpu_grpo actor.strategy=ddp
 """
 
