@@ -81,8 +81,13 @@ def _png(image: np.ndarray) -> dict:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def write_lerobot(root: Path, *, video: bool, version: str = "v2.1", num_episodes: int = 2) -> list:
-    """LeRobot's layout (v2.1: a file per episode; v3.0: all episodes in one file); returns (images, actions)s."""
+def write_lerobot(
+    root: Path, *, video: bool, version: str = "v2.1", num_episodes: int = 2, success: bool = False
+) -> list:
+    """LeRobot's layout (v2.1: a file per episode; v3.0: all episodes in one file); returns (images, actions)s.
+
+    With `success`, a `next.success` feature: episode 0 reaches success on the step from its second-to-last frame
+    (and stays there), the others never do."""
     camera = "observation.images.image"
     features = {
         camera: {"dtype": "video" if video else "image", "shape": [SIZE, SIZE, 3], "names": ["height", "width", "rgb"]},
@@ -95,6 +100,8 @@ def write_lerobot(root: Path, *, video: bool, version: str = "v2.1", num_episode
         "index": {"dtype": "int64", "shape": [1], "names": None},
         "task_index": {"dtype": "int64", "shape": [1], "names": None},
     }
+    if success:
+        features["next.success"] = {"dtype": "bool", "shape": [1], "names": None}
     v2 = version.startswith("v2")
     info = {
         "codebase_version": version,
@@ -129,6 +136,8 @@ def write_lerobot(root: Path, *, video: bool, version: str = "v2.1", num_episode
             "index": episode * LENGTH + np.arange(LENGTH),
             "task_index": np.full(LENGTH, episode % 2),
         }
+        if success:
+            columns["next.success"] = (np.arange(LENGTH) >= LENGTH - 2) & (episode == 0)
         if not video:
             columns[camera] = [_png(image) for image in images]
         tables.append(pa.table(columns))
@@ -449,3 +458,12 @@ def test_converted_folder_is_a_world_model_dataset(tmp_path, checkpoint, world_m
     # The env passes the start frame through its resize to image_size: equal up to rounding.
     np.testing.assert_allclose(observation["image"][0], start, atol=1)
     assert observation["task"][0] == task
+
+
+@pytest.mark.parametrize("version", ["v2.1", "v3.0"])
+def test_lerobot_success_is_per_frame(tmp_path, version):
+    write_lerobot(tmp_path / "src", video=False, version=version, success=True)
+    convert_lerobot(tmp_path / "src", tmp_path / "out", progress=False)
+    dataset = _episodes(tmp_path / "out")
+    flags = [[frame["success"] for frame in load_trajectory(path)] for path in dataset.paths]
+    assert flags == [[False] * (LENGTH - 2) + [True, True], [False] * LENGTH]
