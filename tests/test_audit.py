@@ -211,7 +211,7 @@ def test_training_audits_every_interval_and_logs_audit_numbers(tmp_path, monkeyp
     overrides = [
         f"runner.log_path={tmp_path}", "runner.progress_bar=false", "env.train.tiny_checkpoint=random",
         "env.train.total_num_envs=4", "env.train.max_episode_steps=8", "env.train.video_cfg.save_video=false",
-        "algorithm.group_size=2", "actor.model.channels=[8]", "actor.model.hidden_size=32",
+        "env.train.group_size=2", "actor.model.channels=[8]", "actor.model.hidden_size=32",
         "actor.micro_batch_size=4", "actor.global_batch_size=4", "runner.max_steps=2", "runner.val_check_interval=-1",
         "runner.save_interval=-1", "audit.interval=2",
     ]  # fmt: skip

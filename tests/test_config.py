@@ -13,10 +13,10 @@ def test_published_recipe_values():
     for suite in ("spatial", "object"):
         config = load_config(PRESETS_DIR / f"opensora_libero_{suite}_grpo_openvlaoft.yaml")
         train, algorithm, optim = config.env.train, config.algorithm, config.actor.optim
-        assert (train.total_num_envs, algorithm.group_size, train.max_episode_steps) == (64, 8, 256)
+        assert (train.total_num_envs, train.group_size, train.max_episode_steps) == (64, 8, 256)
         assert (train.num_sampling_steps, train.rollout_epoch, train.suite) == (10, 16, suite)
         assert (optim.lr, optim.value_lr, optim.weight_decay, optim.clip_grad) == (2e-5, 3e-3, 0.01, 1.0)
-        assert config.rollout.temperature_train == 1.6 and algorithm.reward_coef == 5.0
+        assert config.rollout.temperature_train == 1.6 and train.reward_coef == 5.0
         assert algorithm.filter_rewards and (algorithm.rewards_lower_bound, algorithm.rewards_upper_bound) == (0.5, 4.5)
         # RLinf's embodied actor passes no dual clip for OpenVLA-OFT and aggregates with masked_mean_ratio.
         assert (algorithm.clip_ratio_low, algorithm.clip_ratio_high, algorithm.clip_ratio_c) == (0.2, 0.28, None)
@@ -34,14 +34,14 @@ def test_overrides_set_nested_values_with_yaml_types():
     config = load_config(
         PRESETS_DIR / "tiny_cpu_grpo.yaml",
         [
-            "algorithm.group_size=4",
+            "env.train.group_size=4",
             "actor.optim.lr=1e-2",
             "runner.logger_backends=[tensorboard, wandb]",
             "env.train.checkpoint=null",
             "actor.model.channels=[8, 16]",
         ],
     )
-    assert config.algorithm.group_size == 4
+    assert config.env.train.group_size == 4
     assert config.actor.optim.lr == 0.01
     assert config.runner.logger_backends == ("tensorboard", "wandb")
     assert config.env.train.checkpoint is None
@@ -51,16 +51,16 @@ def test_overrides_set_nested_values_with_yaml_types():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["algorithm.grup_size=4"], "unknown config key 'grup_size'.*allowed keys: \\['adv_type', 'group_size'"),
-        (["algorithm.group_size=four"], "algorithm.group_size must be an integer, got 'four'"),
+        (["algorithm.grup_size=4"], "unknown config key 'grup_size'.*allowed keys: \\['adv_type', 'normalize_adv"),
+        (["env.train.group_size=four"], "env.train.group_size must be an integer, got 'four'"),
         (["algorithm.adv_type=ppo"], "algorithm.adv_type must be one of \\['grpo', 'gae'\\], got 'ppo'"),
         (["algorithm.normalize_advantages=3"], "algorithm.normalize_advantages must be true or false"),
         (["runner.logger_backends=[tensorboard, mlflow]"], "runner.logger_backends must be a list of"),
-        (["algorithm.group_size=3"], "total_num_envs \\(32\\) must be a multiple of algorithm.group_size \\(3\\)"),
+        (["env.train.group_size=3"], "total_num_envs \\(32\\) must be a multiple of env.train.group_size \\(3\\)"),
         (["algorithm.clip_ratio_c=0.5"], "clip_ratio_c must be > 1"),
         (["algorithm.adv_type=gae"], "needs a critic: set actor.model.add_value_head true"),
         (["actor.micro_batch_size=5"], "global_batch_size \\(32\\) must be a multiple of actor.micro_batch_size"),
-        (["algorithm.group_size.x=1"], "algorithm.group_size is a value, not a section"),
+        (["env.train.group_size.x=1"], "env.train.group_size is a value, not a section"),
         (["algorithm"], "an override must look like key.path=value"),
     ],
 )
@@ -102,7 +102,7 @@ def test_yaml_errors_are_one_line_config_errors(tmp_path, text, message):
 @pytest.mark.parametrize(
     "override",
     [
-        "actor.optim.lr=nan", "actor.optim.lr=inf", "actor.optim.clip_grad=nan", "algorithm.reward_coef=nan",
+        "actor.optim.lr=nan", "actor.optim.lr=inf", "actor.optim.clip_grad=nan", "env.train.reward_coef=nan",
         "env.train.success_threshold=1.5", "env.train.success_threshold=nan", "algorithm.gamma=-inf",
         "env.train.total_num_envs=100000", "runner.experiment_name=../escape", "runner.experiment_name=a/b",
     ],

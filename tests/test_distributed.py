@@ -32,7 +32,7 @@ def tiny_overrides(log_path, *extra):
         "runner.save_interval=1",
         "runner.val_check_interval=-1",
         f"env.train.total_num_envs={NUM_ENVS}",
-        f"algorithm.group_size={GROUP_SIZE}",
+        f"env.train.group_size={GROUP_SIZE}",
         "env.train.max_episode_steps=8",
         "env.train.video_cfg.save_video=true",
         "env.train.video_cfg.num_envs=1",
@@ -204,7 +204,7 @@ def update_worker(rank: int, port: int, log_path: Path, out: Path) -> None:
     batch, policy = rollout_of_all_envs(config)
     share = NUM_ENVS // WORLD_SIZE
     batch = trajectories(batch, rank * share, (rank + 1) * share)
-    targets = compute_targets(batch, config.algorithm)
+    targets = compute_targets(batch, config.algorithm, config.env.train.group_size)
     data = flatten_for_update(batch, targets, with_critic=False)
     results = {s: updated_gradients_and_weights(config, policy, data, s, context) for s in ("ddp", "fsdp")}
     advantages = torch.randn(3, share, 1, generator=torch.Generator().manual_seed(rank))
@@ -220,7 +220,7 @@ def test_two_ranks_of_half_the_envs_update_like_one_process_of_all(tmp_path):
     config = update_config(tmp_path)
     resolve_world_model(config)
     batch, policy = rollout_of_all_envs(config)
-    targets = compute_targets(batch, config.algorithm)
+    targets = compute_targets(batch, config.algorithm, config.env.train.group_size)
     data = flatten_for_update(batch, targets, with_critic=False)
     assert len(data) == NUM_ENVS  # every trajectory's single chunk step is fitted
     moments, weights, metrics = updated_gradients_and_weights(config, policy, data, "none", DistributedContext())

@@ -62,8 +62,8 @@ def test_grpo_scores_filter_and_advantages_by_hand():
     dones = [[[0, 0]] * 4, [[0, 1], [0, 0], [0, 0], [0, 0]], [[0, 0], [0, 1], [0, 1], [0, 1]]]
     batch = batch_of(rewards, dones)
     assert grpo_scores(batch).tolist() == [5.0, 0.0, 5.0, 5.0]
-    algorithm = AlgorithmConfig(group_size=2, filter_rewards=True, rewards_lower_bound=0.5, rewards_upper_bound=4.5)
-    targets = compute_targets(batch, algorithm)
+    algorithm = AlgorithmConfig(filter_rewards=True, rewards_lower_bound=0.5, rewards_upper_bound=4.5)
+    targets = compute_targets(batch, algorithm, group_size=2)
     adv = 2.5 / (math.sqrt(12.5) + 1e-6)  # (5 - 2.5) / (unbiased std of (5, 0) + 1e-6)
     assert targets.loss_mask.shape == (2, 4, 2) and targets.returns is None
     assert targets.loss_mask[:, 2:].sum() == 0  # the all-success group is dropped
@@ -71,7 +71,7 @@ def test_grpo_scores_filter_and_advantages_by_hand():
     torch.testing.assert_close(targets.advantages[:, 0], torch.tensor([[adv, adv], [0.0, 0.0]]))
     torch.testing.assert_close(targets.advantages[:, 1], torch.full((2, 2), -adv))
     assert targets.advantages[:, 2:].abs().sum() == 0
-    unfiltered = compute_targets(batch, AlgorithmConfig(group_size=2))
+    unfiltered = compute_targets(batch, AlgorithmConfig(), group_size=2)
     assert unfiltered.loss_mask[:, 2:].any() and unfiltered.advantages[:, 2:].abs().sum() == 0
 
 
@@ -79,15 +79,15 @@ def test_gae_chunk_level_by_hand():
     # One trajectory, 2 chunks of 2 actions; chunk rewards 1 and 2, values 0.5, 1, 3; gamma 0.5, lambda 1.
     batch = batch_of([[[0.5, 0.5]], [[2.0, 0.0]]], [[[0, 0]], [[0, 0]], [[0, 0]]], values=[[[0.5]], [[1.0]], [[3.0]]])
     algorithm = AlgorithmConfig(
-        adv_type="gae", group_size=1, reward_type="chunk_level", gamma=0.5, gae_lambda=1.0, normalize_advantages=False
+        adv_type="gae", reward_type="chunk_level", gamma=0.5, gae_lambda=1.0, normalize_advantages=False
     )
-    targets = compute_targets(batch, algorithm)
+    targets = compute_targets(batch, algorithm, group_size=1)
     # delta_1 = 2 + 0.5 * 3 - 1 = 2.5; A_0 = (1 + 0.5 * 1 - 0.5) + 0.5 * 2.5 = 2.25
     torch.testing.assert_close(targets.advantages[:, 0, 0], torch.tensor([2.25, 2.5]))
     torch.testing.assert_close(targets.returns[:, 0, 0], torch.tensor([2.75, 3.5]))
     # A done after chunk 0 stops the bootstrap: A_0 = 1 - 0.5, and chunk 1 is masked.
     ended = batch_of([[[0.5, 0.5]], [[2.0, 0.0]]], [[[0, 0]], [[0, 1]], [[0, 0]]], values=[[[0.5]], [[1.0]], [[3.0]]])
-    targets = compute_targets(ended, algorithm)
+    targets = compute_targets(ended, algorithm, group_size=1)
     assert targets.advantages[0, 0, 0].item() == pytest.approx(0.5)
     assert targets.loss_mask[:, 0, 0].tolist() == [True, False] and targets.advantages[1, 0, 0] == 0
 
@@ -97,8 +97,8 @@ def test_gae_action_level_runs_over_actions():
     # A_0 = r_0 + v01 - v00 + A_1.
     values = [[[1.0, 2.0]], [[4.0, 8.0]]]
     batch = batch_of([[[3.0, 5.0]]], [[[0, 0]], [[0, 0]]], values=values)
-    algorithm = AlgorithmConfig(adv_type="gae", group_size=1, gamma=1.0, gae_lambda=1.0, normalize_advantages=False)
-    targets = compute_targets(batch, algorithm)
+    algorithm = AlgorithmConfig(adv_type="gae", gamma=1.0, gae_lambda=1.0, normalize_advantages=False)
+    targets = compute_targets(batch, algorithm, group_size=1)
     a1 = 5.0 + 4.0 - 2.0
     a0 = 3.0 + 2.0 - 1.0 + a1
     torch.testing.assert_close(targets.advantages[0, 0], torch.tensor([a0, a1]))
@@ -106,7 +106,7 @@ def test_gae_action_level_runs_over_actions():
         torch.tensor([[3.0], [5.0]]), torch.tensor([[1.0], [2.0], [4.0]]), torch.zeros(3, 1, dtype=torch.bool), 1.0, 1.0
     )
     torch.testing.assert_close(targets.advantages[0, 0], reference[:, 0])
-    normalized = compute_targets(batch, AlgorithmConfig(adv_type="gae", group_size=1))
+    normalized = compute_targets(batch, AlgorithmConfig(adv_type="gae"), group_size=1)
     assert normalized.advantages.mean().abs() < 1e-5
 
 

@@ -33,7 +33,7 @@ def small_config(tmp_path, algorithm="ppo", *extra):
             "env.train.total_num_envs=4",
             "env.train.max_episode_steps=16",
             "env.train.video_cfg.save_video=false",
-            "algorithm.group_size=2",
+            "env.train.group_size=2",
             "actor.model.channels=[8]",
             "actor.model.hidden_size=32",
             "actor.micro_batch_size=4",
@@ -150,7 +150,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
 def test_cli_trains_and_rejects_bad_keys(tmp_path, capsys):
     overrides = [
         f"runner.log_path={tmp_path}", "runner.experiment_name=cli", "runner.max_steps=1", "runner.progress_bar=false",
-        "env.train.tiny_checkpoint=random", "env.train.total_num_envs=2", "algorithm.group_size=2",
+        "env.train.tiny_checkpoint=random", "env.train.total_num_envs=2", "env.train.group_size=2",
         "env.train.video_cfg.save_video=false", "actor.model.channels=[8]", "actor.model.hidden_size=32",
         "actor.micro_batch_size=2", "actor.global_batch_size=2",
     ]  # fmt: skip

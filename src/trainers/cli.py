@@ -36,7 +36,7 @@ KNOWN_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
 MAIN_KEYS = (
     "runner.experiment_name", "runner.log_path", "runner.max_steps", "runner.device", "runner.resume_dir",
     "runner.ckpt_path", "env.train.checkpoint", "env.train.total_num_envs", "env.train.max_episode_steps",
-    "env.eval.env_type", "algorithm.adv_type", "algorithm.group_size", "actor.model.model_type",
+    "env.eval.env_type", "algorithm.adv_type", "env.train.group_size", "actor.model.model_type",
     "actor.model.model_path", "actor.optim.lr", "actor.global_batch_size", "actor.micro_batch_size",
 )  # fmt: skip
 

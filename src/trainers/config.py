@@ -5,8 +5,8 @@ so a published recipe reads the same here; each section is a dataclass validated
 fills these dataclasses: an unknown key or a value of the wrong type is an error that names the key and what it
 accepts.
 
-    >>> config = load_config("tiny_cpu_grpo", ["algorithm.group_size=4", "runner.max_steps=3"])
-    >>> config.algorithm.group_size
+    >>> config = load_config("tiny_cpu_grpo", ["env.train.group_size=4", "runner.max_steps=3"])
+    >>> config.env.train.group_size
     4
 """
 
@@ -106,6 +106,8 @@ class TrainEnvConfig:
             `action_sensitive` (success iff an action's first normalized number exceeds 0.8, so a policy can
             learn it: `make_action_sensitive_checkpoint`, trained at `image_size`).
         total_num_envs: sub-envs stepped together.
+        group_size: consecutive sub-envs that start from the same episode (GRPO's groups); divides total_num_envs.
+        reward_coef: scale of the env's (relative) frame rewards.
         rollout_epoch: env resets (passes) per training step; their trajectories form one batch.
         max_episode_steps: actions per episode before truncation (a multiple of the action chunk).
         num_sampling_steps: rectified-flow steps per chunk.
@@ -129,6 +131,8 @@ class TrainEnvConfig:
     checkpoint: str | None = None
     tiny_checkpoint: Literal["random", "action_sensitive"] | None = None
     total_num_envs: int = 64
+    group_size: int = 8
+    reward_coef: float = 1.0
     rollout_epoch: int = 16
     max_episode_steps: int = 256
     num_sampling_steps: int = 10
@@ -153,8 +157,15 @@ class TrainEnvConfig:
             max_episode_steps=self.max_episode_steps,
             num_sampling_steps=self.num_sampling_steps,
             image_size=self.image_size,
+            group_size=self.group_size,
+            reward_coef=self.reward_coef,
         )
         _unit_interval("env.train", success_threshold=self.success_threshold)
+        if self.total_num_envs % self.group_size:
+            raise ConfigError(
+                f"env.train.total_num_envs ({self.total_num_envs}) must be a multiple of env.train.group_size "
+                f"({self.group_size}): every group of sub-envs shares a start"
+            )
         if self.total_num_envs > MAX_NUM_ENVS:
             raise ConfigError(f"env.train.total_num_envs must be at most {MAX_NUM_ENVS}, got {self.total_num_envs}")
         if self.uncertainty_policy != "report" and (self.uncertainty == "off" or self.uncertainty_threshold is None):
@@ -223,7 +234,6 @@ class AlgorithmConfig:
 
     Attributes:
         adv_type: `grpo` (group-relative score of each trajectory) or `gae` (PPO with the value head as critic).
-        group_size: consecutive sub-envs that share a start; GRPO's group.
         normalize_advantages: whiten the advantages over the valid entries of the batch.
         reward_type: `action_level` (one reward, value and advantage per action) or `chunk_level` (per chunk).
         kl_beta: weight of the KL penalty to the initial policy (0 disables it and the reference copy).
@@ -232,7 +242,6 @@ class AlgorithmConfig:
         clip_ratio_c: dual-clip constant (> 1), or None.
         value_clip: clip range of the value update; huber_delta: Huber threshold of the value loss.
         gamma, gae_lambda: GAE's discount and smoothing.
-        reward_coef: scale of the env's frame rewards.
         filter_rewards: drop GRPO groups whose mean score is outside [rewards_lower_bound, rewards_upper_bound].
         update_epoch: passes over the batch per training step.
         loss_aggregation: `embodied` (RLinf's embodied actor: each trajectory weighted by `max_episode_steps` over
@@ -242,7 +251,6 @@ class AlgorithmConfig:
     """
 
     adv_type: Literal["grpo", "gae"] = "grpo"
-    group_size: int = 8
     normalize_advantages: bool = True
     reward_type: Literal["action_level", "chunk_level"] = "action_level"
     kl_beta: float = 0.0
@@ -254,7 +262,6 @@ class AlgorithmConfig:
     huber_delta: float = 10.0
     gamma: float = 0.99
     gae_lambda: float = 0.95
-    reward_coef: float = 1.0
     filter_rewards: bool = False
     rewards_lower_bound: float = 0.5
     rewards_upper_bound: float = 4.5
@@ -262,16 +269,9 @@ class AlgorithmConfig:
     loss_aggregation: Literal["embodied", "token_mean"] = "embodied"
 
     def __post_init__(self) -> None:
-        _positive("algorithm", group_size=self.group_size, update_epoch=self.update_epoch)
-        _positive("algorithm", value_clip=self.value_clip, huber_delta=self.huber_delta, reward_coef=self.reward_coef)
+        _positive("algorithm", update_epoch=self.update_epoch)
+        _positive("algorithm", value_clip=self.value_clip, huber_delta=self.huber_delta)
         _unit_interval("algorithm", gamma=self.gamma, gae_lambda=self.gae_lambda)
-        if self.adv_type == "grpo" and self.group_size < 2:
-            raise ConfigError(
-                f"algorithm.group_size must be at least 2 for adv_type 'grpo' (the group std needs two samples), "
-                f"got {self.group_size}"
-            )
-        if self.filter_rewards and self.group_size < 2:
-            raise ConfigError("algorithm.filter_rewards needs algorithm.group_size >= 2 (it filters groups)")
         if self.rewards_lower_bound > self.rewards_upper_bound:
             raise ConfigError(
                 f"algorithm.rewards_lower_bound ({self.rewards_lower_bound}) must not exceed rewards_upper_bound "
@@ -523,11 +523,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         train, algorithm = self.env.train, self.algorithm
-        if train.total_num_envs % algorithm.group_size:
+        if algorithm.adv_type == "grpo" and train.group_size < 2:
             raise ConfigError(
-                f"env.train.total_num_envs ({train.total_num_envs}) must be a multiple of algorithm.group_size "
-                f"({algorithm.group_size}): every group of sub-envs shares a start"
+                f"env.train.group_size must be at least 2 for algorithm.adv_type 'grpo' (the group std needs two "
+                f"samples), got {train.group_size}"
             )
+        if algorithm.filter_rewards and train.group_size < 2:
+            raise ConfigError("algorithm.filter_rewards needs env.train.group_size >= 2 (it filters groups)")
         if algorithm.adv_type == "gae" and not self.actor.model.add_value_head:
             raise ConfigError("algorithm.adv_type 'gae' needs a critic: set actor.model.add_value_head true")
         if algorithm.adv_type == "gae" and algorithm.reward_type != self.actor.model.value_type:

@@ -12,7 +12,7 @@ the CPU. `NCCL_NVLS_ENABLE=0` is set (unless already set) before NCCL starts: NV
 
 What each rank does:
 
-- Env: rank r steps `env.train.total_num_envs / world_size` sub-envs (a multiple of `algorithm.group_size`, so a
+- Env: rank r steps `env.train.total_num_envs / world_size` sub-envs (a multiple of `env.train.group_size`, so a
   GRPO group never spans ranks) and resets them with `seed + r * local_num_envs`, so sub-env generators get the
   seeds of the single-process run's sub-envs. The start trajectories are drawn per rank from that seed, so they
   are not the single-process run's draws.

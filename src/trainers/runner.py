@@ -119,8 +119,8 @@ def resolve_world_model(config: TrainConfig) -> str | None:
 
 
 def build_world_model_env(config: TrainConfig, num_envs: int | None = None, **overrides: Any) -> OpenSoraLiberoEnv:
-    """The training env of `config` (`env.train` with the algorithm's `group_size` and `reward_coef`)."""
-    train, algorithm = config.env.train, config.algorithm
+    """The training env of `config` (`env.train`)."""
+    train = config.env.train
     settings = {
         "checkpoint": resolve_world_model(config),
         "suite": train.suite,
@@ -130,9 +130,9 @@ def build_world_model_env(config: TrainConfig, num_envs: int | None = None, **ov
         "image_size": train.image_size,
         "max_episode_steps": train.max_episode_steps,
         "use_rel_reward": train.use_rel_reward,
-        "reward_coef": algorithm.reward_coef,
+        "reward_coef": train.reward_coef,
         "success_threshold": train.success_threshold,
-        "group_size": algorithm.group_size,
+        "group_size": train.group_size,
         "compile": train.compile,
         "uncertainty": train.uncertainty,
         "uncertainty_draws": train.uncertainty_draws,
@@ -532,10 +532,10 @@ class Trainer:
 
     def _targets(self, batch: RolloutBatch) -> Targets:
         """`compute_targets`, with PPO's advantage whitening over every rank's valid entries."""
-        algorithm = self.config.algorithm
+        algorithm, group_size = self.config.algorithm, self.config.env.train.group_size
         if not (self.context.is_distributed and algorithm.adv_type == "gae" and algorithm.normalize_advantages):
-            return compute_targets(batch, algorithm)
-        targets = compute_targets(batch, dataclasses.replace(algorithm, normalize_advantages=False))
+            return compute_targets(batch, algorithm, group_size)
+        targets = compute_targets(batch, dataclasses.replace(algorithm, normalize_advantages=False), group_size)
         advantages = normalize_advantages_global(targets.advantages, targets.loss_mask, self.context)
         return dataclasses.replace(targets, advantages=torch.where(targets.loss_mask, advantages, 0.0))
 
@@ -761,11 +761,11 @@ def _join_job(config: TrainConfig) -> DistributedContext:
 
 def _local_num_envs(config: TrainConfig, world_size: int) -> int:
     """Sub-envs of each rank: an equal share of `env.train.total_num_envs`, whole GRPO groups."""
-    total, group_size = config.env.train.total_num_envs, config.algorithm.group_size
+    total, group_size = config.env.train.total_num_envs, config.env.train.group_size
     if total % world_size or (total // world_size) % group_size:
         raise ConfigError(
             f"env.train.total_num_envs ({total}) must split into {world_size} equal shares (one per rank), each a "
-            f"multiple of algorithm.group_size ({group_size}) so no group spans ranks: use a multiple of "
+            f"multiple of env.train.group_size ({group_size}) so no group spans ranks: use a multiple of "
             f"{world_size * group_size}"
         )
     return total // world_size

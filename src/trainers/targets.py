@@ -50,11 +50,11 @@ def _per_reward(tensor: torch.Tensor, reward_type: str, reduce: str) -> torch.Te
     return tensor.any(dim=-1, keepdim=True)
 
 
-def compute_targets(batch: RolloutBatch, algorithm: AlgorithmConfig) -> Targets:
+def compute_targets(batch: RolloutBatch, algorithm: AlgorithmConfig, group_size: int) -> Targets:
     """Advantages, returns and the final loss mask of a batch.
 
     Args:
-        batch: B trajectories, groups of `algorithm.group_size` consecutive ones sharing a start.
+        batch: B trajectories, groups of `group_size` consecutive ones sharing a start.
         algorithm: `adv_type`, `reward_type`, the GRPO filter, GAE's `gamma` / `gae_lambda` and
             `normalize_advantages` (GAE only: GRPO advantages are already standardized within each group).
 
@@ -66,10 +66,10 @@ def compute_targets(batch: RolloutBatch, algorithm: AlgorithmConfig) -> Targets:
         scores = grpo_scores(batch)  # [B]
         if algorithm.filter_rewards:
             keep = grpo_group_filter(
-                scores, algorithm.group_size, algorithm.rewards_lower_bound, algorithm.rewards_upper_bound
+                scores, group_size, algorithm.rewards_lower_bound, algorithm.rewards_upper_bound
             )  # [B]
             mask = mask & keep[None, :, None]
-        advantages = compute_grpo_advantages(scores, algorithm.group_size)  # [B]
+        advantages = compute_grpo_advantages(scores, group_size)  # [B]
         advantages = torch.where(mask, advantages[None, :, None], 0.0)  # [T, B, R]
         return Targets(advantages=advantages, returns=None, loss_mask=mask, scores=scores)
 
