@@ -20,7 +20,7 @@ import torch
 from opensora_gym.checkpoint import DATASET_FOLDER, STATISTICS_NAME
 from opensora_gym.collect import CollectConfig, CollectedEpisode, collect_episodes
 from opensora_gym.expert import ScriptedSpatialExpert, SpatialExpertConfig
-from trainers.evaluate import wilson_interval
+from opensora_gym.intervals import wilson_interval
 
 __all__ = ["PolicyActor", "add_collect_arguments", "load_policy_folder", "run_collect", "summary"]
 
