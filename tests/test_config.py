@@ -62,6 +62,9 @@ def test_overrides_set_nested_values_with_yaml_types():
         (["actor.micro_batch_size=5"], "global_batch_size \\(32\\) must be a multiple of actor.micro_batch_size"),
         (["env.train.group_size.x=1"], "env.train.group_size is a value, not a section"),
         (["algorithm"], "an override must look like key.path=value"),
+        (["env.eval.image_size=128"], "env.eval.image_size sets the LIBERO render size: set env_type: libero"),
+        (["env.eval.env_type=libero", "env.eval.image_size=0"], "env.eval.image_size must be"),
+        (["actor.model.pooling=max"], "actor.model.pooling must be one of"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(overrides, message):

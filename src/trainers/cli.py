@@ -24,7 +24,7 @@ import torch
 from opensora_gym import cli as world_model_cli
 from opensora_gym import convert
 from opensora_gym.training import cli as training_cli
-from trainers import collect
+from trainers import behavior_cloning, collect
 from trainers.config import TrainConfig, config_to_dict, load_config, preset_names, resolve_config_path
 
 __all__ = ["build_parser", "main", "run_audit", "run_eval"]
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("collect", help="LIBERO episodes of the expert or a policy -> dataset folder")
     )
     training_cli.add_commands(commands)
+    behavior_cloning.add_command(commands)
     return parser
 
 
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
             collect.run_collect(args)
         elif args.command in training_cli.COMMANDS:
             training_cli.run(args)
+        elif args.command == "train-policy":
+            behavior_cloning.run(args)
         elif args.command == "train":
             from trainers.runner import train
 

@@ -188,6 +188,9 @@ class EvalEnvConfig:
         task_ids: LIBERO only: evaluate only these tasks (None: all).
         trial_ids: LIBERO only: evaluate only these initial states of each task (None: all 50).
         max_episode_steps: actions per episode; None: the training env's (world model) or the protocol's (LIBERO).
+        image_size: LIBERO only: the side the simulator renders at; None: `env.train.image_size`. Render at the
+            side the training frames were recorded at when the policy resizes them (e.g. 128 px recordings shrunk
+            to 64 px: the policy then shrinks the 128 px render the same way).
         protocol: LIBERO only: `rlinf` (RLinf's evaluation: 15 settling zero actions, 512 steps) or `openvla_oft`
             (10 settling steps with the gripper open, per-suite limits 220/280/300/520/400); see
             `opensora_gym.libero.LIBERO_PROTOCOLS`.
@@ -203,6 +206,7 @@ class EvalEnvConfig:
     task_ids: tuple[int, ...] | None = None
     trial_ids: tuple[int, ...] | None = None
     max_episode_steps: int | None = None
+    image_size: int | None = None
     protocol: Literal["rlinf", "openvla_oft"] = "rlinf"
     do_sample: bool = False
     seed: int = 0
@@ -218,6 +222,10 @@ class EvalEnvConfig:
             _positive("env.eval", num_episodes=self.num_episodes)
         if self.max_episode_steps is not None:
             _positive("env.eval", max_episode_steps=self.max_episode_steps)
+        if self.image_size is not None:
+            if self.env_type != "libero":
+                raise ConfigError("env.eval.image_size sets the LIBERO render size: set env_type: libero")
+            _positive("env.eval", image_size=self.image_size)
 
 
 @dataclass
@@ -326,7 +334,8 @@ class ModelConfig:
             `predict_action` does; false is RLinf's RL model (`openvla_oft`).
         is_lora, lora_rank: train LoRA adapters of this rank instead of the full network (`openvla_oft`).
         gradient_checkpointing: recompute activations in the backward pass (`openvla_oft`).
-        image_size, channels, hidden_size, task_embed_dim, n_bins: the architecture of `small`.
+        image_size, channels, hidden_size, task_embed_dim, n_bins, pooling: the architecture of `small`
+            (`pooling`: `mean` or `spatial_softmax`, see `SmallPolicyConfig`).
     """
 
     model_type: Literal["small", "openvla_oft"] = "small"
@@ -344,6 +353,7 @@ class ModelConfig:
     hidden_size: int = 128
     task_embed_dim: int = 32
     n_bins: int = 256
+    pooling: Literal["mean", "spatial_softmax"] = "mean"
 
     def __post_init__(self) -> None:
         _positive("actor.model", lora_rank=self.lora_rank, image_size=self.image_size, hidden_size=self.hidden_size)
@@ -490,6 +500,7 @@ class AuditConfig:
     trial_ids: tuple[int, ...] | None = (0,)
     num_starts: int | None = None
     max_episode_steps: int | None = None
+    image_size: int | None = None
     protocol: Literal["rlinf", "openvla_oft"] = "rlinf"
     total_num_envs: int | None = None
     divergence_psnr: float = 20.0

@@ -174,12 +174,12 @@ def build_eval_env(
     else:
         from opensora_gym.libero import LiberoConfig, LiberoVectorEnv
 
-        # Rendered at the size the policy sees in the world model (`env.train.image_size`).
+        # Rendered at `env.eval.image_size`, else at the size the policy sees in the world model.
         libero_config = LiberoConfig.from_protocol(
             eval_cfg.protocol,
             eval_cfg.max_episode_steps,
             suite=eval_cfg.suite or "libero_spatial",
-            image_size=config.env.train.image_size,
+            image_size=eval_cfg.image_size or config.env.train.image_size,
         )
         env = LiberoVectorEnv(libero_config, num_envs=eval_cfg.total_num_envs)
         statistics = None
@@ -206,6 +206,7 @@ def _small_policy_config(model: ModelConfig, statistics: ActionStatistics | None
         task_embed_dim=model.task_embed_dim,
         hidden_size=model.hidden_size,
         n_bins=model.n_bins,
+        pooling=model.pooling,
         add_value_head=model.add_value_head,
         value_type=model.value_type,
         action_stats=stats,

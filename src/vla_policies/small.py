@@ -28,6 +28,7 @@ __all__ = ["SmallCNNPolicy", "SmallPolicyConfig"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+POOLINGS = ("mean", "spatial_softmax")
 
 
 @dataclass
@@ -43,6 +44,9 @@ class SmallPolicyConfig:
         action_dim: Numbers per action.
         n_bins: Tokens per number.
         add_value_head: Whether to build a value head.
+        pooling: How the image features become a vector: "mean" (average over positions) or "spatial_softmax"
+            (per channel the average and the expected x and y under a softmax over positions: what is seen and
+            where, which a manipulation policy needs).
         value_type: "chunk_level" (one value per chunk) or "action_level" (one per action).
         action_stats: BOUNDS_Q99 statistics (``q01``, ``q99``, optional ``mask``); None keeps actions in [-1, 1].
     """
@@ -55,6 +59,7 @@ class SmallPolicyConfig:
     action_dim: int = 7
     n_bins: int = 256
     add_value_head: bool = True
+    pooling: str = "mean"
     value_type: str = "chunk_level"
     action_stats: dict[str, Any] | None = field(default=None)
 
@@ -72,6 +77,8 @@ class SmallPolicyConfig:
             raise ValueError(f"sizes must be positive, got {bad or {'channels': self.channels}}")
         if self.n_bins < 2:
             raise ValueError(f"n_bins must be at least 2, got {self.n_bins}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.value_type not in ("chunk_level", "action_level"):
             raise ValueError(f'value_type must be "chunk_level" or "action_level", got {self.value_type!r}')
 
@@ -98,8 +105,9 @@ class SmallCNNPolicy(Policy):
                 width = channels
             self.encoder = nn.Sequential(*layers)
             self.task_embedding = nn.Embedding(256, config.task_embed_dim)
+            features = width if config.pooling == "mean" else 3 * width
             self.trunk = nn.Sequential(
-                nn.Linear(width + config.task_embed_dim, config.hidden_size),
+                nn.Linear(features + config.task_embed_dim, config.hidden_size),
                 nn.ReLU(),
                 nn.Linear(config.hidden_size, config.hidden_size),
                 nn.ReLU(),
@@ -140,12 +148,25 @@ class SmallCNNPolicy(Policy):
         embedded = self.task_embedding(ids) * mask[..., None]  # [N, L, E]
         return embedded.sum(1) / mask.sum(1, keepdim=True)  # [N, E]
 
+    def _pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """[N, C, h, w] -> [N, C] averages, then for "spatial_softmax" [N, 3C]: also expected x and y in [-1, 1]."""
+        average = feature_map.mean(dim=(2, 3))
+        if self.config.pooling == "mean":
+            return average
+        n, c, h, w = feature_map.shape
+        attention = feature_map.flatten(2).softmax(dim=-1).view(n, c, h, w)
+        ys = torch.linspace(-1.0, 1.0, h, device=feature_map.device, dtype=feature_map.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=feature_map.device, dtype=feature_map.dtype)
+        expected_x = (attention.sum(dim=2) * xs).sum(dim=-1)  # [N, C]
+        expected_y = (attention.sum(dim=3) * ys).sum(dim=-1)  # [N, C]
+        return torch.cat([average, expected_x, expected_y], dim=1)
+
     def _forward(self, obs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         images, tasks = check_observation(obs)
         pixels = rearrange(images.to(self.device), "n h w c -> n c h w").float() / 255.0
         size = self.config.image_size
         pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        features = self.encoder(pixels * 2.0 - 1.0).mean(dim=(2, 3))  # [N, C]
+        features = self._pool(self.encoder(pixels * 2.0 - 1.0))  # [N, C] or [N, 3C]
         hidden = self.trunk(torch.cat([features, self._encode_tasks(tasks)], dim=1))  # [N, H]
         logits = self.action_head(hidden)
         logits = rearrange(logits, "n (t k) -> n t k", k=self.config.n_bins)  # [N, T, n_bins]

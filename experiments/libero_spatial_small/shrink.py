@@ -1,0 +1,46 @@
+"""Merges recorded dataset folders into one at a smaller image side, for training and for the GPU transfer.
+
+python experiments/libero_spatial_small/shrink.py --size 64 --out data/spatial64 data/expert_a data/expert_b
+
+Episodes are renumbered in the order given (``traj{n:06d}`` keeps the rest of each name); every per-frame key is
+kept, the image is resized with the policy's antialiased bilinear rule. ``dataset_statistics.json`` is recomputed
+from all actions (dimensions the data never varies get [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from opensora_gym.data import ActionStatistics, TrajectoryDataset, load_trajectory, save_trajectory
+from trainers.behavior_cloning import resize_images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folders", nargs="+", help="collect output folders (with dataset/) or dataset folders")
+    parser.add_argument("--out", required=True, help="output folder: dataset/ and dataset_statistics.json")
+    parser.add_argument("--size", type=int, default=64, help="image side")
+    args = parser.parse_args()
+    out = Path(args.out) / "dataset"
+    out.mkdir(parents=True, exist_ok=False)
+    actions, count = [], 0
+    for folder in map(Path, args.folders):
+        folder = folder / "dataset" if (folder / "dataset").is_dir() else folder
+        for path in TrajectoryDataset(folder).paths:
+            frames = load_trajectory(path)
+            images = resize_images(np.stack([frame["image"] for frame in frames]), args.size).numpy()
+            for frame, image in zip(frames, images, strict=True):
+                frame["image"] = image
+            actions.append(np.stack([frame["delta_action"] for frame in frames]))
+            suffix = path.stem.split("_", 1)[1] if "_" in path.stem else ""
+            save_trajectory(out / f"traj{count:06d}_{suffix}.npy", frames)
+            count += 1
+    ActionStatistics.from_actions(np.concatenate(actions), flat_range=(-1.0, 1.0)).to_json(out.parent)
+    print(f"{count} episodes, {sum(len(a) for a in actions)} frames -> {out}")
+
+
+if __name__ == "__main__":
+    main()
