@@ -180,3 +180,24 @@ def test_sb3_check_env_passes_on_the_image_observation_of_the_single_env(checkpo
         env_kwargs={"checkpoint": checkpoint, **FAST, "image_size": 40},
     )
     assert venv.reset().shape == (1, 40, 40, 3)
+
+
+def test_make_vec_env_takes_the_limit_in_actions_and_needs_the_image_observation(checkpoint):
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import opensora_gym  # noqa: F401  (registers the ids)
+    from opensora_gym.wrappers.sb3 import ImageObservation
+
+    # success_threshold 2: a 0/1 frame reward never reaches it, so episodes end only by the time limit.
+    env_kwargs = {"checkpoint": checkpoint, **FAST, "image_size": 40, "max_episode_steps": 16, "success_threshold": 2}
+    # SB3 cannot batch the task text: without the wrapper its DummyVecEnv fails on the Text space (README says so).
+    with pytest.raises(TypeError, match="'NoneType' object is not iterable"):
+        make_vec_env("OpenSoraLibero-Spatial-v0", env_kwargs=env_kwargs)
+
+    venv = make_vec_env("OpenSoraLibero-Spatial-v0", seed=0, wrapper_class=ImageObservation, env_kwargs=env_kwargs)
+    venv.reset()
+    for chunk_steps in range(1, 5):
+        _, _, dones, infos = venv.step(np.stack([venv.action_space.sample()]))
+        # 16 actions: every second chunk step ends the episode, by truncation, and SB3 resets it at once.
+        assert dones.tolist() == [chunk_steps % 2 == 0]
+    assert infos[0]["TimeLimit.truncated"] and infos[0]["episode"]["l"] == 2

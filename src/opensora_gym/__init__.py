@@ -7,7 +7,9 @@ import gymnasium as gym
 
 __version__ = "0.2.0"
 
-# The world-model envs: `gym.make_vec` builds one batched env, `gym.make` a single episode.
+# The world-model envs: `gym.make_vec` builds one batched env, `gym.make` a single episode. In both,
+# `max_episode_steps=N` is the env's own limit in actions: `make_vec` passes it to the vector entry point, and the
+# single env reads it from `gym.make`, which keeps it for a TimeLimit (`opensora_gym.single.make_time_limit`).
 for _suite in ("Spatial", "Object"):
     gym.register(
         id=f"OpenSoraLibero-{_suite}-v0",

@@ -14,6 +14,7 @@ Changed from the reference: every counter, the randomness and the autoreset are 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,7 +28,7 @@ from gymnasium.vector.utils import batch_space
 from opensora_gym.checkpoint import HUB_IDS, CheckpointLayout, resolve_checkpoint
 from opensora_gym.data import TrajectoryDataset
 from opensora_gym.reliability import classifier_uncertainty
-from opensora_gym.single import SingleEpisodeEnv
+from opensora_gym.single import SingleEpisodeEnv, make_time_limit
 from opensora_gym.spaces import (
     ACTION_DIM,
     chunk_action_space,
@@ -796,11 +797,18 @@ class OpenSoraLiberoSingleEnv(SingleEpisodeEnv):
     `reset(options={"episode_index": i})` chooses the start trajectory. Stepping after the episode ended is an
     error (call `reset()`), as a single env has no autoreset. `reset(seed=s)` seeds the sub-env's generator and
     Gymnasium's `np_random` with `s`. Actions, validation and errors are those of `OpenSoraLiberoEnv`.
+
+    `gym.make(id, max_episode_steps=N)` sets the env's own limit to N actions (N / 8 chunk steps), as for
+    `OpenSoraLiberoEnv`; Gymnasium still wraps its `TimeLimit` of N steps around it, which never fires first
+    (`opensora_gym.single.make_time_limit` says why).
     """
 
     metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": OpenSoraLiberoEnv.metadata["render_fps"]}
 
     def __init__(self, render_mode=None, **kwargs):
+        limit = make_time_limit(sys._getframe(1))
+        if limit is not None:
+            kwargs["max_episode_steps"] = limit
         super().__init__(OpenSoraLiberoEnv(1, render_mode=render_mode, **kwargs), render_mode)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):

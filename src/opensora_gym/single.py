@@ -7,6 +7,7 @@ autoreset: stepping after the episode ended is an error until `reset()` is calle
 
 from __future__ import annotations
 
+from types import FrameType
 from typing import Any
 
 import gymnasium as gym
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from gymnasium.vector import VectorEnv
 
-__all__ = ["SingleEpisodeEnv"]
+__all__ = ["SingleEpisodeEnv", "make_time_limit"]
 
 
 class SingleEpisodeEnv(gym.Env):
@@ -61,3 +62,26 @@ class SingleEpisodeEnv(gym.Env):
 def first(batched: dict) -> dict:
     """Sub-env 0 of a batched observation or info dict (the `_key` masks are dropped)."""
     return {k: v[0] for k, v in batched.items() if not k.startswith("_")}
+
+
+def make_time_limit(constructor_caller: FrameType) -> int | None:
+    """The `max_episode_steps` given to `gymnasium.make`, when `gymnasium.make` is calling an env's constructor.
+
+    `gym.make(id, max_episode_steps=N)` keeps N for a `TimeLimit` wrapper that counts `step()` calls and never
+    passes it to the env. No registration changes that in Gymnasium 1.x (a spec's `additional_wrappers` could take
+    the `TimeLimit` off again, but `make_vec` refuses such a spec with a vector entry point). An env that steps a
+    chunk of actions per call and counts its limit in actions reads N here, from `make`'s frame, and takes it as
+    that limit: N actions, N / action_chunk steps. The `TimeLimit` that `make` still adds allows N steps, so it
+    never ends an episode first.
+
+    Args:
+        constructor_caller: the frame that called the constructor (`sys._getframe(1)` in `__init__`).
+
+    Returns:
+        N, or None when the caller is not `gymnasium.make`, or `make` got None (no limit given) or -1 (Gymnasium's
+        "no TimeLimit"): the env then keeps its own limit.
+    """
+    if constructor_caller.f_code is not gym.make.__code__:
+        return None
+    limit = constructor_caller.f_locals.get("max_episode_steps")
+    return None if limit is None or limit == -1 else limit

@@ -10,6 +10,8 @@ SB3 does not take a Gymnasium `VectorEnv`; this adapter translates the three thi
 
 For one env at a time (SB3's `check_env`, `make_vec_env`), `ImageObservation` wraps the single env of
 `gym.make("OpenSoraLibero-Spatial-v0")`: the observation becomes the image and the task goes to `info["task"]`.
+`make_vec_env` needs it as `wrapper_class`: without it SB3's `DummyVecEnv` fails on the task's `Text` space
+(`TypeError: 'NoneType' object is not iterable`), raised while SB3 builds its buffers, where the env has no say.
 SB3's default `CnnPolicy` needs images of at least 36 px: use `image_size=40` or more (a multiple of 8).
 
 Requires the `sb3` extra (`pip install opensora-gym[sb3]`).
