@@ -69,8 +69,17 @@ def test_cloning_learns_a_visible_rule_and_saves_a_loadable_policy(tmp_path):
     dataset.mkdir()
     _visible_rule_dataset(dataset, episodes=12)  # 2 held out: every (side, task) pair still trains
     config = BehaviorCloningConfig(
-        datasets=[dataset], out=tmp_path / "bc", image_size=16, channels=(8, 8), hidden_size=32, shift=0,
-        held_out_fraction=0.1, max_steps=400, batch_size=32, lr=3e-3, log_every=50,
+        datasets=[dataset],
+        out=tmp_path / "bc",
+        image_size=16,
+        channels=(8, 8),
+        hidden_size=32,
+        shift=0,
+        held_out_fraction=0.1,
+        max_steps=400,
+        batch_size=32,
+        lr=3e-3,
+        log_every=50,
     )
     report, folder = train_behavior_cloning(config)
     assert report.held_out_episodes == 2 and report.episodes == 10 and report.frames == 120
@@ -96,8 +105,14 @@ def test_only_successful_episodes_are_cloned_unless_asked(tmp_path):
     dataset = tmp_path / "dataset"
     dataset.mkdir()
     _visible_rule_dataset(dataset, episodes=3)
-    failed = [{"image": np.zeros((16, 16, 3), np.uint8), "delta_action": np.zeros(7, np.float32), "task": "x",
-               "success": False}] * 5
+    failed = [
+        {
+            "image": np.zeros((16, 16, 3), np.uint8),
+            "delta_action": np.zeros(7, np.float32),
+            "task": "x",
+            "success": False,
+        }
+    ] * 5
     save_trajectory(dataset / "traj000009.npy", failed)
     common = {"datasets": [dataset], "image_size": 16, "channels": (4,), "hidden_size": 8, "max_steps": 2}
     only, _ = train_behavior_cloning(BehaviorCloningConfig(out=tmp_path / "a", held_out_fraction=0.0, **common))
@@ -112,8 +127,25 @@ def test_cli_trains_and_reports(tmp_path, capsys):
     dataset = tmp_path / "dataset"
     dataset.mkdir()
     _visible_rule_dataset(dataset, episodes=2)
-    cli_main(["train-policy", "--dataset", str(dataset), "--out", str(tmp_path / "bc"), "--image-size", "16",
-              "--channels", "4", "--hidden-size", "8", "--max-steps", "3", "--held-out-fraction", "0.5"])
+    cli_main(
+        [
+            "train-policy",
+            "--dataset",
+            str(dataset),
+            "--out",
+            str(tmp_path / "bc"),
+            "--image-size",
+            "16",
+            "--channels",
+            "4",
+            "--hidden-size",
+            "8",
+            "--max-steps",
+            "3",
+            "--held-out-fraction",
+            "0.5",
+        ]
+    )
     assert "held-out 1 episodes" in capsys.readouterr().out
     assert (tmp_path / "bc" / "policy" / "model.safetensors").is_file()
 
@@ -123,8 +155,17 @@ def test_bad_settings_fail_early_with_the_value(tmp_path):
         BehaviorCloningConfig(datasets=[tmp_path], out=tmp_path / "bc", shift=-1)
     empty = tmp_path / "empty"
     empty.mkdir()
-    save_trajectory(empty / "traj0.npy", [{"image": np.zeros((8, 8, 3), np.uint8),
-                                            "delta_action": np.zeros(7, np.float32), "task": "t", "success": False}])
+    save_trajectory(
+        empty / "traj0.npy",
+        [
+            {
+                "image": np.zeros((8, 8, 3), np.uint8),
+                "delta_action": np.zeros(7, np.float32),
+                "task": "t",
+                "success": False,
+            }
+        ],
+    )
     with pytest.raises(ValueError, match="needs at least 2 successful episodes, got 0"):
         train_behavior_cloning(BehaviorCloningConfig(datasets=[empty], out=tmp_path / "bc"))
     assert not (tmp_path / "bc").exists()

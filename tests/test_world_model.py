@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import imageio.v2 as imageio
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 import torch
 from einops import rearrange
 
-from opensora_gym.checkpoint import WEIGHTS_INDEX_NAME, CheckpointLayout
+from opensora_gym import checkpoint as checkpoint_module
+from opensora_gym.checkpoint import WEIGHTS_INDEX_NAME, CheckpointLayout, locate
 from opensora_gym.data import TrajectoryDataset
 from opensora_gym.presets import TinyCheckpointSpec, make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel, frames_from_uint8, frames_to_uint8
@@ -35,6 +37,18 @@ def test_tiny_checkpoint_has_the_released_layout(checkpoint):
     episode = dataset.episode(0)
     assert episode.images.dtype == np.uint8 and episode.images.shape[1:] == (64, 64, 3)
     assert episode.actions.shape == (TinyCheckpointSpec().trajectory_length, 7)
+
+
+def test_embedded_names_resolve_to_the_package_assets(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "EMBEDDED_DIR", tmp_path)
+    shutil.copytree(checkpoint, tmp_path / "demo")
+    assert CheckpointLayout.resolve("embedded:demo").root == tmp_path / "demo"
+    assert locate("embedded:demo/vae") == tmp_path / "demo" / "vae"
+    assert locate("runs/demo") == Path("runs/demo")  # plain paths stay paths
+    with pytest.raises(
+        FileNotFoundError, match=r"no embedded model 'embedded:other'; the package ships \['embedded:demo'\]"
+    ):
+        locate("embedded:other")
 
 
 def test_tiny_checkpoint_is_deterministic_and_leaves_global_rng_alone(tmp_path):

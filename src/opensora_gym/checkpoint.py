@@ -35,6 +35,29 @@ LAYOUT_HELP = (
 )
 
 
+# `embedded:NAME` (or `embedded:NAME/SUBFOLDER`) names a model that ships inside the package, under `assets/`.
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_DIR = Path(__file__).resolve().parent / "assets"
+
+
+def locate(path: str | Path) -> Path:
+    """A folder given by path, or by `embedded:NAME[/SUBFOLDER]` for a model shipped with the package.
+
+    Raises:
+        FileNotFoundError: an `embedded:` name that the package does not hold (the message lists those it does).
+    """
+    text = str(path)
+    if not text.startswith(EMBEDDED_PREFIX):
+        return Path(path)
+    folder = EMBEDDED_DIR / text[len(EMBEDDED_PREFIX) :]
+    if not folder.is_dir() or not text[len(EMBEDDED_PREFIX) :]:
+        shipped = sorted(p.name for p in EMBEDDED_DIR.iterdir() if p.is_dir()) if EMBEDDED_DIR.is_dir() else []
+        raise FileNotFoundError(
+            f"no embedded model {text!r}; the package ships {[EMBEDDED_PREFIX + n for n in shipped]}"
+        )
+    return folder
+
+
 def shard_name(index: int) -> str:
     """File name of the `index`-th weight shard (1-based), as in the released checkpoints."""
     return f"model-{index:05d}.safetensors"
@@ -182,8 +205,8 @@ class CheckpointLayout:
 
     @classmethod
     def resolve(cls, root: str | Path) -> CheckpointLayout:
-        """Checks the folder and every part of the layout, naming the first thing missing."""
-        layout = cls(Path(root))
+        """Checks the folder (a path or `embedded:NAME`) and every part of the layout, naming the first thing missing."""
+        layout = cls(locate(root))
         if not layout.root.is_dir():
             raise FileNotFoundError(f"checkpoint folder {layout.root} does not exist ({LAYOUT_HELP})")
         weight_files(layout.root)

@@ -28,7 +28,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from opensora_gym.checkpoint import CheckpointLayout
+from opensora_gym.checkpoint import CheckpointLayout, locate
 from opensora_gym.data import ActionStatistics
 from opensora_gym.env import OpenSoraLiberoEnv
 from opensora_gym.presets import make_action_sensitive_checkpoint, make_tiny_checkpoint
@@ -229,6 +229,7 @@ def build_policy(
         ConfigError: when the folder holds a policy of another architecture than `model` describes.
     """
     path = path if path is not None else model.model_path
+    path = None if path is None else locate(path)
     if model.model_type == "small":
         from vla_policies import SmallCNNPolicy
 
@@ -270,7 +271,7 @@ def build_policy(
 
 def load_policy(config: TrainConfig, path: str | Path, statistics: ActionStatistics | None) -> Policy:
     """A saved policy: a policy folder, or a `checkpoints/global_step_N` folder (its `policy/` subfolder)."""
-    path = Path(path)
+    path = locate(path)
     if (path / POLICY_FOLDER).is_dir():
         _check_same_model(config, path)
         path = path / POLICY_FOLDER
@@ -702,8 +703,15 @@ def check_run_inputs(config: TrainConfig, evaluation: bool = False) -> None:
         raise ConfigError(
             f"runner.resume_dir {runner.resume_dir} does not exist (expected <run>/checkpoints/global_step_N)"
         )
-    if runner.ckpt_path is not None and not Path(runner.ckpt_path).is_dir():
-        raise ConfigError(f"runner.ckpt_path {runner.ckpt_path} does not exist (expected a policy folder)")
+    for key, folder in (("runner.ckpt_path", runner.ckpt_path), ("actor.model.model_path", model.model_path)):
+        if folder is None or model.model_type != "small" and key == "actor.model.model_path":
+            continue
+        try:
+            exists = locate(folder).is_dir()
+        except FileNotFoundError as error:
+            raise ConfigError(f"{key}: {error}") from None
+        if not exists:
+            raise ConfigError(f"{key} {folder} does not exist (expected a policy folder)")
     if model.model_type == "openvla_oft" and runner.ckpt_path is None and runner.resume_dir is None:
         if model.model_path is None or not (Path(model.model_path) / "config.json").is_file():
             raise ConfigError(

@@ -1,0 +1,61 @@
+"""Turns the trained models into the embedded world model that ships with the package.
+
+python experiments/libero_spatial_small/package.py --models runs/spatial_small/models --dataset data/spatial64 \
+    --out src/opensora_gym/assets/libero_spatial_small
+
+`--models` is the unpacked `models.tar.xz` of train_models.sh (world_model/ without its dataset). Weights are stored
+as float16 (the loaders cast them to the env's dtype); the start frames are the first frame of every episode (all
+the env reads of them), so the folder stays a few tens of MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from opensora_gym.checkpoint import CheckpointLayout
+from opensora_gym.data import TrajectoryDataset, load_trajectory, save_trajectory
+
+
+def _half(source: Path, destination: Path) -> None:
+    tensors = load_file(source)
+    halved = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    for name, tensor in halved.items():
+        if not torch.isfinite(tensor.float()).all():
+            raise FloatingPointError(f"{source}:{name} does not fit in float16")
+    save_file(halved, destination, metadata={"format": "pt"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", required=True, help="the unpacked models.tar.xz")
+    parser.add_argument("--dataset", required=True, help="the 64 px dataset folder (with dataset/)")
+    parser.add_argument("--out", required=True, help="the embedded world-model folder to write")
+    args = parser.parse_args()
+    source, out = Path(args.models) / "world_model", Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "vae").mkdir(parents=True)
+    for path in source.iterdir():
+        if path.suffix == ".safetensors":
+            _half(path, out / path.name)
+        elif path.is_file():
+            shutil.copy2(path, out / path.name)
+    for path in (source / "vae").iterdir():
+        if path.suffix == ".safetensors":
+            _half(path, out / "vae" / path.name)
+        else:
+            shutil.copy2(path, out / "vae" / path.name)
+    (out / "dataset").mkdir()
+    for path in TrajectoryDataset(Path(args.dataset) / "dataset").paths:
+        save_trajectory(out / "dataset" / path.name, load_trajectory(path)[:1])
+    CheckpointLayout.resolve(out)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"{out}: {size / 2**20:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
