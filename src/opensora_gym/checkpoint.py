@@ -205,7 +205,7 @@ class CheckpointLayout:
 
     @classmethod
     def resolve(cls, root: str | Path) -> CheckpointLayout:
-        """Checks the folder (a path or `embedded:NAME`) and every part of the layout, naming the first thing missing."""
+        """Checks the folder (a path or `embedded:NAME`) and every part of the layout, naming what is missing."""
         layout = cls(locate(root))
         if not layout.root.is_dir():
             raise FileNotFoundError(f"checkpoint folder {layout.root} does not exist ({LAYOUT_HELP})")

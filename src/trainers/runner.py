@@ -704,7 +704,7 @@ def check_run_inputs(config: TrainConfig, evaluation: bool = False) -> None:
             f"runner.resume_dir {runner.resume_dir} does not exist (expected <run>/checkpoints/global_step_N)"
         )
     for key, folder in (("runner.ckpt_path", runner.ckpt_path), ("actor.model.model_path", model.model_path)):
-        if folder is None or model.model_type != "small" and key == "actor.model.model_path":
+        if folder is None or (model.model_type != "small" and key == "actor.model.model_path"):
             continue
         try:
             exists = locate(folder).is_dir()
