@@ -50,7 +50,8 @@ def test_spatial_softmax_pooling_finds_where_a_feature_is():
 
 def _visible_rule_dataset(folder, episodes=6, length=12, size=16):
     """Episodes whose actions follow what is seen: a bright left half asks for x = -0.8, a right half for +0.8,
-    and the task text alone asks for the gripper's sign; every episode succeeds at its last frame."""
+    and the task text alone asks to close the gripper ("go right": +1 in the recorded controller convention) or
+    to open it (-1); every episode succeeds at its last frame, which holds no action (zeros), as recorded ones."""
     for episode in range(episodes):
         task, side = TASKS[(episode // 2) % 2], episode % 2  # every 4 episodes: each pair once
         frames = []
@@ -60,6 +61,8 @@ def _visible_rule_dataset(folder, episodes=6, length=12, size=16):
             action = np.zeros(7, dtype=np.float32)
             action[0] = 0.8 if side else -0.8
             action[6] = 1.0 if task == "go right" else -1.0
+            if t == length - 1:
+                action[:] = 0.0
             frames.append({"image": image, "delta_action": action, "task": task, "success": t == length - 1})
         save_trajectory(folder / f"traj{episode:06d}.npy", frames)
 
@@ -82,7 +85,7 @@ def test_cloning_learns_a_visible_rule_and_saves_a_loadable_policy(tmp_path):
         log_every=50,
     )
     report, folder = train_behavior_cloning(config)
-    assert report.held_out_episodes == 2 and report.episodes == 10 and report.frames == 120
+    assert report.held_out_episodes == 2 and report.episodes == 10 and report.frames == 110  # final frames: no action
     assert report.losses[-1] < report.losses[0]
     # the first number of the first action follows the image, the gripper follows the text: errors far below 0.8
     assert report.held_out_action_mae[0] < 0.2 and report.held_out_action_mae[6] < 0.2
@@ -94,8 +97,10 @@ def test_cloning_learns_a_visible_rule_and_saves_a_loadable_policy(tmp_path):
     right = np.zeros((1, 16, 16, 3), dtype=np.uint8)
     right[:, :, 8:] = 200
     logits, _ = policy.action_logits({"image": right, "task": ["go right"]})
-    actions = policy.tokens_to_actions(logits.argmax(-1))  # [1, 8, 7] robot units
-    assert actions[0, 0, 0] > 0.5 and actions[0, 0, 6] > 0.5
+    actions = policy.tokens_to_actions(logits.argmax(-1))  # [1, 8, 7] robot units: gripper 1 open, 0 close
+    assert actions[0, 0, 0] > 0.5 and actions[0, 0, 6] < 0.1
+    logits, _ = policy.action_logits({"image": right, "task": ["go left"]})
+    assert policy.tokens_to_actions(logits.argmax(-1))[0, 0, 6] > 0.9
     # the RL config describing the same architecture loads it
     model = ModelConfig(image_size=16, channels=(8, 8), hidden_size=32, pooling="spatial_softmax", add_value_head=False)
     assert isinstance(build_policy(model, None, "cpu", seed=0, path=folder), SmallCNNPolicy)
@@ -119,8 +124,8 @@ def test_only_successful_episodes_are_cloned_unless_asked(tmp_path):
     everything, _ = train_behavior_cloning(
         BehaviorCloningConfig(out=tmp_path / "b", held_out_fraction=0.0, successful_only=False, **common)
     )
-    assert (only.episodes, only.frames) == (3, 36)
-    assert (everything.episodes, everything.frames) == (4, 41)
+    assert (only.episodes, only.frames) == (3, 33)
+    assert (everything.episodes, everything.frames) == (4, 37)
 
 
 def test_cli_trains_and_reports(tmp_path, capsys):

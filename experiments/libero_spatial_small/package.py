@@ -3,7 +3,7 @@
 python experiments/libero_spatial_small/package.py --models runs/spatial_small/models --dataset data/spatial64 \
     --out src/opensora_gym/assets/libero_spatial_small
 
-`--models` is the unpacked `models.tar.xz` of train_models.sh (world_model/ without its dataset). Weights are stored
+`--models` is the unpacked output of train_models.sh (world_model/ without dataset/ and vae/, and vae/). Weights are stored
 as float16 (the loaders cast them to the env's dtype); the start frames are the first frame of every episode (all
 the env reads of them), so the folder stays a few tens of MB.
 """
@@ -32,7 +32,7 @@ def _half(source: Path, destination: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", required=True, help="the unpacked models.tar.xz")
+    parser.add_argument("--models", required=True, help="the unpacked models.tar.part* of train_models.sh")
     parser.add_argument("--dataset", required=True, help="the 64 px dataset folder (with dataset/)")
     parser.add_argument("--out", required=True, help="the embedded world-model folder to write")
     args = parser.parse_args()
@@ -44,7 +44,7 @@ def main() -> None:
             _half(path, out / path.name)
         elif path.is_file():
             shutil.copy2(path, out / path.name)
-    for path in (source / "vae").iterdir():
+    for path in (Path(args.models) / "vae").iterdir():
         if path.suffix == ".safetensors":
             _half(path, out / "vae" / path.name)
         else:

@@ -2,7 +2,7 @@
 # The world model, its VAE and its success classifier from the 64 px dataset, on one GPU (about 8 minutes).
 # usage: train_models.sh DATA_TARBALL WORK_DIR RESULT_DIR [WM_STEPS]
 #   DATA_TARBALL: spatial64.tar.xz (dataset/ and dataset_statistics.json, made by shrink.py + tar -cJ)
-#   RESULT_DIR receives models.tar.xz: vae/, reward/, world_model/ without its dataset/, and the reports.
+#   RESULT_DIR receives models.tar.part*: vae/, reward/, world_model/ without its dataset/ and vae/, the reports.
 set -euo pipefail
 data=$1 work=$2 result=$3 steps=${4:-6000}
 # a quick check of the script on the CPU: DEVICE=cpu VAE_STEPS=2 RM_STEPS=2 train_models.sh ... 2
@@ -27,9 +27,9 @@ echo "{\"vae_s\": $((t1 - t0)), \"reward_s\": $((t2 - t1)), \"world_model_s\": $
 mkdir -p "$work/pack/world_model"
 cp -r "$work/vae/vae" "$work/pack/vae"
 cp -r "$work/reward" "$work/pack/reward"
-find "$work/wm/world_model" -maxdepth 1 -type f -exec cp {} "$work/pack/world_model/" \;
-cp -r "$work/wm/world_model/vae" "$work/pack/world_model/vae"
+find "$work/wm/world_model" -maxdepth 1 -type f -exec cp {} "$work/pack/world_model/" \;  # its vae/ is vae/
 cp -r "$work/wm/tensorboard" "$work/pack/wm_tensorboard"
 cp "$work/times.json" "$work/pack/"
-tar -cJf "$result/models.tar.xz" -C "$work/pack" .
+# pieces of 15 MiB: the GPU machine returns files of at most 16 MiB (cat models.tar.part* | tar -x)
+tar -cf - -C "$work/pack" . | split -b 15M -d - "$result/models.tar.part"
 ls -la "$result"

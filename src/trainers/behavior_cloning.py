@@ -1,13 +1,14 @@
 """Behaviour cloning of the small policy on recorded episodes: the base policy that RL then improves.
 
 `opensora-gym train-policy --dataset data/dataset --out runs/bc`: every frame ``k`` of the chosen episodes (by
-default the successful ones) is one example: the observation is frame ``k`` with the episode's task, the target is
-the chunk of actions ``k .. k + chunk - 1`` (the last action repeated past the episode's end), normalized with the
-BOUNDS_Q99 rule and cut into the policy's bins. The loss is the cross-entropy of every action token; images are
-randomly shifted by a few pixels (replicate padding, then a random crop), the usual augmentation of image-based
-behaviour cloning. Whole episodes are held out to report the token accuracy and the mean absolute action error on
-unseen episodes. The policy is written with `save_pretrained` to ``out/policy`` (atomically), the report to
-``out/bc_report.json``.
+default the successful ones) that a recorded frame follows is one example: the observation is frame ``k`` with the
+episode's task, the target is the chunk of actions ``k .. k + chunk - 1`` (the last executed action repeated past
+the end), taken from the recorded controller convention (gripper -1 open, +1 close) to the policy's robot units
+(gripper 1 open, 0 close; `opensora_gym.spaces.policy_actions`), normalized with the BOUNDS_Q99 rule and cut into
+the policy's bins. The loss is the cross-entropy of every action token; images are randomly shifted by a few pixels
+(replicate padding, then a random crop), the usual augmentation of image-based behaviour cloning. Whole episodes
+are held out to report the token accuracy and the mean absolute action error on unseen episodes. The policy is
+written with `save_pretrained` to ``out/policy`` (atomically), the report to ``out/bc_report.json``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from opensora_gym.data import ActionStatistics, TrajectoryDataset, load_trajectory
+from opensora_gym.spaces import policy_actions
 from vla_policies.small import SmallCNNPolicy, SmallPolicyConfig
 
 POLICY_FOLDER = "policy"
@@ -95,7 +97,8 @@ class BehaviorCloningReport:
         frames: training examples.
         final_loss: the mean token cross-entropy of the last `log_every` steps.
         held_out_token_accuracy: fraction of held-out action tokens predicted exactly (greedy); NaN without any.
-        held_out_action_mae: mean absolute error of the greedy actions in robot units, per dimension.
+        held_out_action_mae: mean absolute error of the greedy actions in robot units (gripper 1 open, 0 close), per
+            dimension.
         losses: the mean loss of every `log_every` steps.
     """
 
@@ -136,11 +139,15 @@ def _load(datasets: list[TrajectoryDataset], successful_only: bool, size: int, c
             if successful_only and not any(bool(frame.get("success", False)) for frame in load_trajectory(path)):
                 continue
             episode = dataset.episode(index)
+            # An action counts when a recorded frame follows it (a recorded episode's final frame holds zeros).
+            executed = policy_actions(episode.actions[:-1])
+            if len(executed) == 0:
+                continue
             episodes.append(
                 _Examples(
-                    images=resize_images(episode.images, size),
-                    chunks=torch.from_numpy(chunk_targets(episode.actions, chunk)).float(),
-                    tasks=[episode.task] * len(episode.images),
+                    images=resize_images(episode.images[:-1], size),
+                    chunks=torch.from_numpy(chunk_targets(executed, chunk)).float(),
+                    tasks=[episode.task] * len(executed),
                 )
             )
     return episodes
