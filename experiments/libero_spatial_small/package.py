@@ -3,9 +3,9 @@
 python experiments/libero_spatial_small/package.py --models runs/spatial_small/models --dataset data/spatial64 \
     --out src/opensora_gym/assets/libero_spatial_small
 
-`--models` is the unpacked output of train_models.sh (world_model/ without dataset/ and vae/, and vae/). Weights are stored
-as float16 (the loaders cast them to the env's dtype); the start frames are the first frame of every episode (all
-the env reads of them), so the folder stays a few tens of MB.
+`--models` is the unpacked output of train_models.sh (world_model/ without dataset/ and vae/, and vae/). Weights
+are stored as float16 (the loaders cast them to the env's dtype); the start frames are the first frame of every
+episode (all the env reads of them), so the folder stays a few tens of MB.
 """
 
 from __future__ import annotations

@@ -1,0 +1,61 @@
+"""The small-scale experiment's data and packaging scripts: shrink recorded episodes, package float16 models."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from opensora_gym.checkpoint import CheckpointLayout
+from opensora_gym.data import ActionStatistics, TrajectoryDataset, load_trajectory
+from opensora_gym.env import OpenSoraLiberoEnv
+from opensora_gym.testing import random_chunk_actions
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "experiments" / "libero_spatial_small"
+
+
+def run_script(name, *args):
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], check=True, env=env, capture_output=True)
+
+
+def test_shrink_merges_renumbers_and_resizes(checkpoint, tmp_path):
+    source = CheckpointLayout.resolve(checkpoint).dataset  # tiny episodes at 64 px
+    run_script("shrink.py", "--size", 32, "--out", tmp_path / "small", source, source)
+    merged = TrajectoryDataset(tmp_path / "small" / "dataset")
+    originals = TrajectoryDataset(source)
+    assert len(merged) == 2 * len(originals)
+    assert [p.name.split("_", 1)[0] for p in merged.paths] == [f"traj{i:06d}" for i in range(len(merged))]
+    episode, original = merged.episode(len(originals)), originals.episode(0)
+    assert episode.images.shape[1:] == (32, 32, 3)
+    np.testing.assert_array_equal(episode.actions, original.actions)
+    statistics = ActionStatistics.from_json(tmp_path / "small")
+    assert statistics.action_dim == original.actions.shape[1]
+
+
+def test_package_writes_a_float16_folder_that_the_env_loads(checkpoint, tmp_path):
+    models = tmp_path / "models"
+    (models / "world_model").mkdir(parents=True)
+    for path in Path(checkpoint).iterdir():
+        if path.is_file():
+            shutil.copy2(path, models / "world_model" / path.name)
+    shutil.copytree(Path(checkpoint) / "vae", models / "vae")
+    run_script("package.py", "--models", models, "--dataset", checkpoint, "--out", tmp_path / "wm")
+
+    layout = CheckpointLayout.resolve(tmp_path / "wm")
+    weights = [load_file(p) for p in layout.root.glob("*.safetensors")] + [
+        load_file(next(layout.vae.glob("*.safetensors")))
+    ]
+    assert all(t.dtype == torch.float16 for w in weights for t in w.values() if t.is_floating_point())
+    assert all(len(load_trajectory(p)) == 1 for p in TrajectoryDataset(layout.dataset).paths)  # start frames only
+    env = OpenSoraLiberoEnv(
+        2, checkpoint=layout.root, num_sampling_steps=1, image_size=64, dtype="float32", max_episode_steps=8
+    )
+    observation, _ = env.reset(seed=0)
+    _, reward, *_ = env.step(random_chunk_actions(2, seed=0))
+    assert observation["image"].shape == (2, 64, 64, 3) and np.isfinite(reward).all()
+    env.close()
