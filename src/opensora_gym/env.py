@@ -1,15 +1,9 @@
 """`OpenSoraLiberoEnv`: the world model as a vectorized Gymnasium environment.
 
-Each sub-env is one imagined LIBERO episode. An episode starts from the first frame of a recorded trajectory,
-repeated to fill the condition frames; each `step` takes a chunk of actions and predicts one frame per action.
-The reward classifier scores every predicted frame.
-
-Semantics kept from the reference (RLinf's OpenSora env), since they define the published numbers:
-- a frame's reward is the classifier probability rounded to 0/1; with `use_rel_reward` the step reward of a frame
-  is `reward_coef * r_t - reward_coef * r_(t-1)` (so a success counts once), else the raw `r_t`;
-- a sub-env terminates when a frame's reward reaches `success_threshold`;
-- `max_episode_steps` counts actions (frames), so an episode of 256 steps is 32 chunks of 8.
-Changed from the reference: every counter, the randomness and the autoreset are per sub-env.
+The env composes three objects and keeps the per-sub-env bookkeeping: the world model (`opensora_gym.world_model`:
+one chunk step, start-frame encoding), the start sampler (`opensora_gym.starts`: where each episode starts) and the
+reward rule (`opensora_gym.reward_rule`: the reference's rewards and termination). Its manual is the docstring of
+`OpenSoraLiberoEnv`.
 """
 
 from __future__ import annotations
@@ -28,6 +22,7 @@ from gymnasium.vector.utils import batch_space
 from opensora_gym.checkpoint import HUB_IDS, CheckpointLayout, resolve_checkpoint
 from opensora_gym.data import TrajectoryDataset
 from opensora_gym.reliability import classifier_uncertainty
+from opensora_gym.reward_rule import RewardRule
 from opensora_gym.single import SingleEpisodeEnv, make_time_limit
 from opensora_gym.spaces import (
     ACTION_DIM,
@@ -36,13 +31,12 @@ from opensora_gym.spaces import (
     observation_space,
     reset_mask_indices,
 )
+from opensora_gym.starts import GIVEN_START, Start, StartSampler
 from opensora_gym.world_model import ChunkPrediction, WorldModel, frames_from_uint8, frames_to_uint8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # torch.Generator.manual_seed takes seeds in [0, 2**64).
 MAX_SEED = 2**64 - 1
-# `episode_index` of a sub-env started from a given image (`reset(options={"start_images": ...})`), not a trajectory.
-GIVEN_START = -1
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,7 @@ class OpenSoraLiberoConfig:
         condition_frames: latent frames of context; must match the checkpoint.
         image_size: side of the frames the world model works at and of the observed image.
         max_episode_steps: actions per episode before truncation.
-        use_rel_reward: reward the change of the frame reward (see the module docstring), else the raw reward.
+        use_rel_reward: reward the change of the frame reward (see `opensora_gym.reward_rule`), else the raw reward.
         reward_coef: scale of the relative reward.
         success_threshold: a frame with this reward (or probability, see `success_from`) ends the episode.
         success_from: `reward`: threshold the 0/1 rounded probability, as the reference; `probability`: threshold
@@ -179,34 +173,109 @@ class SubEnvState:
 
 
 class OpenSoraLiberoEnv(VectorEnv):
-    """A vectorized LIBERO task imagined by the OpenSora world model.
+    """A LIBERO task imagined by the OpenSora world model, as a natively batched Gymnasium vector env.
 
-    Observation: `{"image": [N, S, S, 3] uint8, "task": tuple of N instructions}`.
-    Action: `[N, action_chunk, 7]` float32 in the robot's units as the policy emits them (gripper 1 = open,
-    0 = close); converted to LIBERO's controller convention (`opensora_gym.spaces.controller_actions`) and
-    normalized with the checkpoint's action q01/q99. Actions outside the Box [-1, 1] are clipped to it, as LIBERO's
-    controller clips them; actions that are not real numbers raise TypeError, NaN/inf or a wrong shape ValueError.
-    Reward: the chunk's summed step reward `[N]`, always finite: a world model that predicts NaN/inf latents or
-    success probabilities raises FloatingPointError and the step changes no sub-env.
+    ## Description
 
-    Sub-envs reset on the step after they end (Gymnasium's next-step autoreset): that step ignores their action
-    and returns the first observation of a new episode with reward 0.
+    Each of the N sub-envs is one imagined LIBERO episode. A step takes a chunk of actions per sub-env and the
+    world model (`opensora_gym.world_model.WorldModel`: DiT, rectified-flow sampler, VAE, reward classifier)
+    predicts one frame per action; the classifier scores every predicted frame. The env composes the world model,
+    a start sampler (`opensora_gym.starts.StartSampler`) and a reward rule (`opensora_gym.reward_rule.RewardRule`),
+    and keeps each sub-env's counters, generators and state. Rewards, termination and start frames follow RLinf's
+    OpenSora env, so the published numbers carry over; changed from it: every counter, the randomness and the
+    autoreset are per sub-env.
+
+    ## Action Space
+
+    `Box(-1, 1, (N, action_chunk, 7), float32)`: per sub-env a chunk of `action_chunk` (8) actions in the robot's
+    units as the policy emits them: six end-effector deltas and the gripper (1 = open, 0 = close). They are
+    converted to LIBERO's controller convention (`opensora_gym.spaces.controller_actions`) and normalized with the
+    checkpoint's action q01/q99. Values outside the Box are clipped to it, as LIBERO's controller clips them;
+    actions that are not real numbers raise TypeError, NaN/inf or a wrong shape ValueError.
+
+    ## Observation Space
+
+    `Dict`: `image`, `Box(0, 255, (N, S, S, 3), uint8)`, the last predicted frame at `image_size` S (after a reset,
+    the start frame); `task`, a tuple of the N instructions (`Text`).
+
+    ## Rewards
+
+    A frame's reward is the classifier's probability rounded to 0/1. With `use_rel_reward` (default) a frame's step
+    reward is `reward_coef * (r_t - r_(t-1))`, carried over between chunks and 0 before an episode's first frame,
+    so a success counts once; otherwise it is the raw `r_t`. The step's reward `[N]` float32 is the sum over the
+    chunk, `info["frame_rewards"]` `[N, A]` the frame rewards and `info["success_prob"]` `[N, A]` the
+    probabilities. Rewards are always finite: a world model that predicts NaN/inf latents or probabilities raises
+    FloatingPointError and the step changes no sub-env.
+
+    ## Starting State
+
+    The first frame of a recorded trajectory of the checkpoint's dataset, resized to S, encoded by the VAE and
+    repeated to fill the `condition_frames`. Each group of `group_size` consecutive sub-envs starts its k-th
+    episode from the group's k-th draw, uniform over the trajectories, from a generator seeded with the first
+    sub-env's seed; `info["episode_index"]` and `info["task"]` say which. `reset(options=...)` can choose the
+    trajectories (`episode_indices`), start from given frames (`start_images` with `start_tasks`;
+    `episode_index` -1) or restart only some sub-envs (`reset_mask`): see `reset`.
+
+    ## Episode End
+
+    1. Termination: a frame of the chunk reaches `success_threshold` (its 0/1 reward by default, so a probability
+       of 0.5 or more; with `success_from="probability"` the raw probability).
+    2. Truncation: the episode has taken `max_episode_steps` actions (256 = 32 chunks of 8 by default).
+    3. With an `uncertainty` signal: `uncertainty_policy="truncate"` truncates the episode after a chunk whose
+       signal is above `uncertainty_threshold`; `"withhold"` takes such a chunk's success away (no reward, no
+       termination).
+
+    A sub-env resets on the step after it ends (`AutoresetMode.NEXT_STEP`): that step ignores its action and
+    returns the first observation of a new episode with reward 0 and masked infos (`info["_frame_rewards"]`).
+
+    ## Arguments
+
+    `OpenSoraLiberoEnv(num_envs, *, world_model=None, render_mode=None, **config)`, or
+    `gym.make_vec("OpenSoraLibero-Spatial-v0", num_envs=N, **config)` (also `-Object`); `gym.make` gives one
+    episode at a time (`OpenSoraLiberoSingleEnv`). `config` is any field of `OpenSoraLiberoConfig`, which
+    documents them all; the main ones:
+
+    | Parameter            | Type        | Default       | Description                                             |
+    |----------------------|-------------|---------------|---------------------------------------------------------|
+    | `checkpoint`         | str or Path | None          | world-model folder (None: `$OPENSORA_GYM_CHECKPOINT`,    |
+    |                      |             |               | else the released model of `suite`)                     |
+    | `device`, `dtype`    | str         | cpu, bfloat16 | where and in which precision the DiT and the VAE run    |
+    | `num_sampling_steps` | int         | 10            | rectified-flow steps per chunk (fewer is approximate)   |
+    | `image_size`         | int         | 256           | S, the side of the frames                               |
+    | `max_episode_steps`  | int         | 256           | actions per episode, a multiple of `action_chunk`       |
+    | `use_rel_reward`     | bool        | True          | reward the change of the frame reward                   |
+    | `reward_coef`        | float       | 1.0           | scale of the relative reward                            |
+    | `success_threshold`  | float       | 0.9           | the frame reward (or probability) that terminates       |
+    | `group_size`         | int         | 1             | consecutive sub-envs that share their starts            |
+    | `uncertainty`        | str         | off           | `off`, `draws` or `margin`: `info["wm_uncertainty"]`    |
+
+    `world_model` is an already loaded `WorldModel` to share between envs instead of loading `checkpoint` (which
+    then only locates the dataset); its image size, condition frames and action width must match the config.
 
     Seeding follows Gymnasium's vector envs: `reset(seed=s)` seeds sub-env i with `s + i`, `reset(seed=[s0, s1,
     ...])` with one seed each (None: from the OS); `np_random_seed` reports the seeds in use. `reset`, `step` and
     `set_state` check all their arguments before they change any sub-env; errors are the ones Gymnasium's own
-    vector envs raise (TypeError for a wrong type, ValueError for a wrong value).
+    vector envs raise (TypeError for a wrong type, ValueError for a wrong value). `get_state` / `set_state` save,
+    restore and fork sub-envs.
 
-    Args:
-        num_envs, checkpoint, ...: the fields of `OpenSoraLiberoConfig`.
-        world_model: an already loaded world model to use instead of loading `checkpoint` (to share one between
-            envs); `checkpoint` then only locates the dataset. Its image size, condition frames and action width
-            must match the config.
+    ## Version History
 
-    Example:
-        >>> env = OpenSoraLiberoEnv(4, checkpoint="RLinf-OpenSora-LIBERO-Spatial")  # doctest: +SKIP
-        >>> obs, info = env.reset(seed=[0, 1, 2, 3])  # doctest: +SKIP
+    * v0: the only version so far. It changed in place while the package was built, before any release: actions
+      became the policy's gripper convention (converted for the controller, as RLinf does) and are clipped to the
+      Box; the `reset_mask` and `start_images` reset options and the `uncertainty` signal with its policies (off
+      by default) were added.
+
+    ## Example
+
+        >>> import gymnasium as gym
+        >>> import opensora_gym  # registers the ids
+        >>> env = gym.make_vec("OpenSoraLibero-Spatial-v0", num_envs=4, group_size=2)  # doctest: +SKIP
+        >>> obs, info = env.reset(seed=0)  # doctest: +SKIP
+        >>> obs["image"].shape, info["episode_index"][0] == info["episode_index"][1]  # doctest: +SKIP
+        ((4, 256, 256, 3), True)
         >>> obs, reward, terminated, truncated, info = env.step(env.action_space.sample())  # doctest: +SKIP
+        >>> reward.shape, info["frame_rewards"].shape  # doctest: +SKIP
+        ((4,), (4, 8))
     """
 
     # render_fps: playback rate of the predicted frames (one per action), as `RecordEpisodeVideo` writes them.
@@ -234,6 +303,15 @@ class OpenSoraLiberoEnv(VectorEnv):
         )
         self._check_world_model()
         self.dataset = TrajectoryDataset(CheckpointLayout(root).dataset)
+        self.start_sampler = StartSampler(self.dataset, num_envs, config.group_size)
+        self.reward_rule = RewardRule(
+            use_rel_reward=config.use_rel_reward,
+            reward_coef=config.reward_coef,
+            success_threshold=config.success_threshold,
+            success_from=config.success_from,
+            uncertainty_policy=config.uncertainty_policy,
+            uncertainty_threshold=config.uncertainty_threshold,
+        )
         self.return_frames = config.return_frames
 
         self.num_envs = num_envs
@@ -242,14 +320,10 @@ class OpenSoraLiberoEnv(VectorEnv):
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
 
-        self._start_frames: dict[int, tuple[np.ndarray, str]] = {}
         self._states: list[SubEnvState] | None = None
         self._generators = [torch.Generator() for _ in range(num_envs)]
         # The extra draws of `uncertainty="draws"` have their own streams, so draw 0 is what it is without them.
         self._draw_generators = [torch.Generator() for _ in range(num_envs)]
-        self._episode_generator = torch.Generator()
-        self._group_episodes: list[list[int]] = [[] for _ in range(num_envs // config.group_size)]
-        self._episodes_started = np.zeros(num_envs, dtype=np.int64)
         self._seeds: list[int | None] = [None] * num_envs
 
     def _check_world_model(self) -> None:
@@ -307,53 +381,21 @@ class OpenSoraLiberoEnv(VectorEnv):
         if unknown:
             raise ValueError(f"unknown reset options {sorted(unknown)}; the options are {allowed}")
         seeds = self._check_seeds(seed)
-        episodes = options.get("episode_indices")
-        if episodes is not None:
-            episodes = self._check_episode_indices(episodes)
-        given = self._check_start_images(options, episodes)
+        episodes, given = self.start_sampler.check_options(options)
         if "reset_mask" in options:
             indices = self._check_reset_mask(options["reset_mask"])
             if seeds is not None:
                 self._seed_generators({i: seeds[i] for i in indices})
-            self._restart(
-                indices,
-                None if episodes is None else [episodes[i] for i in indices],
-                None if given is None else [given[i] for i in indices],
-            )
+            self._restart(indices, episodes, given)
             return self._observation(), self._reset_info()
         if seeds is not None or self._states is None:
             seeds = seeds or [None] * self.num_envs
             seeds = [self._os_seed() if s is None else s for s in seeds]
             self._seed_generators(dict(enumerate(seeds)))
-            self._episode_generator.manual_seed(seeds[0])
-            self._group_episodes = [[] for _ in self._group_episodes]
-            self._episodes_started[:] = 0
-        if given is not None:
-            episodes = [GIVEN_START] * self.num_envs
-        elif episodes is None:
-            episodes = [self._next_group_episode(i) for i in range(self.num_envs)]
-        self._states = self._start_episodes(list(range(self.num_envs)), episodes, given)
+            self.start_sampler.seed(seeds[0])
+        indices = list(range(self.num_envs))
+        self._states = self._start_episodes(indices, self.start_sampler.next_starts(indices, episodes, given))
         return self._observation(), self._reset_info()
-
-    def _check_start_images(self, options: dict, episodes: list[int] | None) -> list[tuple[np.ndarray, str]] | None:
-        """The (image, task) of each sub-env from the `start_images` and `start_tasks` options, or None."""
-        if "start_images" not in options and "start_tasks" not in options:
-            return None
-        if "start_images" not in options or "start_tasks" not in options:
-            raise ValueError("reset options start_images and start_tasks come together: give both or neither")
-        if episodes is not None:
-            raise ValueError("reset options episode_indices and start_images both choose the starts: give one")
-        images, tasks = options["start_images"], options["start_tasks"]
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-            kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
-            raise TypeError(f"start_images must be a uint8 numpy array [{self.num_envs}, H, W, 3], got {kind}")
-        if images.ndim != 4 or images.shape[0] != self.num_envs or images.shape[-1] != 3 or 0 in images.shape:
-            raise ValueError(f"start_images must have shape ({self.num_envs}, H, W, 3), got {images.shape}")
-        if isinstance(tasks, str) or not isinstance(tasks, (Sequence, np.ndarray)) or len(tasks) != self.num_envs:
-            raise ValueError(f"start_tasks must be {self.num_envs} instructions (one per sub-env), got {tasks!r}")
-        if not all(isinstance(task, str) and task for task in tasks):
-            raise TypeError(f"start_tasks must be non-empty strings, got {[type(t).__name__ for t in tasks]}")
-        return [(images[i], str(tasks[i])) for i in range(self.num_envs)]
 
     def _check_seeds(self, seed) -> list[int | None] | None:
         """One seed (or None) per sub-env, as Gymnasium's vector envs number them; None when no seed is given."""
@@ -395,63 +437,18 @@ class OpenSoraLiberoEnv(VectorEnv):
             raise ValueError("reset_mask needs a full reset() first: there are no episodes to restart yet")
         return indices
 
-    def _restart(
-        self,
-        indices: list[int],
-        episodes: list[int] | None = None,
-        given: list[tuple[np.ndarray, str]] | None = None,
-    ) -> None:
-        """Starts the next episode of the sub-envs `indices`: from the `given` (image, task) starts, else the
-        `episodes`, else their group's next draw."""
+    def _restart(self, indices: list[int], episodes: list[int] | None = None, given: list[Start] | None = None) -> None:
+        """Starts the next episode of the sub-envs `indices`: from their `given` starts ([N] or None), else their
+        `episodes` ([N] or None), else their groups' next draws."""
         if not indices:
             return  # the step's autoreset with no sub-env to restart
-        if given is not None:
-            episodes = [GIVEN_START] * len(indices)
-        elif episodes is None:
-            episodes = [self._next_group_episode(i) for i in indices]
-        for i, state in zip(indices, self._start_episodes(indices, episodes, given), strict=True):
+        starts = self.start_sampler.next_starts(indices, episodes, given)
+        for i, state in zip(indices, self._start_episodes(indices, starts), strict=True):
             self._states[i] = state
 
-    def _check_episode_indices(self, episodes) -> list[int]:
-        episodes = np.asarray(episodes)
-        if episodes.shape != (self.num_envs,) or not np.issubdtype(episodes.dtype, np.integer):
-            raise ValueError(
-                f"episode_indices must be {self.num_envs} integers (one per sub-env), got shape {episodes.shape} "
-                f"of {episodes.dtype}"
-            )
-        if episodes.min() < 0 or episodes.max() >= len(self.dataset):
-            raise ValueError(
-                f"episode_indices must lie in [0, {len(self.dataset) - 1}] ({len(self.dataset)} trajectories), "
-                f"got {episodes.tolist()}"
-            )
-        return episodes.tolist()
-
-    def _next_group_episode(self, env_index: int) -> int:
-        """The start trajectory of sub-env `env_index`'s next episode, shared by its group.
-
-        The k-th episode of every member of a group is the group's k-th draw, so members that end at different
-        times still share their starts.
-        """
-        group = env_index // self.config.group_size
-        k = self._episodes_started[env_index]
-        drawn = self._group_episodes[group]
-        while len(drawn) <= k:
-            drawn.append(int(torch.randint(len(self.dataset), (1,), generator=self._episode_generator)))
-        self._episodes_started[env_index] += 1
-        return drawn[k]
-
-    def _start_frame(self, episode: int) -> tuple[np.ndarray, str]:
-        # Trajectory files hold every frame of an episode: read each once and keep only its first frame.
-        if episode not in self._start_frames:
-            self._start_frames[episode] = self.dataset.start_frame(episode)
-        return self._start_frames[episode]
-
-    def _start_episodes(
-        self, env_indices: list[int], episodes: list[int], given: list[tuple[np.ndarray, str]] | None = None
-    ) -> list[SubEnvState]:
-        """New states of the sub-envs `env_indices`, from the `given` (image, task) starts or the `episodes`'."""
-        starts = given if given is not None else [self._start_frame(e) for e in episodes]
-        images = torch.from_numpy(np.stack([image for image, _ in starts]))  # [n, H, W, 3]
+    def _start_episodes(self, env_indices: list[int], starts: list[Start]) -> list[SubEnvState]:
+        """New states of the sub-envs `env_indices`, from their `starts`."""
+        images = torch.from_numpy(np.stack([start.image for start in starts]))  # [n, H, W, 3]
         latents = self.world_model.encode_start(images, generator=[self._generators[i] for i in env_indices]).cpu()
         _check_finite(latents, "start latents", env_indices)
         # The first observation goes through the same [-1, 1] round trip as in the reference.
@@ -461,15 +458,15 @@ class OpenSoraLiberoEnv(VectorEnv):
             SubEnvState(
                 latents=latents[k],
                 image=observed[k],
-                episode_index=episode,
-                task=task,
+                episode_index=start.episode_index,
+                task=start.task,
                 elapsed_steps=0,
                 prev_frame_reward=0.0,
                 success_once=False,
                 episode_return=0.0,
                 needs_reset=False,
             )
-            for k, (episode, (_, task)) in enumerate(zip(episodes, starts, strict=True))
+            for k, start in enumerate(starts)
         ]
 
     # ------------------------------------------------------------------------------------------------ step
@@ -534,29 +531,24 @@ class OpenSoraLiberoEnv(VectorEnv):
             uncertainty = self._uncertainty(prediction, probs)  # [n_active] or None
             for k, i in enumerate(active):
                 state = self._states[i]
-                prev_frame_reward = state.prev_frame_reward
-                step_rewards, done = self._frame_rewards(state, probs[k])
+                outcome = self.reward_rule(
+                    probs[k], state.prev_frame_reward, None if uncertainty is None else uncertainty[k]
+                )
                 if reliability is not None:
-                    fired = cfg.uncertainty_policy != "report" and bool(uncertainty[k] > cfg.uncertainty_threshold)
                     reliability["wm_uncertainty"][i] = uncertainty[k]
-                    reliability["wm_truncated"][i] = fired and cfg.uncertainty_policy == "truncate"
-                    if fired and done and cfg.uncertainty_policy == "withhold":
-                        reliability["wm_withheld"][i] = True
-                        step_rewards[:] = 0.0
-                        state.prev_frame_reward = prev_frame_reward  # the success never happened
-                        done = False
+                    reliability["wm_truncated"][i] = outcome.truncated
+                    reliability["wm_withheld"][i] = outcome.withheld
                 state.latents = new_latents[k]
                 state.image = chunk_frames[k, -1]
                 state.elapsed_steps += a
-                state.success_once |= done
-                state.episode_return += float(step_rewards.sum())
-                terminated[i] = done
-                truncated[i] = state.elapsed_steps >= cfg.max_episode_steps or (
-                    reliability is not None and reliability["wm_truncated"][i]
-                )
+                state.prev_frame_reward = outcome.baseline
+                state.success_once |= outcome.terminated
+                state.episode_return += float(outcome.rewards.sum())
+                terminated[i] = outcome.terminated
+                truncated[i] = state.elapsed_steps >= cfg.max_episode_steps or outcome.truncated
                 state.needs_reset = bool(terminated[i] or truncated[i])
-                rewards[i] = step_rewards.sum()
-                frame_rewards[i] = step_rewards
+                rewards[i] = outcome.rewards.sum()
+                frame_rewards[i] = outcome.rewards
                 success_prob[i] = probs[k]
                 if frames is not None:
                     frames[i] = chunk_frames[k]
@@ -595,17 +587,12 @@ class OpenSoraLiberoEnv(VectorEnv):
         return torch.from_numpy(controller_actions(actions))
 
     def _frame_rewards(self, state: SubEnvState, probs: np.ndarray) -> tuple[np.ndarray, bool]:
-        """Step rewards [A] of one chunk from the classifier's probabilities [A], and whether it succeeded."""
-        cfg = self.config
-        frame_reward = np.round(probs).astype(np.float32)  # the reference's 0/1 reward per frame
-        step_rewards = np.empty_like(frame_reward)
-        prev = state.prev_frame_reward
-        for t, r in enumerate(frame_reward):
-            step_rewards[t] = cfg.reward_coef * r - prev if cfg.use_rel_reward else r
-            prev = cfg.reward_coef * r
-        state.prev_frame_reward = prev
-        score = frame_reward if cfg.success_from == "reward" else probs
-        return step_rewards, bool(score.max() >= cfg.success_threshold)
+        """Step rewards [A] of one chunk from the classifier's probabilities [A], and whether it succeeded: the
+        reward rule without an uncertainty signal. Advances the sub-env's baseline, nothing else (tests/test_env.py
+        checks the env's reward semantics through it; `step` calls the rule itself)."""
+        outcome = self.reward_rule(probs, state.prev_frame_reward)
+        state.prev_frame_reward = outcome.baseline
+        return outcome.rewards, outcome.terminated
 
     # ---------------------------------------------------------------------------------------- observation
 

@@ -1,0 +1,156 @@
+"""Where the episodes of `OpenSoraLiberoEnv`'s sub-envs start: which recorded trajectory, shared by groups.
+
+An episode starts from the first frame of a recorded trajectory (or from a frame the caller gives). A group is
+`group_size` consecutive sub-envs (a GRPO group) whose k-th episodes all start from the group's k-th draw, so
+members that end at different times still share their starts. Draws come from one `torch.Generator` that a
+seeded full reset reseeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from opensora_gym.data import TrajectoryDataset
+
+# `episode_index` of a sub-env started from a given image (`reset(options={"start_images": ...})`), not a trajectory.
+GIVEN_START = -1
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where one sub-env's episode starts.
+
+    Attributes:
+        episode_index: the recorded trajectory whose first frame it starts from, or `GIVEN_START`.
+        image: [H, W, 3] uint8 start frame, at the size it was recorded or given.
+        task: the instruction of the episode.
+    """
+
+    episode_index: int
+    image: np.ndarray
+    task: str
+
+
+class StartSampler:
+    """Chooses the start of each sub-env's next episode: a group's draw, a chosen trajectory or a given frame.
+
+    Args:
+        dataset: the recorded trajectories; their first frames are the starts.
+        num_envs: N, the number of sub-envs.
+        group_size: consecutive sub-envs that share their starts; a positive divisor of `num_envs`.
+
+    Example:
+        >>> sampler = StartSampler(dataset, num_envs=4, group_size=2)  # doctest: +SKIP
+        >>> sampler.seed(0)  # doctest: +SKIP
+        >>> starts = sampler.next_starts([0, 1, 2, 3])  # doctest: +SKIP
+        >>> starts[0].episode_index == starts[1].episode_index  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, dataset: TrajectoryDataset, num_envs: int, group_size: int = 1):
+        if group_size < 1 or num_envs % group_size:
+            raise ValueError(f"group_size must be a positive divisor of num_envs ({num_envs}), got {group_size!r}")
+        self.dataset = dataset
+        self.num_envs = num_envs
+        self.group_size = group_size
+        self.generator = torch.Generator()
+        self._group_draws: list[list[int]] = [[] for _ in range(num_envs // group_size)]
+        self._episodes_started = np.zeros(num_envs, dtype=np.int64)
+        self._start_frames: dict[int, tuple[np.ndarray, str]] = {}
+
+    def seed(self, seed: int) -> None:
+        """Reseeds the draws and starts every group's sequence of draws over (what a seeded full reset does)."""
+        self.generator.manual_seed(seed)
+        self._group_draws = [[] for _ in self._group_draws]
+        self._episodes_started[:] = 0
+
+    def check_options(self, options: Mapping[str, Any]) -> tuple[list[int] | None, list[Start] | None]:
+        """The starts a reset's options choose, checked: `episode_indices`, or `start_images` with `start_tasks`.
+
+        Args:
+            options: the reset options; `episode_indices` [N] ints in [0, len(dataset)), `start_images`
+                [N, H, W, 3] uint8 and `start_tasks` N non-empty instructions. Other keys are ignored.
+
+        Returns:
+            (episodes, given): the chosen trajectory of each of the N sub-envs, or None; the given start of each,
+            or None. At most one of the two is not None.
+        """
+        episodes = options.get("episode_indices")
+        if episodes is not None:
+            episodes = self._check_episode_indices(episodes)
+        if "start_images" not in options and "start_tasks" not in options:
+            return episodes, None
+        if "start_images" not in options or "start_tasks" not in options:
+            raise ValueError("reset options start_images and start_tasks come together: give both or neither")
+        if episodes is not None:
+            raise ValueError("reset options episode_indices and start_images both choose the starts: give one")
+        images, tasks = options["start_images"], options["start_tasks"]
+        n = self.num_envs
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+            kind = images.dtype if isinstance(images, np.ndarray) else type(images).__name__
+            raise TypeError(f"start_images must be a uint8 numpy array [{n}, H, W, 3], got {kind}")
+        if images.ndim != 4 or images.shape[0] != n or images.shape[-1] != 3 or 0 in images.shape:
+            raise ValueError(f"start_images must have shape ({n}, H, W, 3), got {images.shape}")
+        if isinstance(tasks, str) or not isinstance(tasks, (Sequence, np.ndarray)) or len(tasks) != n:
+            raise ValueError(f"start_tasks must be {n} instructions (one per sub-env), got {tasks!r}")
+        if not all(isinstance(task, str) and task for task in tasks):
+            raise TypeError(f"start_tasks must be non-empty strings, got {[type(t).__name__ for t in tasks]}")
+        return None, [Start(GIVEN_START, images[i], str(tasks[i])) for i in range(n)]
+
+    def _check_episode_indices(self, episodes) -> list[int]:
+        episodes = np.asarray(episodes)
+        if episodes.shape != (self.num_envs,) or not np.issubdtype(episodes.dtype, np.integer):
+            raise ValueError(
+                f"episode_indices must be {self.num_envs} integers (one per sub-env), got shape {episodes.shape} "
+                f"of {episodes.dtype}"
+            )
+        if episodes.min() < 0 or episodes.max() >= len(self.dataset):
+            raise ValueError(
+                f"episode_indices must lie in [0, {len(self.dataset) - 1}] ({len(self.dataset)} trajectories), "
+                f"got {episodes.tolist()}"
+            )
+        return episodes.tolist()
+
+    def next_starts(
+        self, env_indices: Sequence[int], episodes: list[int] | None = None, given: list[Start] | None = None
+    ) -> list[Start]:
+        """The starts of the next episodes of the sub-envs `env_indices`.
+
+        Args:
+            env_indices: the sub-envs that start an episode; their groups draw in this order.
+            episodes: [N] the trajectory of each sub-env (from `check_options`), else None.
+            given: [N] the given start of each sub-env (from `check_options`), else None. Given starts and chosen
+                trajectories take no draw.
+
+        Returns:
+            One `Start` per sub-env of `env_indices`: its `given` start, else its chosen trajectory's, else its
+            group's next draw.
+        """
+        if given is not None:
+            return [given[i] for i in env_indices]
+        if episodes is None:
+            chosen = [self._next_group_episode(i) for i in env_indices]
+        else:
+            chosen = [episodes[i] for i in env_indices]
+        return [Start(e, *self._start_frame(e)) for e in chosen]
+
+    def _next_group_episode(self, env_index: int) -> int:
+        """The k-th episode of sub-env `env_index` starts from its group's k-th draw."""
+        group = env_index // self.group_size
+        k = self._episodes_started[env_index]
+        drawn = self._group_draws[group]
+        while len(drawn) <= k:
+            drawn.append(int(torch.randint(len(self.dataset), (1,), generator=self.generator)))
+        self._episodes_started[env_index] += 1
+        return drawn[k]
+
+    def _start_frame(self, episode: int) -> tuple[np.ndarray, str]:
+        # Trajectory files hold every frame of an episode: read each once and keep only its first frame.
+        if episode not in self._start_frames:
+            self._start_frames[episode] = self.dataset.start_frame(episode)
+        return self._start_frames[episode]
