@@ -80,35 +80,6 @@ def test_chunk_step_equals_the_components(checkpoint, world_model):
     np.testing.assert_allclose(reward, expected.sum(axis=1))
 
 
-@pytest.mark.parametrize(
-    ("overrides", "probs", "rewards", "done"),
-    [
-        ({}, [0.2, 0.6, 0.7, 0.4, 0.1, 0.1, 0.9, 0.3], [0, 1, 0, -1, 0, 0, 1, -1], True),
-        ({"reward_coef": 5.0}, [0.6] + [0.1] * 7, [5, -5, 0, 0, 0, 0, 0, 0], True),
-        ({"use_rel_reward": False}, [0.2, 0.6, 0.7, 0.4, 0.1, 0.1, 0.9, 0.3], [0, 1, 1, 0, 0, 0, 1, 0], True),
-        ({}, [0.1] * 8, [0] * 8, False),
-        ({"success_from": "probability"}, [0.6] * 8, [1, 0, 0, 0, 0, 0, 0, 0], False),
-        ({"success_from": "probability", "success_threshold": 0.55}, [0.6] * 8, [1] + [0] * 7, True),
-    ],
-)
-def test_reward_semantics_against_hand_computed_cases(checkpoint, world_model, overrides, probs, rewards, done):
-    env = make_env(checkpoint, world_model, num_envs=1, **overrides)
-    env.reset(seed=0)
-    state = env._states[0]
-    step_rewards, succeeded = env._frame_rewards(state, np.array(probs, dtype=np.float32))
-    np.testing.assert_allclose(step_rewards, rewards)
-    assert succeeded == done
-
-
-def test_relative_reward_carries_over_between_chunks(checkpoint, world_model):
-    env = make_env(checkpoint, world_model, num_envs=1)
-    env.reset(seed=0)
-    state = env._states[0]
-    env._frame_rewards(state, np.array([0.1] * 7 + [0.9], dtype=np.float32))
-    second, _ = env._frame_rewards(state, np.array([0.9] * 7 + [0.1], dtype=np.float32))
-    np.testing.assert_allclose(second, [0, 0, 0, 0, 0, 0, 0, -1])
-
-
 def test_per_sub_env_truncation_and_next_step_autoreset(checkpoint, never_success):
     env = make_env(checkpoint, never_success, num_envs=2, max_episode_steps=16)
     env.reset(seed=0)

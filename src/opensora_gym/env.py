@@ -586,14 +586,6 @@ class OpenSoraLiberoEnv(VectorEnv):
         # The world model was trained on LIBERO's controller actions, as the real env executes them.
         return torch.from_numpy(controller_actions(actions))
 
-    def _frame_rewards(self, state: SubEnvState, probs: np.ndarray) -> tuple[np.ndarray, bool]:
-        """Step rewards [A] of one chunk from the classifier's probabilities [A], and whether it succeeded: the
-        reward rule without an uncertainty signal. Advances the sub-env's baseline, nothing else (tests/test_env.py
-        checks the env's reward semantics through it; `step` calls the rule itself)."""
-        outcome = self.reward_rule(probs, state.prev_frame_reward)
-        state.prev_frame_reward = outcome.baseline
-        return outcome.rewards, outcome.terminated
-
     # ---------------------------------------------------------------------------------------- observation
 
     def _observation(self) -> dict:
