@@ -500,7 +500,6 @@ class AuditConfig:
     trial_ids: tuple[int, ...] | None = (0,)
     num_starts: int | None = None
     max_episode_steps: int | None = None
-    image_size: int | None = None
     protocol: Literal["rlinf", "openvla_oft"] = "rlinf"
     total_num_envs: int | None = None
     divergence_psnr: float = 20.0
