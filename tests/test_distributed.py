@@ -1,6 +1,7 @@
 """Two gloo processes on the CPU: identical weights on both ranks, rank 0's files, and the 2 x N/2 = 1 x N update."""
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -12,10 +13,16 @@ import torch
 import torch.multiprocessing as mp
 
 from trainers.config import PRESETS_DIR, load_config
-from trainers.distributed import DistributedContext, ParallelPolicy, init_distributed, normalize_advantages_global
+from trainers.distributed import (
+    DistributedContext,
+    ParallelPolicy,
+    init_distributed,
+    normalize_advantages_global,
+    plan_optimizer_steps,
+)
+from trainers.grpo import grpo_targets
 from trainers.rollout import RolloutBatch, collect_rollout
 from trainers.runner import Trainer, build_policy, build_world_model_env, resolve_world_model
-from trainers.targets import compute_targets
 from trainers.update import PolicyUpdater, flatten_for_update
 
 WORLD_SIZE = 2
@@ -204,7 +211,7 @@ def update_worker(rank: int, port: int, log_path: Path, out: Path) -> None:
     batch, policy = rollout_of_all_envs(config)
     share = NUM_ENVS // WORLD_SIZE
     batch = trajectories(batch, rank * share, (rank + 1) * share)
-    targets = compute_targets(batch, config.algorithm, config.env.train.group_size)
+    targets = grpo_targets(batch, config.algorithm, config.env.train.group_size)
     data = flatten_for_update(batch, targets, with_critic=False)
     results = {s: updated_gradients_and_weights(config, policy, data, s, context) for s in ("ddp", "fsdp")}
     advantages = torch.randn(3, share, 1, generator=torch.Generator().manual_seed(rank))
@@ -220,7 +227,7 @@ def test_two_ranks_of_half_the_envs_update_like_one_process_of_all(tmp_path):
     config = update_config(tmp_path)
     resolve_world_model(config)
     batch, policy = rollout_of_all_envs(config)
-    targets = compute_targets(batch, config.algorithm, config.env.train.group_size)
+    targets = grpo_targets(batch, config.algorithm, config.env.train.group_size)
     data = flatten_for_update(batch, targets, with_critic=False)
     assert len(data) == NUM_ENVS  # every trajectory's single chunk step is fitted
     moments, weights, metrics = updated_gradients_and_weights(config, policy, data, "none", DistributedContext())
@@ -252,3 +259,33 @@ def test_two_ranks_of_half_the_envs_update_like_one_process_of_all(tmp_path):
         torch.cat([r["advantages"] for r in ranks], dim=1), torch.cat([r["mask"] for r in ranks], dim=1)
     )
     torch.testing.assert_close(torch.cat([r["normalized"] for r in ranks], dim=1), whole)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankZeroOfTwo(DistributedContext):
+    """Rank 0 of two, where rank 1's gathered value is `other` (no process group)."""
+
+    other: object = None
+
+    def all_gather_objects(self, value):
+        return [value, self.other]
+
+
+def passes_of(plans):
+    return [[None if rows is None else rows.tolist() for rows in plan.passes] for plan in plans]
+
+
+def test_plans_pad_a_short_rank_with_zero_weighted_passes_under_fsdp():
+    mask = torch.tensor([[True], [False], [True], [True], [False], [False]])  # rank 0's six rows
+    empty = torch.tensor([], dtype=torch.long)
+    # Rank 0's rows with a valid entry, per micro-batch of each optimizer step; rank 1 sends (passes, valid entries).
+    global_batches = [[torch.tensor([0]), empty], [torch.tensor([2, 3]), empty], [empty, empty]]
+    context = RankZeroOfTwo(world_size=2, other=[(2, 5), (0, 0), (0, 0)])
+    fsdp = plan_optimizer_steps(global_batches, mask, context, lockstep=True)
+    ddp = plan_optimizer_steps(global_batches, mask, context, lockstep=False)
+    # FSDP: as many passes as the rank with the most; a step without valid rows anywhere still takes one pass.
+    assert passes_of(fsdp) == [[[0], None], [[2, 3]], [None]]
+    assert passes_of(ddp) == [[[0]], [[2, 3]], [None]]
+    assert [plan.valid_entries for plan in fsdp] == [6, 2, 0] and fsdp[0].micro_batches == 2
+    # The token-mean weight of rank 0's pass: its valid entries over both ranks', times the 2 ranks.
+    assert fsdp[0].token_mean_weight(1) == 2 * 1 / 6

@@ -11,10 +11,10 @@ from opensora_gym.env import OpenSoraLiberoConfig, OpenSoraLiberoEnv
 from opensora_gym.reliability import auroc, average_ranks, classifier_uncertainty, draw_disagreement, spearman
 from opensora_gym.testing import random_chunk_actions
 from opensora_gym.world_model import WorldModel
+from trainers.advantages import Targets
 from trainers.config import ConfigError, TrainEnvConfig
 from trainers.rollout import collect_rollout
 from trainers.runner import rollout_metrics
-from trainers.targets import Targets
 from vla_policies import SmallCNNPolicy, SmallPolicyConfig
 
 FAST = {"num_sampling_steps": 2, "image_size": 64, "dtype": "float32", "max_episode_steps": 16}

@@ -7,8 +7,9 @@ from opensora_gym.env import OpenSoraLiberoEnv
 from opensora_gym.presets import make_tiny_checkpoint
 from trainers.advantages import compute_gae
 from trainers.config import AlgorithmConfig
+from trainers.grpo import grpo_scores, grpo_targets
+from trainers.ppo import gae_targets
 from trainers.rollout import RolloutBatch, collect_rollout, loss_mask_from_dones, merge_epochs
-from trainers.targets import compute_targets, grpo_scores
 from vla_policies import SmallCNNPolicy, SmallPolicyConfig
 
 
@@ -63,7 +64,7 @@ def test_grpo_scores_filter_and_advantages_by_hand():
     batch = batch_of(rewards, dones)
     assert grpo_scores(batch).tolist() == [5.0, 0.0, 5.0, 5.0]
     algorithm = AlgorithmConfig(filter_rewards=True, rewards_lower_bound=0.5, rewards_upper_bound=4.5)
-    targets = compute_targets(batch, algorithm, group_size=2)
+    targets = grpo_targets(batch, algorithm, group_size=2)
     adv = 2.5 / (math.sqrt(12.5) + 1e-6)  # (5 - 2.5) / (unbiased std of (5, 0) + 1e-6)
     assert targets.loss_mask.shape == (2, 4, 2) and targets.returns is None
     assert targets.loss_mask[:, 2:].sum() == 0  # the all-success group is dropped
@@ -71,7 +72,7 @@ def test_grpo_scores_filter_and_advantages_by_hand():
     torch.testing.assert_close(targets.advantages[:, 0], torch.tensor([[adv, adv], [0.0, 0.0]]))
     torch.testing.assert_close(targets.advantages[:, 1], torch.full((2, 2), -adv))
     assert targets.advantages[:, 2:].abs().sum() == 0
-    unfiltered = compute_targets(batch, AlgorithmConfig(), group_size=2)
+    unfiltered = grpo_targets(batch, AlgorithmConfig(), group_size=2)
     assert unfiltered.loss_mask[:, 2:].any() and unfiltered.advantages[:, 2:].abs().sum() == 0
 
 
@@ -81,13 +82,13 @@ def test_gae_chunk_level_by_hand():
     algorithm = AlgorithmConfig(
         adv_type="gae", reward_type="chunk_level", gamma=0.5, gae_lambda=1.0, normalize_advantages=False
     )
-    targets = compute_targets(batch, algorithm, group_size=1)
+    targets = gae_targets(batch, algorithm)
     # delta_1 = 2 + 0.5 * 3 - 1 = 2.5; A_0 = (1 + 0.5 * 1 - 0.5) + 0.5 * 2.5 = 2.25
     torch.testing.assert_close(targets.advantages[:, 0, 0], torch.tensor([2.25, 2.5]))
     torch.testing.assert_close(targets.returns[:, 0, 0], torch.tensor([2.75, 3.5]))
     # A done after chunk 0 stops the bootstrap: A_0 = 1 - 0.5, and chunk 1 is masked.
     ended = batch_of([[[0.5, 0.5]], [[2.0, 0.0]]], [[[0, 0]], [[0, 1]], [[0, 0]]], values=[[[0.5]], [[1.0]], [[3.0]]])
-    targets = compute_targets(ended, algorithm, group_size=1)
+    targets = gae_targets(ended, algorithm)
     assert targets.advantages[0, 0, 0].item() == pytest.approx(0.5)
     assert targets.loss_mask[:, 0, 0].tolist() == [True, False] and targets.advantages[1, 0, 0] == 0
 
@@ -98,7 +99,7 @@ def test_gae_action_level_runs_over_actions():
     values = [[[1.0, 2.0]], [[4.0, 8.0]]]
     batch = batch_of([[[3.0, 5.0]]], [[[0, 0]], [[0, 0]]], values=values)
     algorithm = AlgorithmConfig(adv_type="gae", gamma=1.0, gae_lambda=1.0, normalize_advantages=False)
-    targets = compute_targets(batch, algorithm, group_size=1)
+    targets = gae_targets(batch, algorithm)
     a1 = 5.0 + 4.0 - 2.0
     a0 = 3.0 + 2.0 - 1.0 + a1
     torch.testing.assert_close(targets.advantages[0, 0], torch.tensor([a0, a1]))
@@ -106,7 +107,7 @@ def test_gae_action_level_runs_over_actions():
         torch.tensor([[3.0], [5.0]]), torch.tensor([[1.0], [2.0], [4.0]]), torch.zeros(3, 1, dtype=torch.bool), 1.0, 1.0
     )
     torch.testing.assert_close(targets.advantages[0, 0], reference[:, 0])
-    normalized = compute_targets(batch, AlgorithmConfig(adv_type="gae"), group_size=1)
+    normalized = gae_targets(batch, AlgorithmConfig(adv_type="gae"))
     assert normalized.advantages.mean().abs() < 1e-5
 
 

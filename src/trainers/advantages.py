@@ -1,7 +1,7 @@
-"""Advantage estimators for PPO and GRPO on embodied rollouts.
+"""Advantage estimators for PPO and GRPO on embodied rollouts, and `Targets`, what the update fits.
 
-Pure functions on tensors, with the conventions of RLinf's embodied pipeline (the one the
-RLinf-OpenSora checkpoints were trained with):
+Pure functions on tensors (`trainers.grpo` and `trainers.ppo` apply them to a rollout), with the conventions of
+RLinf's embodied pipeline (the one the RLinf-OpenSora checkpoints were trained with):
 
 - Time-major layout: rewards are ``[T, B]`` (step, environment). Values and dones carry one extra
   leading row, ``[T + 1, B]``, so that ``values[t + 1]`` bootstraps step ``t`` and ``dones[t + 1]``
@@ -12,15 +12,46 @@ RLinf-OpenSora checkpoints were trained with):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from einops import rearrange, repeat
 
 __all__ = [
+    "Targets",
     "compute_gae",
     "compute_grpo_advantages",
     "grpo_group_filter",
     "normalize_advantages",
+    "per_reward",
 ]
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the update fits, per chunk step of a `RolloutBatch` (R = A for `action_level`, 1 for `chunk_level`).
+
+    Attributes:
+        advantages: [T, B, R] float32, zero where `loss_mask` is false.
+        returns: [T, B, R] float32 value targets (GAE), or None (GRPO).
+        loss_mask: [T, B, R] bool: the first episode, minus the groups the GRPO filter dropped.
+        scores: [B] float32 GRPO scores, or None (GAE).
+    """
+
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+    loss_mask: torch.Tensor
+    scores: torch.Tensor | None
+
+
+def per_reward(tensor: torch.Tensor, reward_type: str, reduce: str) -> torch.Tensor:
+    """[T, B, A] -> [T, B, R]: unchanged for `action_level`, reduced over the chunk (`reduce`: `sum` or `any`) for
+    `chunk_level`."""
+    if reward_type == "action_level":
+        return tensor
+    if reduce == "sum":
+        return tensor.sum(dim=-1, keepdim=True)
+    return tensor.any(dim=-1, keepdim=True)
 
 
 def _as_bool_mask(name: str, mask: torch.Tensor) -> torch.Tensor:

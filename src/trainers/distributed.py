@@ -19,17 +19,19 @@ What each rank does:
 - Targets: GRPO advantages are per group, hence exact per rank; PPO's advantage whitening uses the mean and std
   over every rank's valid entries (`normalize_advantages_global`).
 - Update: `actor.global_batch_size` counts chunk steps over all ranks; rank r cuts its shuffled steps into
-  batches of `global_batch_size / world_size`. Every rank runs the same number of optimizer steps (the most any
-  rank needs). A micro-batch's loss is weighted by `world_size x its steps / the steps of this optimizer step over
-  all ranks`, and gradients are averaged over ranks, so the step's gradient is that of the row-weighted mean over
-  the whole global batch: with uniformly masked rows, the gradient of one process holding every row.
+  batches of `global_batch_size / world_size` (`rank_batch_size`), so every rank runs the same number of optimizer
+  steps. A micro-batch's loss is weighted by 1 / the micro-batches of a rank's share (`embodied`) or by
+  `world_size x its valid entries / the valid entries of this optimizer step over all ranks` (`token_mean`;
+  `plan_optimizer_steps` gathers the counts), and gradients are averaged over ranks, so the step's gradient is
+  that of one process holding the whole global batch.
+  A non-finite loss on any rank stops every rank (`first_failure`), as do non-finite weights (`all_ranks_finite`).
 - `ddp`: every rank holds the full policy; after the backward passes of an optimizer step, the gradients of the
   trainable parameters are averaged with one all-reduce per bucket (`average_gradients`). This keeps the
   policy's own `act` / `evaluate` methods, which a `DistributedDataParallel` wrapper would bypass (its hooks
   only fire through `forward`), and gives DDP's result.
 - `fsdp`: the policy is sharded with FSDP2 (`fully_shard`: each LLaMA decoder layer and ViT block of
   OpenVLA-OFT, then the whole policy), `evaluate` registered as a forward method. FSDP's collectives run in every
-  forward, so every rank runs the same number of micro-batches (a rank short of rows runs zero-weighted repeats).
+  forward, so every rank runs the same number of micro-batches (a rank short of rows runs zero-weighted passes).
   Rollouts, evaluation and checkpoints use a full replica of the policy on each rank (no collectives, so ranks
   may stop their rollouts at different steps); after each update the trainable parameters (LoRA adapters and
   value head when LoRA is on) are gathered into it (`sync_replica`).
@@ -56,11 +58,16 @@ from vla_policies.base import Policy
 
 __all__ = [
     "DistributedContext",
+    "OptimizerStepPlan",
     "ParallelPolicy",
+    "all_ranks_finite",
     "average_gradients",
+    "first_failure",
     "gather_concat",
     "init_distributed",
     "normalize_advantages_global",
+    "plan_optimizer_steps",
+    "rank_batch_size",
 ]
 
 Strategy = Literal["none", "ddp", "fsdp"]
@@ -283,9 +290,10 @@ class ParallelPolicy:
         if self.strategy == "ddp":
             average_gradients(parameters, self.context)
 
-    @staticmethod
-    def local_norm(norm: torch.Tensor) -> torch.Tensor:
+    def local_norm(self, norm: torch.Tensor) -> torch.Tensor:
         """A gradient norm as a plain tensor (FSDP's `clip_grad_norm_` returns a replicated DTensor)."""
+        if self.strategy != "fsdp":
+            return norm
         from torch.distributed.tensor import DTensor
 
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
@@ -342,3 +350,96 @@ class ParallelPolicy:
         set_optimizer_state_dict(
             self.module, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
         )
+
+
+# ------------------------------------------------------------------------------------------------ the update
+
+
+def rank_batch_size(global_batch_size: int, micro_batch_size: int, context: DistributedContext) -> int:
+    """The chunk steps of each rank per optimizer step: `global_batch_size / world_size`, whole micro-batches.
+
+    Raises:
+        ValueError: `global_batch_size` is not a multiple of `micro_batch_size` x the number of ranks.
+    """
+    if global_batch_size % (micro_batch_size * context.world_size):
+        raise ValueError(
+            f"actor.global_batch_size ({global_batch_size}) must be a multiple of actor.micro_batch_size "
+            f"({micro_batch_size}) times the number of ranks ({context.world_size}): each rank takes an equal "
+            "share of every global batch in whole micro-batches"
+        )
+    return global_batch_size // context.world_size
+
+
+@dataclass(frozen=True)
+class OptimizerStepPlan:
+    """The forward/backward passes of one optimizer step on this rank.
+
+    Attributes:
+        passes: the rows of each pass (a micro-batch's rows with a valid entry); None is a zero-weighted pass,
+            which FSDP's collectives need when another rank runs more passes, and which a global batch without a
+            valid row takes so that the optimizer still steps (with zero gradients), as RLinf's does.
+        micro_batches: the micro-batches of the global batch on each rank.
+        valid_entries: the valid entries of the global batch over every rank.
+        world_size: the number of ranks.
+    """
+
+    passes: list[torch.Tensor | None]
+    micro_batches: int
+    valid_entries: int
+    world_size: int
+
+    def token_mean_weight(self, valid: int) -> float:
+        """The weight of a pass with `valid` valid entries under the token-mean: its share of the global batch's
+        valid entries, times the ranks since the gradients are averaged over ranks."""
+        return self.world_size * valid / self.valid_entries
+
+
+def plan_optimizer_steps(
+    global_batches: list[list[torch.Tensor]], mask: torch.Tensor, context: DistributedContext, lockstep: bool
+) -> list[OptimizerStepPlan]:
+    """The passes of each optimizer step, from this rank's global batches and every rank's counts.
+
+    Args:
+        global_batches: per optimizer step, the rows of each micro-batch that have a valid entry.
+        mask: [M, R] bool valid entries of this rank's rows.
+        context: the job (a collective when distributed).
+        lockstep: every rank runs the same number of passes (`ParallelPolicy.lockstep`).
+
+    Returns:
+        one plan per global batch, in order.
+    """
+    # Per optimizer step: passes with rows and valid entries, on every rank.
+    counts = context.all_gather_objects(
+        [(sum(len(rows) > 0 for rows in step), int(mask[torch.cat(step)].sum())) for step in global_batches]
+    )
+    plans = []
+    for index, step in enumerate(global_batches):
+        passes: list[torch.Tensor | None] = [rows for rows in step if len(rows)]
+        if lockstep:
+            passes += [None] * (max(1, *(rank[index][0] for rank in counts)) - len(passes))
+        elif not passes:
+            passes = [None]
+        valid_entries = sum(rank[index][1] for rank in counts)
+        plans.append(OptimizerStepPlan(passes, len(step), valid_entries, context.world_size))
+    return plans
+
+
+def first_failure(
+    failure: tuple[str, dict[str, float]] | None, context: DistributedContext
+) -> tuple[str, dict[str, float]] | None:
+    """This rank's (reason, metrics) of a non-finite loss, else another rank's (every rank stops together), else
+    None; a collective when distributed."""
+    failures = context.all_gather_objects(failure)
+    if failures[context.rank] is not None:
+        return failures[context.rank]
+    for other, found in enumerate(failures):
+        if found is not None:
+            return f"{found[0]} on rank {other}", found[1]
+    return None
+
+
+def all_ranks_finite(parameters: Sequence[torch.Tensor], context: DistributedContext) -> bool:
+    """Whether every parameter is finite on every rank (a sharded parameter checks its local shard on each)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in parameters]
+    finite = bool(torch.stack([p.detach().isfinite().all() for p in local]).all())
+    return all(context.all_gather_objects(finite))

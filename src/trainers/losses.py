@@ -13,16 +13,36 @@ The formulas and the logged metrics follow RLinf's ``compute_ppo_actor_loss`` an
   actions of the entry's trajectory. Every trajectory then weighs in proportion to ``max_episode_steps``,
   whatever its length, and the denominator is the number of entries, valid or not.
 
-Metrics are detached 0-dim tensors (never Python numbers). Two steps wait for the device: checking
-that a non-bool mask holds only 0 and 1 (pass bool masks to skip it) and the boolean selection of
+The primitives' metrics are detached 0-dim tensors (never Python numbers). Two steps wait for the device:
+checking that a non-bool mask holds only 0 and 1 (pass bool masks to skip it) and the boolean selection of
 the explained-variance statistics, kept because it reproduces RLinf's sums to the bit.
+
+``policy_loss`` is the policy term that GRPO (``trainers.grpo``) and PPO (``trainers.ppo``) share: the clipped
+loss of a micro-batch (``LossInputs``) with the entropy bonus and the KL penalty, and its metrics as logged.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["actor_loss", "critic_loss", "huber_loss", "kl_penalty", "masked_mean", "masked_mean_ratio"]
+from trainers.config import AlgorithmConfig
+
+__all__ = [
+    "ACTOR_METRICS",
+    "LossInputs",
+    "actor_loss",
+    "critic_loss",
+    "huber_loss",
+    "kl_penalty",
+    "masked_mean",
+    "masked_mean_ratio",
+    "policy_loss",
+]
+
+# The metrics of `actor_loss` that are logged, as `actor/<name>`.
+ACTOR_METRICS = ("policy_loss", "approx_kl", "clip_fraction", "clipped_ratio", "ratio", "dual_clip_fraction")
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -373,3 +393,76 @@ def kl_penalty(
     log_ratio = torch.clamp(ref_logprobs - logprobs, min=-20.0, max=20.0)
     per_token = torch.clamp(torch.exp(log_ratio) - log_ratio - 1, max=10.0)
     return masked_mean(per_token, mask)
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One micro-batch as the losses see it: m rows, A actions of D tokens, R advantages and V values per chunk.
+
+    Attributes:
+        logprobs: [m, A, D] float32 log-probs of the taken tokens under the current policy (with gradient).
+        old_logprobs: [m, A, D] float32 log-probs at rollout time.
+        entropy: [m, A, D] float32 entropy of each token's distribution (with gradient).
+        ref_logprobs: [m, A, D] float32 log-probs under the KL reference, or None (`kl_beta` = 0).
+        advantages: [m, R, 1] float32; R = A or 1 broadcasts over the tokens.
+        mask: [m, R, 1] bool, the valid entries.
+        loss_mask_sum: [m, 1] float32, the number of valid actions of each row's trajectory.
+        values: [m, V] float32 current values (with gradient), or None without a value head.
+        old_values: [m, V] float32 values at rollout time, or None.
+        returns: [m, R] float32 value targets, or None.
+        max_episode_steps: the `embodied` aggregation's scale; None aggregates as the token-mean.
+        row_share: the rows of this micro-batch over `actor.micro_batch_size` under the `embodied` aggregation
+            (its means run over a whole micro-batch; the rows left out are fully masked and add 0), else 1.
+    """
+
+    logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    entropy: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    loss_mask_sum: torch.Tensor
+    values: torch.Tensor | None
+    old_values: torch.Tensor | None
+    returns: torch.Tensor | None
+    max_episode_steps: int | None
+    row_share: float
+
+
+def policy_loss(inputs: LossInputs, algorithm: AlgorithmConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped policy loss minus `entropy_bonus` x the entropy plus `kl_beta` x the KL to the reference.
+
+    Args:
+        inputs: the micro-batch.
+        algorithm: the clip ratios, `entropy_bonus` and `kl_beta`.
+
+    Returns:
+        ``(loss, metrics)``: the 0-dim loss (with gradient) and its metrics as logged under ``train/``:
+        ``actor/<name>`` for each of ``ACTOR_METRICS``, ``entropy_loss`` (the token-mean entropy, logged even
+        without a bonus) and ``actor/kl`` (with ``kl_beta > 0``).
+    """
+    embodied: dict[str, object] = {}
+    if inputs.max_episode_steps is not None:
+        embodied = {"max_episode_steps": inputs.max_episode_steps, "loss_mask_sum": inputs.loss_mask_sum[:, :, None]}
+    loss, actor_metrics = actor_loss(
+        inputs.logprobs,
+        inputs.old_logprobs,
+        inputs.advantages,
+        inputs.mask,
+        algorithm.clip_ratio_low,
+        algorithm.clip_ratio_high,
+        algorithm.clip_ratio_c,
+        **embodied,
+    )
+    loss = loss * inputs.row_share
+    metrics = {f"actor/{key}": float(actor_metrics[key]) for key in ACTOR_METRICS}
+    metrics["actor/policy_loss"] *= inputs.row_share
+    entropy = masked_mean(inputs.entropy, inputs.mask)
+    metrics["entropy_loss"] = float(entropy.detach())
+    if algorithm.entropy_bonus > 0:
+        loss = loss - algorithm.entropy_bonus * entropy
+    if algorithm.kl_beta > 0:
+        kl = kl_penalty(inputs.logprobs, inputs.ref_logprobs, inputs.mask)
+        metrics["actor/kl"] = float(kl.detach())
+        loss = loss + algorithm.kl_beta * kl
+    return loss, metrics

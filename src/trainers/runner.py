@@ -16,7 +16,6 @@ sub-envs; `trainers.distributed` says how the work and the files are split.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -33,18 +32,14 @@ from opensora_gym.data import ActionStatistics
 from opensora_gym.env import OpenSoraLiberoEnv
 from opensora_gym.presets import make_action_sensitive_checkpoint, make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel
+from trainers.advantages import Targets
 from trainers.config import ConfigError, ModelConfig, TrainConfig, config_to_dict, from_dict
-from trainers.distributed import (
-    DistributedContext,
-    ParallelPolicy,
-    gather_concat,
-    init_distributed,
-    normalize_advantages_global,
-)
+from trainers.distributed import DistributedContext, ParallelPolicy, gather_concat, init_distributed
 from trainers.evaluate import EvalResult, evaluate_policy, libero_episodes, world_model_episodes
+from trainers.grpo import grpo_targets
 from trainers.loggers import MetricLogger
+from trainers.ppo import gae_targets
 from trainers.rollout import RolloutBatch, collect_rollout, merge_epochs
-from trainers.targets import Targets, compute_targets
 from trainers.update import LoraBaseReference, NonFiniteLossError, PolicyUpdater, flatten_for_update
 from vla_policies.base import Policy
 
@@ -533,13 +528,11 @@ class Trainer:
         return metrics
 
     def _targets(self, batch: RolloutBatch) -> Targets:
-        """`compute_targets`, with PPO's advantage whitening over every rank's valid entries."""
-        algorithm, group_size = self.config.algorithm, self.config.env.train.group_size
-        if not (self.context.is_distributed and algorithm.adv_type == "gae" and algorithm.normalize_advantages):
-            return compute_targets(batch, algorithm, group_size)
-        targets = compute_targets(batch, dataclasses.replace(algorithm, normalize_advantages=False), group_size)
-        advantages = normalize_advantages_global(targets.advantages, targets.loss_mask, self.context)
-        return dataclasses.replace(targets, advantages=torch.where(targets.loss_mask, advantages, 0.0))
+        """The algorithm's advantages (and returns) of the batch: `grpo_targets` or `gae_targets`."""
+        algorithm = self.config.algorithm
+        if algorithm.adv_type == "grpo":
+            return grpo_targets(batch, algorithm, self.config.env.train.group_size)
+        return gae_targets(batch, algorithm, self.context)
 
     def run(self) -> TrainResult:
         """Trains until `runner.max_steps`, saving every `save_interval` steps and at the end."""

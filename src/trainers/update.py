@@ -1,12 +1,20 @@
-"""The policy update: clipped PPO/GRPO actor loss, optional critic, entropy and KL terms, AdamW with two groups.
+"""The policy update, in CleanRL's shape: epoch -> (shuffled) mini-batch -> loss -> optimizer step.
 
-One update reads like RLinf's embodied actor (`run_training`): shuffle every chunk step of the rollout (masked
-ones included) with a generator seeded `actor.seed + rank` (the same permutation at every training step, as
-RLinf draws it), cut the rows into global batches of `global_batch_size`, so the number of optimizer steps is
-fixed by the config; for `update_epoch` passes over these batches, accumulate the gradients of each global
-batch's micro-batches of `micro_batch_size`, clip the gradient norm, step AdamW.
+One update reads like RLinf's embodied actor (`run_training`):
 
-The loss of a micro-batch is aggregated as `algorithm.loss_aggregation` says:
+    order = shuffle(every chunk step of the rollout, masked ones included)   # seeded actor.seed + rank
+    for epoch in range(update_epoch):
+        for global_batch in order cut into global_batch_size rows:
+            for micro_batch in global_batch cut into micro_batch_size rows:
+                (the algorithm's loss(micro_batch) x its weight).backward()
+            clip the gradient norm; AdamW step
+
+The permutation is drawn once per update, from a generator seeded `actor.seed + rank`: every epoch passes over the
+same global batches, and every training step draws the same permutation, as RLinf draws it. The number of optimizer
+steps is fixed by the config. The loss is the algorithm's: `trainers.grpo.grpo_loss` or `trainers.ppo.ppo_loss`
+(`algorithm.adv_type` `grpo` or `gae`).
+
+A micro-batch's loss is aggregated as `algorithm.loss_aggregation` says:
 - `embodied` (RLinf's default for the OpenSora + OpenVLA-OFT recipe): the actor and critic losses are
   `masked_mean_ratio` over all entries of the micro-batch (each trajectory weighted by `max_episode_steps` over
   its number of valid actions), the entropy and KL terms token-means of the micro-batch; the sum is divided by
@@ -16,10 +24,12 @@ The loss of a micro-batch is aggregated as `algorithm.loss_aggregation` says:
 Rows whose every entry is masked (after the first episode, or in filtered GRPO groups) add exactly zero to
 every loss term: they count in the `embodied` denominators but are never run through the policy. A micro-batch
 without a valid row is skipped; a global batch without one still steps the optimizer with zero gradients, as
-RLinf's does. The logged loss metrics average the micro-batches that ran.
+RLinf's does. The logged loss metrics average the micro-batches that ran (`MetricAccumulator`).
 
 Under `torchrun` (a `ParallelPolicy` over several ranks) every rank shuffles its own rows and takes
-`global_batch_size / ranks` of them per optimizer step; the gradients are averaged over the ranks.
+`global_batch_size / ranks` of them per optimizer step; `trainers.distributed` plans the passes of each step over
+the ranks (FSDP's padding, the token-mean's counts), stops every rank on a non-finite loss or weight, and
+averages the gradients.
 """
 
 from __future__ import annotations
@@ -29,23 +39,32 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
+from trainers.advantages import Targets
 from trainers.config import ActorConfig, AlgorithmConfig, RolloutConfig
-from trainers.distributed import DistributedContext, ParallelPolicy
-from trainers.losses import actor_loss, critic_loss, kl_penalty, masked_mean
+from trainers.distributed import (
+    DistributedContext,
+    OptimizerStepPlan,
+    ParallelPolicy,
+    all_ranks_finite,
+    first_failure,
+    plan_optimizer_steps,
+    rank_batch_size,
+)
+from trainers.grpo import grpo_loss
+from trainers.losses import LossInputs
+from trainers.ppo import explained_variance, ppo_loss
 from trainers.rollout import RolloutBatch
-from trainers.targets import Targets
 from vla_policies.base import Policy, PolicyEvaluation
 
 __all__ = [
     "LoraBaseReference",
+    "MetricAccumulator",
     "NonFiniteLossError",
     "PolicyUpdater",
     "UpdateData",
     "build_optimizer",
     "flatten_for_update",
 ]
-
-EXPLAINED_VARIANCE_STATS = ("count", "returns_sum", "returns_sq_sum", "errors_sum", "errors_sq_sum")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -179,22 +198,18 @@ class PolicyUpdater:
             raise ValueError("parallel.module must be the updated policy")
         if max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be positive, got {max_episode_steps}")
-        world_size = 1 if parallel is None else parallel.context.world_size
-        if actor.global_batch_size % (actor.micro_batch_size * world_size):
-            raise ValueError(
-                f"actor.global_batch_size ({actor.global_batch_size}) must be a multiple of actor.micro_batch_size "
-                f"({actor.micro_batch_size}) times the number of ranks ({world_size}): each rank takes an equal "
-                "share of every global batch in whole micro-batches"
-            )
+        self.parallel = parallel or ParallelPolicy(policy, "none", DistributedContext())
+        # The rows of each rank per optimizer step.
+        self.rank_batch_size = rank_batch_size(actor.global_batch_size, actor.micro_batch_size, self.parallel.context)
         self.policy = policy
         self.algorithm = algorithm
         self.actor = actor
         self.rollout = rollout
         self.max_episode_steps = max_episode_steps
         self.reference = reference
-        self.parallel = parallel
         self.optimizer = build_optimizer(policy, actor)
         self.with_critic = algorithm.adv_type == "gae"
+        self.algorithm_loss = ppo_loss if self.with_critic else grpo_loss
 
     def update(self, data: UpdateData) -> dict[str, float]:
         """Fits the policy to `data`; returns the mean metrics (keys as logged under `train/`).
@@ -203,243 +218,133 @@ class PolicyUpdater:
             ValueError: this rank's rows do not split into whole global batches.
             NonFiniteLossError: a loss or gradient norm was not finite; the optimizer did not step on it.
         """
-        parallel = self.parallel
-        context = DistributedContext() if parallel is None else parallel.context
-        share = self.actor.global_batch_size // context.world_size  # rows of each rank per optimizer step
+        actor, context, share = self.actor, self.parallel.context, self.rank_batch_size
         if len(data) == 0 or len(data) % share:
             raise ValueError(
                 f"the rollout gives {len(data)} chunk steps on this rank, which must be a positive multiple of "
                 f"actor.global_batch_size / ranks = {share}: choose env.train.total_num_envs, rollout_epoch and "
                 "max_episode_steps so that chunk steps x sub-envs is a multiple of actor.global_batch_size"
             )
-        micro_size = self.actor.micro_batch_size
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.actor.seed + context.rank))
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(actor.seed + context.rank))
         runs_row = data.mask.reshape(len(data), -1).any(dim=1)  # [M] rows with a valid entry
-        steps = []  # per optimizer step: the rows of each of its micro-batches that run through the policy
-        for start in range(0, len(data), share):
-            micro_batches = order[start : start + share].split(micro_size)
-            steps.append([micro[runs_row[micro]] for micro in micro_batches])
-        # Per optimizer step: passes with rows on every rank (lockstep pads to the largest), valid entries summed.
-        plans = context.all_gather_objects(
-            [(sum(len(rows) > 0 for rows in step), int(data.mask[torch.cat(step)].sum())) for step in steps]
-        )
+        global_batches = [
+            [micro[runs_row[micro]] for micro in order[start : start + share].split(actor.micro_batch_size)]
+            for start in range(0, len(data), share)
+        ]
+        plans = plan_optimizer_steps(global_batches, data.mask, context, self.parallel.lockstep)
 
         metrics = MetricAccumulator()
         self.policy.train()
         for _ in range(self.algorithm.update_epoch):
-            for index, step in enumerate(steps):
-                # A global batch without a valid row still steps the optimizer (zero gradients: Adam's momentum and
-                # the weight decay move the weights), as RLinf's does; it takes one zero-weighted pass.
-                passes = max(1, *(plan[index][0] for plan in plans))
-                valid_entries = sum(plan[index][1] for plan in plans)
-                self._optimizer_step(data, step, passes, valid_entries, metrics, context)
+            for plan in plans:
+                self._optimizer_step(data, plan, metrics)
         self.optimizer.zero_grad(set_to_none=True)
-        return metrics.result(context, self.with_critic)
+        means, statistics = metrics.result(context)
+        if self.with_critic and means:
+            means["critic/explained_variance"] = explained_variance(statistics)
+        return means
 
-    def _optimizer_step(
-        self,
-        data: UpdateData,
-        step: list[torch.Tensor],
-        passes: int,
-        valid_entries: int,
-        metrics: MetricAccumulator,
-        context: DistributedContext,
-    ) -> None:
-        """Accumulates the micro-batches of one global batch, then clips and steps."""
-        lockstep = self.parallel is not None and self.parallel.lockstep
-        micro_size = self.actor.micro_batch_size
-        accumulation = len(step)  # micro-batches of a global batch on each rank
-        runs: list[torch.Tensor | None] = [rows for rows in step if len(rows)]
-        if lockstep:
-            runs += [None] * (passes - len(runs))
-        elif not runs:
-            runs = [None]
+    def _optimizer_step(self, data: UpdateData, plan: OptimizerStepPlan, metrics: MetricAccumulator) -> None:
+        """Accumulates the gradients of one global batch's micro-batches, then clips and steps."""
+        context = self.parallel.context
         self.optimizer.zero_grad(set_to_none=True)
         failure: tuple[str, dict[str, float]] | None = None
         last_metrics: dict[str, float] = {}
-        for rows in runs:
+        for rows in plan.passes:
             if rows is None or failure is not None:
-                # FSDP's collectives need this pass on every rank (or the batch has no valid row); its gradient is 0.
-                (self._micro_batch_loss(data, torch.arange(min(micro_size, len(data))))[0] * 0.0).backward()
+                # A zero-weighted pass (see `OptimizerStepPlan`; after a failure, for the other ranks' collectives).
+                zero_rows = torch.arange(min(self.actor.micro_batch_size, len(data)))
+                (self._loss(data, zero_rows)[0] * 0.0).backward()
                 continue
-            loss, last_metrics, stats = self._micro_batch_loss(data, rows)
+            loss, last_metrics, statistics = self._loss(data, rows)
             if not torch.isfinite(loss):
                 failure = (f"the loss is {loss.item()}", last_metrics)
-                if lockstep:
+                if self.parallel.lockstep:
                     continue
                 break
             if self.algorithm.loss_aggregation == "embodied":
-                weight = 1.0 / accumulation
-            else:  # every rank's share of the global batch's valid entries (gradients are averaged over ranks)
-                weight = context.world_size * int(data.mask[rows].sum()) / valid_entries
+                weight = 1.0 / plan.micro_batches
+            else:
+                weight = plan.token_mean_weight(int(data.mask[rows].sum()))
             (loss * weight).backward()
-            metrics.add(last_metrics, stats)
-        failure = _first_failure(context.all_gather_objects(failure), context.rank)
+            metrics.add(last_metrics, statistics)
+        failure = first_failure(failure, context)
         if failure is not None:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(*failure)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.parallel is not None:
-            self.parallel.sync_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.actor.optim.clip_grad)
-        if self.parallel is not None:
-            grad_norm = self.parallel.local_norm(grad_norm)
+        self.parallel.sync_gradients(params)
+        grad_norm = self.parallel.local_norm(torch.nn.utils.clip_grad_norm_(params, self.actor.optim.clip_grad))
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"the gradient norm is {grad_norm.item()}", last_metrics)
         self.optimizer.step()
         # A finite loss and gradient can still step to non-finite weights (e.g. an overflowing Adam moment).
-        finite = all(context.all_gather_objects(_all_finite(params)))
-        if not finite:
+        if not all_ranks_finite(params, context):
             raise NonFiniteLossError("the weights are not finite after the optimizer step", last_metrics)
         metrics.add({"actor/grad_norm": float(grad_norm), "actor/lr": self.optimizer.param_groups[0]["lr"]})
 
-    def _micro_batch_loss(
-        self, data: UpdateData, rows: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
-        """The loss of rows `rows` of `data` (one micro-batch's rows with a valid entry), its metrics and the
-        explained-variance sums.
-
-        Under the `embodied` aggregation the actor and critic terms are scaled from a mean over `rows` to a mean
-        over a whole micro-batch of `actor.micro_batch_size` rows: the rows left out are fully masked and add 0.
-        """
+    def _loss(self, data: UpdateData, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
+        """The algorithm's loss of rows `rows` of `data` (one micro-batch's rows with a valid entry), its metrics
+        and summed statistics."""
         policy, algorithm = self.policy, self.algorithm
         device = policy.device
         obs = {"image": data.images[rows], "task": [data.tasks[i] for i in rows.tolist()]}
         tokens = data.action_tokens[rows]
         temperature, top_k = self.rollout.temperature_train, self.rollout.top_k
         evaluation = policy.evaluate(obs, tokens, temperature=temperature, top_k=top_k)
-        embodied: dict[str, object] = {}
-        row_share = 1.0
-        if algorithm.loss_aggregation == "embodied":
-            embodied = {"max_episode_steps": self.max_episode_steps}
-            row_share = len(rows) / self.actor.micro_batch_size
+        reference = None
+        if algorithm.kl_beta > 0:
+            with torch.no_grad():
+                reference = self.reference.evaluate(obs, tokens, temperature=temperature, top_k=top_k)
 
         def per_action(tensor: torch.Tensor) -> torch.Tensor:
             return rearrange(tensor, "m (a d) -> m a d", d=policy.action_dim)  # [m, A, action_dim]
 
-        logprobs = per_action(evaluation.logprobs.float())
-        old_logprobs = per_action(data.logprobs[rows].to(device))
-        mask = data.mask[rows].to(device)[:, :, None]  # [m, R, 1]: R = A or 1 broadcasts over the tokens
-        advantages = data.advantages[rows].to(device)[:, :, None]  # [m, R, 1]
-        loss_mask_sum = data.loss_mask_sum[rows].to(device)  # [m, 1]
-        if embodied:
-            embodied["loss_mask_sum"] = loss_mask_sum[:, :, None]  # [m, 1, 1]
-        loss, actor_metrics = actor_loss(
-            logprobs,
-            old_logprobs,
-            advantages,
-            mask,
-            algorithm.clip_ratio_low,
-            algorithm.clip_ratio_high,
-            algorithm.clip_ratio_c,
-            **embodied,
+        embodied = algorithm.loss_aggregation == "embodied"
+        inputs = LossInputs(
+            logprobs=per_action(evaluation.logprobs.float()),
+            old_logprobs=per_action(data.logprobs[rows].to(device)),
+            entropy=per_action(evaluation.entropy.float()),
+            ref_logprobs=None if reference is None else per_action(reference.logprobs.float()),
+            advantages=data.advantages[rows].to(device)[:, :, None],  # [m, R, 1]
+            mask=data.mask[rows].to(device)[:, :, None],  # [m, R, 1]
+            loss_mask_sum=data.loss_mask_sum[rows].to(device),  # [m, 1]
+            values=None if evaluation.values is None else evaluation.values.float(),
+            old_values=None if data.values is None else data.values[rows].to(device),
+            returns=None if data.returns is None else data.returns[rows].to(device),
+            max_episode_steps=self.max_episode_steps if embodied else None,
+            row_share=len(rows) / self.actor.micro_batch_size if embodied else 1.0,
         )
-        loss = loss * row_share
-        metrics = {f"actor/{key}": float(actor_metrics[key]) for key in ACTOR_METRICS}
-        metrics["actor/policy_loss"] *= row_share
-        entropy = masked_mean(per_action(evaluation.entropy.float()), mask)
-        metrics["entropy_loss"] = float(entropy.detach())
-        if algorithm.entropy_bonus > 0:
-            loss = loss - algorithm.entropy_bonus * entropy
-        if algorithm.kl_beta > 0:
-            with torch.no_grad():
-                reference = self.reference.evaluate(obs, tokens, temperature=temperature, top_k=top_k)
-            kl = kl_penalty(logprobs, per_action(reference.logprobs.float()), mask)
-            metrics["actor/kl"] = float(kl.detach())
-            loss = loss + algorithm.kl_beta * kl
-        stats: dict[str, float] = {}
-        if self.with_critic:
-            if evaluation.values is None:
-                raise ValueError("adv_type 'gae' needs a policy with a value head")
-            if embodied:
-                embodied["loss_mask_sum"] = loss_mask_sum  # [m, 1] broadcasts over the R values
-            value_loss, critic_metrics = critic_loss(
-                evaluation.values.float(),
-                data.values[rows].to(device),
-                data.returns[rows].to(device),
-                data.mask[rows].to(device),
-                algorithm.value_clip,
-                algorithm.huber_delta,
-                **embodied,
-            )
-            value_loss = value_loss * row_share
-            metrics["critic/value_loss"] = float(critic_metrics["value_loss"]) * row_share
-            metrics["critic/value_clip_ratio"] = float(critic_metrics["value_clip_ratio"])
-            stats = {key: float(critic_metrics[f"explained_variance_{key}"]) for key in EXPLAINED_VARIANCE_STATS}
-            loss = loss + value_loss
-        metrics["loss"] = float(loss.detach())
-        return loss, metrics, stats
+        return self.algorithm_loss(inputs, algorithm)
 
 
 class MetricAccumulator:
-    """Means of the metrics of every micro-batch and optimizer step, and summed explained-variance statistics."""
+    """Means of the logged metrics over every micro-batch and optimizer step (of every rank), and the sums of the
+    summed statistics (the explained variance's)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
-        self.ev_stats = dict.fromkeys(EXPLAINED_VARIANCE_STATS, 0.0)
+        self.statistics: dict[str, float] = {}
 
-    def add(self, metrics: dict[str, float], ev_stats: dict[str, float] | None = None) -> None:
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-            self.counts[key] = self.counts.get(key, 0) + 1
-        for key, value in (ev_stats or {}).items():
-            self.ev_stats[key] += value
+    def add(self, metrics: dict[str, float], statistics: dict[str, float] | None = None) -> None:
+        """Adds one value of each metric in `metrics`, and `statistics` to the summed statistics."""
+        self._add(metrics, dict.fromkeys(metrics, 1), statistics or {})
 
-    def result(self, context: DistributedContext, with_critic: bool) -> dict[str, float]:
-        """The means over every rank; `critic/explained_variance` from the summed statistics."""
-        sums, counts, ev_stats = self.sums, self.counts, self.ev_stats
+    def result(self, context: DistributedContext) -> tuple[dict[str, float], dict[str, float]]:
+        """(the mean of each metric, the summed statistics) over every rank, keys in first-seen order; a collective
+        when distributed."""
+        merged = self
         if context.is_distributed:
-            sums, counts, ev_stats = _merge_statistics(context.all_gather_objects((sums, counts, ev_stats)))
-        result = {key: sums[key] / counts[key] for key in sums}
-        if with_critic and sums:
-            result["critic/explained_variance"] = _explained_variance(ev_stats)
-        return result
+            merged = MetricAccumulator()
+            for part in context.all_gather_objects((self.sums, self.counts, self.statistics)):
+                merged._add(*part)
+        return {key: merged.sums[key] / merged.counts[key] for key in merged.sums}, merged.statistics
 
-
-def _all_finite(params: list[torch.Tensor]) -> bool:
-    """Whether this rank's part of every parameter is finite (a sharded parameter checks its local shard)."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-    return bool(torch.stack([p.detach().isfinite().all() for p in local]).all())
-
-
-ACTOR_METRICS = ("policy_loss", "approx_kl", "clip_fraction", "clipped_ratio", "ratio", "dual_clip_fraction")
-
-
-def _first_failure(
-    failures: list[tuple[str, dict[str, float]] | None], rank: int
-) -> tuple[str, dict[str, float]] | None:
-    """This rank's non-finite loss, else another rank's (every rank stops together), else None."""
-    if failures[rank] is not None:
-        return failures[rank]
-    for other, failure in enumerate(failures):
-        if failure is not None:
-            return f"{failure[0]} on rank {other}", failure[1]
-    return None
-
-
-def _merge_statistics(
-    parts: list[tuple[dict[str, float], dict[str, int], dict[str, float]]],
-) -> tuple[dict[str, float], dict[str, int], dict[str, float]]:
-    """Sums every rank's (metric sums, metric counts, explained-variance sums), keys in first-seen order."""
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    ev_stats = dict.fromkeys(EXPLAINED_VARIANCE_STATS, 0.0)
-    for part_sums, part_counts, part_ev in parts:
-        for key, value in part_sums.items():
-            sums[key] = sums.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + part_counts[key]
-        for key, value in part_ev.items():
-            ev_stats[key] += value
-    return sums, counts, ev_stats
-
-
-def _explained_variance(stats: dict[str, float]) -> float:
-    """1 - Var(returns - values) / Var(returns) from summed statistics (nan when undefined)."""
-    count = stats["count"]
-    if count < 2:
-        return float("nan")
-    returns_var = stats["returns_sq_sum"] - stats["returns_sum"] ** 2 / count
-    errors_var = stats["errors_sq_sum"] - stats["errors_sum"] ** 2 / count
-    return float("nan") if returns_var == 0 else 1.0 - errors_var / returns_var
+    def _add(self, sums: dict[str, float], counts: dict[str, int], statistics: dict[str, float]) -> None:
+        for key, value in sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + counts[key]
+        for key, value in statistics.items():
+            self.statistics[key] = self.statistics.get(key, 0.0) + value
