@@ -414,3 +414,12 @@ def test_statistics_validation() -> None:
         ActionStatistics(q01=[0.0], q99=[np.inf])
     with pytest.raises(ValueError, match=re.escape("actions must have shape [N, A] with N >= 1, got (5,)")):
         ActionStatistics.from_actions(np.zeros(5))
+
+
+def test_episodes_carry_the_per_frame_success_flags(tmp_path):
+    frame = {"image": np.zeros((4, 4, 3), np.uint8), "delta_action": np.zeros(7, np.float32), "task": "t"}
+    save_trajectory(tmp_path / "traj0.npy", [{**frame, "success": False}, {**frame, "success": True}])
+    save_trajectory(tmp_path / "traj1.npy", [frame, frame])
+    dataset = TrajectoryDataset(tmp_path)
+    assert dataset.episode(0).success.tolist() == [False, True]
+    assert dataset.episode(1).success is None

@@ -38,6 +38,7 @@ __all__ = [
 _IMAGE_KEY = "image"
 _TASK_KEYS = ("instruction", "task")
 _INIT_EE_POSE_KEY = "init_ee_pose"
+_SUCCESS_KEY = "success"
 # RLinf skips these files unless asked to: they are not episodes to start from.
 _EXCLUDED_MARKER = "_kir"
 _LAYOUT = "dataset/traj*.npy: one .npy file per episode, each a numpy object array of per-frame dicts"
@@ -104,6 +105,8 @@ class Episode:
         task: the language instruction.
         init_ee_pose: the end-effector pose at the start ``[D]`` float32, or None when not recorded.
         path: the file the episode came from.
+        success: the simulator's per-frame success flags ``[T]`` bool (a frame without one counts as no success), or
+            None when no frame records one.
     """
 
     images: np.ndarray
@@ -111,6 +114,7 @@ class Episode:
     task: str
     init_ee_pose: np.ndarray | None
     path: Path
+    success: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
@@ -185,12 +189,14 @@ class TrajectoryDataset:
                 f"{sorted({action.shape for action in actions})}"
             )
         init_ee_pose = frames[0].get(_INIT_EE_POSE_KEY)
+        flagged = any(_SUCCESS_KEY in frame for frame in frames)
         return Episode(
             images=images,
             actions=np.stack(actions),  # [T, A]
             task=_frame_task(frames[0], path),
             init_ee_pose=None if init_ee_pose is None else np.asarray(init_ee_pose, dtype=np.float32),
             path=path,
+            success=np.array([bool(frame.get(_SUCCESS_KEY, False)) for frame in frames]) if flagged else None,
         )
 
     def start_frame(self, index: int) -> tuple[np.ndarray, str]:

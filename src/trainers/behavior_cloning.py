@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from opensora_gym.data import ActionStatistics, TrajectoryDataset, load_trajectory
+from opensora_gym.data import ActionStatistics, TrajectoryDataset
 from opensora_gym.spaces import policy_actions
 from vla_policies.small import SmallCNNPolicy, SmallPolicyConfig
 
@@ -135,10 +135,10 @@ def resize_images(images: np.ndarray, size: int) -> torch.Tensor:
 def _load(datasets: list[TrajectoryDataset], successful_only: bool, size: int, chunk: int) -> list[_Examples]:
     episodes = []
     for dataset in datasets:
-        for index, path in enumerate(dataset.paths):
-            if successful_only and not any(bool(frame.get("success", False)) for frame in load_trajectory(path)):
-                continue
+        for index in range(len(dataset)):
             episode = dataset.episode(index)
+            if successful_only and (episode.success is None or not episode.success.any()):
+                continue
             # An action counts when a recorded frame follows it (a recorded episode's final frame holds zeros).
             executed = policy_actions(episode.actions[:-1])
             if len(executed) == 0:
