@@ -50,6 +50,31 @@ def _play_kinematic(expert: SpatialExpert, steps: int = 220) -> list[tuple[str, 
     return trace
 
 
+def test_expert_keeps_its_action_before_the_noise_and_ramps_the_lift():
+    config = SpatialExpertConfig(action_noise_std=0.1, lift_ramp_steps=6)
+    expert = SpatialExpert(config, np.random.default_rng(3))
+    hand, bowl, lift_commands = START.copy(), BOWL.copy(), []
+    for _ in range(220):
+        phase = expert.phase
+        action = expert.act(hand, bowl, PLATE)
+        intended = expert.intended
+        assert action[-1] == intended[-1], "the noise touches the arm only"
+        assert np.all(np.abs(intended[:6]) <= 1.0)
+        noise = action[:6] - intended[:6]
+        unclipped = np.abs(action[:6]) < 1.0
+        assert np.any(noise[unclipped] != 0.0)
+        if phase == "lift":
+            lift_commands.append(intended[2])
+        move = STEP_LENGTH * action[:3].astype(np.float64)
+        hand = hand + move
+        if action[-1] == 0.0 and phase != "grasp":
+            bowl = bowl + move
+    assert len(lift_commands) > 6
+    assert max(lift_commands[:6]) <= 0.25 < max(lift_commands[6:]), "slow for 6 steps, then the full command"
+    with pytest.raises(ValueError, match="lift_ramp_speed must lie in"):
+        SpatialExpertConfig(lift_ramp_speed=0.0)
+
+
 def test_waypoints_are_offset_from_the_bowl_and_the_plate():
     config = SpatialExpertConfig()
     grasp, gripper_open = waypoint("descend", BOWL, PLATE, config)
@@ -224,4 +249,8 @@ def test_expert_solves_libero_spatial_task_0_trial_0(tmp_path):
     assert episode.success and episode.length < 220
     frames = load_trajectory(episode.path)
     assert [frame["success"] for frame in frames] == [False] * episode.length + [True]
+    # Without noise the labels are the executed actions, in the same (controller) convention.
+    np.testing.assert_array_equal(
+        np.stack([frame["expert_action"] for frame in frames]), np.stack([frame["delta_action"] for frame in frames])
+    )
     print(f"expert episode: {episode.length} steps in {time.perf_counter() - start:.1f} s")

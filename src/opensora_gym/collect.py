@@ -27,7 +27,7 @@ from opensora_gym.checkpoint import DATASET_FOLDER
 from opensora_gym.convert import write_episode, write_statistics
 from opensora_gym.data import ActionStatistics, load_trajectory
 from opensora_gym.libero import SUITES, LiberoConfig, LiberoVectorEnv
-from opensora_gym.spaces import CONTROLLER_RANGE
+from opensora_gym.spaces import CONTROLLER_RANGE, controller_actions
 from opensora_gym.wrappers.trajectory_recorder import episode_frames
 
 __all__ = ["Actor", "CollectConfig", "CollectedEpisode", "collect_episodes"]
@@ -49,7 +49,11 @@ class Actor(Protocol):
         """Sub-env ``index`` starts an episode whose randomness is seeded with ``seed`` (a tuple of ints)."""
 
     def act(self, observation: dict[str, Any], info: dict[str, Any]) -> np.ndarray:
-        """Actions ``[N, action_chunk, 7]`` in policy units (gripper 1 = open, 0 = close) for the env's N sub-envs."""
+        """Actions ``[N, action_chunk, 7]`` in policy units (gripper 1 = open, 0 = close) for the env's N sub-envs.
+
+        An actor whose actions are noisy on purpose also sets ``intended_actions`` (the same shape, before the
+        noise): they are recorded as each frame's ``expert_action``.
+        """
 
 
 @dataclass(frozen=True)
@@ -215,18 +219,26 @@ def _play_wave(
     for index, episode in enumerate(padded):
         actor.begin(index, (config.seed, episode))
     recordings = [
-        {"images": [observation["image"][index]], "actions": [], "init_ee_pose": info["state"][index].copy()}
+        {
+            "images": [observation["image"][index]],
+            "actions": [],
+            "labels": [],
+            "init_ee_pose": info["state"][index].copy(),
+        }
         for index in range(len(wave))
     ]
     alive = np.arange(env.num_envs) < len(wave)
     played = []
     while alive.any():
         observation, _, terminated, truncated, step_info = env.step(actor.act(observation, info))
+        intended = getattr(actor, "intended_actions", None)  # [N, action_chunk, 7] policy units, or None
         for index in np.flatnonzero(alive):
             recording = recordings[index]
             executed = step_info["frame_executed"][index]  # [action_chunk] bool
             recording["images"].extend(step_info["frames"][index][executed])
             recording["actions"].extend(step_info["controller_actions"][index][executed])
+            if intended is not None:
+                recording["labels"].extend(controller_actions(intended[index][executed]))
             if not (terminated[index] or truncated[index]):
                 continue
             alive[index] = False
@@ -240,6 +252,7 @@ def _play_wave(
                 trial,
                 recording["init_ee_pose"],
                 success,
+                labels=recording["labels"] if intended is not None else None,
             )
             path = write_episode(config.output / DATASET_FOLDER / _name(episode, task, trial), frames)
             length = len(recording["actions"])

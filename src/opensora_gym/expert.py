@@ -14,12 +14,16 @@ with the gripper pointing down as at reset (no rotation):
 7. ``release``: open the gripper and hold still.
 
 Each step commands the end-effector displacement ``clip(gain * (waypoint - position), -1, 1)`` (LIBERO's controller
-moves about 1.25 cm per step at full command); a phase ends when the end effector is within ``tolerance`` of its
+moves about 1.25 cm per step at full command); the first ``lift_ramp_steps`` steps of the lift rise at most at
+``lift_ramp_speed``, so that a policy imitating it, which cannot tell from one frame whether the fingers have closed,
+loses little by lifting too early. A phase ends when the end effector is within ``tolerance`` of its
 waypoint, or after ``max_phase_steps`` steps (a bowl that blocks the fingers must not stall the episode).
 
 Two knobs make failures on purpose, for datasets with a chosen success rate: Gaussian noise on the six arm
 commands, and with ``mistake_probability`` per episode one mistake: an early release while lifting or carrying,
 or a wrong place waypoint (the plate's position shifted sideways), both drawn from the episode's own generator.
+The action before the noise is kept (``SpatialExpert.intended``): behaviour cloning learns it, while the noisy one
+is executed and spreads the recorded states (DART's recipe).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class SpatialExpertConfig:
         gain: command per metre of error, before clipping to [-1, 1].
         tolerance: distance to a waypoint that ends a moving phase.
         grasp_steps: steps the gripper is given to close.
+        lift_ramp_steps: steps at the start of the lift whose upward command is capped (0: none).
+        lift_ramp_speed: the cap of those steps, in controller units.
         max_phase_steps: steps after which a moving phase ends even if its waypoint is not reached.
         action_noise_std: standard deviation of Gaussian noise added to the six arm commands (then clipped).
         mistake_probability: probability that an episode makes one mistake (early release or wrong place
@@ -69,6 +75,8 @@ class SpatialExpertConfig:
     gain: float = 30.0
     tolerance: float = 0.01
     grasp_steps: int = 15
+    lift_ramp_steps: int = 0
+    lift_ramp_speed: float = 0.25
     max_phase_steps: int = 60
     action_noise_std: float = 0.0
     mistake_probability: float = 0.0
@@ -83,6 +91,10 @@ class SpatialExpertConfig:
         for name in ("grasp_steps", "max_phase_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not isinstance(self.lift_ramp_steps, int) or self.lift_ramp_steps < 0:
+            raise ValueError(f"lift_ramp_steps must be an int >= 0, got {self.lift_ramp_steps!r}")
+        if not 0 < self.lift_ramp_speed <= 1:
+            raise ValueError(f"lift_ramp_speed must lie in (0, 1], got {self.lift_ramp_speed!r}")
         if not self.action_noise_std >= 0:
             raise ValueError(f"action_noise_std must be >= 0, got {self.action_noise_std!r}")
         if not 0.0 <= self.mistake_probability <= 1.0:
@@ -140,6 +152,7 @@ class SpatialExpert:
         # Steps after the grasp at which an early-release mistake opens the gripper; None: no early release.
         self.release_after: int | None = None
         self.steps_since_grasp = 0
+        self.intended = np.zeros(ACTION_DIM, dtype=np.float32)  # the last action before the noise
         if generator.random() < config.mistake_probability:
             if generator.random() < 0.5:
                 self.release_after = int(generator.integers(3, 25))
@@ -157,7 +170,8 @@ class SpatialExpert:
             plate: the plate's world position ``[3]``.
 
         Returns:
-            ``[7]`` float32 action in policy units: six arm commands in [-1, 1], gripper 1 = open, 0 = close.
+            ``[7]`` float32 action in policy units: six arm commands in [-1, 1], gripper 1 = open, 0 = close (with
+            the noise; ``self.intended`` holds it without).
         """
         position = np.asarray(position, dtype=np.float64)
         if self.bowl is None or self.phase in ("approach", "descend"):
@@ -165,10 +179,14 @@ class SpatialExpert:
         target, gripper_open = waypoint(self.phase, self.bowl, np.asarray(plate) + self.place_shift, self.config)
         arm = np.zeros(6)
         arm[:3] = np.clip(self.config.gain * (target - position), -1.0, 1.0)
+        if self.phase == "lift" and self.phase_steps < self.config.lift_ramp_steps:
+            arm[2] = min(arm[2], self.config.lift_ramp_speed)
+        gripper = _OPEN if gripper_open else _CLOSE
+        self.intended = np.array([*arm, gripper], dtype=np.float32)
         if self.config.action_noise_std > 0:
             arm = np.clip(arm + self.generator.normal(0.0, self.config.action_noise_std, size=6), -1.0, 1.0)
         self._advance(float(np.linalg.norm(target - position)))
-        return np.array([*arm, _OPEN if gripper_open else _CLOSE], dtype=np.float32)
+        return np.array([*arm, gripper], dtype=np.float32)
 
     def _advance(self, distance: float) -> None:
         """Counts the step and moves to the next phase when this one is done."""
@@ -206,6 +224,8 @@ class ScriptedSpatialExpert:
     def __init__(self, config: SpatialExpertConfig, num_envs: int) -> None:
         self.config = config
         self.experts: list[SpatialExpert | None] = [None] * num_envs
+        # [N, 1, 7] policy units: the last actions before the noise (the labels behaviour cloning learns).
+        self.intended_actions = np.zeros((num_envs, 1, ACTION_DIM), dtype=np.float32)
 
     def begin(self, index: int, seed: Any) -> None:
         """Starts the expert of sub-env ``index`` on a new episode with the generator ``default_rng(seed)``."""
@@ -228,4 +248,5 @@ class ScriptedSpatialExpert:
                     f"{list(info['object_poses'][index])}"
                 )
             actions[index, 0] = expert.act(info["state"][index, :3], poses[0][:3], poses[1][:3])
+            self.intended_actions[index, 0] = expert.intended
         return actions

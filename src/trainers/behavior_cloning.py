@@ -3,12 +3,14 @@
 `opensora-gym train-policy --dataset data/dataset --out runs/bc`: every frame ``k`` of the chosen episodes (by
 default the successful ones) that a recorded frame follows is one example: the observation is frame ``k`` with the
 episode's task, the target is the chunk of actions ``k .. k + chunk - 1`` (the last executed action repeated past
-the end), taken from the recorded controller convention (gripper -1 open, +1 close) to the policy's robot units
-(gripper 1 open, 0 close; `opensora_gym.spaces.policy_actions`), normalized with the BOUNDS_Q99 rule and cut into
-the policy's bins. The loss is the cross-entropy of every action token; images are randomly shifted by a few pixels
-(replicate padding, then a random crop), the usual augmentation of image-based behaviour cloning. Whole episodes
-are held out to report the token accuracy and the mean absolute action error on unseen episodes. The policy is
-written with `save_pretrained` to ``out/policy`` (atomically), the report to ``out/bc_report.json``.
+the end), read from the frames' ``action_key`` (``delta_action``: the executed actions; ``expert_action``: the
+scripted expert's actions before their noise), taken from the recorded controller convention (gripper -1 open, +1
+close) to the policy's robot units (gripper 1 open, 0 close; `opensora_gym.spaces.policy_actions`), normalized with
+the BOUNDS_Q99 rule and cut into the policy's bins. The loss is the cross-entropy of every action token; images are
+randomly shifted by a few pixels (replicate padding, then a random crop), the usual augmentation of image-based
+behaviour cloning. Whole episodes are held out to report the token accuracy and the mean absolute action error on
+unseen episodes. The policy is written with `save_pretrained` to ``out/policy`` (atomically), the report to
+``out/bc_report.json``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class BehaviorCloningConfig:
         datasets: folders of ``traj*.npy`` episodes.
         out: where ``policy/`` and ``bc_report.json`` are written.
         successful_only: keep only episodes whose frames carry a true ``success`` flag somewhere.
+        action_key: the per-frame key of the targets (``delta_action`` or ``expert_action``).
         image_size: the policy's image side.
         channels: the policy's convolution widths.
         hidden_size: the policy's trunk width.
@@ -57,6 +60,7 @@ class BehaviorCloningConfig:
     datasets: list[Path]
     out: Path
     successful_only: bool = True
+    action_key: str = "delta_action"
     image_size: int = 64
     channels: tuple[int, ...] = (32, 64, 128)
     hidden_size: int = 256
@@ -211,7 +215,12 @@ def train_behavior_cloning(config: BehaviorCloningConfig) -> tuple[BehaviorCloni
     """
     generator = torch.Generator().manual_seed(config.seed)
     chunk = SmallPolicyConfig().action_chunk
-    episodes = _load([TrajectoryDataset(d) for d in config.datasets], config.successful_only, config.image_size, chunk)
+    episodes = _load(
+        [TrajectoryDataset(d, action_key=config.action_key) for d in config.datasets],
+        config.successful_only,
+        config.image_size,
+        chunk,
+    )
     if len(episodes) < 1 + (config.held_out_fraction > 0):
         which = "successful " if config.successful_only else ""
         raise ValueError(
@@ -287,6 +296,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", nargs="+", required=True, help="folders of traj*.npy episodes")
     parser.add_argument("--out", required=True, help="output folder (policy/, bc_report.json)")
     parser.add_argument("--all-episodes", action="store_true", help="also clone the unsuccessful episodes")
+    parser.add_argument(
+        "--action-key", default="delta_action", help="per-frame targets: delta_action (executed) or expert_action"
+    )
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--hidden-size", type=int, default=256)
@@ -308,6 +320,7 @@ def run(args: argparse.Namespace) -> None:
             datasets=args.dataset,
             out=args.out,
             successful_only=not args.all_episodes,
+            action_key=args.action_key,
             image_size=args.image_size,
             channels=tuple(args.channels),
             hidden_size=args.hidden_size,

@@ -110,6 +110,9 @@ def add_collect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--mistake-probability", type=float, default=0.0, help="expert: per-episode chance of an early release or a "
         "wrong place waypoint",
     )  # fmt: skip
+    parser.add_argument(
+        "--lift-ramp-steps", type=int, default=0, help="expert: first lift steps that rise slowly (0: none)"
+    )
     parser.add_argument("--do-sample", action="store_true", help="policy: sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="policy: sampling temperature")
     parser.add_argument("--device", default="cpu", help="policy: torch device")
@@ -136,7 +139,9 @@ def run_collect(args: argparse.Namespace) -> dict[str, Any]:
         if args.suite != "libero_spatial":
             raise ValueError(f"the scripted expert plays libero_spatial only, got --suite {args.suite}")
         expert_config = SpatialExpertConfig(
-            action_noise_std=args.action_noise_std, mistake_probability=args.mistake_probability
+            action_noise_std=args.action_noise_std,
+            mistake_probability=args.mistake_probability,
+            lift_ramp_steps=args.lift_ramp_steps,
         )
         actor = ScriptedSpatialExpert(expert_config, num_envs=args.num_envs)
     else:

@@ -10,6 +10,9 @@ read by :class:`opensora_gym.data.TrajectoryDataset`) of T + 1 per-frame dicts:
 - ``success``: LIBERO's success check at this frame, true from the first success frame on. The env ends an
   episode at its first success, so only the final frame of a successful episode is true (the per-frame label
   the reward model is trained on; the episode's outcome is the final frame's flag);
+- ``expert_action`` (only when the actor is the scripted expert): ``[7]`` float32, the expert's action before its
+  noise, in the controller convention (zeros on the final frame): the label behaviour cloning learns
+  (``opensora-gym train-policy --action-key expert_action``);
 - ``task`` (the instruction), ``task_id``, ``trial_id`` and ``init_ee_pose`` (``[8]`` float32, the proprio state
   at frame 0: end-effector position, rotation vector, finger positions), the same in every frame.
 """
@@ -29,6 +32,7 @@ from gymnasium.vector import VectorEnv, VectorWrapper
 from opensora_gym.data import ActionStatistics, TrajectoryDataset, save_trajectory
 
 _ACTION_KEY = "delta_action"
+EXPERT_ACTION_KEY = "expert_action"
 
 
 def episode_frames(
@@ -39,6 +43,7 @@ def episode_frames(
     trial_id: int,
     init_ee_pose: np.ndarray,
     success: bool,
+    labels: Sequence[np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """The per-frame dicts of one recorded episode (the layout in the module docstring).
 
@@ -50,6 +55,8 @@ def episode_frames(
         trial_id: LIBERO's initial-state index.
         init_ee_pose: ``[8]`` proprio state at frame 0.
         success: whether the episode ended by LIBERO's success check (at its final frame).
+        labels: the T expert actions ``[7]`` before their noise (controller convention), stored as
+            ``expert_action``; None: none stored.
 
     Returns:
         T + 1 frame dicts.
@@ -58,6 +65,8 @@ def episode_frames(
         raise ValueError(f"an episode of {len(actions)} actions needs {len(actions) + 1} images, got {len(images)}")
     if len(actions) == 0:
         raise ValueError("an episode needs at least one executed action, got none")
+    if labels is not None and len(labels) != len(actions):
+        raise ValueError(f"an episode of {len(actions)} actions needs {len(actions)} expert labels, got {len(labels)}")
     actions = [np.asarray(action, dtype=np.float32) for action in actions]
     actions.append(np.zeros_like(actions[0]))  # the final frame: no action was taken from it
     shared = {
@@ -67,10 +76,14 @@ def episode_frames(
         "init_ee_pose": np.asarray(init_ee_pose, dtype=np.float32),
     }
     last = len(actions) - 1
-    return [
+    frames = [
         {"image": image, _ACTION_KEY: action, "success": success and t == last, **shared}
         for t, (image, action) in enumerate(zip(images, actions, strict=True))
     ]
+    if labels is not None:
+        for frame, label in zip(frames, [*labels, np.zeros_like(actions[0])], strict=True):
+            frame[EXPERT_ACTION_KEY] = np.asarray(label, dtype=np.float32)
+    return frames
 
 
 class TrajectoryRecorder(VectorWrapper):
