@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from opensora_gym.checkpoint import save_sharded
 from vla_policies import (
     LoraSettings,
     OpenVLAOFTConfig,
@@ -160,6 +161,19 @@ def test_missing_and_unknown_checkpoint_keys_are_named(tiny_folder, tmp_path):
     save_file(weights, tmp_path / "model.safetensors")
     with pytest.raises(KeyError, match=r"projector\.fc3\.bias.*projector\.fc4\.weight"):
         OpenVLAOFTPolicy.from_pretrained(tmp_path)
+
+
+def test_sharded_weights_load_like_a_single_file(tiny_folder, tmp_path, policy):
+    for path in tiny_folder.iterdir():
+        if path.name != "model.safetensors":
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    weights = load_file(tiny_folder / "model.safetensors")
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    save_sharded(weights, tmp_path, max_shard_bytes=total // 3)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    sharded = OpenVLAOFTPolicy.from_pretrained(tmp_path).eval()
+    obs = make_obs()
+    torch.testing.assert_close(model_logits(sharded, obs), model_logits(policy, obs), rtol=0, atol=0)
 
 
 def test_layer_scale_is_stored_as_scale_factor(tiny_folder):
