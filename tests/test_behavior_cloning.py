@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from opensora_gym.data import save_trajectory
+from opensora_gym.data import load_trajectory, save_trajectory
 from trainers.behavior_cloning import BehaviorCloningConfig, chunk_targets, random_shift, train_behavior_cloning
 from trainers.cli import main as cli_main
 from trainers.config import ModelConfig
@@ -174,3 +174,28 @@ def test_bad_settings_fail_early_with_the_value(tmp_path):
     with pytest.raises(ValueError, match="needs at least 2 successful episodes, got 0"):
         train_behavior_cloning(BehaviorCloningConfig(datasets=[empty], out=tmp_path / "bc"))
     assert not (tmp_path / "bc").exists()
+
+
+def test_action_key_picks_the_expert_labels_over_the_executed_actions(tmp_path):
+    """The executed actions (delta_action) always go left; the expert's labels (expert_action) follow the image:
+    cloning with action_key="expert_action" learns the labels."""
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    _visible_rule_dataset(dataset, episodes=8)
+    for path in sorted(dataset.glob("traj*.npy")):
+        frames = load_trajectory(path)
+        for frame in frames:
+            frame["expert_action"] = frame["delta_action"].copy()
+            frame["delta_action"][0] = -0.8 if frame["delta_action"].any() else 0.0
+        save_trajectory(path, frames)
+    common = {"datasets": [dataset], "image_size": 16, "channels": (8, 8), "hidden_size": 32, "shift": 0}
+    common |= {"held_out_fraction": 0.0, "max_steps": 300, "batch_size": 32, "lr": 3e-3}
+    right = np.zeros((1, 16, 16, 3), dtype=np.uint8)
+    right[:, :, 8:] = 200
+    first_x = {}
+    for key in ("delta_action", "expert_action"):
+        _, folder = train_behavior_cloning(BehaviorCloningConfig(out=tmp_path / key, action_key=key, **common))
+        policy = SmallCNNPolicy.from_pretrained(folder)
+        logits, _ = policy.action_logits({"image": right, "task": ["go right"]})
+        first_x[key] = float(policy.tokens_to_actions(logits.argmax(-1))[0, 0, 0])
+    assert first_x["delta_action"] < -0.5 < 0.5 < first_x["expert_action"]
