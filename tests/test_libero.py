@@ -323,6 +323,32 @@ def test_images_rendered_only_where_used_change_nothing_else(monkeypatch):
 
 
 @needs_libero
+def test_make_gives_the_single_env_its_limit_in_actions_without_simulating():
+    for env_id in ("Libero-Spatial-v0", "Libero-Spatial-Image-v0"):
+        env = gym.make(env_id, image_size=32, max_episode_steps=16)
+        try:
+            assert env.unwrapped.vector_env.config.episode_limit == 16 and env.spec.max_episode_steps == 16
+        finally:
+            env.close()
+    assert env.observation_space == gym.spaces.Box(0, 255, (32, 32, 3), np.uint8)
+
+
+@needs_libero
+@pytest.mark.slow
+def test_the_image_id_ends_episodes_after_the_limit_in_actions():
+    env = gym.make("Libero-Spatial-Image-v0", image_size=32, max_episode_steps=16)
+    try:
+        obs, info = env.reset(seed=0, options={"task_id": 1, "trial_id": 2})
+        assert obs.shape == (32, 32, 3) and info["task"] == libero_task("libero_spatial", 1).language
+        hold = np.tile(np.array([0, 0, 0, 0, 0, 0, 1], dtype=np.float32), (8, 1))  # [8, 7]: stay, gripper open
+        ends = [env.step(hold) for _ in range(2)]
+        assert [step[2:4] for step in ends] == [(False, False), (False, True)]  # 16 actions: 2 chunk steps
+        assert ends[1][4]["task"] == info["task"] and ends[1][4]["episode_length"] == 16
+    finally:
+        env.close()
+
+
+@needs_libero
 @pytest.mark.slow
 def test_single_env_passes_gymnasiums_checker_and_vector_env_resets_by_mask():
     from gymnasium.utils.env_checker import check_env

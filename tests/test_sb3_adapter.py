@@ -1,5 +1,6 @@
 import warnings
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -156,7 +157,6 @@ def test_ppo_cnn_policy_learns_on_the_adapter(checkpoint, never_success):
 
 
 def test_sb3_check_env_passes_on_the_image_observation_of_the_single_env(checkpoint):
-    import gymnasium as gym
     from stable_baselines3.common.env_checker import check_env
 
     import opensora_gym  # noqa: F401  (registers the ids)
@@ -182,22 +182,41 @@ def test_sb3_check_env_passes_on_the_image_observation_of_the_single_env(checkpo
     assert venv.reset().shape == (1, 40, 40, 3)
 
 
-def test_make_vec_env_takes_the_limit_in_actions_and_needs_the_image_observation(checkpoint):
+def test_make_vec_env_takes_the_limit_in_actions_on_the_image_id(checkpoint):
+    from stable_baselines3.common.env_checker import check_env
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import opensora_gym  # noqa: F401  (registers the ids)
+
+    # success_threshold 2: a 0/1 frame reward never reaches it, so episodes end only by the time limit.
+    env_kwargs = {"checkpoint": checkpoint, **FAST, "image_size": 40, "max_episode_steps": 16, "success_threshold": 2}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(gym.make("OpenSoraLibero-Spatial-Image-v0", **env_kwargs))
+
+    venv = make_vec_env("OpenSoraLibero-Spatial-Image-v0", n_envs=2, seed=0, env_kwargs=env_kwargs)
+    assert venv.reset().shape == (2, 40, 40, 3)
+    for chunk_steps in range(1, 5):
+        _, _, dones, infos = venv.step(np.stack([venv.action_space.sample() for _ in range(2)]))
+        # 16 actions: every second chunk step ends the episode, by truncation, and SB3 resets it at once.
+        assert dones.tolist() == [chunk_steps % 2 == 0] * 2
+        assert all(isinstance(info["task"], str) for info in infos)
+    assert infos[0]["TimeLimit.truncated"] and infos[0]["episode"]["l"] == 2
+
+
+def test_make_vec_env_on_the_text_observation_points_to_the_image_id_and_the_adapter(checkpoint):
     from stable_baselines3.common.env_util import make_vec_env
 
     import opensora_gym  # noqa: F401  (registers the ids)
     from opensora_gym.wrappers.sb3 import ImageObservation
 
-    # success_threshold 2: a 0/1 frame reward never reaches it, so episodes end only by the time limit.
     env_kwargs = {"checkpoint": checkpoint, **FAST, "image_size": 40, "max_episode_steps": 16, "success_threshold": 2}
-    # SB3 cannot batch the task text: without the wrapper its DummyVecEnv fails on the Text space (README says so).
-    with pytest.raises(TypeError, match="'NoneType' object is not iterable"):
+    points = r"use the image-only id \(OpenSoraLibero-Spatial-Image-v0.*opensora_gym\.wrappers\.sb3\.ImageObservation"
+    with pytest.raises(TypeError, match=points):
         make_vec_env("OpenSoraLibero-Spatial-v0", env_kwargs=env_kwargs)
 
     venv = make_vec_env("OpenSoraLibero-Spatial-v0", seed=0, wrapper_class=ImageObservation, env_kwargs=env_kwargs)
     venv.reset()
     for chunk_steps in range(1, 5):
-        _, _, dones, infos = venv.step(np.stack([venv.action_space.sample()]))
-        # 16 actions: every second chunk step ends the episode, by truncation, and SB3 resets it at once.
-        assert dones.tolist() == [chunk_steps % 2 == 0]
-    assert infos[0]["TimeLimit.truncated"] and infos[0]["episode"]["l"] == 2
+        _, _, dones, _ = venv.step(np.stack([venv.action_space.sample()]))
+        assert dones.tolist() == [chunk_steps % 2 == 0]  # the limit in actions here too

@@ -10,12 +10,19 @@ __version__ = "0.2.0"
 # The world-model envs: `gym.make_vec` builds one batched env, `gym.make` a single episode. In both,
 # `max_episode_steps=N` is the env's own limit in actions: `make_vec` passes it to the vector entry point, and the
 # single env reads it from `gym.make`, which keeps it for a TimeLimit (`opensora_gym.single.make_time_limit`).
+# The `-Image-v0` ids observe the image alone (the task text in `info["task"]`), what Stable-Baselines3 can batch;
+# they have no vector entry point, so `gym.make_vec` steps one single env per sub-env.
 for _suite in ("Spatial", "Object"):
     gym.register(
         id=f"OpenSoraLibero-{_suite}-v0",
         entry_point="opensora_gym.env:OpenSoraLiberoSingleEnv",
         vector_entry_point="opensora_gym.env:OpenSoraLiberoEnv",
         kwargs={"suite": _suite.lower()},
+    )
+    gym.register(
+        id=f"OpenSoraLibero-{_suite}-Image-v0",
+        entry_point="opensora_gym.env:OpenSoraLiberoSingleEnv",
+        kwargs={"suite": _suite.lower(), "image_only": True},
     )
 
 # The real LIBERO simulator (extra `opensora-gym[libero]`): string entry points, so LIBERO, robosuite and MuJoCo
@@ -32,4 +39,9 @@ for _id, _suite in (
         entry_point="opensora_gym.libero:LiberoSingleEnv",
         vector_entry_point="opensora_gym.libero:make_libero_vector_env",
         kwargs={"suite": _suite},
+    )
+    gym.register(
+        id=f"Libero-{_id}-Image-v0",
+        entry_point="opensora_gym.libero:LiberoSingleEnv",
+        kwargs={"suite": _suite, "image_only": True},
     )

@@ -8,7 +8,6 @@ reward rule (`opensora_gym.reward_rule`: the reference's rewards and termination
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -232,7 +231,8 @@ class OpenSoraLiberoEnv(VectorEnv):
 
     `OpenSoraLiberoEnv(num_envs, *, world_model=None, render_mode=None, **config)`, or
     `gym.make_vec("OpenSoraLibero-Spatial-v0", num_envs=N, **config)` (also `-Object`); `gym.make` gives one
-    episode at a time (`OpenSoraLiberoSingleEnv`). `config` is any field of `OpenSoraLiberoConfig`, which
+    episode at a time (`OpenSoraLiberoSingleEnv`; `-Spatial-Image-v0` observes the image alone, for
+    Stable-Baselines3). `config` is any field of `OpenSoraLiberoConfig`, which
     documents them all; the main ones:
 
     | Parameter            | Type        | Default       | Description                                             |
@@ -777,6 +777,9 @@ class OpenSoraLiberoSingleEnv(SingleEpisodeEnv):
     error (call `reset()`), as a single env has no autoreset. `reset(seed=s)` seeds the sub-env's generator and
     Gymnasium's `np_random` with `s`. Actions, validation and errors are those of `OpenSoraLiberoEnv`.
 
+    `image_only=True` (the ids `OpenSoraLibero-*-Image-v0`) observes the image alone, (S, S, 3) uint8, with the
+    task in `info["task"]`: what Stable-Baselines3 can batch.
+
     `gym.make(id, max_episode_steps=N)` sets the env's own limit to N actions (N / 8 chunk steps), as for
     `OpenSoraLiberoEnv`; Gymnasium still wraps its `TimeLimit` of N steps around it, which never fires first
     (`opensora_gym.single.make_time_limit` says why).
@@ -784,11 +787,11 @@ class OpenSoraLiberoSingleEnv(SingleEpisodeEnv):
 
     metadata: ClassVar[dict] = {"render_modes": ["rgb_array"], "render_fps": OpenSoraLiberoEnv.metadata["render_fps"]}
 
-    def __init__(self, render_mode=None, **kwargs):
-        limit = make_time_limit(sys._getframe(1))
+    def __init__(self, render_mode=None, image_only: bool = False, **kwargs):
+        limit = make_time_limit(self)
         if limit is not None:
             kwargs["max_episode_steps"] = limit
-        super().__init__(OpenSoraLiberoEnv(1, render_mode=render_mode, **kwargs), render_mode)
+        super().__init__(OpenSoraLiberoEnv(1, render_mode=render_mode, **kwargs), render_mode, image_only)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         options = dict(options or {})

@@ -25,7 +25,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from opensora_gym.single import SingleEpisodeEnv
+from opensora_gym.single import SingleEpisodeEnv, make_time_limit
 from opensora_gym.spaces import (
     ACTION_DIM,
     chunk_action_space,
@@ -849,15 +849,23 @@ class LiberoSingleEnv(SingleEpisodeEnv):
 
     ``reset(options={"task_id": t, "trial_id": k})`` chooses the initial state (else the walk through all pairs
     goes on); ``close()`` stops the worker process. Spaces, rewards and errors are those of `LiberoVectorEnv`.
+    ``gym.make(id, max_episode_steps=N)`` sets the env's own limit to N policy steps (actions), as for
+    `LiberoVectorEnv`; the `TimeLimit` that Gymnasium still adds counts chunk steps and never fires first
+    (`opensora_gym.single.make_time_limit` says why).
 
     Args:
+        image_only: observe the image alone, with the task text in ``info["task"]`` (the ``Libero-*-Image-v0``
+            ids): what Stable-Baselines3 can batch.
         config: `LiberoConfig` fields, e.g. ``suite="libero_spatial", image_size=128``.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": [], "render_fps": LiberoVectorEnv.metadata["render_fps"]}
 
-    def __init__(self, **config: Any) -> None:
-        super().__init__(LiberoVectorEnv(LiberoConfig(**config), num_envs=1))
+    def __init__(self, image_only: bool = False, **config: Any) -> None:
+        limit = make_time_limit(self)
+        if limit is not None:
+            config["max_episode_steps"] = limit
+        super().__init__(LiberoVectorEnv(LiberoConfig(**config), num_envs=1), image_only=image_only)
 
 
 def make_libero_vector_env(num_envs: int = 1, **config: Any) -> LiberoVectorEnv:

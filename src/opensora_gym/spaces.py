@@ -27,6 +27,23 @@ TASK_CHARSET = string.printable
 MAX_TASK_LENGTH = 512
 
 
+class TaskText(spaces.Text):
+    """The task instruction: Gymnasium's `Text`, whose `shape` raises instead of returning None.
+
+    A text space has no array shape. Stable-Baselines3 reads `shape` to size its observation buffers, where None
+    fails deep inside it; raising here says instead which env gives it an observation it can batch. Gymnasium
+    itself never reads a `Text`'s shape (its checkers and vector envs dispatch on the space's type).
+    """
+
+    @property
+    def shape(self) -> None:
+        raise TypeError(
+            "the observation's 'task' is text, which has no shape, and a shape was read (Stable-Baselines3 needs one "
+            "to batch observations): use the image-only id (OpenSoraLibero-Spatial-Image-v0, Libero-Spatial-Image-v0, "
+            "...) or wrap the env in opensora_gym.wrappers.sb3.ImageObservation"
+        )
+
+
 def chunk_action_space(action_chunk: int = ACTION_CHUNK, action_dim: int = ACTION_DIM) -> spaces.Box:
     """A chunk of `action_chunk` actions, each `action_dim` controls in [-1, 1]: Box (action_chunk, action_dim)."""
     return spaces.Box(low=-1.0, high=1.0, shape=(action_chunk, action_dim), dtype=np.float32)
@@ -37,7 +54,7 @@ def observation_space(image_size: int = 256) -> spaces.Dict:
     return spaces.Dict(
         {
             "image": spaces.Box(low=0, high=255, shape=(image_size, image_size, 3), dtype=np.uint8),
-            "task": spaces.Text(max_length=MAX_TASK_LENGTH, charset=TASK_CHARSET),
+            "task": TaskText(max_length=MAX_TASK_LENGTH, charset=TASK_CHARSET),
         }
     )
 

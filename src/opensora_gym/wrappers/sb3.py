@@ -8,10 +8,10 @@ SB3 does not take a Gymnasium `VectorEnv`; this adapter translates the three thi
 - the autoreset: SB3 resets a sub-env on the step it ends, returns the new episode's first observation and puts
   the last one in `infos[i]["terminal_observation"]`, while `OpenSoraLiberoEnv` resets on the next step.
 
-For one env at a time (SB3's `check_env`, `make_vec_env`), `ImageObservation` wraps the single env of
-`gym.make("OpenSoraLibero-Spatial-v0")`: the observation becomes the image and the task goes to `info["task"]`.
-`make_vec_env` needs it as `wrapper_class`: without it SB3's `DummyVecEnv` fails on the task's `Text` space
-(`TypeError: 'NoneType' object is not iterable`), raised while SB3 builds its buffers, where the env has no say.
+For one env at a time (SB3's `check_env`, `make_vec_env`), use the image-only ids (`OpenSoraLibero-Spatial-Image-v0`,
+`Libero-Spatial-Image-v0`, ...), or `ImageObservation` on the single env of `gym.make("OpenSoraLibero-Spatial-v0")`:
+the observation becomes the image and the task goes to `info["task"]`. `make_vec_env` on an id with the text
+observation fails with a `TypeError` that names both (`opensora_gym.spaces.TaskText`).
 SB3's default `CnnPolicy` needs images of at least 36 px: use `image_size=40` or more (a multiple of 8).
 
 Requires the `sb3` extra (`pip install opensora-gym[sb3]`).
