@@ -19,7 +19,7 @@ import copy
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from opensora_gym.checkpoint import CheckpointLayout, locate
 from opensora_gym.data import ActionStatistics
-from opensora_gym.env import OpenSoraLiberoEnv
+from opensora_gym.env import OpenSoraLiberoConfig, OpenSoraLiberoEnv
 from opensora_gym.presets import make_action_sensitive_checkpoint, make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel
 from trainers.advantages import Targets
@@ -116,24 +116,9 @@ def resolve_world_model(config: TrainConfig) -> str | None:
 def build_world_model_env(config: TrainConfig, num_envs: int | None = None, **overrides: Any) -> OpenSoraLiberoEnv:
     """The training env of `config` (`env.train`)."""
     train = config.env.train
-    settings = {
-        "checkpoint": resolve_world_model(config),
-        "suite": train.suite,
-        "device": train.device or config.runner.device,
-        "dtype": train.dtype,
-        "num_sampling_steps": train.num_sampling_steps,
-        "image_size": train.image_size,
-        "max_episode_steps": train.max_episode_steps,
-        "use_rel_reward": train.use_rel_reward,
-        "reward_coef": train.reward_coef,
-        "success_threshold": train.success_threshold,
-        "group_size": train.group_size,
-        "compile": train.compile,
-        "uncertainty": train.uncertainty,
-        "uncertainty_draws": train.uncertainty_draws,
-        "uncertainty_policy": train.uncertainty_policy,
-        "uncertainty_threshold": train.uncertainty_threshold,
-    }
+    # `env.train` is an `OpenSoraLiberoConfig` with training's settings added: the env takes its own fields.
+    settings = {f.name: getattr(train, f.name) for f in fields(OpenSoraLiberoConfig)}
+    settings.update(checkpoint=resolve_world_model(config), device=train.device or config.runner.device)
     settings.update(overrides)
     return OpenSoraLiberoEnv(num_envs or train.total_num_envs, **settings)
 
