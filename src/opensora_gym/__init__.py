@@ -10,12 +10,13 @@ __version__ = "0.2.0"
 # The world-model envs: `gym.make_vec` builds one batched env, `gym.make` a single episode. In both,
 # `max_episode_steps=N` is the env's own limit in actions: `make_vec` passes it to the vector entry point, and the
 # single env reads it from `gym.make`, which keeps it for a TimeLimit (`opensora_gym.single.make_time_limit`).
-for _suite in ("Spatial", "Object"):
+WORLD_MODEL_ENV_IDS = {"spatial": "OpenSoraLibero-Spatial-v0", "object": "OpenSoraLibero-Object-v0"}
+for _suite, _id in WORLD_MODEL_ENV_IDS.items():
     gym.register(
-        id=f"OpenSoraLibero-{_suite}-v0",
+        id=_id,
         entry_point="opensora_gym.env:OpenSoraLiberoSingleEnv",
         vector_entry_point="opensora_gym.env:OpenSoraLiberoEnv",
-        kwargs={"suite": _suite.lower()},
+        kwargs={"suite": _suite},
     )
 
 # The real LIBERO simulator (extra `opensora-gym[libero]`): string entry points, so LIBERO, robosuite and MuJoCo

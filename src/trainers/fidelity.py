@@ -14,9 +14,9 @@ from opensora_gym.audit import AuditReport, audit_world_model
 from opensora_gym.rectified_flow import RectifiedFlowSampler
 from opensora_gym.spaces import policy_actions
 from opensora_gym.world_model import WorldModel
+from trainers.build import build_world_model_env
 from trainers.config import TrainConfig
 from trainers.evaluate import libero_episodes
-from trainers.runner import build_world_model_env
 from vla_policies.base import Policy
 
 __all__ = ["SIMULATOR_REPORT", "audit_metrics", "run_fidelity_audit"]
