@@ -38,10 +38,10 @@ from opensora_gym.data import TrajectoryDataset
 from opensora_gym.env import DTYPES
 from opensora_gym.presets import make_tiny_checkpoint
 from opensora_gym.reliability import auroc, classifier_uncertainty, spearman
+from opensora_gym.spaces import ACTION_CHUNK
 from opensora_gym.world_model import WorldModel, frames_from_uint8, frames_to_uint8
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ACTION_CHUNK = 8
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import torch
 
 from opensora_gym.data import load_trajectory, save_trajectory
 from trainers.behavior_cloning import BehaviorCloningConfig, chunk_targets, random_shift, train_behavior_cloning
+from trainers.build import build_policy
 from trainers.cli import main as cli_main
 from trainers.config import ModelConfig
-from trainers.runner import build_policy
 from vla_policies.small import SmallCNNPolicy, SmallPolicyConfig
 
 TASKS = ("go left", "go right")

@@ -7,9 +7,10 @@ import zipfile
 import pytest
 import torch
 
+from trainers.build import resolve_world_model
 from trainers.cli import main
 from trainers.config import ConfigError, load_config, preset_names
-from trainers.runner import check_run_inputs, resolve_world_model
+from trainers.runner import check_run_inputs
 
 
 def test_configs_lists_every_preset(capsys):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from trainers.build import build_optimizer, build_policy, build_world_model_env, resolve_world_model
 from trainers.config import PRESETS_DIR, load_config
 from trainers.distributed import (
     DistributedContext,
@@ -22,7 +23,7 @@ from trainers.distributed import (
 )
 from trainers.grpo import grpo_targets
 from trainers.rollout import RolloutBatch, collect_rollout
-from trainers.runner import Trainer, build_policy, build_world_model_env, resolve_world_model
+from trainers.runner import Trainer
 from trainers.update import PolicyUpdater, flatten_for_update
 
 WORLD_SIZE = 2
@@ -184,6 +185,7 @@ def updated_gradients_and_weights(config, policy, data, strategy, context):
     parallel = ParallelPolicy(copy.deepcopy(policy), strategy, context)
     updater = PolicyUpdater(
         parallel.module,
+        build_optimizer(parallel.module, config.actor),
         config.algorithm,
         config.actor,
         config.rollout,

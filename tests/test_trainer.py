@@ -7,6 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from trainers.build import build_optimizer
 from trainers.cli import main
 from trainers.config import PRESETS_DIR, ConfigError, load_config
 from trainers.runner import Trainer, TrainingDivergedError
@@ -72,7 +73,10 @@ def test_micro_batches_accumulate_to_the_global_batch_gradient(tmp_path):
         actor = type(config.actor)(
             model=config.actor.model, optim=config.actor.optim, micro_batch_size=micro, global_batch_size=8
         )
-        updater = PolicyUpdater(copy, config.algorithm, actor, config.rollout, config.env.train.max_episode_steps)
+        optimizer = build_optimizer(copy, actor)
+        updater = PolicyUpdater(
+            copy, optimizer, config.algorithm, actor, config.rollout, config.env.train.max_episode_steps
+        )
         groups = updater.optimizer.param_groups
         assert [g["lr"] for g in groups] == [config.actor.optim.lr, config.actor.optim.value_lr]
         assert {id(p) for p in groups[1]["params"]} == {id(p) for p in copy.value_head.parameters()}

@@ -9,6 +9,7 @@ import pytest
 import torch
 from einops import rearrange
 
+from trainers.build import build_optimizer
 from trainers.config import ActorConfig, AlgorithmConfig, OptimConfig, RolloutConfig
 from trainers.update import PolicyUpdater, UpdateData
 from vla_policies.openvla_oft import OpenVLAOFTPolicy
@@ -70,7 +71,8 @@ def test_update_takes_fixed_steps_with_rlinf_gradients(tiny_oft, aggregation):
     data = recorded_batch(policy)
     algorithm = AlgorithmConfig(update_epoch=EPOCHS, clip_ratio_c=None, loss_aggregation=aggregation)
     actor = ActorConfig(optim=OptimConfig(clip_grad=1e6), micro_batch_size=MICRO, global_batch_size=GLOBAL, seed=7)
-    updater = PolicyUpdater(policy, algorithm, actor, RolloutConfig(temperature_train=1.6), MAX_STEPS)
+    optimizer = build_optimizer(policy, actor)
+    updater = PolicyUpdater(policy, optimizer, algorithm, actor, RolloutConfig(temperature_train=1.6), MAX_STEPS)
     params = [p for group in updater.optimizer.param_groups for p in group["params"]]
     recorded = []  # (weights before the step, gradient of the step; None where a weight has no gradient)
     updater.optimizer.register_step_pre_hook(
@@ -108,7 +110,10 @@ def test_update_takes_fixed_steps_with_rlinf_gradients(tiny_oft, aggregation):
 def test_rows_must_fill_whole_global_batches(tiny_oft):
     data = recorded_batch(tiny_oft)
     actor = ActorConfig(micro_batch_size=MICRO, global_batch_size=8)
-    updater = PolicyUpdater(copy.deepcopy(tiny_oft), AlgorithmConfig(), actor, RolloutConfig(), MAX_STEPS)
+    policy = copy.deepcopy(tiny_oft)
+    updater = PolicyUpdater(
+        policy, build_optimizer(policy, actor), AlgorithmConfig(), actor, RolloutConfig(), MAX_STEPS
+    )
     with pytest.raises(ValueError, match=r"12 chunk steps on this rank, which must be a positive multiple of .* = 8"):
         updater.update(data)
 
@@ -117,7 +122,8 @@ def test_a_global_batch_without_valid_rows_still_steps_the_optimizer(tiny_oft):
     policy = copy.deepcopy(tiny_oft)
     data = dataclasses.replace(recorded_batch(policy), mask=torch.zeros(ROWS, 8, dtype=torch.bool))
     actor = ActorConfig(micro_batch_size=MICRO, global_batch_size=GLOBAL)
-    updater = PolicyUpdater(policy, AlgorithmConfig(loss_aggregation="embodied"), actor, RolloutConfig(), MAX_STEPS)
+    algorithm = AlgorithmConfig(loss_aggregation="embodied")
+    updater = PolicyUpdater(policy, build_optimizer(policy, actor), algorithm, actor, RolloutConfig(), MAX_STEPS)
     steps = []
     updater.optimizer.register_step_pre_hook(lambda *_: steps.append(1))
     before = {name: p.detach().clone() for name, p in policy.named_parameters()}

@@ -19,7 +19,7 @@ opensora-gym train-reward-model --dataset "$dataset" --out "$work/reward" --imag
 t2=$(date +%s)
 opensora-gym train-world-model --dataset "$dataset" --vae "$work/vae/vae" --reward-model "$work/reward" \
   --statistics "$work/spatial64/dataset_statistics.json" --out "$work/wm" --image-size 64 --preset tiny \
-  --device "$device" --batch-size 64 --lr 2e-4 --warmup-steps 300 --ema-decay 0.999 --max-steps "$steps" \
+  --device "$device" --batch-size "${BATCH_SIZE:-64}" --lr 2e-4 --warmup-steps 300 --ema-decay 0.999 --max-steps "$steps" \
   --checkpoint-every 2000 --preview-every 2000 --log-every 500
 t3=$(date +%s)
 echo "{\"vae_s\": $((t1 - t0)), \"reward_s\": $((t2 - t1)), \"world_model_s\": $((t3 - t2)), \"wm_steps\": $steps}" \

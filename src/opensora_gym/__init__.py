@@ -12,17 +12,18 @@ __version__ = "0.2.0"
 # single env reads it from `gym.make`, which keeps it for a TimeLimit (`opensora_gym.single.make_time_limit`).
 # The `-Image-v0` ids observe the image alone (the task text in `info["task"]`), what Stable-Baselines3 can batch;
 # they have no vector entry point, so `gym.make_vec` steps one single env per sub-env.
-for _suite in ("Spatial", "Object"):
+WORLD_MODEL_ENV_IDS = {"spatial": "OpenSoraLibero-Spatial-v0", "object": "OpenSoraLibero-Object-v0"}
+for _suite, _id in WORLD_MODEL_ENV_IDS.items():
     gym.register(
-        id=f"OpenSoraLibero-{_suite}-v0",
+        id=_id,
         entry_point="opensora_gym.env:OpenSoraLiberoSingleEnv",
         vector_entry_point="opensora_gym.env:OpenSoraLiberoEnv",
-        kwargs={"suite": _suite.lower()},
+        kwargs={"suite": _suite},
     )
     gym.register(
-        id=f"OpenSoraLibero-{_suite}-Image-v0",
+        id=_id.replace("-v0", "-Image-v0"),
         entry_point="opensora_gym.env:OpenSoraLiberoSingleEnv",
-        kwargs={"suite": _suite.lower(), "image_only": True},
+        kwargs={"suite": _suite, "image_only": True},
     )
 
 # The real LIBERO simulator (extra `opensora-gym[libero]`): string entry points, so LIBERO, robosuite and MuJoCo

@@ -24,6 +24,7 @@ from opensora_gym.reliability import classifier_uncertainty
 from opensora_gym.reward_rule import RewardRule
 from opensora_gym.single import SingleEpisodeEnv, make_time_limit
 from opensora_gym.spaces import (
+    ACTION_CHUNK,
     ACTION_DIM,
     chunk_action_space,
     controller_actions,
@@ -40,10 +41,9 @@ MAX_SEED = 2**64 - 1
 
 @dataclass(frozen=True)
 class OpenSoraLiberoConfig:
-    """Settings of `OpenSoraLiberoEnv`.
+    """Settings of `OpenSoraLiberoEnv` (the number of sub-envs is the env's `num_envs` argument, not a setting).
 
     Attributes:
-        num_envs: sub-envs stepped in one batch.
         checkpoint: world-model folder; None: `$OPENSORA_GYM_CHECKPOINT`, else the released model of `suite`.
         suite: `spatial` or `object`: which released checkpoint to fetch when none is given.
         device: torch device of the models.
@@ -60,7 +60,8 @@ class OpenSoraLiberoConfig:
         success_threshold: a frame with this reward (or probability, see `success_from`) ends the episode.
         success_from: `reward`: threshold the 0/1 rounded probability, as the reference; `probability`: threshold
             the classifier's raw probability.
-        group_size: consecutive sub-envs that start from the same episode (GRPO groups).
+        group_size: consecutive sub-envs that start from the same episode (GRPO groups); a divisor of the env's
+            `num_envs` (`opensora_gym.starts.StartSampler` checks it).
         return_frames: put the decoded chunk frames [N, A, H, W, 3] in `info["frames"]`.
         vae_micro_batch_size: frames per VAE call.
         dit_micro_batch_size: sub-envs per DiT forward (None: all at once); bounds the DiT's memory and, with
@@ -81,13 +82,12 @@ class OpenSoraLiberoConfig:
         uncertainty_threshold: the threshold of `truncate` and `withhold` (fires when the signal is strictly above).
     """
 
-    num_envs: int = 1
     checkpoint: str | Path | None = None
     suite: Literal["spatial", "object"] = "spatial"
     device: str = "cpu"
     dtype: str = "bfloat16"
     num_sampling_steps: int = 10
-    action_chunk: int = 8
+    action_chunk: int = ACTION_CHUNK
     condition_frames: int = 4
     image_size: int = 256
     max_episode_steps: int = 256
@@ -106,15 +106,11 @@ class OpenSoraLiberoConfig:
     uncertainty_threshold: float | None = None
 
     def __post_init__(self):
-        for name in ("num_envs", "num_sampling_steps", "action_chunk", "image_size", "max_episode_steps"):
+        for name in ("num_sampling_steps", "action_chunk", "image_size", "max_episode_steps", "group_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.condition_frames < 1:
             raise ValueError(f"condition_frames must be a positive integer, got {self.condition_frames!r}")
-        if self.group_size < 1 or self.num_envs % self.group_size:
-            raise ValueError(
-                f"group_size must be a positive divisor of num_envs ({self.num_envs}), got {self.group_size!r}"
-            )
         if self.suite not in HUB_IDS:
             raise ValueError(f"suite must be one of {sorted(HUB_IDS)}, got {self.suite!r}")
         if self.dtype not in DTYPES:
@@ -286,11 +282,16 @@ class OpenSoraLiberoEnv(VectorEnv):
     }
 
     def __init__(self, num_envs: int = 1, *, world_model: WorldModel | None = None, render_mode=None, **kwargs):
-        self.config = config = OpenSoraLiberoConfig(num_envs=num_envs, **kwargs)
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        self.config = config = OpenSoraLiberoConfig(**kwargs)
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode = render_mode
         root = resolve_checkpoint(config.checkpoint, config.suite)
+        # The starts come first: a group size that does not divide num_envs fails before a model loads.
+        self.dataset = TrajectoryDataset(CheckpointLayout(root).dataset)
+        self.start_sampler = StartSampler(self.dataset, num_envs, config.group_size)
         self.world_model = world_model or WorldModel.from_pretrained(
             root,
             device=config.device,
@@ -302,8 +303,6 @@ class OpenSoraLiberoEnv(VectorEnv):
             compile=config.compile,
         )
         self._check_world_model()
-        self.dataset = TrajectoryDataset(CheckpointLayout(root).dataset)
-        self.start_sampler = StartSampler(self.dataset, num_envs, config.group_size)
         self.reward_rule = RewardRule(
             use_rel_reward=config.use_rel_reward,
             reward_coef=config.reward_coef,

@@ -27,6 +27,7 @@ from gymnasium.vector.utils import batch_space
 
 from opensora_gym.single import SingleEpisodeEnv, make_time_limit
 from opensora_gym.spaces import (
+    ACTION_CHUNK,
     ACTION_DIM,
     chunk_action_space,
     controller_actions,
@@ -139,7 +140,7 @@ class LiberoConfig:
     num_steps_wait: int = 10
     settle_gripper: float = -1.0
     max_episode_steps: int | None = None
-    action_chunk: int = 8
+    action_chunk: int = ACTION_CHUNK
     return_frames: bool = False
     privileged_state: bool = False
     worker_timeout_s: float = 600.0

@@ -112,38 +112,19 @@ def run_eval(config: TrainConfig) -> dict:
     Returns:
         the result as plain data (`EvalResult.to_dict`), with `folder` added.
     """
-    from trainers.evaluate import evaluate_policy
+    from trainers.build import build_eval_env, eval_metrics, evaluate, starting_policy
     from trainers.loggers import MetricLogger
-    from trainers.runner import build_eval_env, build_policy, check_run_inputs, load_policy
+    from trainers.runner import check_run_inputs
 
-    eval_cfg, runner = config.env.eval, config.runner
     check_run_inputs(config, evaluation=True)
     folder = _new_eval_folder(config)
-    setup = build_eval_env(config, folder)
-    env, statistics, episodes = setup.env, setup.statistics, setup.episodes
-    try:
-        if runner.ckpt_path is not None:
-            policy = load_policy(config, runner.ckpt_path, statistics)
-        else:
-            policy = build_policy(config.actor.model, statistics, runner.device, config.actor.seed)
-        result = evaluate_policy(
-            env,
-            policy,
-            episodes,
-            do_sample=eval_cfg.do_sample,
-            temperature=config.rollout.temperature_eval,
-            top_k=config.rollout.top_k,
-            seed=eval_cfg.seed,
-            progress_bar=runner.progress_bar,
-        )
-    finally:
-        env.close()
+    with build_eval_env(config, folder) as setup:
+        result = evaluate(config, setup, starting_policy(config, setup.statistics))
     print(result.table())
     data = {**result.to_dict(), "folder": str(folder)}
     (folder / "eval_results.json").write_text(json.dumps(data, indent=2) + "\n")
-    low, high = result.interval
-    logger = MetricLogger(runner.logger_backends, folder, folder.name)
-    logger.log({"eval/success_once": result.success_rate, "eval/success_ci_low": low, "eval/success_ci_high": high}, 0)
+    logger = MetricLogger(config.runner.logger_backends, folder, folder.name)
+    logger.log(eval_metrics(result), 0)
     logger.close()
     print(f"results: {folder / 'eval_results.json'}")
     return data
@@ -156,17 +137,14 @@ def run_audit(config: TrainConfig) -> dict:
     Returns:
         the logged numbers (`trainers.fidelity.audit_metrics`), with `folder` added.
     """
+    from trainers.build import build_world_model_env, starting_policy
     from trainers.fidelity import audit_metrics, run_fidelity_audit
-    from trainers.runner import build_policy, build_world_model_env, check_run_inputs, load_policy
+    from trainers.runner import check_run_inputs
 
     check_run_inputs(config)
     folder = _new_eval_folder(config, "audit")
     world_model = build_world_model_env(config, num_envs=1, group_size=1).world_model
-    if config.runner.ckpt_path is not None:
-        policy = load_policy(config, config.runner.ckpt_path, world_model.statistics)
-    else:
-        policy = build_policy(config.actor.model, world_model.statistics, config.runner.device, config.actor.seed)
-    reports = run_fidelity_audit(config, world_model, policy, folder)
+    reports = run_fidelity_audit(config, world_model, starting_policy(config, world_model.statistics), folder)
     for report in reports.values():
         print(report.markdown())
     print(f"reports: {folder}")

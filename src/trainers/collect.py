@@ -8,9 +8,7 @@ opensora-gym collect --policy runs/x/checkpoints/global_step_20 --output data/po
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +19,9 @@ from opensora_gym.checkpoint import DATASET_FOLDER, STATISTICS_NAME
 from opensora_gym.collect import CollectConfig, CollectedEpisode, collect_episodes
 from opensora_gym.expert import ScriptedSpatialExpert, SpatialExpertConfig
 from opensora_gym.intervals import wilson_interval
+from trainers.build import load_policy
 
-__all__ = ["PolicyActor", "add_collect_arguments", "load_policy_folder", "run_collect", "summary"]
-
-# A trainer checkpoint (checkpoints/global_step_N) keeps its policy in this subfolder.
-_POLICY_FOLDER = "policy"
+__all__ = ["PolicyActor", "add_collect_arguments", "run_collect", "summary"]
 
 
 class PolicyActor:
@@ -54,23 +50,6 @@ class PolicyActor:
             observation, do_sample=self.do_sample, temperature=self.temperature, generator=self.generator
         )
         return output.actions.numpy()
-
-
-def load_policy_folder(path: str | Path, device: str) -> Any:
-    """A `save_pretrained` policy folder (or a trainer checkpoint holding one in `policy/`): SmallCNNPolicy when its
-    config.json has only SmallPolicyConfig fields, else OpenVLAOFTPolicy (bfloat16 on CUDA, float32 on the CPU)."""
-    from vla_policies import OpenVLAOFTPolicy, SmallCNNPolicy, SmallPolicyConfig
-
-    path = Path(path)
-    if (path / _POLICY_FOLDER).is_dir():
-        path = path / _POLICY_FOLDER
-    config = path / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"policy folder {path} has no config.json (expected a save_pretrained folder)")
-    if set(json.loads(config.read_text())) <= {field.name for field in fields(SmallPolicyConfig)}:
-        return SmallCNNPolicy.from_pretrained(path, device=device)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return OpenVLAOFTPolicy.from_pretrained(path, dtype=dtype, device=device)
 
 
 def summary(episodes: list[CollectedEpisode], seconds: float) -> dict[str, Any]:
@@ -145,7 +124,7 @@ def run_collect(args: argparse.Namespace) -> dict[str, Any]:
         )
         actor = ScriptedSpatialExpert(expert_config, num_envs=args.num_envs)
     else:
-        policy = load_policy_folder(args.policy, args.device)
+        policy = load_policy(args.policy, args.device)
         actor = PolicyActor(policy, args.do_sample, args.temperature, args.seed)
     start = time.perf_counter()
     result = summary(collect_episodes(config, actor), time.perf_counter() - start)

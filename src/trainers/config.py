@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from opensora_gym.spaces import ACTION_CHUNK
+from opensora_gym.env import OpenSoraLiberoConfig
 
 __all__ = [
     "PRESETS_DIR",
@@ -93,71 +93,47 @@ class VideoConfig:
         _positive("video_cfg", num_envs=self.num_envs, interval=self.interval, fps=self.fps)
 
 
-@dataclass
-class TrainEnvConfig:
-    """The world-model env that rollouts are collected in (`env.train`).
+@dataclass(frozen=True)
+class TrainEnvConfig(OpenSoraLiberoConfig):
+    """The world-model env that rollouts are collected in (`env.train`): every setting of `OpenSoraLiberoConfig`
+    (which documents them and checks their values), with training's defaults, and how training uses the env.
 
     Attributes:
-        suite: `spatial` or `object`: the released world model to fetch when `checkpoint` is None and
-            `tiny_checkpoint` is false.
-        checkpoint: world-model folder (`opensora_wm_hf_ckpt_path` in RLinf).
+        checkpoint: world-model folder (`opensora_wm_hf_ckpt_path` in RLinf); None: a tiny one when
+            `tiny_checkpoint` is set, else as the env resolves it (`$OPENSORA_GYM_CHECKPOINT`, then the released
+            model of `suite`).
+        device: torch device of the world model; None: `runner.device`.
+        group_size: consecutive sub-envs that start from the same episode (GRPO's groups); divides total_num_envs.
         tiny_checkpoint: with no `checkpoint`, make a tiny checkpoint under the run folder (the embedded default
             job) instead of fetching the released model: `random` (random weights, `make_tiny_checkpoint`) or
             `action_sensitive` (success iff an action's first normalized number exceeds 0.8, so a policy can
             learn it: `make_action_sensitive_checkpoint`, trained at `image_size`).
-        total_num_envs: sub-envs stepped together.
-        group_size: consecutive sub-envs that start from the same episode (GRPO's groups); divides total_num_envs.
-        reward_coef: scale of the env's (relative) frame rewards.
+        total_num_envs: sub-envs stepped together (over all ranks).
         rollout_epoch: env resets (passes) per training step; their trajectories form one batch.
-        max_episode_steps: actions per episode before truncation (a multiple of the action chunk).
-        num_sampling_steps: rectified-flow steps per chunk.
-        image_size: frame side of the world model.
-        dtype: `bfloat16`, `float16` or `float32` for the DiT and the VAE.
-        device: torch device of the world model; None: `runner.device`.
-        use_rel_reward: reward the change of the frame reward (RLinf's default) rather than the frame reward.
-        success_threshold: frame reward at which an episode succeeds and ends.
         enable_offload: move the world model to the CPU while the policy trains.
-        compile: `torch.compile` the world model's DiT blocks and VAE decoder (about 2x faster chunk steps on a GPU).
-        uncertainty: the env's per-chunk reliability signal: `off`, `draws` (disagreement of `uncertainty_draws`
-            samples) or `margin` (the reward classifier's margin); see `OpenSoraLiberoConfig`.
-        uncertainty_draws: samples per chunk for `draws` (>= 2; each extra one costs a DiT sampling).
-        uncertainty_policy: `report`, `truncate` (end the episode) or `withhold` (no success reward, no
-            termination) when the signal is above `uncertainty_threshold`.
-        uncertainty_threshold: the threshold of `truncate` and `withhold`.
         video_cfg: videos of training rollouts.
     """
 
-    suite: Literal["spatial", "object"] = "spatial"
+    # A YAML value is a string; the env itself also takes a Path.
     checkpoint: str | None = None
+    device: str | None = None
+    group_size: int = 8
     tiny_checkpoint: Literal["random", "action_sensitive"] | None = None
     total_num_envs: int = 64
-    group_size: int = 8
-    reward_coef: float = 1.0
     rollout_epoch: int = 16
-    max_episode_steps: int = 256
-    num_sampling_steps: int = 10
-    image_size: int = 256
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    device: str | None = None
-    use_rel_reward: bool = True
-    success_threshold: float = 0.9
     enable_offload: bool = False
-    compile: bool = False
-    uncertainty: Literal["off", "draws", "margin"] = "off"
-    uncertainty_draws: int = 2
-    uncertainty_policy: Literal["report", "truncate", "withhold"] = "report"
-    uncertainty_threshold: float | None = None
     video_cfg: VideoConfig = field(default_factory=VideoConfig)
 
     def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            raise ConfigError(f"env.train.{error}") from None
+        # Training rejects what the env alone would run: no reward to learn from, a threshold never reached.
         _positive(
             "env.train",
             total_num_envs=self.total_num_envs,
             rollout_epoch=self.rollout_epoch,
-            max_episode_steps=self.max_episode_steps,
-            num_sampling_steps=self.num_sampling_steps,
-            image_size=self.image_size,
-            group_size=self.group_size,
             reward_coef=self.reward_coef,
         )
         _unit_interval("env.train", success_threshold=self.success_threshold)
@@ -168,11 +144,6 @@ class TrainEnvConfig:
             )
         if self.total_num_envs > MAX_NUM_ENVS:
             raise ConfigError(f"env.train.total_num_envs must be at most {MAX_NUM_ENVS}, got {self.total_num_envs}")
-        if self.uncertainty_policy != "report" and (self.uncertainty == "off" or self.uncertainty_threshold is None):
-            raise ConfigError(
-                f"env.train.uncertainty_policy {self.uncertainty_policy!r} needs env.train.uncertainty 'draws' or "
-                f"'margin' and an uncertainty_threshold, got {self.uncertainty!r} and {self.uncertainty_threshold!r}"
-            )
 
 
 @dataclass
@@ -548,15 +519,10 @@ class TrainConfig:
                 f"actor.model.value_type {self.actor.model.value_type!r} must be equal (both 'chunk_level' or both "
                 "'action_level')"
             )
-        if train.max_episode_steps % ACTION_CHUNK:
-            raise ConfigError(
-                f"env.train.max_episode_steps must be a multiple of the action chunk ({ACTION_CHUNK}), got "
-                f"{train.max_episode_steps}"
-            )
-        rows = train.max_episode_steps // ACTION_CHUNK * train.rollout_epoch * train.total_num_envs
+        rows = train.max_episode_steps // train.action_chunk * train.rollout_epoch * train.total_num_envs
         if rows % self.actor.global_batch_size:
             raise ConfigError(
-                f"a training step fits {rows} chunk steps (env.train max_episode_steps / {ACTION_CHUNK} x "
+                f"a training step fits {rows} chunk steps (env.train max_episode_steps / {train.action_chunk} x "
                 f"rollout_epoch x total_num_envs), which must be a multiple of actor.global_batch_size "
                 f"({self.actor.global_batch_size}): as in RLinf, every chunk step (masked ones included) goes into a "
                 "global batch"

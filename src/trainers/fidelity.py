@@ -12,11 +12,11 @@ import torch
 
 from opensora_gym.audit import AuditReport, audit_world_model
 from opensora_gym.rectified_flow import RectifiedFlowSampler
-from opensora_gym.spaces import ACTION_CHUNK, policy_actions
+from opensora_gym.spaces import policy_actions
 from opensora_gym.world_model import WorldModel
+from trainers.build import build_world_model_env
 from trainers.config import TrainConfig
 from trainers.evaluate import libero_episodes
-from trainers.runner import build_world_model_env
 from vla_policies.base import Policy
 
 __all__ = ["SIMULATOR_REPORT", "audit_metrics", "run_fidelity_audit"]
@@ -50,7 +50,8 @@ def run_fidelity_audit(
     libero_config = LiberoConfig.from_protocol(
         audit.protocol, audit.max_episode_steps, suite=audit.suite, image_size=config.env.train.image_size
     )
-    steps = math.ceil(libero_config.episode_limit / ACTION_CHUNK) * ACTION_CHUNK
+    chunk = config.env.train.action_chunk
+    steps = math.ceil(libero_config.episode_limit / chunk) * chunk
 
     def world_model_env(model: WorldModel):
         return build_world_model_env(config, num_envs, group_size=1, world_model=model, max_episode_steps=steps)

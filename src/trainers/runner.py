@@ -16,50 +16,45 @@ sub-envs; `trainers.distributed` says how the work and the files are split.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
 from opensora_gym.checkpoint import CheckpointLayout, locate
-from opensora_gym.data import ActionStatistics
-from opensora_gym.env import OpenSoraLiberoEnv
-from opensora_gym.presets import make_action_sensitive_checkpoint, make_tiny_checkpoint
-from opensora_gym.world_model import WorldModel
 from trainers.advantages import Targets
-from trainers.config import ConfigError, ModelConfig, TrainConfig, config_to_dict, from_dict
+from trainers.build import (
+    CONFIG_NAME,
+    POLICY_FOLDER,
+    build_eval_env,
+    build_optimizer,
+    build_world_model_env,
+    eval_metrics,
+    evaluate,
+    load_policy,
+    record_video,
+    resolve_world_model,
+    starting_policy,
+)
+from trainers.config import ConfigError, TrainConfig, config_to_dict
 from trainers.distributed import DistributedContext, ParallelPolicy, gather_concat, init_distributed
-from trainers.evaluate import EvalResult, evaluate_policy, libero_episodes, world_model_episodes
+from trainers.evaluate import EvalResult
 from trainers.grpo import grpo_targets
 from trainers.loggers import MetricLogger
 from trainers.ppo import gae_targets
 from trainers.rollout import RolloutBatch, collect_rollout, merge_epochs
 from trainers.update import LoraBaseReference, NonFiniteLossError, PolicyUpdater, flatten_for_update
-from vla_policies.base import Policy
 
-__all__ = [
-    "Trainer",
-    "TrainingDivergedError",
-    "build_policy",
-    "build_world_model_env",
-    "load_policy",
-    "rollout_metrics",
-    "train",
-]
+__all__ = ["Trainer", "TrainingDivergedError", "rollout_metrics", "train"]
 
 CHECKPOINTS_FOLDER = "checkpoints"
 # Rank r seeds its sampling and shuffling generators `r * RANK_SEED_STRIDE` away from rank 0's.
 RANK_SEED_STRIDE = 7_919
-POLICY_FOLDER = "policy"
 STATE_NAME = "trainer_state.pt"
-CONFIG_NAME = "config.yaml"
-TINY_CHECKPOINT_FOLDER = "tiny_world_model"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -83,223 +78,6 @@ class TrainingDivergedError(RuntimeError):
 
 def _format_metrics(metrics: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:.4g}" for k, v in sorted(metrics.items())) + "}" if metrics else "{}"
-
-
-# ------------------------------------------------------------------------------------------------ building
-
-
-def resolve_world_model(config: TrainConfig) -> str | None:
-    """The world-model folder: `env.train.checkpoint`, a tiny one made in the run folder, or None (env default)."""
-    train = config.env.train
-    if train.checkpoint is not None:
-        return train.checkpoint
-    if train.tiny_checkpoint is None:
-        return None
-    folder = config.runner.run_dir / f"{TINY_CHECKPOINT_FOLDER}_{train.tiny_checkpoint}"
-    if folder.is_dir():
-        return str(folder)
-    # Built aside and renamed when complete: a run killed meanwhile leaves no half-written model behind.
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    if train.tiny_checkpoint == "random":
-        make_tiny_checkpoint(partial, seed=config.actor.seed)
-    else:
-        report = make_action_sensitive_checkpoint(partial, seed=config.actor.seed, image_size=train.image_size)
-        print(
-            f"wrote an action-sensitive tiny world model to {folder} (success iff an action's first normalized "
-            f"number > {report.threshold}; reward classifier accuracy {report.classifier_accuracy:.1%})"
-        )
-    partial.rename(folder)
-    return str(folder)
-
-
-def build_world_model_env(config: TrainConfig, num_envs: int | None = None, **overrides: Any) -> OpenSoraLiberoEnv:
-    """The training env of `config` (`env.train`)."""
-    train = config.env.train
-    settings = {
-        "checkpoint": resolve_world_model(config),
-        "suite": train.suite,
-        "device": train.device or config.runner.device,
-        "dtype": train.dtype,
-        "num_sampling_steps": train.num_sampling_steps,
-        "image_size": train.image_size,
-        "max_episode_steps": train.max_episode_steps,
-        "use_rel_reward": train.use_rel_reward,
-        "reward_coef": train.reward_coef,
-        "success_threshold": train.success_threshold,
-        "group_size": train.group_size,
-        "compile": train.compile,
-        "uncertainty": train.uncertainty,
-        "uncertainty_draws": train.uncertainty_draws,
-        "uncertainty_policy": train.uncertainty_policy,
-        "uncertainty_threshold": train.uncertainty_threshold,
-    }
-    settings.update(overrides)
-    return OpenSoraLiberoEnv(num_envs or train.total_num_envs, **settings)
-
-
-@dataclass
-class EvalSetup:
-    """What an evaluation runs: the env of `env.eval` (videos recorded when configured), the action statistics
-    the policy is built with (None for LIBERO: the policy's own) and the episodes."""
-
-    env: Any
-    statistics: ActionStatistics | None
-    episodes: list[dict[str, int]]
-
-
-def build_eval_env(
-    config: TrainConfig, run_dir: Path, world_model: WorldModel | None = None, video_prefix: str = "episode"
-) -> EvalSetup:
-    """The evaluation env of `config.env.eval`: the world model (sharing `world_model` when given) or the real
-    LIBERO simulator under the named protocol (`env.eval.protocol`); used by training and by `opensora-gym eval`.
-    """
-    eval_cfg = config.env.eval
-    if eval_cfg.env_type == "world_model":
-        env = build_world_model_env(
-            config,
-            num_envs=eval_cfg.total_num_envs,
-            group_size=1,
-            **({"suite": eval_cfg.suite} if eval_cfg.suite else {}),
-            **({"world_model": world_model} if world_model is not None else {}),
-            max_episode_steps=eval_cfg.max_episode_steps or config.env.train.max_episode_steps,
-        )
-        statistics = env.world_model.statistics
-        episodes = world_model_episodes(len(env.dataset), eval_cfg.num_episodes)
-    else:
-        from opensora_gym.libero import LiberoConfig, LiberoVectorEnv
-
-        # Rendered at `env.eval.image_size`, else at the size the policy sees in the world model.
-        libero_config = LiberoConfig.from_protocol(
-            eval_cfg.protocol,
-            eval_cfg.max_episode_steps,
-            suite=eval_cfg.suite or "libero_spatial",
-            image_size=eval_cfg.image_size or config.env.train.image_size,
-        )
-        env = LiberoVectorEnv(libero_config, num_envs=eval_cfg.total_num_envs)
-        statistics = None
-        episodes = libero_episodes(env.walk, eval_cfg.num_episodes, eval_cfg.task_ids, eval_cfg.trial_ids)
-    video = eval_cfg.video_cfg
-    if video.save_video:
-        from opensora_gym.wrappers.video import RecordEpisodeVideo
-
-        folder = Path(video.video_base_dir) if video.video_base_dir else run_dir / "video" / "eval"
-        count = video.num_envs
-        env = RecordEpisodeVideo(
-            env, folder, episode_trigger=lambda i: i < count, name_prefix=video_prefix, fps=video.fps
-        )
-    return EvalSetup(env, statistics, episodes)
-
-
-def _small_policy_config(model: ModelConfig, statistics: ActionStatistics | None):
-    from vla_policies import SmallPolicyConfig
-
-    stats = None if statistics is None else {"q01": statistics.q01.tolist(), "q99": statistics.q99.tolist()}
-    return SmallPolicyConfig(
-        image_size=model.image_size,
-        channels=model.channels,
-        task_embed_dim=model.task_embed_dim,
-        hidden_size=model.hidden_size,
-        n_bins=model.n_bins,
-        pooling=model.pooling,
-        add_value_head=model.add_value_head,
-        value_type=model.value_type,
-        action_stats=stats,
-    )
-
-
-def build_policy(
-    model: ModelConfig, statistics: ActionStatistics | None, device: str, seed: int, path: str | Path | None = None
-) -> Policy:
-    """The policy of `actor.model`, loaded from `path` (else `model.model_path`) or, for `small`, freshly built.
-
-    Args:
-        model: the policy section of the config.
-        statistics: the world model's action statistics: a `small` policy outputs robot units with them.
-        device: where the parameters go.
-        seed: seed of newly initialized weights.
-        path: a policy folder written by `save_pretrained` to load instead of `model.model_path`.
-
-    Raises:
-        ConfigError: when the folder holds a policy of another architecture than `model` describes.
-    """
-    path = path if path is not None else model.model_path
-    path = None if path is None else locate(path)
-    if model.model_type == "small":
-        from vla_policies import SmallCNNPolicy
-
-        expected = _small_policy_config(model, statistics)
-        if path is None:
-            return SmallCNNPolicy(expected, generator=torch.Generator().manual_seed(seed)).to(device)
-        saved_config = Path(path) / "config.json"
-        if saved_config.is_file():
-            saved = json.loads(saved_config.read_text())
-            wanted = config_to_dict(expected)
-            differing = sorted(k for k in wanted if k != "action_stats" and saved.get(k) != wanted[k])
-            if differing:
-                raise ConfigError(
-                    f"the policy in {path} was saved with another architecture: "
-                    + ", ".join(f"{k}={saved.get(k)!r} (config: {wanted[k]!r})" for k in differing)
-                    + "; use the config it was trained with, or set actor.model to match"
-                )
-        return SmallCNNPolicy.from_pretrained(path, device=device)
-
-    from vla_policies import LoraSettings, OpenVLAOFTPolicy
-
-    dtype = torch.bfloat16 if model.precision == "bf16" else torch.float32
-    policy = OpenVLAOFTPolicy.from_pretrained(
-        path,
-        dtype=dtype,
-        device=device,
-        unnorm_key=model.unnorm_key,
-        add_value_head=model.add_value_head,
-        value_type=model.value_type,
-        append_stop_token=model.append_stop_token,
-        seed=seed,
-    )
-    if model.is_lora and policy.lora_settings is None:
-        policy.enable_lora(LoraSettings(rank=model.lora_rank, alpha=model.lora_rank))
-    if model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    return policy
-
-
-def load_policy(config: TrainConfig, path: str | Path, statistics: ActionStatistics | None) -> Policy:
-    """A saved policy: a policy folder, or a `checkpoints/global_step_N` folder (its `policy/` subfolder)."""
-    path = locate(path)
-    if (path / POLICY_FOLDER).is_dir():
-        _check_same_model(config, path)
-        path = path / POLICY_FOLDER
-    if not path.is_dir():
-        raise FileNotFoundError(f"policy folder {path} does not exist (expected a save_pretrained folder)")
-    return build_policy(config.actor.model, statistics, config.runner.device, config.actor.seed, path=path)
-
-
-def _check_same_model(config: TrainConfig, checkpoint: Path) -> None:
-    """Raises ConfigError when the checkpoint's run had another policy or algorithm layout."""
-    saved_path = checkpoint / CONFIG_NAME
-    if not saved_path.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} has no {CONFIG_NAME} (expected a trainer checkpoint)")
-    saved = from_dict(TrainConfig, yaml.safe_load(saved_path.read_text()))
-    differing = []
-    for section, ours, theirs in (
-        ("actor.model", config.actor.model, saved.actor.model),
-        ("algorithm", config.algorithm, saved.algorithm),
-    ):
-        ours_dict, theirs_dict = config_to_dict(ours), config_to_dict(theirs)
-        # Where the weights came from and how activations are stored do not change what a checkpoint holds.
-        keys = ("adv_type",) if section == "algorithm" else set(ours_dict) - {"model_path", "gradient_checkpointing"}
-        differing += [
-            f"{section}.{k}: {theirs_dict[k]!r} (now {ours_dict[k]!r})"
-            for k in sorted(keys)
-            if ours_dict[k] != theirs_dict[k]
-        ]
-    if differing:
-        raise ConfigError(
-            f"checkpoint {checkpoint} comes from another config: "
-            + "; ".join(differing)
-            + ". Resume with the config it was saved with (its config.yaml), or start a new run."
-        )
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -406,12 +184,7 @@ class Trainer:
         # Other ranks use the tiny world model rank 0 may just have written.
         self.context.barrier()
         self.env = build_world_model_env(config, num_envs=self.local_num_envs)
-        statistics = self.env.world_model.statistics
-        seed = config.actor.seed
-        if runner.ckpt_path is not None:
-            policy = load_policy(config, runner.ckpt_path, statistics)
-        else:
-            policy = build_policy(config.actor.model, statistics, runner.device, seed)
+        policy = starting_policy(config, self.env.world_model.statistics)
         reference = None
         if config.algorithm.kl_beta > 0:
             if getattr(policy, "lora_settings", None) is not None:
@@ -423,6 +196,7 @@ class Trainer:
         self.policy = self.parallel.replica
         self.updater = PolicyUpdater(
             self.parallel.module,
+            build_optimizer(self.parallel.module, config.actor),
             config.algorithm,
             config.actor,
             config.rollout,
@@ -432,7 +206,9 @@ class Trainer:
         )
         # Rank 0 keeps the one-process seed; other ranks sample with their own streams.
         rank_offset = RANK_SEED_STRIDE * self.context.rank
-        self.sampling_generator = torch.Generator(device=self.policy.device).manual_seed(seed + rank_offset)
+        self.sampling_generator = torch.Generator(device=self.policy.device).manual_seed(
+            config.actor.seed + rank_offset
+        )
         self.global_step = 0
         self.last_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -468,7 +244,9 @@ class Trainer:
         for rollout_pass in range(config.env.train.rollout_epoch):
             env = self.env
             if rollout_pass == 0 and self._video_due(step):
-                env = self._video_wrapper(config.env.train.video_cfg, "train", f"step{step}")
+                env = record_video(
+                    self.env, config.env.train.video_cfg, self.run_dir / "video" / "train", f"step{step}"
+                )
             try:
                 passes.append(
                     collect_rollout(
@@ -486,16 +264,6 @@ class Trainer:
                 if env is not self.env:
                     env.stop()
         return merge_epochs(passes)
-
-    def _video_wrapper(self, video, kind: str, prefix: str):
-        from opensora_gym.wrappers.video import RecordEpisodeVideo
-
-        folder = Path(video.video_base_dir) if video.video_base_dir else self.run_dir / "video" / kind
-        count = video.num_envs
-        # Episode ids 0..N-1 are the first episodes of the N sub-envs: record the first `count` of them.
-        return RecordEpisodeVideo(
-            self.env, folder, episode_trigger=lambda i: i < count, name_prefix=prefix, fps=video.fps
-        )
 
     def step(self) -> dict[str, float]:
         """One training step: rollouts, targets, update, logging; returns the logged metrics.
@@ -574,26 +342,10 @@ class Trainer:
         return result
 
     def _evaluate_here(self) -> EvalResult:
-        eval_cfg = self.config.env.eval
-        setup = build_eval_env(self.config, self.run_dir, self.env.world_model, video_prefix=f"step{self.global_step}")
-        try:
-            result = evaluate_policy(
-                setup.env,
-                self.policy,
-                setup.episodes,
-                do_sample=eval_cfg.do_sample,
-                temperature=self.config.rollout.temperature_eval,
-                top_k=self.config.rollout.top_k,
-                seed=eval_cfg.seed,
-                progress_bar=self.config.runner.progress_bar,
-            )
-        finally:
-            setup.env.close()  # stops LIBERO's workers, finishes videos; a shared world model stays loaded
-        low, high = result.interval
-        self.logger.log(
-            {"eval/success_once": result.success_rate, "eval/success_ci_low": low, "eval/success_ci_high": high},
-            self.global_step,
-        )
+        prefix = f"step{self.global_step}"
+        with build_eval_env(self.config, self.run_dir, self.env.world_model, video_prefix=prefix) as setup:
+            result = evaluate(self.config, setup, self.policy)
+        self.logger.log(eval_metrics(result), self.global_step)
         return result
 
     def audit(self) -> dict[str, float]:
@@ -656,7 +408,7 @@ class Trainer:
             raise FileNotFoundError(
                 f"resume_dir {folder} has no {STATE_NAME} (expected a folder like <run>/checkpoints/global_step_N)"
             )
-        loaded = load_policy(self.config, folder, self.env.world_model.statistics)
+        loaded = load_policy(folder, self.config.runner.device, self.config, self.env.world_model.statistics)
         self.parallel.load_state_dict(loaded.state_dict())
         state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
         try:

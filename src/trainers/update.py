@@ -62,7 +62,6 @@ __all__ = [
     "NonFiniteLossError",
     "PolicyUpdater",
     "UpdateData",
-    "build_optimizer",
     "flatten_for_update",
 ]
 
@@ -131,26 +130,6 @@ def flatten_for_update(batch: RolloutBatch, targets: Targets, with_critic: bool)
     )
 
 
-def build_optimizer(policy: Policy, actor: ActorConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: the value head at `value_lr`, everything else at `lr`.
-
-    Group 0 is the policy (its learning rate is logged as `train/actor/lr`), group 1 the value head if any.
-    """
-    optim = actor.optim
-    policy_params, value_params = [], []
-    for name, parameter in policy.named_parameters():
-        if parameter.requires_grad:
-            (value_params if "value_head." in name else policy_params).append(parameter)
-    if not policy_params:
-        raise ValueError("the policy has no trainable parameters outside its value head")
-    groups = [{"params": policy_params, "lr": optim.lr}]
-    if value_params:
-        groups.append({"params": value_params, "lr": optim.value_lr})
-    return torch.optim.AdamW(
-        groups, betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps, weight_decay=optim.weight_decay
-    )
-
-
 class LoraBaseReference:
     """The KL reference of a LoRA-trained policy: the same network with its adapters switched off.
 
@@ -173,8 +152,9 @@ class PolicyUpdater:
 
     Args:
         policy: the trained policy.
+        optimizer: the optimizer over its trainable parameters (`trainers.build.build_optimizer`).
         algorithm: loss settings (clip ratios, critic, entropy and KL weights, aggregation, `update_epoch`).
-        actor: batch sizes, the shuffling seed and the optimizer settings.
+        actor: batch sizes, the shuffling seed and the gradient clip.
         rollout: the temperature and top-k the log-probs are computed with (as at rollout time).
         max_episode_steps: the training env's episode limit in actions (the `embodied` aggregation's scale).
         reference: the frozen reference policy of the KL penalty (needed when `algorithm.kl_beta > 0`): a frozen
@@ -185,6 +165,7 @@ class PolicyUpdater:
     def __init__(
         self,
         policy: Policy,
+        optimizer: torch.optim.Optimizer,
         algorithm: AlgorithmConfig,
         actor: ActorConfig,
         rollout: RolloutConfig,
@@ -207,7 +188,7 @@ class PolicyUpdater:
         self.rollout = rollout
         self.max_episode_steps = max_episode_steps
         self.reference = reference
-        self.optimizer = build_optimizer(policy, actor)
+        self.optimizer = optimizer
         self.with_critic = algorithm.adv_type == "gae"
         self.algorithm_loss = ppo_loss if self.with_critic else grpo_loss
 
