@@ -7,10 +7,12 @@ import zipfile
 import pytest
 import torch
 
-from trainers.build import resolve_world_model
+from opensora_gym.checkpoint import CheckpointLayout, locate
+from trainers.build import load_policy, resolve_world_model
 from trainers.cli import main
 from trainers.config import ConfigError, load_config, preset_names
 from trainers.runner import check_run_inputs
+from vla_policies.small import SmallCNNPolicy
 
 
 def test_configs_lists_every_preset(capsys):
@@ -65,7 +67,7 @@ def test_the_tiny_world_model_is_built_aside_and_renamed(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_wheel_ships_the_presets(tmp_path):
+def test_the_wheel_ships_the_presets_and_the_embedded_models(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
         check=True,
@@ -74,12 +76,20 @@ def test_the_wheel_ships_the_presets(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for name in preset_names():
         assert f"trainers/configs/{name}.yaml" in names
+    shipped = locate("embedded:libero_spatial_small")
+    for path in shipped.rglob("*"):
+        if path.is_file():
+            assert f"opensora_gym/assets/{path.relative_to(shipped.parent).as_posix()}" in names
 
 
 def test_train_without_config_runs_the_embedded_default():
     from trainers.cli import build_parser
 
     args = build_parser().parse_args(["train", "runner.max_steps=1"])
-    assert args.config == "tiny_cpu_grpo"
+    assert args.config == "libero_spatial_small_grpo"
     config = load_config(args.config, args.overrides)
-    assert config.env.train.tiny_checkpoint == "action_sensitive" and config.env.train.checkpoint is None
+    assert config.env.train.checkpoint == "embedded:libero_spatial_small"
+    assert config.actor.model.model_path == "embedded:libero_spatial_small/policy"
+    # both ship inside the package, in the layouts their loaders read
+    assert CheckpointLayout.resolve(locate(config.env.train.checkpoint)).dataset.is_dir()
+    assert isinstance(load_policy(locate(config.actor.model.model_path), "cpu"), SmallCNNPolicy)

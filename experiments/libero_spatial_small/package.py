@@ -1,11 +1,12 @@
 """Turns the trained models into the embedded world model that ships with the package.
 
 python experiments/libero_spatial_small/package.py --models runs/spatial_small/models --dataset data/spatial64 \
-    --out src/opensora_gym/assets/libero_spatial_small
+    --policy runs/bc/policy --out src/opensora_gym/assets/libero_spatial_small
 
 `--models` is the unpacked output of train_models.sh (world_model/ without dataset/ and vae/, and vae/). Weights
 are stored as float16 (the loaders cast them to the env's dtype); the start frames are the first frame of every
-episode (all the env reads of them), so the folder stays a few tens of MB.
+episode (all the env reads of them), so the folder stays a few tens of MB. With `--policy`, the behaviour-cloned
+policy goes to ``policy/`` (float16 too): ``embedded:libero_spatial_small/policy``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", required=True, help="the unpacked models.tar.part* of train_models.sh")
     parser.add_argument("--dataset", required=True, help="the 64 px dataset folder (with dataset/)")
+    parser.add_argument("--policy", help="a train-policy policy/ folder to ship in policy/")
     parser.add_argument("--out", required=True, help="the embedded world-model folder to write")
     args = parser.parse_args()
     source, out = Path(args.models) / "world_model", Path(args.out)
@@ -52,6 +54,13 @@ def main() -> None:
     (out / "dataset").mkdir()
     for path in TrajectoryDataset(Path(args.dataset) / "dataset").paths:
         save_trajectory(out / "dataset" / path.name, load_trajectory(path)[:1])
+    if args.policy:
+        (out / "policy").mkdir()
+        for path in Path(args.policy).iterdir():
+            if path.suffix == ".safetensors":
+                _half(path, out / "policy" / path.name)
+            else:
+                shutil.copy2(path, out / "policy" / path.name)
     CheckpointLayout.resolve(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{out}: {size / 2**20:.1f} MiB")

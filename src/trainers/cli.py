@@ -29,7 +29,7 @@ from trainers.config import TrainConfig, config_to_dict, load_config, preset_nam
 
 __all__ = ["build_parser", "main", "run_audit", "run_eval"]
 
-DEFAULT_PRESET = "tiny_cpu_grpo"
+DEFAULT_PRESET = "libero_spatial_small_grpo"
 # Errors with a message meant for the user: bad settings, missing or malformed files, a diverged run, a missing extra.
 KNOWN_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
 # The keys a newcomer changes first, shown with their defaults in `--help`.
