@@ -242,3 +242,18 @@ def test_the_audit_command_against_libero_and_an_approximate_mode(tmp_path, caps
     assert approximate["settings"]["reference"].startswith("world model (2 sampling steps")
     assert "open_loop/psnr" in approximate["summary"] and (folder / "steps_1" / "audit.md").is_file()
     assert "# World-model fidelity audit" in capsys.readouterr().out
+
+
+def test_the_audit_renders_the_simulator_where_the_evaluation_does():
+    """A policy trained on 128 px renders shrunk to 64 px must see the same in the audit: the simulator renders at
+    env.eval.image_size (its frames are resized to the world model's side for the comparisons), else at the world
+    model's side."""
+    from trainers.config import load_config
+    from trainers.fidelity import simulator_config
+
+    libero = ["env.eval.env_type=libero", "env.eval.num_episodes=null", "audit.protocol=openvla_oft"]
+    config = load_config("tiny_cpu_grpo", [*libero, "env.eval.image_size=128"])
+    simulator = simulator_config(config)
+    assert simulator.image_size == 128 != config.env.train.image_size
+    assert simulator.suite == config.audit.suite and simulator.num_steps_wait == 10
+    assert simulator_config(load_config("tiny_cpu_grpo", libero)).image_size == config.env.train.image_size

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,10 +20,24 @@ from trainers.config import TrainConfig
 from trainers.evaluate import libero_episodes
 from vla_policies.base import Policy
 
-__all__ = ["SIMULATOR_REPORT", "audit_metrics", "run_fidelity_audit"]
+if TYPE_CHECKING:
+    from opensora_gym.libero import LiberoConfig
+
+__all__ = ["SIMULATOR_REPORT", "audit_metrics", "run_fidelity_audit", "simulator_config"]
 
 # The name of the report against the simulator; approximate modes are `steps_<k>`.
 SIMULATOR_REPORT = "simulator"
+
+
+def simulator_config(config: TrainConfig) -> LiberoConfig:
+    """The audited simulator: the audit's protocol and suite, rendered at the side the evaluation renders at
+    (`env.eval.image_size`, e.g. the recordings' 128 px that a policy shrinks as it shrank its training frames), or
+    at the world model's side when none is set; the audit resizes the simulator's frames to the world model's."""
+    from opensora_gym.libero import LiberoConfig
+
+    audit = config.audit
+    image_size = config.env.eval.image_size or config.env.train.image_size
+    return LiberoConfig.from_protocol(audit.protocol, audit.max_episode_steps, suite=audit.suite, image_size=image_size)
 
 
 def run_fidelity_audit(
@@ -33,7 +48,7 @@ def run_fidelity_audit(
     Returns:
         `{"simulator": the world model against LIBERO, "steps_<k>": approximate mode k against exact mode, ...}`.
     """
-    from opensora_gym.libero import LiberoConfig, LiberoVectorEnv, suite_walk
+    from opensora_gym.libero import LiberoVectorEnv, suite_walk
 
     audit, folder = config.audit, Path(folder)
     starts = [
@@ -46,10 +61,7 @@ def run_fidelity_audit(
             f"{len(audit.recorded_episodes)}"
         )
     num_envs = min(audit.total_num_envs or len(starts), len(starts))
-    # Rendered at the world model's size, which is also the size the policy sees in training.
-    libero_config = LiberoConfig.from_protocol(
-        audit.protocol, audit.max_episode_steps, suite=audit.suite, image_size=config.env.train.image_size
-    )
+    libero_config = simulator_config(config)
     chunk = config.env.train.action_chunk
     steps = math.ceil(libero_config.episode_limit / chunk) * chunk
 
