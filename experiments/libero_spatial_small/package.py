@@ -31,6 +31,16 @@ def _half(source: Path, destination: Path) -> None:
     save_file(halved, destination, metadata={"format": "pt"})
 
 
+def _copy_halved(source: Path, destination: Path) -> None:
+    """Copies the files of `source` (not its subfolders) into `destination`, safetensors weights as float16."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.suffix == ".safetensors":
+            _half(path, destination / path.name)
+        elif path.is_file():
+            shutil.copy2(path, destination / path.name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", required=True, help="the unpacked models.tar.part* of train_models.sh")
@@ -40,27 +50,13 @@ def main() -> None:
     args = parser.parse_args()
     source, out = Path(args.models) / "world_model", Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    (out / "vae").mkdir(parents=True)
-    for path in source.iterdir():
-        if path.suffix == ".safetensors":
-            _half(path, out / path.name)
-        elif path.is_file():
-            shutil.copy2(path, out / path.name)
-    for path in (Path(args.models) / "vae").iterdir():
-        if path.suffix == ".safetensors":
-            _half(path, out / "vae" / path.name)
-        else:
-            shutil.copy2(path, out / "vae" / path.name)
+    _copy_halved(source, out)
+    _copy_halved(Path(args.models) / "vae", out / "vae")
     (out / "dataset").mkdir()
     for path in TrajectoryDataset(Path(args.dataset) / "dataset").paths:
         save_trajectory(out / "dataset" / path.name, load_trajectory(path)[:1])
     if args.policy:
-        (out / "policy").mkdir()
-        for path in Path(args.policy).iterdir():
-            if path.suffix == ".safetensors":
-                _half(path, out / "policy" / path.name)
-            else:
-                shutil.copy2(path, out / "policy" / path.name)
+        _copy_halved(Path(args.policy), out / "policy")
     CheckpointLayout.resolve(out)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{out}: {size / 2**20:.1f} MiB")
