@@ -17,7 +17,12 @@ from opensora_gym.models.vae import SDXL_SCALING_FACTOR, VideoVAE
 from opensora_gym.presets import TinyCheckpointSpec, make_tiny_checkpoint, tiny_vae_config
 from opensora_gym.training.clips import LatentClips, encode_latents
 from opensora_gym.training.rectified_flow import rectified_flow_loss
-from opensora_gym.training.reward_model import RewardTrainingConfig, classification_report, train_reward_model
+from opensora_gym.training.reward_model import (
+    RewardTrainingConfig,
+    classification_report,
+    load_labelled_frames,
+    train_reward_model,
+)
 from opensora_gym.training.vae import VAETrainingConfig, calibrate_latent_scale, train_vae
 from opensora_gym.training.world_model import WorldModelTrainingConfig, train_world_model
 from opensora_gym.world_model import frames_from_uint8
@@ -203,6 +208,25 @@ def test_reward_training_separates_two_classes(tmp_path):
     assert report.false_success_rate <= 0.05 and report.missed_success_rate <= 0.05
     assert isinstance(ResNetRewardModel.from_pretrained(path), ResNetRewardModel)
     assert json.loads((tmp_path / "rm" / "reward_report.json").read_text())["frames"] == 24
+
+
+def test_success_window_labels_the_frames_before_each_success(tmp_path):
+    # LIBERO's recordings end at their first success frame: one flagged frame per successful episode.
+    flags = {"a": [0, 0, 0, 0, 0, 1], "b": [0, 0, 0, 0], "c": [1, 0, 0, 1, 0, 0]}
+    (tmp_path / "dataset").mkdir()
+    for name, episode in flags.items():
+        frames = [{"image": np.full((8, 8, 3), t, np.uint8), "delta_action": np.zeros(7, np.float32),
+                   "instruction": "x", "success": bool(f)} for t, f in enumerate(episode)]  # fmt: skip
+        save_trajectory(tmp_path / "dataset" / f"traj_{name}.npy", frames)
+    dataset = TrajectoryDataset(tmp_path / "dataset")
+    _, as_recorded, _ = load_labelled_frames(dataset, "success")
+    images, windowed, episodes = load_labelled_frames(dataset, "success", success_window=3)
+    assert as_recorded.astype(int).tolist() == flags["a"] + flags["b"] + flags["c"]
+    # frame t is a success when one of the flags t, t + 1, t + 2 of its own episode is (never across episodes)
+    assert windowed.astype(int).tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0]  # a | b | c
+    assert episodes.tolist() == [0] * 6 + [1] * 4 + [2] * 6 and images.shape == (16, 8, 8, 3)
+    with pytest.raises(ValueError, match="success_window must be a positive integer, got 0"):
+        RewardTrainingConfig(dataset=tmp_path / "dataset", out=tmp_path / "rm", success_window=0)
 
 
 def test_statistics_come_from_beside_the_dataset_else_from_its_actions(recorded, tmp_path):

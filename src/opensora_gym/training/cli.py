@@ -56,6 +56,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     reward = commands.add_parser("train-reward-model", help="train the ResNet success classifier on per-frame flags")
     _common(reward, steps=1000, batch_size=64, lr=1e-3, image_size=256)
     reward.add_argument("--widths", type=int, nargs=4, default=[64, 128, 256, 512], help="ResNet stage widths")
+    reward.add_argument(
+        "--success-window", type=int, default=1, help="also label the N - 1 frames before a success frame a success"
+    )
     reward.add_argument("--held-out-fraction", type=float, default=0.2, help="episodes held out for the report")
 
 
@@ -91,7 +94,12 @@ def run(args: argparse.Namespace) -> None:
         print(f"final loss {result.losses[-1]:.4f}; latent scale factor {result.scale:.3f}; VAE: {result.folder}")
     elif args.command == "train-reward-model":
         report, path = train_reward_model(
-            RewardTrainingConfig(**common, widths=args.widths, held_out_fraction=args.held_out_fraction)
+            RewardTrainingConfig(
+                **common,
+                widths=args.widths,
+                held_out_fraction=args.held_out_fraction,
+                success_window=args.success_window,
+            )
         )
         print(report.table())
         print(f"reward model: {path}")

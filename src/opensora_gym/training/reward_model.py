@@ -41,6 +41,12 @@ class RewardTrainingConfig:
         image_size: side the frames are resized to (the env's image size: it scores frames of that size).
         widths: the ResNet's stage widths (the released classifier: 64, 128, 256, 512).
         success_key: the per-frame key of the success flag.
+        success_window: a frame is labelled a success when one of the next `success_window - 1` frames of its
+            episode, or itself, carries the flag. 1 (the default) trains on the flag as recorded. LIBERO ends an
+            episode at its first success frame, so a recording holds a single success frame per episode, and a
+            classifier trained on it learns that exact frame (the object touching its target under the gripper)
+            and misses the slightly different frames a world model predicts; a window of a few frames also labels
+            the last steps of the placing motion.
         held_out_fraction: fraction of the episodes held out for the report (at least one episode).
         batch_size: frames per step.
         max_steps: optimizer steps.
@@ -56,6 +62,7 @@ class RewardTrainingConfig:
     image_size: int = 256
     widths: tuple[int, int, int, int] = (64, 128, 256, 512)
     success_key: str = "success"
+    success_window: int = 1
     held_out_fraction: float = 0.2
     batch_size: int = 64
     max_steps: int = 1000
@@ -68,7 +75,7 @@ class RewardTrainingConfig:
     def __post_init__(self) -> None:
         self.dataset, self.out = Path(self.dataset), Path(self.out)
         self.widths = tuple(int(w) for w in self.widths)
-        for name in ("image_size", "batch_size", "max_steps", "bins", "log_every"):
+        for name in ("image_size", "batch_size", "max_steps", "bins", "log_every", "success_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RewardTrainingConfig.{name} must be a positive integer, got {getattr(self, name)}")
         if len(self.widths) != 4 or min(self.widths) < 1:
@@ -183,8 +190,13 @@ def classification_report(
     )
 
 
-def load_labelled_frames(dataset: TrajectoryDataset, success_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Frames [N, H, W, 3] uint8, success flags [N] bool and episode indices [N] int64 of every episode."""
+def load_labelled_frames(
+    dataset: TrajectoryDataset, success_key: str, success_window: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frames [N, H, W, 3] uint8, success labels [N] bool and episode indices [N] int64 of every episode.
+
+    A frame's label is true when its own flag or one of the next `success_window - 1` flags of its episode is.
+    """
     images, labels, episodes = [], [], []
     for index, path in enumerate(dataset.paths):
         frames = load_trajectory(path)
@@ -195,7 +207,10 @@ def load_labelled_frames(dataset: TrajectoryDataset, success_key: str) -> tuple[
                 "per-frame success flag recorded from the simulator)"
             )
         images.append(dataset.episode(index).images)
-        labels.append(np.array([bool(frame[success_key]) for frame in frames]))
+        flags = np.array([bool(frame[success_key]) for frame in frames])
+        # frame t is labelled by the flags t .. t + window - 1: a sliding maximum over the flags, looking ahead
+        padded = np.concatenate([flags, np.zeros(success_window - 1, dtype=bool)])
+        labels.append(np.lib.stride_tricks.sliding_window_view(padded, success_window).any(axis=1))
         episodes.append(np.full(len(frames), index, dtype=np.int64))
     return np.concatenate(images), np.concatenate(labels), np.concatenate(episodes)
 
@@ -217,7 +232,8 @@ def train_reward_model(config: RewardTrainingConfig) -> tuple[RewardReport, Path
     dataset = TrajectoryDataset(config.dataset)
     if len(dataset) < 2:
         raise ValueError(f"need at least 2 episodes to hold one out, got {len(dataset)} in {config.dataset}")
-    images, labels, episode_ids = (torch.from_numpy(a) for a in load_labelled_frames(dataset, config.success_key))
+    labelled = load_labelled_frames(dataset, config.success_key, config.success_window)
+    images, labels, episode_ids = (torch.from_numpy(a) for a in labelled)
     generator = torch.Generator().manual_seed(config.seed)
     held_out_count = min(max(1, round(config.held_out_fraction * len(dataset))), len(dataset) - 1)
     held_out = torch.randperm(len(dataset), generator=generator)[:held_out_count]
@@ -248,7 +264,7 @@ def train_reward_model(config: RewardTrainingConfig) -> tuple[RewardReport, Path
         loss.backward()
         optimizer.step()
         if step % config.log_every == 0:
-            print(f"reward step {step}: loss {float(loss):.4f}")
+            print(f"reward step {step}: loss {loss.item():.4f}")
 
     model.eval()
     prob = predict_frames(model, images[is_held_out], config.image_size, device)
