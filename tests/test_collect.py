@@ -100,10 +100,12 @@ def test_expert_visits_every_phase_and_grasps_and_releases_at_the_waypoints():
     assert np.linalg.norm(closing - (BOWL + GRASP_OFFSET)) < 0.01
     opening = next(hand for phase, hand, action in trace if phase == "release")
     assert np.linalg.norm(opening - (PLATE + RELEASE_OFFSET)) < 0.01
+    assert phases.count("release") == SpatialExpertConfig().grasp_steps, "the hand holds still while it opens"
+    assert np.linalg.norm(trace[-1][1] - (PLATE + RELEASE_OFFSET + APPROACH)) < 0.01, "then it retreats upward"
     for phase, _, action in trace:
         assert action.dtype == np.float32 and action.shape == (7,)
         assert np.all(np.abs(action[:6]) <= 1.0) and np.all(action[3:6] == 0.0), "no rotation"
-        assert action[-1] == (1.0 if phase in ("approach", "descend", "release") else 0.0), phase
+        assert action[-1] == (1.0 if phase in ("approach", "descend", "release", "retreat") else 0.0), phase
 
 
 def test_mistakes_and_noise_come_from_the_episode_generator():
@@ -254,3 +256,19 @@ def test_expert_solves_libero_spatial_task_0_trial_0(tmp_path):
         np.stack([frame["expert_action"] for frame in frames]), np.stack([frame["delta_action"] for frame in frames])
     )
     print(f"expert episode: {episode.length} steps in {time.perf_counter() - start:.1f} s")
+
+
+@needs_libero
+@pytest.mark.slow
+def test_post_success_steps_record_what_follows_the_success(tmp_path):
+    after = 12
+    config = CollectConfig(
+        tmp_path, task_ids=(0,), trial_ids=(0,), image_size=32, privileged_state=True, post_success_steps=after
+    )
+    (episode,) = collect_episodes(config, ScriptedSpatialExpert(SpatialExpertConfig(), num_envs=1))
+    flags = [frame["success"] for frame in load_trajectory(episode.path)]
+    first = flags.index(True)
+    # the same episode as without the option up to its success (test above), then `after` more steps, each
+    # flagged by LIBERO's own check: the bowl stays on the plate while the hand opens and leaves
+    assert episode.success and episode.length == first + after and len(flags) == episode.length + 1
+    assert not any(flags[:first]) and all(flags[first:]), flags

@@ -70,6 +70,9 @@ class CollectConfig:
         image_size: side of the recorded images, in pixels.
         num_envs: LIBERO worker processes.
         max_episode_steps: policy steps per episode; None: the suite's limit.
+        post_success_steps: steps recorded after LIBERO's first success (`LiberoConfig.post_success_steps`); the
+            frames carry the simulator's own per-frame success flag. 0: the episode ends at its success frame, the
+            only frame flagged.
         privileged_state: give the actor the objects' poses (``info["object_poses"]``; the scripted expert needs it).
         seed: seeds each episode's actor with ``(seed, episode)``; LIBERO's scene seed is 0 (fixed initial states).
         progress: show a tqdm progress bar.
@@ -83,6 +86,7 @@ class CollectConfig:
     image_size: int = 128
     num_envs: int = 1
     max_episode_steps: int | None = None
+    post_success_steps: int = 0
     privileged_state: bool = False
     seed: int = 0
     progress: bool = True
@@ -101,6 +105,8 @@ class CollectConfig:
             raise ValueError(f"num_episodes must be a positive int or None, got {self.num_episodes!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if not isinstance(self.post_success_steps, int) or self.post_success_steps < 0:
+            raise ValueError(f"post_success_steps must be an int >= 0, got {self.post_success_steps!r}")
 
 
 @dataclass(frozen=True)
@@ -111,8 +117,8 @@ class CollectedEpisode:
         path: its file.
         task_id: LIBERO's task.
         trial_id: LIBERO's initial state.
-        success: whether it ended in LIBERO's success.
-        length: actions executed.
+        success: whether LIBERO's success check passed in it.
+        length: actions executed (with the steps after its success, `CollectConfig.post_success_steps`).
         new: played by this call (False: found complete from an earlier call).
     """
 
@@ -167,6 +173,7 @@ def collect_episodes(config: CollectConfig, actor: Actor) -> list[CollectedEpiso
         suite=config.suite,
         image_size=config.image_size,
         max_episode_steps=config.max_episode_steps,
+        post_success_steps=config.post_success_steps,
         action_chunk=actor.action_chunk,
         return_frames=True,
         privileged_state=config.privileged_state,
@@ -182,9 +189,8 @@ def collect_episodes(config: CollectConfig, actor: Actor) -> list[CollectedEpiso
             if path.exists():
                 frames = load_trajectory(path)
                 actions[episode] = np.stack([frame["delta_action"] for frame in frames[:-1]])
-                episodes[episode] = CollectedEpisode(
-                    path, task, trial, bool(frames[-1]["success"]), len(frames) - 1, new=False
-                )
+                success = any(frame["success"] for frame in frames)
+                episodes[episode] = CollectedEpisode(path, task, trial, success, len(frames) - 1, new=False)
             else:
                 missing.append(episode)
         done = len(plan) - len(missing)
@@ -223,6 +229,7 @@ def _play_wave(
             "images": [observation["image"][index]],
             "actions": [],
             "labels": [],
+            "success": [False],  # LIBERO's flag of each frame; none at reset
             "init_ee_pose": info["state"][index].copy(),
         }
         for index in range(len(wave))
@@ -237,6 +244,7 @@ def _play_wave(
             executed = step_info["frame_executed"][index]  # [action_chunk] bool
             recording["images"].extend(step_info["frames"][index][executed])
             recording["actions"].extend(step_info["controller_actions"][index][executed])
+            recording["success"].extend(step_info["frame_success"][index][executed])
             if intended is not None:
                 recording["labels"].extend(controller_actions(intended[index][executed]))
             if not (terminated[index] or truncated[index]):
@@ -253,6 +261,7 @@ def _play_wave(
                 recording["init_ee_pose"],
                 success,
                 labels=recording["labels"] if intended is not None else None,
+                frame_success=recording["success"],
             )
             path = write_episode(config.output / DATASET_FOLDER / _name(episode, task, trial), frames)
             length = len(recording["actions"])

@@ -11,7 +11,9 @@ with the gripper pointing down as at reset (no rotation):
 4. ``lift``: straight up to a safe height;
 5. ``carry``: above the plate at that height (the same offset, so the bowl's centre lands on the plate's);
 6. ``lower``: down to the release height above the plate;
-7. ``release``: open the gripper and hold still.
+7. ``release``: open the gripper and hold still while it opens;
+8. ``retreat``: straight up, gripper open, and stay there (what a recording that goes on after LIBERO's success,
+   ``collect --post-success-steps``, shows: the bowl resting on the plate, the hand leaving it).
 
 Each step commands the end-effector displacement ``clip(gain * (waypoint - position), -1, 1)`` (LIBERO's controller
 moves about 1.25 cm per step at full command); the first ``lift_ramp_steps`` steps of the lift rise at most at
@@ -38,8 +40,8 @@ from opensora_gym.spaces import ACTION_DIM
 
 __all__ = ["PHASES", "ScriptedSpatialExpert", "SpatialExpert", "SpatialExpertConfig", "waypoint"]
 
-PHASES = ("approach", "descend", "grasp", "lift", "carry", "lower", "release")
-# Phases that end when the waypoint is reached; the others end by step count (grasp) or never (release).
+PHASES = ("approach", "descend", "grasp", "lift", "carry", "lower", "release", "retreat")
+# Phases that end when the waypoint is reached; the others end by step count (grasp, release) or never (retreat).
 _MOVING = ("approach", "descend", "lift", "carry", "lower")
 # Policy gripper convention (vla_policies, spaces.controller_actions): 1 = open, 0 = close.
 _OPEN, _CLOSE = 1.0, 0.0
@@ -58,7 +60,7 @@ class SpatialExpertConfig:
         release_height: height of the end effector above the plate's base when the gripper opens.
         gain: command per metre of error, before clipping to [-1, 1].
         tolerance: distance to a waypoint that ends a moving phase.
-        grasp_steps: steps the gripper is given to close.
+        grasp_steps: steps the gripper is given to close (and to open, in `release`).
         lift_ramp_steps: steps at the start of the lift whose upward command is capped (0: none).
         lift_ramp_speed: the cap of those steps, in controller units.
         max_phase_steps: steps after which a moving phase ends even if its waypoint is not reached.
@@ -115,7 +117,7 @@ def waypoint(phase: str, bowl: np.ndarray, plate: np.ndarray, config: SpatialExp
 
     Returns:
         ``(target [3] float64, gripper_open)``; for ``grasp`` and ``release`` the target is the grasp point and
-        the release point, where the hand holds still.
+        the release point, where the hand holds still; ``retreat`` is ``approach_height`` above the release point.
     """
     offset = np.asarray(config.grasp_offset, dtype=np.float64)
     grasp = np.asarray(bowl, dtype=np.float64) + offset
@@ -128,6 +130,7 @@ def waypoint(phase: str, bowl: np.ndarray, plate: np.ndarray, config: SpatialExp
         "carry": (np.array([place[0], place[1], config.lift_z]), False),
         "lower": (place + config.release_height * _UP, False),
         "release": (place + config.release_height * _UP, True),
+        "retreat": (place + (config.release_height + config.approach_height) * _UP, True),
     }
     if phase not in targets:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
@@ -200,7 +203,7 @@ class SpatialExpert:
         if self.phase in _MOVING:
             done = distance < config.tolerance or self.phase_steps >= config.max_phase_steps
         else:
-            done = self.phase == "grasp" and self.phase_steps >= config.grasp_steps
+            done = self.phase in ("grasp", "release") and self.phase_steps >= config.grasp_steps
         if done:
             self._enter(PHASES[PHASES.index(self.phase) + 1])
 

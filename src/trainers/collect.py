@@ -83,6 +83,10 @@ def add_collect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--image-size", type=int, default=128, help="side of the recorded images")
     parser.add_argument("--num-envs", type=int, default=1, help="LIBERO worker processes")
     parser.add_argument("--max-episode-steps", type=int, help="steps per episode (default: the suite's limit)")
+    parser.add_argument(
+        "--post-success-steps", type=int, default=0, help="steps recorded after LIBERO's first success (0: the "
+        "episode ends there); frames keep the simulator's per-frame success flag",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the expert's noise and mistakes / of sampling")
     parser.add_argument("--action-noise-std", type=float, default=0.0, help="expert: Gaussian noise on arm commands")
     parser.add_argument(
@@ -110,6 +114,7 @@ def run_collect(args: argparse.Namespace) -> dict[str, Any]:
         image_size=args.image_size,
         num_envs=args.num_envs,
         max_episode_steps=args.max_episode_steps,
+        post_success_steps=args.post_success_steps,
         privileged_state=args.expert,
         seed=args.seed,
         progress=not args.no_progress,

@@ -44,6 +44,7 @@ def episode_frames(
     init_ee_pose: np.ndarray,
     success: bool,
     labels: Sequence[np.ndarray] | None = None,
+    frame_success: Sequence[bool] | None = None,
 ) -> list[dict[str, Any]]:
     """The per-frame dicts of one recorded episode (the layout in the module docstring).
 
@@ -57,6 +58,8 @@ def episode_frames(
         success: whether the episode ended by LIBERO's success check (at its final frame).
         labels: the T expert actions ``[7]`` before their noise (controller convention), stored as
             ``expert_action``; None: none stored.
+        frame_success: the T + 1 per-frame flags of LIBERO's success check (an episode that went on after its
+            success, `LiberoConfig.post_success_steps`); None: only the final frame of a successful episode.
 
     Returns:
         T + 1 frame dicts.
@@ -67,6 +70,10 @@ def episode_frames(
         raise ValueError("an episode needs at least one executed action, got none")
     if labels is not None and len(labels) != len(actions):
         raise ValueError(f"an episode of {len(actions)} actions needs {len(actions)} expert labels, got {len(labels)}")
+    if frame_success is not None and len(frame_success) != len(images):
+        raise ValueError(
+            f"an episode of {len(images)} images needs {len(images)} success flags, got {len(frame_success)}"
+        )
     actions = [np.asarray(action, dtype=np.float32) for action in actions]
     actions.append(np.zeros_like(actions[0]))  # the final frame: no action was taken from it
     shared = {
@@ -76,9 +83,11 @@ def episode_frames(
         "init_ee_pose": np.asarray(init_ee_pose, dtype=np.float32),
     }
     last = len(actions) - 1
+    if frame_success is None:
+        frame_success = [success and t == last for t in range(len(images))]
     frames = [
-        {"image": image, _ACTION_KEY: action, "success": success and t == last, **shared}
-        for t, (image, action) in enumerate(zip(images, actions, strict=True))
+        {"image": image, _ACTION_KEY: action, "success": bool(flag), **shared}
+        for image, action, flag in zip(images, actions, frame_success, strict=True)
     ]
     if labels is not None:
         for frame, label in zip(frames, [*labels, np.zeros_like(actions[0])], strict=True):
