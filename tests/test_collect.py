@@ -140,15 +140,17 @@ def test_episode_frames_flag_success_from_the_first_success_frame_on():
     images = [np.full((4, 4, 3), t, dtype=np.uint8) for t in range(4)]
     actions = [np.full(7, t, dtype=np.float32) for t in range(3)]
     pose = np.arange(8, dtype=np.float32)
-    frames = episode_frames(images, actions, "put it", 2, 5, pose, success=True)
+    frames = episode_frames(images, actions, "put it", 2, 5, pose, [False, False, False, True])
     assert [frame["success"] for frame in frames] == [False, False, False, True]
     assert [type(frame["success"]) for frame in frames] == [bool] * 4
     np.testing.assert_array_equal(frames[-1]["delta_action"], np.zeros(7))
     assert {frame["task"] for frame in frames} == {"put it"} and frames[0]["task_id"] == 2
-    failed = episode_frames(images, actions, "put it", 2, 5, pose, success=False)
+    failed = episode_frames(images, actions, "put it", 2, 5, pose, [False] * 4)
     assert not any(frame["success"] for frame in failed)
     with pytest.raises(ValueError, match="needs 4 images, got 3"):
-        episode_frames(images[:3], actions, "put it", 2, 5, pose, success=False)
+        episode_frames(images[:3], actions, "put it", 2, 5, pose, [False] * 3)
+    with pytest.raises(ValueError, match="needs 4 success flags, got 3"):
+        episode_frames(images, actions, "put it", 2, 5, pose, [False] * 3)
 
 
 def test_collect_config_rejects_bad_settings(tmp_path):

@@ -259,9 +259,8 @@ def _play_wave(
                 task,
                 trial,
                 recording["init_ee_pose"],
-                success,
+                recording["success"],
                 labels=recording["labels"] if intended is not None else None,
-                frame_success=recording["success"],
             )
             path = write_episode(config.output / DATASET_FOLDER / _name(episode, task, trial), frames)
             length = len(recording["actions"])

@@ -7,9 +7,9 @@ read by :class:`opensora_gym.data.TrajectoryDataset`) of T + 1 per-frame dicts:
 - ``delta_action``: ``[7]`` float32, the controller action executed from this frame (LIBERO's convention, gripper
   -1 = open, +1 = close; see :func:`opensora_gym.libero.controller_actions`); the final frame has no action and
   holds zeros;
-- ``success``: LIBERO's success check at this frame, true from the first success frame on. The env ends an
-  episode at its first success, so only the final frame of a successful episode is true (the per-frame label
-  the reward model is trained on; the episode's outcome is the final frame's flag);
+- ``success``: LIBERO's success check at this frame (``info["frame_success"]``; false at frame 0). The env ends an
+  episode at its first success, so only the final frame of a successful episode is true, unless the env goes on
+  after it (``LiberoConfig.post_success_steps``); the per-frame label the reward model is trained on;
 - ``expert_action`` (only when the actor is the scripted expert): ``[7]`` float32, the expert's action before its
   noise, in the controller convention (zeros on the final frame): the label behaviour cloning learns
   (``opensora-gym train-policy --action-key expert_action``);
@@ -42,9 +42,8 @@ def episode_frames(
     task_id: int,
     trial_id: int,
     init_ee_pose: np.ndarray,
-    success: bool,
+    frame_success: Sequence[bool],
     labels: Sequence[np.ndarray] | None = None,
-    frame_success: Sequence[bool] | None = None,
 ) -> list[dict[str, Any]]:
     """The per-frame dicts of one recorded episode (the layout in the module docstring).
 
@@ -55,11 +54,9 @@ def episode_frames(
         task_id: LIBERO's task index.
         trial_id: LIBERO's initial-state index.
         init_ee_pose: ``[8]`` proprio state at frame 0.
-        success: whether the episode ended by LIBERO's success check (at its final frame).
+        frame_success: the T + 1 flags of LIBERO's success check, one per image (false for the first).
         labels: the T expert actions ``[7]`` before their noise (controller convention), stored as
             ``expert_action``; None: none stored.
-        frame_success: the T + 1 per-frame flags of LIBERO's success check (an episode that went on after its
-            success, `LiberoConfig.post_success_steps`); None: only the final frame of a successful episode.
 
     Returns:
         T + 1 frame dicts.
@@ -70,7 +67,7 @@ def episode_frames(
         raise ValueError("an episode needs at least one executed action, got none")
     if labels is not None and len(labels) != len(actions):
         raise ValueError(f"an episode of {len(actions)} actions needs {len(actions)} expert labels, got {len(labels)}")
-    if frame_success is not None and len(frame_success) != len(images):
+    if len(frame_success) != len(images):
         raise ValueError(
             f"an episode of {len(images)} images needs {len(images)} success flags, got {len(frame_success)}"
         )
@@ -82,9 +79,6 @@ def episode_frames(
         "trial_id": int(trial_id),
         "init_ee_pose": np.asarray(init_ee_pose, dtype=np.float32),
     }
-    last = len(actions) - 1
-    if frame_success is None:
-        frame_success = [success and t == last for t in range(len(images))]
     frames = [
         {"image": image, _ACTION_KEY: action, "success": bool(flag), **shared}
         for image, action, flag in zip(images, actions, frame_success, strict=True)
@@ -148,8 +142,9 @@ class TrajectoryRecorder(VectorWrapper):
             executed = info["frame_executed"][index]  # [action_chunk] bool
             episode["images"].extend(info["frames"][index][executed])
             episode["actions"].extend(info["controller_actions"][index][executed])
+            episode["success"].extend(info["frame_success"][index][executed])
             if terminated[index] or truncated[index]:
-                self._save(episode, success=bool(terminated[index]))
+                self._save(episode)
                 self._episodes[index] = None
         self._ended = np.logical_or(terminated, truncated)
         return observation, reward, terminated, truncated, info
@@ -158,13 +153,14 @@ class TrajectoryRecorder(VectorWrapper):
         self._episodes[index] = {
             "images": [observation["image"][index]],
             "actions": [],
+            "success": [False],  # LIBERO's flag of each frame; none at reset
             "task": observation["task"][index],
             "task_id": int(info["task_id"][index]),
             "trial_id": int(info["trial_id"][index]),
             "init_ee_pose": np.asarray(info["state"][index], dtype=np.float32),
         }
 
-    def _save(self, episode: dict[str, Any], success: bool) -> None:
+    def _save(self, episode: dict[str, Any]) -> None:
         frames = episode_frames(
             episode["images"],
             episode["actions"],
@@ -172,7 +168,7 @@ class TrajectoryRecorder(VectorWrapper):
             episode["task_id"],
             episode["trial_id"],
             episode["init_ee_pose"],
-            success,
+            episode["success"],
         )
         name = f"traj{self._next_index:06d}_task{episode['task_id']:02d}_trial{episode['trial_id']:02d}.npy"
         path = self.folder / name
