@@ -136,6 +136,31 @@ def test_mistakes_and_noise_come_from_the_episode_generator():
         SpatialExpertConfig(mistake_probability=1.5)
 
 
+def test_a_hover_mistake_holds_the_bowl_above_the_plate_and_never_releases():
+    config = SpatialExpertConfig(mistake_probability=1.0, mistake_kinds=("hover",), hover_offset=(0.02, 0.05))
+    expert = SpatialExpert(config, np.random.default_rng(4))
+    assert expert.hover is not None and 0.02 <= expert.hover <= 0.05
+    assert expert.release_after is None and not expert.place_shift.any()
+    trace = _play_kinematic(expert)
+    phases = [phase for phase, _, _ in trace]
+    assert "release" not in phases and phases[-40:] == ["lower"] * 40, "it stays in `lower` to the end"
+    assert all(action[-1] == 0.0 for _, _, action in trace[-40:]), "the gripper stays closed"
+    hold = PLATE + RELEASE_OFFSET + np.array([0.0, 0.0, expert.hover])
+    assert np.linalg.norm(trace[-1][1] - hold) < 0.01, "the hand holds at the drawn height above the release point"
+
+    mixed = SpatialExpertConfig(mistake_probability=1.0, mistake_kinds=("early_release", "wrong_place", "hover"))
+    experts = [SpatialExpert(mixed, np.random.default_rng(seed)) for seed in range(30)]
+    kinds = [
+        (e.release_after is not None) + 2 * bool(e.place_shift.any()) + 4 * (e.hover is not None) for e in experts
+    ]
+    assert sorted(set(kinds)) == [1, 2, 4], "each episode makes exactly one mistake, every kind occurs"
+    for bad in [(), ("hover", "hover"), ("drop",)]:
+        with pytest.raises(ValueError, match="mistake_kinds must be distinct names"):
+            SpatialExpertConfig(mistake_kinds=bad)
+    with pytest.raises(ValueError, match="hover_offset must be"):
+        SpatialExpertConfig(hover_offset=(0.05, 0.0))
+
+
 def test_episode_frames_flag_success_from_the_first_success_frame_on():
     images = [np.full((4, 4, 3), t, dtype=np.uint8) for t in range(4)]
     actions = [np.full(7, t, dtype=np.float32) for t in range(3)]

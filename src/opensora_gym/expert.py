@@ -22,8 +22,11 @@ loses little by lifting too early. A phase ends when the end effector is within 
 waypoint, or after ``max_phase_steps`` steps (a bowl that blocks the fingers must not stall the episode).
 
 Two knobs make failures on purpose, for datasets with a chosen success rate: Gaussian noise on the six arm
-commands, and with ``mistake_probability`` per episode one mistake: an early release while lifting or carrying,
-or a wrong place waypoint (the plate's position shifted sideways), both drawn from the episode's own generator.
+commands, and with ``mistake_probability`` per episode one mistake of ``mistake_kinds``: an early release while
+lifting or carrying (``early_release``), a wrong place waypoint, the plate's position shifted sideways
+(``wrong_place``), or a hover: the hand stops lowering at a drawn height above the release point and holds the bowl
+there, never opening (``hover``; a policy that brings the bowl over the plate but not onto it fails this way), all
+drawn from the episode's own generator.
 The action before the noise is kept (``SpatialExpert.intended``): behaviour cloning learns it, while the noisy one
 is executed and spreads the recorded states (DART's recipe).
 """
@@ -38,8 +41,9 @@ import numpy as np
 
 from opensora_gym.spaces import ACTION_DIM
 
-__all__ = ["PHASES", "ScriptedSpatialExpert", "SpatialExpert", "SpatialExpertConfig", "waypoint"]
+__all__ = ["MISTAKE_KINDS", "PHASES", "ScriptedSpatialExpert", "SpatialExpert", "SpatialExpertConfig", "waypoint"]
 
+MISTAKE_KINDS = ("early_release", "wrong_place", "hover")
 PHASES = ("approach", "descend", "grasp", "lift", "carry", "lower", "release", "retreat")
 # Phases that end when the waypoint is reached; the others end by step count (grasp, release) or never (retreat).
 _MOVING = ("approach", "descend", "lift", "carry", "lower")
@@ -65,9 +69,12 @@ class SpatialExpertConfig:
         lift_ramp_speed: the cap of those steps, in controller units.
         max_phase_steps: steps after which a moving phase ends even if its waypoint is not reached.
         action_noise_std: standard deviation of Gaussian noise added to the six arm commands (then clipped).
-        mistake_probability: probability that an episode makes one mistake (early release or wrong place
-            waypoint, equally likely).
+        mistake_probability: probability that an episode makes one mistake, of a kind drawn uniformly from
+            ``mistake_kinds``.
+        mistake_kinds: the kinds of mistake, a non-empty subset of ``MISTAKE_KINDS``.
         wrong_place_distance: (min, max) sideways shift of the place waypoint of a wrong-waypoint mistake.
+        hover_offset: (min, max) height of a hover mistake's hold relative to the release point (negative: below
+            it, closer to the plate).
     """
 
     grasp_offset: tuple[float, float, float] = (0.0, 0.045, 0.012)
@@ -82,7 +89,9 @@ class SpatialExpertConfig:
     max_phase_steps: int = 60
     action_noise_std: float = 0.0
     mistake_probability: float = 0.0
+    mistake_kinds: tuple[str, ...] = ("early_release", "wrong_place")
     wrong_place_distance: tuple[float, float] = (0.12, 0.2)
+    hover_offset: tuple[float, float] = (-0.06, 0.04)
 
     def __post_init__(self) -> None:
         if len(self.grasp_offset) != 3:
@@ -101,9 +110,17 @@ class SpatialExpertConfig:
             raise ValueError(f"action_noise_std must be >= 0, got {self.action_noise_std!r}")
         if not 0.0 <= self.mistake_probability <= 1.0:
             raise ValueError(f"mistake_probability must lie in [0, 1], got {self.mistake_probability!r}")
+        kinds = tuple(self.mistake_kinds)
+        if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(MISTAKE_KINDS):
+            raise ValueError(f"mistake_kinds must be distinct names from {MISTAKE_KINDS}, got {kinds!r}")
         low, high = self.wrong_place_distance
         if not 0 < low <= high:
             raise ValueError(f"wrong_place_distance must be (min, max) with 0 < min <= max, got {(low, high)}")
+        low, high = self.hover_offset
+        if not low <= high < self.approach_height:
+            raise ValueError(
+                f"hover_offset must be (min, max) with min <= max < approach_height, got {(low, high)}"
+            )
 
 
 def waypoint(phase: str, bowl: np.ndarray, plate: np.ndarray, config: SpatialExpertConfig) -> tuple[np.ndarray, bool]:
@@ -155,14 +172,19 @@ class SpatialExpert:
         # Steps after the grasp at which an early-release mistake opens the gripper; None: no early release.
         self.release_after: int | None = None
         self.steps_since_grasp = 0
+        # Height of a hover mistake's hold relative to the release point; None: the hand lowers and releases.
+        self.hover: float | None = None
         self.intended = np.zeros(ACTION_DIM, dtype=np.float32)  # the last action before the noise
         if generator.random() < config.mistake_probability:
-            if generator.random() < 0.5:
+            kind = config.mistake_kinds[int(generator.random() * len(config.mistake_kinds))]
+            if kind == "early_release":
                 self.release_after = int(generator.integers(3, 25))
-            else:
+            elif kind == "wrong_place":
                 angle = generator.uniform(0.0, 2.0 * math.pi)
                 distance = generator.uniform(*config.wrong_place_distance)
                 self.place_shift = np.array([math.cos(angle), math.sin(angle), 0.0]) * distance
+            else:
+                self.hover = float(generator.uniform(*config.hover_offset))
 
     def act(self, position: np.ndarray, bowl: np.ndarray, plate: np.ndarray) -> np.ndarray:
         """One action from the end effector's and the objects' positions.
@@ -180,6 +202,8 @@ class SpatialExpert:
         if self.bowl is None or self.phase in ("approach", "descend"):
             self.bowl = np.asarray(bowl, dtype=np.float64)  # the bowl moves with the hand once grasped
         target, gripper_open = waypoint(self.phase, self.bowl, np.asarray(plate) + self.place_shift, self.config)
+        if self.hover is not None and self.phase == "lower":
+            target = target + self.hover * _UP
         arm = np.zeros(6)
         arm[:3] = np.clip(self.config.gain * (target - position), -1.0, 1.0)
         if self.phase == "lift" and self.phase_steps < self.config.lift_ramp_steps:
@@ -200,7 +224,9 @@ class SpatialExpert:
             if self.release_after is not None and self.steps_since_grasp >= self.release_after:
                 self._enter("release")
                 return
-        if self.phase in _MOVING:
+        if self.phase == "lower" and self.hover is not None:
+            done = False  # a hover holds the bowl above the plate to the end of the episode
+        elif self.phase in _MOVING:
             done = distance < config.tolerance or self.phase_steps >= config.max_phase_steps
         else:
             done = self.phase in ("grasp", "release") and self.phase_steps >= config.grasp_steps

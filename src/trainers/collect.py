@@ -17,7 +17,7 @@ import torch
 
 from opensora_gym.checkpoint import DATASET_FOLDER, STATISTICS_NAME
 from opensora_gym.collect import CollectConfig, CollectedEpisode, collect_episodes
-from opensora_gym.expert import ScriptedSpatialExpert, SpatialExpertConfig
+from opensora_gym.expert import MISTAKE_KINDS, ScriptedSpatialExpert, SpatialExpertConfig
 from opensora_gym.intervals import wilson_interval
 from trainers.build import load_policy
 
@@ -90,8 +90,11 @@ def add_collect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--seed", type=int, default=0, help="seed of the expert's noise and mistakes / of sampling")
     parser.add_argument("--action-noise-std", type=float, default=0.0, help="expert: Gaussian noise on arm commands")
     parser.add_argument(
-        "--mistake-probability", type=float, default=0.0, help="expert: per-episode chance of an early release or a "
-        "wrong place waypoint",
+        "--mistake-probability", type=float, default=0.0, help="expert: per-episode chance of one mistake",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mistake-kinds", nargs="+", choices=MISTAKE_KINDS, default=["early_release", "wrong_place"],
+        help="expert: the kinds a mistake is drawn from (hover: holds the bowl above the plate, never releases)",
     )  # fmt: skip
     parser.add_argument(
         "--lift-ramp-steps", type=int, default=0, help="expert: first lift steps that rise slowly (0: none)"
@@ -125,6 +128,7 @@ def run_collect(args: argparse.Namespace) -> dict[str, Any]:
         expert_config = SpatialExpertConfig(
             action_noise_std=args.action_noise_std,
             mistake_probability=args.mistake_probability,
+            mistake_kinds=tuple(args.mistake_kinds),
             lift_ramp_steps=args.lift_ramp_steps,
         )
         actor = ScriptedSpatialExpert(expert_config, num_envs=args.num_envs)
