@@ -2,6 +2,8 @@
 
 import json
 import math
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -127,6 +129,24 @@ def test_resume_reproduces_the_uninterrupted_run(recorded, tmp_path):
         a = load_file(whole.last_checkpoint / name)
         b = load_file(resumed.last_checkpoint / name)
         assert all(torch.equal(a[key], b[key]) for key in a), name
+
+
+def test_fine_tuning_takes_the_init_classifier_only_if_there_is_one(recorded, tmp_path):
+    init = tmp_path / "init"
+    shutil.copytree(recorded, init, ignore=shutil.ignore_patterns("dataset", "resnet_rm.pth"))
+    tuned = tiny_config(recorded, tmp_path / "tuned", dit=None, init_checkpoint=init, reward_model=None, max_steps=1)
+    result = train_world_model(tuned)
+    assert not (result.checkpoint / "resnet_rm.pth").exists(), "no classifier to copy: the export has none"
+
+    shutil.copy2(recorded / "resnet_rm.pth", init / "resnet_rm.pth")
+    result = train_world_model(replace(tuned, out=tmp_path / "with_rm"))
+    assert (result.checkpoint / "resnet_rm.pth").is_file(), "the init checkpoint's classifier goes along"
+
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a state dict")
+    with pytest.raises(ValueError, match=r"broken\.pth is not a readable torch checkpoint"):
+        train_world_model(replace(tuned, out=tmp_path / "bad", reward_model=broken))
+    assert not (tmp_path / "bad").exists(), "a wrong classifier fails before the training starts"
 
 
 def test_cli_trains_a_world_model(recorded, tmp_path):

@@ -61,11 +61,13 @@ class WorldModelTrainingConfig:
         out: the run folder: latent cache, `checkpoints/`, `tensorboard/` and the exported `world_model/`.
         dit: the architecture to train from scratch; exclusive with `init_checkpoint`.
         init_checkpoint: a folder in the released layout to fine-tune (its STDiT3; by default also its VAE,
-            action statistics and reward model).
+            action statistics and, if it has one, reward model).
         vae: a diffusers AutoencoderKL folder (`<checkpoint>/vae` or the output of `train-vae`).
         statistics: `dataset_statistics.json` to normalize actions with; default: the init checkpoint's, else the
             one beside the dataset folder (as `collect` and `convert` write it), else q01/q99 of its actions.
-        reward_model: `resnet_rm.pth` (or a folder with it) to put in the exported folder.
+        reward_model: `resnet_rm.pth` (or a folder with it) to put in the exported folder, loaded once before the
+            training so that a wrong file fails at once; default: the init checkpoint's, else none (the export
+            then lacks `resnet_rm.pth`).
         image_size: side of the square frames the model works at (frames are resized to it).
         action_key: the per-frame key of the action in the episodes.
         generated_frames: A, latent frames predicted per clip (one per action).
@@ -396,6 +398,16 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
 
 
+def _reward_model_source(config: WorldModelTrainingConfig) -> Path | None:
+    """The classifier to put in the export: `reward_model`, else the init checkpoint's if it has one, else None."""
+    if config.reward_model is not None:
+        return config.reward_model
+    if config.init_checkpoint is not None:
+        weights = CheckpointLayout(config.init_checkpoint).reward_weights
+        return weights if weights.is_file() else None
+    return None
+
+
 def _build_model(config: WorldModelTrainingConfig) -> STDiT3:
     if config.init_checkpoint is not None:
         return STDiT3.from_pretrained(config.init_checkpoint, device=config.device, dtype=torch.float32).train()
@@ -461,6 +473,9 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir, device = config.out, torch.device(config.device)
+    reward_model = _reward_model_source(config)
+    if reward_model is not None:
+        ResNetRewardModel.from_pretrained(reward_model)  # a wrong file fails here, not after the training
     run_dir.mkdir(parents=True, exist_ok=True)
     model = _build_model(config)
     cache = run_dir / LATENT_CACHE_NAME
@@ -528,9 +543,6 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
                 shutil.rmtree(old)
     writer.close()
     result.step = state.step
-    reward_model = config.reward_model
-    if reward_model is None and config.init_checkpoint is not None:
-        reward_model = CheckpointLayout(config.init_checkpoint).reward_weights
     result.checkpoint = export_checkpoint(
         run_dir / EXPORT_FOLDER, state.ema, config.vae_folder, config.dataset, statistics, reward_model
     )
