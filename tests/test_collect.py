@@ -150,9 +150,7 @@ def test_a_hover_mistake_holds_the_bowl_above_the_plate_and_never_releases():
 
     mixed = SpatialExpertConfig(mistake_probability=1.0, mistake_kinds=("early_release", "wrong_place", "hover"))
     experts = [SpatialExpert(mixed, np.random.default_rng(seed)) for seed in range(30)]
-    kinds = [
-        (e.release_after is not None) + 2 * bool(e.place_shift.any()) + 4 * (e.hover is not None) for e in experts
-    ]
+    kinds = [(e.release_after is not None) + 2 * bool(e.place_shift.any()) + 4 * (e.hover is not None) for e in experts]
     assert sorted(set(kinds)) == [1, 2, 4], "each episode makes exactly one mistake, every kind occurs"
     for bad in [(), ("hover", "hover"), ("drop",)]:
         with pytest.raises(ValueError, match="mistake_kinds must be distinct names"):

@@ -118,9 +118,7 @@ class SpatialExpertConfig:
             raise ValueError(f"wrong_place_distance must be (min, max) with 0 < min <= max, got {(low, high)}")
         low, high = self.hover_offset
         if not low <= high < self.approach_height:
-            raise ValueError(
-                f"hover_offset must be (min, max) with min <= max < approach_height, got {(low, high)}"
-            )
+            raise ValueError(f"hover_offset must be (min, max) with min <= max < approach_height, got {(low, high)}")
 
 
 def waypoint(phase: str, bowl: np.ndarray, plate: np.ndarray, config: SpatialExpertConfig) -> tuple[np.ndarray, bool]:
