@@ -7,7 +7,8 @@ and how far the rung's chunks are from the baseline rung's on the same inputs (c
 noise), chunk by chunk: latent MSE, PSNR of the decoded uint8 frames, and the share of frames whose rounded
 success label agrees. Exact rungs differ from the baseline by bf16 rounding only; approximate ones say so. The
 `draws-K` rungs are exact mode with the env's reliability signal on (K samples per chunk, `uncertainty="draws"`):
-their cost over `exact` is the signal's.
+their cost over `exact` is the signal's. The `fp8` rungs are exact mode with the env's `dit_fp8_linears` (FP8
+matmuls in the DiT blocks; a GPU needs compute capability >= 8.9), an approximate mode.
 
 Modes:
     --tiny  a tiny random-weight checkpoint on the CPU (64 px, 2 sampling steps, float32): checks the script.
@@ -21,6 +22,7 @@ Every flag below overrides the mode's default. Prints one table and writes JSON 
     python benchmarks/env_step.py --tiny --compile-backend eager
     python benchmarks/env_step.py --xl --rungs eager-sdpa,eager,compiled,static,exact,steps-5,steps-4
     python benchmarks/env_step.py --xl --rungs exact,draws-2,draws-4
+    python benchmarks/env_step.py --xl --rungs exact,fp8,steps-5,fp8-steps-5
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class Rung:
         num_sampling_steps: sampling steps; None keeps the benchmark's (10 for --xl, the exact number).
         uncertainty_draws: K samples per chunk for the env's reliability signal (`uncertainty="draws"`, report
             only: the stepped draw is the exact one); None: the signal is off.
+        dit_fp8_linears: FP8 matmuls in the DiT blocks (the env's `dit_fp8_linears`, approximate).
     """
 
     name: str
@@ -95,10 +98,11 @@ class Rung:
     compile_vae: bool = False
     num_sampling_steps: int | None = None
     uncertainty_draws: int | None = None
+    dit_fp8_linears: bool = False
 
     @property
     def exact(self) -> bool:
-        return self.num_sampling_steps is None
+        return self.num_sampling_steps is None and not self.dit_fp8_linears
 
 
 EXACT = {"compile_dit": True, "dit_micro_batch_size": 0, "compile_vae": True}
@@ -111,6 +115,14 @@ RUNGS = (
     Rung("micro-32", "exact mode, DiT micro-batches of 32 envs", **{**EXACT, "dit_micro_batch_size": 32}),
     Rung("steps-5", "APPROXIMATE: exact mode with 5 sampling steps", **EXACT, num_sampling_steps=5),
     Rung("steps-4", "APPROXIMATE: exact mode with 4 sampling steps", **EXACT, num_sampling_steps=4),
+    Rung("fp8", "APPROXIMATE: exact mode with FP8 linears in the DiT blocks", **EXACT, dit_fp8_linears=True),
+    Rung(
+        "fp8-steps-5",
+        "APPROXIMATE: exact mode with FP8 linears in the DiT blocks and 5 sampling steps",
+        **EXACT,
+        dit_fp8_linears=True,
+        num_sampling_steps=5,
+    ),
     Rung("draws-2", "exact mode + reliability signal, K = 2 draws per chunk", **EXACT, uncertainty_draws=2),
     Rung("draws-4", "exact mode + reliability signal, K = 4 draws per chunk", **EXACT, uncertainty_draws=4),
 )
@@ -214,6 +226,7 @@ def make_env(config: BenchmarkConfig, rung: Rung, checkpoint: Path, steps: int) 
         success_threshold=math.inf,
         uncertainty="off" if rung.uncertainty_draws is None else "draws",
         uncertainty_draws=rung.uncertainty_draws or 2,
+        dit_fp8_linears=rung.dit_fp8_linears,
     )
     world_model = env.world_model
     world_model.dit.set_temporal_attention(rung.temporal_attention)
@@ -480,9 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - started
         for name in config.rungs:
             rung = RUNGS_BY_NAME[name]
-            # Rungs that compile the same shapes share graphs; other shapes would pile up recompilations (and
-            # reach torch.compile's limit, past which blocks silently run eager), so start those afresh.
-            shapes = (rung.compile_dit, rung.dit_micro_batch_size)
+            # Rungs that compile the same shapes and layers share graphs; other shapes or layers (FP8 linears)
+            # would pile up recompilations (and reach torch.compile's limit, past which blocks silently run eager),
+            # so start those afresh.
+            shapes = (rung.compile_dit, rung.dit_micro_batch_size, rung.dit_fp8_linears)
             if rung.compile_dit and compiled_as not in (None, shapes):
                 torch._dynamo.reset()
             compiled_as = shapes if rung.compile_dit else compiled_as

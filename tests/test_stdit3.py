@@ -267,9 +267,12 @@ def test_bf16_fast_path_adds_no_error_over_bf16_rounding():
     assert error(fast) <= 1.05 * error(plain)
 
 
-def test_blocks_trace_as_one_graph_each():
+@pytest.mark.parametrize("fp8_linears", [False, True])
+def test_blocks_trace_as_one_graph_each(fp8_linears):
     # torch.compile fuses a block only as far as it traces: a graph break would split it and cost speed.
     model = tiny_model()
+    if fp8_linears:
+        model.use_fp8_linears()
     x = tiny_inputs()[0]
     c = TINY.condition_frames
     with torch.no_grad():

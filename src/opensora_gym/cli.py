@@ -34,6 +34,7 @@ def rollout(args: argparse.Namespace) -> dict:
         dtype=DTYPES[args.dtype],
         num_sampling_steps=args.num_sampling_steps,
         image_size=args.image_size,
+        dit_fp8_linears=args.dit_fp8_linears,
     )
     dataset = TrajectoryDataset(layout.dataset)
     episodes = [i % len(dataset) for i in range(args.num_envs)]
@@ -87,6 +88,11 @@ def add_rollout_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--image-size", type=int, default=None, help="frame side (default: 64 tiny, 256 real)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="DiT and VAE dtype")
+    parser.add_argument(
+        "--dit-fp8-linears",
+        action="store_true",
+        help="approximate: FP8 matmuls in the DiT blocks (the CPU, or a GPU of compute capability >= 8.9)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the sub-envs' generators")
     parser.add_argument("--fps", type=int, default=8, help="frames per second of the video")
     return parser

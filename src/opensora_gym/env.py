@@ -68,6 +68,12 @@ class OpenSoraLiberoConfig:
             `compile`, gives the compiled blocks one static batch size (see `RectifiedFlowConfig.micro_batch_size`).
         compile: `torch.compile` the DiT's blocks and the VAE decoder (about 2x faster chunk steps on a GPU;
             compiling takes a minute or two). Same results up to float rounding.
+        dit_fp8_linears: an approximate mode, off by default: the linears of the DiT blocks (attention qkv and
+            proj, MLP fc1 and fc2) run as FP8 matmuls (`torch._scaled_mm`): weights quantized once to float8 e4m3
+            with one scale per output channel, activations per token at every call; the embedders and the final
+            layer keep `dtype` (`STDiT3.use_fp8_linears`). Needs the CPU or a CUDA GPU of compute capability >= 8.9
+            (checked when the env is made). The frames differ from exact mode's (`benchmarks/env_step.py`, rung
+            `fp8`, measures by how much); a runtime choice, the checkpoint is unchanged.
         uncertainty: the per-chunk reliability signal in `info["wm_uncertainty"]` (`opensora_gym.reliability`):
             `off`; `draws`: the disagreement of `uncertainty_draws` samples of the chunk (mean per-element std of
             their latents; costs `uncertainty_draws - 1` more DiT samplings per chunk, no decode); `margin`: the
@@ -100,6 +106,7 @@ class OpenSoraLiberoConfig:
     vae_micro_batch_size: int = 64
     dit_micro_batch_size: int | None = None
     compile: bool = False
+    dit_fp8_linears: bool = False
     uncertainty: Literal["off", "draws", "margin"] = "off"
     uncertainty_draws: int = 2
     uncertainty_policy: Literal["report", "truncate", "withhold"] = "report"
@@ -123,6 +130,8 @@ class OpenSoraLiberoConfig:
             raise ValueError(
                 f"dit_micro_batch_size must be None or a positive integer, got {self.dit_micro_batch_size!r}"
             )
+        if not isinstance(self.dit_fp8_linears, bool):
+            raise ValueError(f"dit_fp8_linears must be True or False, got {self.dit_fp8_linears!r}")
         if self.max_episode_steps % self.action_chunk:
             raise ValueError(
                 f"max_episode_steps ({self.max_episode_steps}) must be a multiple of action_chunk "
@@ -237,6 +246,8 @@ class OpenSoraLiberoEnv(VectorEnv):
     |                      |             |               | else the released model of `suite`)                     |
     | `device`, `dtype`    | str         | cpu, bfloat16 | where and in which precision the DiT and the VAE run    |
     | `num_sampling_steps` | int         | 10            | rectified-flow steps per chunk (fewer is approximate)   |
+    | `dit_fp8_linears`    | bool        | False         | FP8 matmuls in the DiT blocks (approximate; a GPU needs |
+    |                      |             |               | compute capability >= 8.9)                              |
     | `image_size`         | int         | 256           | S, the side of the frames                               |
     | `max_episode_steps`  | int         | 256           | actions per episode, a multiple of `action_chunk`       |
     | `use_rel_reward`     | bool        | True          | reward the change of the frame reward                   |
@@ -301,6 +312,7 @@ class OpenSoraLiberoEnv(VectorEnv):
             vae_micro_batch_size=config.vae_micro_batch_size,
             dit_micro_batch_size=config.dit_micro_batch_size,
             compile=config.compile,
+            dit_fp8_linears=config.dit_fp8_linears,
         )
         self._check_world_model()
         self.reward_rule = RewardRule(
@@ -332,6 +344,7 @@ class OpenSoraLiberoEnv(VectorEnv):
             "image_size": (cfg.image_size, model.image_size),
             "condition_frames": (cfg.condition_frames, model.condition_frames),
             "action_dim": (ACTION_DIM, model.action_dim),
+            "dit_fp8_linears": (cfg.dit_fp8_linears, model.dit.fp8_linears),
         }
         wrong = [f"{name} {want} (world model: {got})" for name, (want, got) in expected.items() if want != got]
         if wrong:

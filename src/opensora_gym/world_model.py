@@ -16,6 +16,7 @@ from einops import rearrange
 
 from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import ActionStatistics
+from opensora_gym.models.float8 import check_fp8_device
 from opensora_gym.models.reward import ResNetRewardModel
 from opensora_gym.models.stdit3 import STDiT3
 from opensora_gym.models.vae import VideoVAE
@@ -94,6 +95,7 @@ class WorldModel:
         vae_micro_batch_size: int = 64,
         dit_micro_batch_size: int | None = None,
         compile: bool = False,
+        dit_fp8_linears: bool = False,
     ) -> WorldModel:
         """Loads every part of a checkpoint folder in the released layout (see `opensora_gym.checkpoint`).
 
@@ -102,12 +104,18 @@ class WorldModel:
         `compile` compiles the DiT's blocks with `torch.compile`, for static shapes when `dit_micro_batch_size` is
         set (the sampler pads to it) and for any batch size otherwise, and the VAE decoder in the channels-last
         layout (worth it on a GPU; the first chunk is slower). Neither option changes the results beyond float
-        rounding; `num_sampling_steps` below the released 10 is an approximate mode.
+        rounding. Two approximate modes: `num_sampling_steps` below the released 10, and `dit_fp8_linears`, which
+        runs the linears of the DiT blocks as FP8 matmuls (`STDiT3.use_fp8_linears`; on a GPU it needs compute
+        capability >= 8.9, checked before anything loads).
         """
+        if dit_fp8_linears:
+            check_fp8_device(device)
         layout = CheckpointLayout.resolve(folder)
         vae = VideoVAE.from_pretrained(layout.vae, micro_batch_size=vae_micro_batch_size, torch_dtype=dtype)
         vae = vae.to(device).eval()
         dit = STDiT3.from_pretrained(layout.root, device=device, dtype=dtype)
+        if dit_fp8_linears:
+            dit.use_fp8_linears()
         if compile:
             dit.compile_blocks(dynamic=dit_micro_batch_size is None)
             vae.compile_decoder()

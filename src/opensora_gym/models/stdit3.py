@@ -30,6 +30,7 @@ from opensora_gym.checkpoint import (
     stored_shapes,
     weight_files,
 )
+from opensora_gym.models.float8 import Float8Linear, check_fp8_device
 
 # The reference modulates the condition frames with the embedding of this timestep.
 CONDITION_TIMESTEP = 15.0
@@ -480,6 +481,32 @@ class STDiT3(nn.Module):
         for block in self.temporal_blocks:
             block.attn.short_causal_kernel = kernel
 
+    def use_fp8_linears(self) -> None:
+        """Replaces the linears of every block (attention `qkv` and `proj`, MLP `fc1` and `fc2`) by `Float8Linear`s.
+
+        An approximate runtime mode, not architecture: FP8 weights with one scale per output channel, activations
+        quantized per token (`opensora_gym.models.float8`). The embedders, the `t_block` and the final layer keep
+        the model dtype. Call it after the model has its device and dtype (and before `compile_blocks`); the
+        float weights of the swapped layers are freed, so the model can no longer be saved.
+
+        Raises:
+            ValueError: the model's device runs no FP8 matmul (a CUDA GPU below compute capability 8.9), or the
+                linears are FP8 already.
+        """
+        if self.fp8_linears:
+            raise ValueError("the block linears are FP8 already: use_fp8_linears() was called before")
+        check_fp8_device(self.x_embedder.proj.weight.device)
+        for block in (*self.spatial_blocks, *self.temporal_blocks):
+            block.attn.qkv = Float8Linear.from_linear(block.attn.qkv)
+            block.attn.proj = Float8Linear.from_linear(block.attn.proj)
+            block.mlp.fc1 = Float8Linear.from_linear(block.mlp.fc1)
+            block.mlp.fc2 = Float8Linear.from_linear(block.mlp.fc2)
+
+    @property
+    def fp8_linears(self) -> bool:
+        """Whether the blocks' linears run in FP8 (`use_fp8_linears`)."""
+        return isinstance(self.spatial_blocks[0].attn.qkv, Float8Linear)
+
     def check_inputs(self, x: torch.Tensor, timestep: torch.Tensor, actions: torch.Tensor, x_mask: torch.Tensor):
         """Raises ValueError naming the expected and received shapes."""
         cfg = self.config
@@ -669,6 +696,11 @@ class STDiT3(nn.Module):
 
     def save_pretrained(self, folder: str | Path, max_shard_bytes: int | None = None) -> None:
         """Writes `config.json`, `model-0000k.safetensors` shards and `model.safetensors.index.json`."""
+        if self.fp8_linears:
+            raise ValueError(
+                "cannot save a model whose block linears run in FP8 (use_fp8_linears frees the float weights): save "
+                "the model as loaded, without the FP8 option"
+            )
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CONFIG_NAME).write_text(json.dumps(self.config.to_json_dict(), indent=2))
