@@ -152,6 +152,7 @@ def test_a_hover_mistake_holds_the_bowl_above_the_plate_and_never_releases():
     experts = [SpatialExpert(mixed, np.random.default_rng(seed)) for seed in range(30)]
     kinds = [(e.release_after is not None) + 2 * bool(e.place_shift.any()) + 4 * (e.hover is not None) for e in experts]
     assert sorted(set(kinds)) == [1, 2, 4], "each episode makes exactly one mistake, every kind occurs"
+    assert SpatialExpertConfig(mistake_kinds=["hover"]).mistake_kinds == ("hover",), "kept as a tuple"
     for bad in [(), ("hover", "hover"), ("drop",)]:
         with pytest.raises(ValueError, match="mistake_kinds must be distinct names"):
             SpatialExpertConfig(mistake_kinds=bad)

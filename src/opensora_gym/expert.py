@@ -113,6 +113,7 @@ class SpatialExpertConfig:
         kinds = tuple(self.mistake_kinds)
         if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(MISTAKE_KINDS):
             raise ValueError(f"mistake_kinds must be distinct names from {MISTAKE_KINDS}, got {kinds!r}")
+        object.__setattr__(self, "mistake_kinds", kinds)  # a list or other sequence is kept as a tuple
         low, high = self.wrong_place_distance
         if not 0 < low <= high:
             raise ValueError(f"wrong_place_distance must be (min, max) with 0 < min <= max, got {(low, high)}")

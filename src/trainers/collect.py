@@ -128,7 +128,7 @@ def run_collect(args: argparse.Namespace) -> dict[str, Any]:
         expert_config = SpatialExpertConfig(
             action_noise_std=args.action_noise_std,
             mistake_probability=args.mistake_probability,
-            mistake_kinds=tuple(args.mistake_kinds),
+            mistake_kinds=args.mistake_kinds,
             lift_ramp_steps=args.lift_ramp_steps,
         )
         actor = ScriptedSpatialExpert(expert_config, num_envs=args.num_envs)

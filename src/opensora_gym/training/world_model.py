@@ -363,7 +363,7 @@ def export_checkpoint(
     vae_folder: Path,
     dataset_folder: Path,
     statistics: ActionStatistics,
-    reward_model: Path | None = None,
+    reward_model: ResNetRewardModel | None = None,
 ) -> Path:
     """Writes a world-model folder in the released layout (see `opensora_gym.checkpoint`), atomically.
 
@@ -373,8 +373,8 @@ def export_checkpoint(
         vae_folder: the diffusers AutoencoderKL folder, copied to `vae/`.
         dataset_folder: the trajectories, whose `*.npy` files are copied to `dataset/` (the env's start frames).
         statistics: written to `dataset_statistics.json`.
-        reward_model: `resnet_rm.pth` (or a folder with it), checked with the safe loader and copied; without it
-            the folder lacks `resnet_rm.pth` and `OpenSoraLiberoEnv` cannot load it until one is added.
+        reward_model: the success classifier, saved as `resnet_rm.pth`; without it the folder lacks `resnet_rm.pth`
+            and `OpenSoraLiberoEnv` cannot load it until one is added.
     """
     check_finite(dit, "STDiT3 (EMA)")
     tmp = folder.with_name(folder.name + ".tmp")
@@ -388,7 +388,7 @@ def export_checkpoint(
         shutil.copy2(episode, tmp / DATASET_FOLDER / episode.name)
     statistics.to_json(tmp / STATISTICS_NAME)
     if reward_model is not None:
-        ResNetRewardModel.from_pretrained(reward_model).save_pretrained(tmp)
+        reward_model.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
@@ -473,9 +473,9 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir, device = config.out, torch.device(config.device)
-    reward_model = _reward_model_source(config)
-    if reward_model is not None:
-        ResNetRewardModel.from_pretrained(reward_model)  # a wrong file fails here, not after the training
+    source = _reward_model_source(config)
+    # Loaded (with the safe loader) before the training, so that a wrong file fails at once.
+    reward_model = None if source is None else ResNetRewardModel.from_pretrained(source)
     run_dir.mkdir(parents=True, exist_ok=True)
     model = _build_model(config)
     cache = run_dir / LATENT_CACHE_NAME
