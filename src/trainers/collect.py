@@ -93,7 +93,7 @@ def add_collect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--mistake-probability", type=float, default=0.0, help="expert: per-episode chance of one mistake",
     )  # fmt: skip
     parser.add_argument(
-        "--mistake-kinds", nargs="+", choices=MISTAKE_KINDS, default=["early_release", "wrong_place"],
+        "--mistake-kinds", nargs="+", choices=MISTAKE_KINDS, default=list(SpatialExpertConfig.mistake_kinds),
         help="expert: the kinds a mistake is drawn from (hover: holds the bowl above the plate, never releases)",
     )  # fmt: skip
     parser.add_argument(
