@@ -193,6 +193,8 @@ def test_step_before_reset_and_bad_reset_options(checkpoint, world_model):
         ({"success_from": "logits"}, "success_from"),
         ({"max_episode_steps": 20}, "multiple of action_chunk"),
         ({"suite": "goal"}, "suite must be one of"),
+        ({"condition_timestep": 10.0}, r"condition_timestep must be a number in \[15.0, 1000\), got 10.0"),
+        ({"condition_timestep": "high"}, "condition_timestep must be a number"),
     ],
 )
 def test_config_rejects_bad_values(overrides, message):
@@ -404,6 +406,22 @@ def test_a_shared_world_model_must_match_the_config(checkpoint, world_model):
         make_env(checkpoint, world_model, image_size=32)
     with pytest.raises(ValueError, match=r"condition_frames 2 \(world model: 4\)"):
         make_env(checkpoint, world_model, condition_frames=2)
+    with pytest.raises(ValueError, match=r"condition_timestep 100.0 \(world model: 15.0\)"):
+        make_env(checkpoint, world_model, condition_timestep=100.0)
+
+
+def test_a_raised_condition_timestep_is_seeded_and_changes_the_prediction(checkpoint, world_model):
+    def step(condition_timestep):
+        env = OpenSoraLiberoEnv(2, checkpoint=checkpoint, condition_timestep=condition_timestep, **FAST)
+        obs0, _ = env.reset(seed=3)
+        obs1, *_ = env.step(random_chunk_actions(2))
+        env.close()
+        return obs0["image"], obs1["image"]
+
+    (start_a, raised_a), (_, raised_b), (start_c, clean) = step(300.0), step(300.0), step(15.0)
+    np.testing.assert_array_equal(raised_a, raised_b)
+    np.testing.assert_array_equal(start_a, start_c)
+    assert not np.array_equal(raised_a, clean)
 
 
 def test_gymnasium_env_checker_passes_on_the_registered_single_env(checkpoint):

@@ -102,7 +102,14 @@ def test_noise_of_wrong_shape_is_rejected(tiny_model):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"num_sampling_steps": 0}, {"num_timesteps": 0}, {"transform_scale": 0.0}, {"micro_batch_size": 0}],
+    [
+        {"num_sampling_steps": 0},
+        {"num_timesteps": 0},
+        {"transform_scale": 0.0},
+        {"micro_batch_size": 0},
+        {"condition_timestep": 14.0},
+        {"condition_timestep": 1000.0},
+    ],
 )
 def test_config_rejects_bad_values(overrides):
     with pytest.raises(ValueError):
@@ -123,3 +130,28 @@ def test_micro_batches_give_the_whole_batch_samples(tiny_model, micro_batch_size
     )
     assert micro.shape == whole.shape
     torch.testing.assert_close(micro, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_condition_timestep_samples_from_noised_condition_frames_told_their_level(tiny_model):
+    cond, actions = condition_and_actions(2)
+    sampler = RectifiedFlowSampler(RectifiedFlowConfig(num_sampling_steps=3, condition_timestep=200.0))
+
+    def run(seed):
+        return sampler.sample(
+            tiny_model, cond, actions, height=32, width=32, generator=torch.Generator().manual_seed(seed)
+        )
+
+    a, b = run(1), run(1)
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, :, :4], cond)  # the returned condition frames stay clean
+    # By hand: the starting noise first, then the condition frames' noise, from the same generator.
+    generator = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 4, 8, 4, 4, generator=generator)
+    noised = 0.8 * cond + 0.2 * torch.randn(cond.shape, generator=generator)
+    cache = tiny_model.condition_cache(noised, 32, 32, 200.0)
+    expected = sampler._integrate(tiny_model, cache, actions, z, sampler.timesteps(32, 32, 12), 32, 32)
+    torch.testing.assert_close(a[:, :, 4:], expected, rtol=1e-5, atol=1e-5)
+    clean = RectifiedFlowSampler(RectifiedFlowConfig(num_sampling_steps=3)).sample(
+        tiny_model, cond, actions, height=32, width=32, generator=torch.Generator().manual_seed(1)
+    )
+    assert not torch.allclose(a[:, :, 4:], clean[:, :, 4:], atol=1e-4)

@@ -213,6 +213,25 @@ def test_generated_frames_with_cached_condition_equal_the_full_forward():
     torch.testing.assert_close(generated, full[:, :, c:], rtol=1e-5, atol=1e-5)
 
 
+def test_condition_timestep_modulates_the_condition_frames_in_both_paths():
+    model = tiny_model()
+    x, timestep, actions, x_mask = tiny_inputs(batch=3)
+    c = TINY.condition_frames
+    with torch.no_grad():
+        default = model(x, timestep, actions, x_mask, 32, 32)
+        fifteen = model(x, timestep, actions, x_mask, 32, 32, torch.full((3,), 15.0))
+        raised = model(x, timestep, actions, x_mask, 32, 32, torch.tensor([15.0, 200.0, 400.0]))
+        cache = model.condition_cache(x[:, :, :c], 32, 32, 400.0)
+        generated = model.forward_generated(x[:, :, c:], timestep, actions, cache, 32, 32)
+        full = model(x, timestep, actions, x_mask, 32, 32, torch.full((3,), 400.0))
+    assert torch.equal(default, fifteen)
+    assert torch.equal(raised[0], default[0])  # items are independent; item 0 keeps the level 15
+    assert not torch.allclose(raised[1:, :, c:], default[1:, :, c:], atol=1e-4)
+    torch.testing.assert_close(generated, full[:, :, c:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"condition_timestep must have shape \(3,\), got \(2,\)"):
+        model(x, timestep, actions, x_mask, 32, 32, torch.full((2,), 15.0))
+
+
 def test_forward_generated_rejects_mismatched_inputs():
     model = tiny_model()
     x, timestep, actions, _ = tiny_inputs()

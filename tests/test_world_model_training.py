@@ -85,6 +85,43 @@ def test_loss_matches_hand_computation_of_the_reference_loss():
     torch.testing.assert_close(loss, torch.stack(expected), rtol=1e-5, atol=1e-6)
 
 
+def test_condition_noise_augmentation_noises_the_condition_frames_and_tells_the_model():
+    torch.manual_seed(0)
+    model = STDiT3(TINY_DIT).eval()
+    B, C, F, h, w = 2, 4, 12, 4, 4
+    x0, noise = torch.randn(B, C, F, h, w), torch.randn(B, C, F, h, w)
+    actions = torch.rand(B, 8, 7) * 2 - 1
+    t, condition_t = torch.tensor([700.0, 120.0]), torch.tensor([15.0, 300.0])
+
+    assert torch.equal(
+        rectified_flow_loss(model, x0, actions, noise, t, 32, 32, condition_t=torch.full((B,), 15.0)),
+        rectified_flow_loss(model, x0, actions, noise, t, 32, 32),
+    )
+    loss = rectified_flow_loss(model, x0, actions, noise, t, 32, 32, condition_t=condition_t)
+    b, s = 1, 0.3  # clip 1: condition frames at 300 / 1000, the model told 300
+    x_in = torch.cat([(1 - s) * x0[b, :, :4] + s * noise[b, :, :4], 0.88 * x0[b, :, 4:] + 0.12 * noise[b, :, 4:]], 1)
+    x_mask = torch.tensor([[False] * 4 + [True] * 8])
+    velocity = model(x_in[None], t[1:], actions[1:], x_mask, 32, 32, condition_t[1:])[0, :C, 4:]
+    torch.testing.assert_close(loss[1], ((velocity - (x0[b] - noise[b])[:, 4:]) ** 2).mean(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(loss[1], rectified_flow_loss(model, x0, actions, noise, t, 32, 32)[1])
+
+
+@pytest.mark.parametrize("level", [10.0, 1001.0])
+def test_condition_timestep_max_outside_its_range_is_rejected(recorded, tmp_path, level):
+    with pytest.raises(ValueError, match=rf"condition_timestep_max must be in \[15.0, 1000\], got {level}"):
+        tiny_config(recorded, tmp_path / "run", condition_timestep_max=level)
+
+
+def test_condition_noise_augmentation_trains_and_resumes_exactly(recorded, tmp_path):
+    whole = train_world_model(tiny_config(recorded, tmp_path / "whole", max_steps=5, condition_timestep_max=400.0))
+    plain = train_world_model(tiny_config(recorded, tmp_path / "plain", max_steps=5))
+    train_world_model(tiny_config(recorded, tmp_path / "split", max_steps=3, condition_timestep_max=400.0))
+    resumed = train_world_model(tiny_config(recorded, tmp_path / "split", max_steps=5, condition_timestep_max=400.0))
+    assert resumed.losses == whole.losses[3:]
+    assert whole.losses != plain.losses
+    assert all(math.isfinite(loss) for loss in whole.losses)
+
+
 def test_clips_pair_each_generated_frame_with_the_action_that_produced_it(recorded, tmp_path):
     vae = VideoVAE.from_pretrained(recorded / "vae")
     dataset = TrajectoryDataset(recorded / "dataset")

@@ -20,6 +20,7 @@ from gymnasium.vector.utils import batch_space
 
 from opensora_gym.checkpoint import HUB_IDS, CheckpointLayout, resolve_checkpoint
 from opensora_gym.data import TrajectoryDataset
+from opensora_gym.models.stdit3 import CONDITION_TIMESTEP
 from opensora_gym.reliability import classifier_uncertainty
 from opensora_gym.reward_rule import RewardRule
 from opensora_gym.single import SingleEpisodeEnv, make_time_limit
@@ -51,6 +52,10 @@ class OpenSoraLiberoConfig:
         num_sampling_steps: rectified-flow steps per chunk. The released models use 10; fewer (e.g. 5 or 4) is an
             approximate mode: faster chunk steps whose frames differ from the 10-step ones (`benchmarks/env_step.py`
             measures by how much).
+        condition_timestep: the noise level (0..1000) at which the DiT sees the condition frames: 15, the
+            reference's, gives them clean; a world model trained with condition-noise augmentation
+            (`train-world-model --condition-timestep-max`) can be sampled with a higher level, which noises the
+            condition latents (from the sub-env's generator) so that the drift of its own frames matters less.
         action_chunk: actions (= predicted frames) per step.
         condition_frames: latent frames of context; must match the checkpoint.
         image_size: side of the frames the world model works at and of the observed image.
@@ -93,6 +98,7 @@ class OpenSoraLiberoConfig:
     device: str = "cpu"
     dtype: str = "bfloat16"
     num_sampling_steps: int = 10
+    condition_timestep: float = CONDITION_TIMESTEP
     action_chunk: int = ACTION_CHUNK
     condition_frames: int = 4
     image_size: int = 256
@@ -116,6 +122,12 @@ class OpenSoraLiberoConfig:
         for name in ("num_sampling_steps", "action_chunk", "image_size", "max_episode_steps", "group_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.condition_timestep, int | float) or not (
+            CONDITION_TIMESTEP <= self.condition_timestep < 1000
+        ):
+            raise ValueError(
+                f"condition_timestep must be a number in [{CONDITION_TIMESTEP}, 1000), got {self.condition_timestep!r}"
+            )
         if self.condition_frames < 1:
             raise ValueError(f"condition_frames must be a positive integer, got {self.condition_frames!r}")
         if self.suite not in HUB_IDS:
@@ -308,6 +320,7 @@ class OpenSoraLiberoEnv(VectorEnv):
             device=config.device,
             dtype=DTYPES[config.dtype],
             num_sampling_steps=config.num_sampling_steps,
+            condition_timestep=config.condition_timestep,
             image_size=config.image_size,
             vae_micro_batch_size=config.vae_micro_batch_size,
             dit_micro_batch_size=config.dit_micro_batch_size,
@@ -345,6 +358,7 @@ class OpenSoraLiberoEnv(VectorEnv):
             "condition_frames": (cfg.condition_frames, model.condition_frames),
             "action_dim": (ACTION_DIM, model.action_dim),
             "dit_fp8_linears": (cfg.dit_fp8_linears, model.dit.fp8_linears),
+            "condition_timestep": (cfg.condition_timestep, model.sampler.config.condition_timestep),
         }
         wrong = [f"{name} {want} (world model: {got})" for name, (want, got) in expected.items() if want != got]
         if wrong:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange, repeat
 
-from opensora_gym.models.stdit3 import KeyValue, STDiT3
+from opensora_gym.models.stdit3 import CONDITION_TIMESTEP, KeyValue, STDiT3
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -35,6 +35,11 @@ class RectifiedFlowConfig:
             one batch size: compiled blocks then need only static shapes, and the condition frames' cached keys
             and values take memory for one micro-batch at a time. Items are independent, so the samples are the
             same as with the whole batch.
+        condition_timestep: the noise level (0..num_timesteps) the condition frames are given at. The reference's
+            15 (the default) gives them clean, modulated with the timestep 15. Above 15 (for a world model trained
+            with condition-noise augmentation, `WorldModelTrainingConfig.condition_timestep_max`), the condition
+            latents are noised to this level with noise drawn after the starting noise, and the model is told the
+            level; the returned condition frames stay clean.
     """
 
     num_sampling_steps: int = 10
@@ -43,6 +48,7 @@ class RectifiedFlowConfig:
     base_resolution: int = 512 * 512
     transform_scale: float = 1.0
     micro_batch_size: int | None = None
+    condition_timestep: float = CONDITION_TIMESTEP
 
     def __post_init__(self):
         if self.num_sampling_steps < 1:
@@ -56,6 +62,11 @@ class RectifiedFlowConfig:
             )
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be None or a positive integer, got {self.micro_batch_size}")
+        if not CONDITION_TIMESTEP <= self.condition_timestep < self.num_timesteps:
+            raise ValueError(
+                f"condition_timestep must be in [{CONDITION_TIMESTEP}, {self.num_timesteps}), "
+                f"got {self.condition_timestep}"
+            )
 
 
 def timestep_transform(
@@ -137,7 +148,8 @@ class RectifiedFlowSampler:
         Returns:
             latents [B, C, Tc + A, h, w] float32; the first Tc frames are `condition_latents` unchanged.
 
-        As in the reference, every step moves only the generated frames; the condition frames stay clean.
+        As in the reference, every step moves only the generated frames; the condition frames stay clean (with
+        `RectifiedFlowConfig.condition_timestep` above 15 the model sees them noised, from `generator`'s next draws).
         """
         return self.sample_draws(
             model, condition_latents, actions, height=height, width=width, noise=noise, generator=generator
@@ -182,6 +194,11 @@ class RectifiedFlowSampler:
             )
         cond = condition_latents.float()
         z = noise.to(cond.device, torch.float32)  # [B, C, A, h, w]
+        level = self.config.condition_timestep
+        model_cond = cond
+        if level > CONDITION_TIMESTEP:
+            s = level / self.config.num_timesteps
+            model_cond = (1 - s) * cond + s * draw_noise(cond.shape, generator, device=cond.device)
         extra = None if extra_noise is None else extra_noise.to(cond.device, torch.float32)  # [B, D, C, A, h, w]
         steps = self.timesteps(height, width, Tc + A, device=z.device)
         # Micro-batches are padded to one static size; without micro-batching the whole batch runs as it is.
@@ -194,9 +211,9 @@ class RectifiedFlowSampler:
         for start in range(0, B, size):
             part = slice(start, start + size)
             n = cond[part].shape[0]
-            part_cond, part_actions = pad(cond[part]), pad(actions[part])
+            part_cond, part_actions = pad(model_cond[part]), pad(actions[part])
             # The condition frames' activations do not change between steps or draws: compute them once.
-            cache = model.condition_cache(part_cond, height, width)
+            cache = model.condition_cache(part_cond, height, width, level)
             parts.append(self._integrate(model, cache, part_actions, pad(z[part]), steps, height, width)[:n])
             if extra is not None:
                 drawn = self._integrate_draws(model, cache, part_actions, pad(extra[part]), steps, height, width)

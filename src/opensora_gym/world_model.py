@@ -18,7 +18,7 @@ from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import ActionStatistics
 from opensora_gym.models.float8 import check_fp8_device
 from opensora_gym.models.reward import ResNetRewardModel
-from opensora_gym.models.stdit3 import STDiT3
+from opensora_gym.models.stdit3 import CONDITION_TIMESTEP, STDiT3
 from opensora_gym.models.vae import VideoVAE
 from opensora_gym.rectified_flow import Generators, RectifiedFlowConfig, RectifiedFlowSampler, draw_noise
 from opensora_gym.reliability import draw_disagreement
@@ -91,6 +91,7 @@ class WorldModel:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         num_sampling_steps: int = 10,
+        condition_timestep: float = CONDITION_TIMESTEP,
         image_size: int = 256,
         vae_micro_batch_size: int = 64,
         dit_micro_batch_size: int | None = None,
@@ -100,7 +101,8 @@ class WorldModel:
         """Loads every part of a checkpoint folder in the released layout (see `opensora_gym.checkpoint`).
 
         The DiT and the VAE run in `dtype`; the reward classifier always runs in float32, as in the reference.
-        `dit_micro_batch_size` sub-envs go through the sampler at a time (`RectifiedFlowConfig.micro_batch_size`).
+        `dit_micro_batch_size` sub-envs go through the sampler at a time (`RectifiedFlowConfig.micro_batch_size`);
+        `condition_timestep` is the level the condition frames are given at (`RectifiedFlowConfig`; 15: clean).
         `compile` compiles the DiT's blocks with `torch.compile`, for static shapes when `dit_micro_batch_size` is
         set (the sampler pads to it) and for any batch size otherwise, and the VAE decoder in the channels-last
         layout (worth it on a GPU; the first chunk is slower). Neither option changes the results beyond float
@@ -125,7 +127,11 @@ class WorldModel:
             reward_model=ResNetRewardModel.from_pretrained(layout.reward_weights).to(device),
             statistics=ActionStatistics.from_json(layout.statistics),
             sampler=RectifiedFlowSampler(
-                RectifiedFlowConfig(num_sampling_steps=num_sampling_steps, micro_batch_size=dit_micro_batch_size)
+                RectifiedFlowConfig(
+                    num_sampling_steps=num_sampling_steps,
+                    micro_batch_size=dit_micro_batch_size,
+                    condition_timestep=condition_timestep,
+                )
             ),
             image_size=image_size,
         )

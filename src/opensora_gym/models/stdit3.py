@@ -533,6 +533,7 @@ class STDiT3(nn.Module):
         x_mask: torch.Tensor,
         height: int | torch.Tensor,
         width: int | torch.Tensor,
+        condition_timestep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predicts the velocity (and the unused sigma half) for every latent frame.
 
@@ -542,14 +543,20 @@ class STDiT3(nn.Module):
             actions: normalized actions [B, A, action_dim].
             x_mask: [B, T], true (or 1) for generated frames, false (or 0) for condition frames.
             height, width: the image size the latents stand for (scales the position embedding grid).
+            condition_timestep: [B], the noise level the condition frames are modulated with; None: the
+                reference's fixed `CONDITION_TIMESTEP` (15). Condition-noise augmentation trains with higher levels.
 
         Returns:
             [B, out_channels, T, H, W] float32; channels [:in_channels] are the velocity.
         """
         self.check_inputs(x, timestep, actions, x_mask)
+        if condition_timestep is not None and condition_timestep.shape != timestep.shape:
+            raise ValueError(
+                f"condition_timestep must have shape {tuple(timestep.shape)}, got {tuple(condition_timestep.shape)}"
+            )
         x_mask = x_mask.to(device=x.device, dtype=torch.bool)
         # The reference casts the timestep to the model dtype before embedding it (in bf16 this rounds it).
-        t, t0 = self._timestep_embeddings(timestep.to(self.dtype))
+        t, t0 = self._timestep_embeddings(timestep.to(self.dtype), condition_timestep)
         t_spatial = self.t_block(t[:, None] + self.action_embedder(actions.to(self.dtype)))  # [B, T, 6C]
         t_temporal, t0_mlp = self.t_block(t)[:, None], self.t_block(t0)[:, None]  # [B, 1, 6C] each
         tokens = self._tokens(x, height, width)  # [B, T, S, C]
@@ -558,16 +565,22 @@ class STDiT3(nn.Module):
 
     @torch.no_grad()
     def condition_cache(
-        self, condition_latents: torch.Tensor, height: int | torch.Tensor, width: int | torch.Tensor
+        self,
+        condition_latents: torch.Tensor,
+        height: int | torch.Tensor,
+        width: int | torch.Tensor,
+        condition_timestep: float = CONDITION_TIMESTEP,
     ) -> list[KeyValue]:
         """Keys and values of the condition frames in every temporal block, for `forward_generated`.
 
-        Condition frames see only themselves (causal temporal attention) and are modulated with the fixed
-        timestep 15 and no action, so their activations are the same at every sampling step: computing them once
-        per chunk instead of at each of the sampler's steps gives the same result for the generated frames.
+        Condition frames see only themselves (causal temporal attention) and are modulated with a fixed
+        timestep (the reference's 15) and no action, so their activations are the same at every sampling step:
+        computing them once per chunk instead of at each of the sampler's steps gives the same result for the
+        generated frames.
 
         Args:
             condition_latents: [B, C, Tc, H, W].
+            condition_timestep: the noise level the condition frames are modulated with (0..1000).
         """
         if condition_latents.ndim != 5 or condition_latents.shape[1] != self.config.in_channels:
             raise ValueError(
@@ -575,7 +588,8 @@ class STDiT3(nn.Module):
                 f"got {tuple(condition_latents.shape)}"
             )
         B, _, Tc = condition_latents.shape[:3]
-        _, t0 = self._timestep_embeddings(torch.zeros(B, device=condition_latents.device, dtype=self.dtype))
+        level = torch.full((B,), condition_timestep, device=condition_latents.device)
+        _, t0 = self._timestep_embeddings(torch.zeros(B, device=condition_latents.device, dtype=self.dtype), level)
         t0_mlp = self.t_block(t0)[:, None]  # [B, 1, 6C]
         x_mask = torch.zeros(B, Tc, dtype=torch.bool, device=condition_latents.device)
         tokens = self._tokens(condition_latents, height, width)
@@ -622,10 +636,14 @@ class STDiT3(nn.Module):
         tokens, _ = self._blocks(self._tokens(x, height, width), t_spatial, t_temporal, t0_mlp, x_mask, cache)
         return self._unpatchify(self.final_layer(tokens, t, t0, x_mask), x.shape)
 
-    def _timestep_embeddings(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings [B, C] of the timestep and of the condition frames' fixed timestep."""
+    def _timestep_embeddings(
+        self, timestep: torch.Tensor, condition_timestep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, C] of the timestep and of the condition frames' timestep (default: the fixed 15)."""
         t = self.t_embedder(timestep, self.dtype)
-        t0 = self.t_embedder(torch.full_like(timestep, CONDITION_TIMESTEP), self.dtype)
+        if condition_timestep is None:
+            condition_timestep = torch.full_like(timestep, CONDITION_TIMESTEP)
+        t0 = self.t_embedder(condition_timestep.to(device=timestep.device, dtype=timestep.dtype), self.dtype)
         return t, t0
 
     def _tokens(self, x: torch.Tensor, height, width) -> torch.Tensor:

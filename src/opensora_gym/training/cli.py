@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import json
 
-from opensora_gym.models.stdit3 import STDiT3Config
+from opensora_gym.models.stdit3 import CONDITION_TIMESTEP, STDiT3Config
 from opensora_gym.training.reward_model import RewardTrainingConfig, train_reward_model
 from opensora_gym.training.vae import VAETrainingConfig, train_vae
 from opensora_gym.training.world_model import WorldModelTrainingConfig, train_world_model
@@ -49,6 +49,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     world_model.add_argument("--ema-decay", type=float, default=0.9999)
     world_model.add_argument("--mixed-precision", choices=("bf16", "no"), default="bf16")
     world_model.add_argument("--gradient-checkpointing", action="store_true")
+    world_model.add_argument(
+        "--condition-timestep-max",
+        type=float,
+        default=CONDITION_TIMESTEP,
+        help="condition-noise augmentation: noise each clip's condition frames to a level drawn in [15, this] "
+        "(0..1000) and tell the model (default 15: the reference, no augmentation)",
+    )
     world_model.add_argument("--preview-every", type=int, default=500, help="steps between preview grids (0: none)")
     world_model.add_argument("--checkpoint-every", type=int, default=500)
     world_model.add_argument("--no-resume", action="store_true", help="start over even if out/ has checkpoints")
@@ -120,6 +127,7 @@ def run(args: argparse.Namespace) -> None:
             ema_decay=args.ema_decay,
             mixed_precision=args.mixed_precision,
             gradient_checkpointing=args.gradient_checkpointing,
+            condition_timestep_max=args.condition_timestep_max,
             preview_every=args.preview_every,
             checkpoint_every=args.checkpoint_every,
             resume=not args.no_resume,

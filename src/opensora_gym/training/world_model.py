@@ -36,7 +36,7 @@ from opensora_gym.checkpoint import (
 )
 from opensora_gym.data import ActionStatistics, TrajectoryDataset
 from opensora_gym.models.reward import ResNetRewardModel
-from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
+from opensora_gym.models.stdit3 import CONDITION_TIMESTEP, STDiT3, STDiT3Config
 from opensora_gym.models.vae import CONFIG_NAME as VAE_CONFIG_NAME
 from opensora_gym.models.vae import WEIGHTS_NAME as VAE_WEIGHTS_NAME
 from opensora_gym.models.vae import VideoVAE
@@ -82,6 +82,11 @@ class WorldModelTrainingConfig:
         gradient_checkpointing: recompute each block in the backward pass (saves activation memory).
         timestep_loc, timestep_scale: the normal before the sigmoid of the logit-normal timesteps.
         use_timestep_transform: apply the sampler's resolution transform to the drawn timesteps.
+        condition_timestep_max: condition-noise augmentation (not in the reference): each clip's condition frames
+            are noised to a level drawn uniformly in [15, condition_timestep_max] (0..1000 scale) and the model is
+            given that level as their timestep, so that it learns to continue from frames as imperfect as its
+            own; the world model then samples with `condition_timestep` above 15 (`OpenSoraLiberoEnv`). The
+            default 15 is the reference's fixed level (no augmentation, no extra random draw).
         seed: the run's generator (data order, timesteps, noise, posterior samples) and the initial weights.
         device: torch device of the training.
         log_every: steps between TensorBoard scalars.
@@ -116,6 +121,7 @@ class WorldModelTrainingConfig:
     timestep_loc: float = 0.0
     timestep_scale: float = 1.0
     use_timestep_transform: bool = True
+    condition_timestep_max: float = CONDITION_TIMESTEP
     seed: int = 0
     device: str = "cpu"
     log_every: int = 10
@@ -162,6 +168,11 @@ class WorldModelTrainingConfig:
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"WorldModelTrainingConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not CONDITION_TIMESTEP <= self.condition_timestep_max <= 1000:
+            raise ValueError(
+                f"WorldModelTrainingConfig.condition_timestep_max must be in [{CONDITION_TIMESTEP}, 1000], "
+                f"got {self.condition_timestep_max}"
+            )
         if self.timestep_scale <= 0:
             raise ValueError(f"WorldModelTrainingConfig.timestep_scale must be > 0, got {self.timestep_scale}")
         if self.mixed_precision not in _MIXED_PRECISION:
@@ -232,12 +243,14 @@ def train_step(
     grad_clip: float = 1.0,
     ema_decay: float = 0.9999,
     bf16: bool = True,
+    condition_t: torch.Tensor | None = None,
 ) -> StepOutput:
     """One optimizer step on a batch: loss, backward, clipping, AdamW, schedule, EMA.
 
     Args:
         state: model, EMA, optimizer, scheduler (updated in place; `step` is incremented).
         x0: clean latents [B, C, Tc + A, h, w]; actions: [B, A, action_dim]; noise: like x0; t: [B].
+        condition_t: [B] noise levels of the condition frames (`rectified_flow_loss`); None: the fixed 15.
         image_size: the frame side the latents stand for.
         grad_clip: largest global gradient norm (0: no clipping).
         ema_decay: EMA decay.
@@ -249,7 +262,14 @@ def train_step(
     device = next(state.model.parameters()).device
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
         per_clip = rectified_flow_loss(
-            state.model, x0.to(device), actions.to(device), noise.to(device), t.to(device), image_size, image_size
+            state.model,
+            x0.to(device),
+            actions.to(device),
+            noise.to(device),
+            t.to(device),
+            image_size,
+            image_size,
+            condition_t=None if condition_t is None else condition_t.to(device),
         )  # [B]
     loss = per_clip.mean()
     if not torch.isfinite(loss):
@@ -517,8 +537,21 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
         t = sample_timesteps(
             config.batch_size, state.generator, flow, size, size, num_frames, config.timestep_loc, config.timestep_scale
         )
+        condition_t = None
+        if config.condition_timestep_max > CONDITION_TIMESTEP:
+            u = torch.rand(config.batch_size, generator=state.generator)
+            condition_t = CONDITION_TIMESTEP + u * (config.condition_timestep_max - CONDITION_TIMESTEP)
         out = train_step(
-            state, x0, actions, noise, t, size, config.grad_clip, config.ema_decay, config.mixed_precision == "bf16"
+            state,
+            x0,
+            actions,
+            noise,
+            t,
+            size,
+            config.grad_clip,
+            config.ema_decay,
+            config.mixed_precision == "bf16",
+            condition_t,
         )
         result.losses.append(float(out.per_clip.mean()))
 
