@@ -12,13 +12,14 @@ from opensora_gym.reliability import auroc, average_ranks, classifier_uncertaint
 from opensora_gym.testing import random_chunk_actions
 from opensora_gym.world_model import WorldModel
 from trainers.advantages import Targets
-from trainers.config import ConfigError, TrainEnvConfig
+from trainers.config import ConfigError, TrainEnvConfig, load_config
 from trainers.rollout import collect_rollout
 from trainers.runner import rollout_metrics
 from vla_policies import SmallCNNPolicy, SmallPolicyConfig
 
 FAST = {"num_sampling_steps": 2, "image_size": 64, "dtype": "float32", "max_episode_steps": 16}
 DRAWS = {"uncertainty": "draws", "uncertainty_draws": 3}
+RANDOM = {"uncertainty": "random"}
 
 
 def make_env(checkpoint, world_model, num_envs=2, **overrides):
@@ -140,7 +141,7 @@ def test_signal_is_in_info_with_masks_and_deterministic(checkpoint, never_succes
     assert "wm_uncertainty" not in env.step(random_chunk_actions(2))[-1]
 
 
-@pytest.mark.parametrize("signal", [DRAWS, {"uncertainty": "margin"}])
+@pytest.mark.parametrize("signal", [DRAWS, {"uncertainty": "margin"}, RANDOM])
 def test_report_only_changes_no_observation_or_reward(checkpoint, world_model, signal):
     runs = []
     for overrides in ({}, signal):
@@ -155,8 +156,9 @@ def test_report_only_changes_no_observation_or_reward(checkpoint, world_model, s
         np.testing.assert_array_equal(off, on)
 
 
-def test_state_round_trip_restores_the_extra_draws(checkpoint, world_model):
-    env = make_env(checkpoint, world_model, **DRAWS)
+@pytest.mark.parametrize("signal", [DRAWS, RANDOM])
+def test_state_round_trip_restores_the_signal_stream(checkpoint, world_model, signal):
+    env = make_env(checkpoint, world_model, **signal)
     env.reset(seed=2)
     saved = env.get_state()
     first = env.step(random_chunk_actions(2))[-1]["wm_uncertainty"]
@@ -174,6 +176,43 @@ def test_truncate_policy_ends_the_episode_when_the_signal_passes_the_threshold(c
     env.reset(seed=0)
     _, _, _, truncated, info = env.step(random_chunk_actions(2))
     assert not truncated.any() and not info["wm_truncated"].any()
+
+
+def test_random_signal_is_uniform_seeded_and_different_per_sub_env(checkpoint, never_success):
+    runs = []
+    for _ in range(2):
+        env = make_env(checkpoint, never_success, num_envs=4, max_episode_steps=24, **RANDOM)
+        env.reset(seed=3)
+        runs.append(np.stack([env.step(random_chunk_actions(4, seed=k))[-1]["wm_uncertainty"] for k in range(3)]))
+    signals = runs[0]  # [3 chunks, 4 sub-envs]
+    np.testing.assert_array_equal(runs[1], signals)
+    assert signals.dtype == np.float32 and ((signals >= 0) & (signals < 1)).all()
+    assert len(np.unique(signals)) == signals.size  # every sub-env and chunk has its own draw
+    env.reset(seed=3)  # reseeding the same env restarts the streams
+    np.testing.assert_array_equal(env.step(random_chunk_actions(4, seed=0))[-1]["wm_uncertainty"], signals[0])
+    # The stream is a function of the sub-env's seed: with seed 4, sub-env i has sub-env i + 1's seed of before.
+    env.reset(seed=4)
+    shifted = env.step(random_chunk_actions(4, seed=0))[-1]["wm_uncertainty"]
+    np.testing.assert_array_equal(shifted[:3], signals[0, 1:])
+    assert shifted[3] not in signals
+
+
+@pytest.mark.parametrize(("threshold", "fires"), [(0.0, True), (1.0, False)])
+def test_random_signal_truncates_every_chunk_at_threshold_0_and_none_at_1(checkpoint, never_success, threshold, fires):
+    env = make_env(
+        checkpoint, never_success, num_envs=4, uncertainty_policy="truncate", uncertainty_threshold=threshold, **RANDOM
+    )
+    env.reset(seed=0)
+    stepped = []
+    for k in range(3):
+        _, _, terminated, truncated, info = env.step(random_chunk_actions(4, seed=k))
+        stepping = info["_wm_truncated"]  # false for the sub-envs that reset on this step
+        assert info["wm_truncated"].tolist() == (stepping & fires).tolist() and not terminated.any()
+        # Without the policy only max_episode_steps (2 chunks) truncates: the second chunk of each episode.
+        assert truncated.tolist() == (stepping & (fires or k == 1)).tolist()
+        stepped.append(stepping.tolist())
+    # Cut after every chunk, the sub-envs alternate between a chunk and a reset; otherwise they run 2 chunks.
+    assert stepped == [[True] * 4, [False] * 4, [True] * 4] if fires else [[True] * 4, [True] * 4, [False] * 4]
 
 
 @pytest.mark.parametrize(("prob", "withheld"), [(0.6, True), (0.999, False)])
@@ -196,7 +235,7 @@ def test_withhold_policy_takes_away_uncertain_successes(checkpoint, prob, withhe
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"uncertainty": "ensemble"}, "uncertainty must be 'off', 'draws' or 'margin', got 'ensemble'"),
+        ({"uncertainty": "ensemble"}, "uncertainty must be 'off', 'draws', 'margin' or 'random', got 'ensemble'"),
         ({"uncertainty_draws": 1}, "uncertainty_draws must be an integer >= 2, got 1"),
         ({"uncertainty_policy": "truncate"}, "uncertainty_policy 'truncate' needs a signal"),
         ({"uncertainty": "margin", "uncertainty_policy": "withhold"}, "needs a finite uncertainty_threshold, got None"),
@@ -213,9 +252,16 @@ def test_config_rejects_bad_reliability_options(overrides, message):
 # ------------------------------------------------------------------------------------------ training metrics
 
 
-def test_rollout_metrics_log_how_often_the_policies_fired(checkpoint, never_success):
+def test_training_config_takes_the_random_signal():
+    overrides = ["env.train.uncertainty=random", "env.train.uncertainty_policy=truncate"]
+    train = load_config("tiny_cpu_grpo", [*overrides, "env.train.uncertainty_threshold=0.8"]).env.train
+    assert (train.uncertainty, train.uncertainty_policy, train.uncertainty_threshold) == ("random", "truncate", 0.8)
+
+
+@pytest.mark.parametrize("signal", [DRAWS, RANDOM])
+def test_rollout_metrics_log_how_often_the_policies_fired(checkpoint, never_success, signal):
     env = make_env(
-        checkpoint, never_success, num_envs=4, uncertainty_policy="truncate", uncertainty_threshold=0.0, **DRAWS
+        checkpoint, never_success, num_envs=4, uncertainty_policy="truncate", uncertainty_threshold=0.0, **signal
     )
     policy = SmallCNNPolicy(SmallPolicyConfig(image_size=64, channels=(8,), hidden_size=32))
     batch = collect_rollout(env, policy, 2, seed=0, generator=torch.Generator().manual_seed(0), temperature=1.0)

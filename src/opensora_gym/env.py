@@ -82,7 +82,10 @@ class OpenSoraLiberoConfig:
         uncertainty: the per-chunk reliability signal in `info["wm_uncertainty"]` (`opensora_gym.reliability`):
             `off`; `draws`: the disagreement of `uncertainty_draws` samples of the chunk (mean per-element std of
             their latents; costs `uncertainty_draws - 1` more DiT samplings per chunk, no decode); `margin`: the
-            reward classifier's closeness to its 0.5 threshold, `1 - 2 * min_t |p_t - 0.5|` (free).
+            reward classifier's closeness to its 0.5 threshold, `1 - 2 * min_t |p_t - 0.5|` (free); `random`: a
+            placebo control, a uniform draw in [0, 1) per chunk from the sub-env's second generator (the extra
+            draws' one; free). It passes a threshold of `1 - p` with probability p whatever was predicted, to tell
+            a signal's effect apart from that of cutting episodes as often.
         uncertainty_draws: K, samples per chunk for `draws` (>= 2). Draw 0 is the one the env steps with, from
             the sub-env's generator as without the option; draws 1..K-1 come from a second generator per sub-env,
             seeded from the sub-env's seed, so turning the signal on changes no observation or reward.
@@ -113,7 +116,7 @@ class OpenSoraLiberoConfig:
     dit_micro_batch_size: int | None = None
     compile: bool = False
     dit_fp8_linears: bool = False
-    uncertainty: Literal["off", "draws", "margin"] = "off"
+    uncertainty: Literal["off", "draws", "margin", "random"] = "off"
     uncertainty_draws: int = 2
     uncertainty_policy: Literal["report", "truncate", "withhold"] = "report"
     uncertainty_threshold: float | None = None
@@ -149,8 +152,8 @@ class OpenSoraLiberoConfig:
                 f"max_episode_steps ({self.max_episode_steps}) must be a multiple of action_chunk "
                 f"({self.action_chunk}): episodes are stepped in whole chunks"
             )
-        if self.uncertainty not in ("off", "draws", "margin"):
-            raise ValueError(f"uncertainty must be 'off', 'draws' or 'margin', got {self.uncertainty!r}")
+        if self.uncertainty not in ("off", "draws", "margin", "random"):
+            raise ValueError(f"uncertainty must be 'off', 'draws', 'margin' or 'random', got {self.uncertainty!r}")
         if not isinstance(self.uncertainty_draws, int) or self.uncertainty_draws < 2:
             raise ValueError(f"uncertainty_draws must be an integer >= 2, got {self.uncertainty_draws!r}")
         if self.uncertainty_policy not in ("report", "truncate", "withhold"):
@@ -160,8 +163,8 @@ class OpenSoraLiberoConfig:
         if self.uncertainty_policy != "report":
             if self.uncertainty == "off":
                 raise ValueError(
-                    f"uncertainty_policy {self.uncertainty_policy!r} needs a signal: set uncertainty to 'draws' or "
-                    "'margin'"
+                    f"uncertainty_policy {self.uncertainty_policy!r} needs a signal: set uncertainty to 'draws', "
+                    "'margin' or 'random'"
                 )
             if self.uncertainty_threshold is None or not np.isfinite(self.uncertainty_threshold):
                 raise ValueError(
@@ -183,7 +186,7 @@ class SubEnvState:
     success_once: bool
     episode_return: float
     needs_reset: bool
-    # Filled by `get_state` only: the live generators (draw 0's and the extra draws') belong to the env.
+    # Filled by `get_state` only: the live generators (draw 0's and the signal's) belong to the env.
     generator_state: torch.Tensor | None = field(default=None, repr=False)
     draw_generator_state: torch.Tensor | None = field(default=None, repr=False)
 
@@ -266,7 +269,8 @@ class OpenSoraLiberoEnv(VectorEnv):
     | `reward_coef`        | float       | 1.0           | scale of the relative reward                            |
     | `success_threshold`  | float       | 0.9           | the frame reward (or probability) that terminates       |
     | `group_size`         | int         | 1             | consecutive sub-envs that share their starts            |
-    | `uncertainty`        | str         | off           | `off`, `draws` or `margin`: `info["wm_uncertainty"]`    |
+    | `uncertainty`        | str         | off           | `off`, `draws`, `margin` or `random` (a placebo):       |
+    |                      |             |               | `info["wm_uncertainty"]`                                |
 
     `world_model` is an already loaded `WorldModel` to share between envs instead of loading `checkpoint` (which
     then only locates the dataset); its image size, condition frames and action width must match the config.
@@ -346,7 +350,8 @@ class OpenSoraLiberoEnv(VectorEnv):
 
         self._states: list[SubEnvState] | None = None
         self._generators = [torch.Generator() for _ in range(num_envs)]
-        # The extra draws of `uncertainty="draws"` have their own streams, so draw 0 is what it is without them.
+        # The signal's randomness (the extra draws of `uncertainty="draws"`, the values of `"random"`) has its own
+        # streams, so the frames, rewards and episode ends are those without the signal.
         self._draw_generators = [torch.Generator() for _ in range(num_envs)]
         self._seeds: list[int | None] = [None] * num_envs
 
@@ -554,7 +559,7 @@ class OpenSoraLiberoEnv(VectorEnv):
             _check_finite(prediction.success_prob, "success probabilities", active)
             chunk_frames = prediction.frames.cpu().numpy()  # [n_active, A, S, S, 3]
             probs = prediction.success_prob.cpu().numpy()
-            uncertainty = self._uncertainty(prediction, probs)  # [n_active] or None
+            uncertainty = self._uncertainty(active, prediction, probs)  # [n_active] or None
             for k, i in enumerate(active):
                 state = self._states[i]
                 outcome = self.reward_rule(
@@ -583,12 +588,15 @@ class OpenSoraLiberoEnv(VectorEnv):
         info = self._step_info(active, frame_rewards, success_prob, frames, reliability)
         return self._observation(), rewards, terminated, truncated, info
 
-    def _uncertainty(self, prediction: ChunkPrediction, probs: np.ndarray) -> np.ndarray | None:
-        """The configured signal [n_active] float32 of a chunk (None when off), from its prediction and [n, A]."""
+    def _uncertainty(self, active: list[int], prediction: ChunkPrediction, probs: np.ndarray) -> np.ndarray | None:
+        """The configured signal [n_active] float32 of the sub-envs `active` (None when off), from their chunk's
+        prediction and probabilities [n_active, A]."""
         if self.config.uncertainty == "draws":
             return prediction.draw_disagreement.cpu().numpy()
         if self.config.uncertainty == "margin":
             return classifier_uncertainty(probs)
+        if self.config.uncertainty == "random":
+            return np.array([torch.rand((), generator=self._draw_generators[i]).item() for i in active], np.float32)
         return None
 
     def _check_actions(self, actions) -> torch.Tensor:
@@ -827,7 +835,7 @@ class OpenSoraLiberoSingleEnv(SingleEpisodeEnv):
 
 
 def _draw_seed(seed: int) -> int:
-    """The seed of a sub-env's extra-draw generator: derived from its seed, distinct from it."""
+    """The seed of a sub-env's second generator (the signal's): derived from its seed, distinct from it."""
     return int(np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, dtype=np.uint64)[0])
 
 
