@@ -148,16 +148,34 @@ def test_a_hover_mistake_holds_the_bowl_above_the_plate_and_never_releases():
     hold = PLATE + RELEASE_OFFSET + np.array([0.0, 0.0, expert.hover])
     assert np.linalg.norm(trace[-1][1] - hold) < 0.01, "the hand holds at the drawn height above the release point"
 
-    mixed = SpatialExpertConfig(mistake_probability=1.0, mistake_kinds=("early_release", "wrong_place", "hover"))
-    experts = [SpatialExpert(mixed, np.random.default_rng(seed)) for seed in range(30)]
+    mixed = SpatialExpertConfig(mistake_probability=1.0, mistake_kinds=("early_release", "wrong_place", "hover", "rim"))
+    experts = [SpatialExpert(mixed, np.random.default_rng(seed)) for seed in range(40)]
     kinds = [(e.release_after is not None) + 2 * bool(e.place_shift.any()) + 4 * (e.hover is not None) for e in experts]
-    assert sorted(set(kinds)) == [1, 2, 4], "each episode makes exactly one mistake, every kind occurs"
+    assert sorted(set(kinds)) == [1, 2, 4, 6], "each episode makes exactly one mistake (rim: shift and hold), all occur"
     assert SpatialExpertConfig(mistake_kinds=["hover"]).mistake_kinds == ("hover",), "kept as a tuple"
     for bad in [(), ("hover", "hover"), ("drop",)]:
         with pytest.raises(ValueError, match="mistake_kinds must be distinct names"):
             SpatialExpertConfig(mistake_kinds=bad)
     with pytest.raises(ValueError, match="hover_offset must be"):
         SpatialExpertConfig(hover_offset=(0.05, 0.0))
+
+
+def test_a_rim_mistake_holds_the_bowl_beside_the_release_point_and_never_releases():
+    config = SpatialExpertConfig(
+        mistake_probability=1.0, mistake_kinds=("rim",), hover_offset=(-0.01, 0.01), rim_distance=(0.04, 0.06)
+    )
+    expert = SpatialExpert(config, np.random.default_rng(5))
+    shift = expert.place_shift
+    assert 0.04 <= np.linalg.norm(shift) <= 0.06 and shift[2] == 0.0, "a sideways shift of the drawn length"
+    assert expert.hover is not None and -0.01 <= expert.hover <= 0.01 and expert.release_after is None
+    trace = _play_kinematic(expert)
+    phases = [phase for phase, _, _ in trace]
+    assert "release" not in phases and phases[-40:] == ["lower"] * 40, "it stays in `lower` to the end"
+    assert all(action[-1] == 0.0 for _, _, action in trace[-40:]), "the gripper stays closed"
+    hold = PLATE + shift + RELEASE_OFFSET + np.array([0.0, 0.0, expert.hover])
+    assert np.linalg.norm(trace[-1][1] - hold) < 0.01, "the hand holds beside the release point, at the drawn height"
+    with pytest.raises(ValueError, match=r"rim_distance must be \(min, max\) with 0 < min <= max"):
+        SpatialExpertConfig(rim_distance=(0.0, 0.05))
 
 
 def test_episode_frames_flag_success_from_the_first_success_frame_on():

@@ -25,8 +25,9 @@ Two knobs make failures on purpose, for datasets with a chosen success rate: Gau
 commands, and with ``mistake_probability`` per episode one mistake of ``mistake_kinds``: an early release while
 lifting or carrying (``early_release``), a wrong place waypoint, the plate's position shifted sideways
 (``wrong_place``), or a hover: the hand stops lowering at a drawn height above the release point and holds the bowl
-there, never opening (``hover``; a policy that brings the bowl over the plate but not onto it fails this way), all
-drawn from the episode's own generator.
+there, never opening (``hover``; a policy that brings the bowl over the plate but not onto it fails this way), or
+the same hold a few centimetres to the side, the bowl at the plate's rim (``rim``: the way the small base policy of
+``experiments/libero_spatial_small`` fails task 1), all drawn from the episode's own generator.
 The action before the noise is kept (``SpatialExpert.intended``): behaviour cloning learns it, while the noisy one
 is executed and spreads the recorded states (DART's recipe).
 """
@@ -43,7 +44,7 @@ from opensora_gym.spaces import ACTION_DIM
 
 __all__ = ["MISTAKE_KINDS", "PHASES", "ScriptedSpatialExpert", "SpatialExpert", "SpatialExpertConfig", "waypoint"]
 
-MISTAKE_KINDS = ("early_release", "wrong_place", "hover")
+MISTAKE_KINDS = ("early_release", "wrong_place", "hover", "rim")
 PHASES = ("approach", "descend", "grasp", "lift", "carry", "lower", "release", "retreat")
 # Phases that end when the waypoint is reached; the others end by step count (grasp, release) or never (retreat).
 _MOVING = ("approach", "descend", "lift", "carry", "lower")
@@ -74,7 +75,9 @@ class SpatialExpertConfig:
         mistake_kinds: the kinds of mistake, a non-empty subset of ``MISTAKE_KINDS``.
         wrong_place_distance: (min, max) sideways shift of the place waypoint of a wrong-waypoint mistake.
         hover_offset: (min, max) height of a hover mistake's hold relative to the release point (negative: below
-            it, closer to the plate).
+            it, closer to the plate); also the height of a rim mistake's hold.
+        rim_distance: (min, max) sideways shift of a rim mistake's hold from the release point, in a drawn
+            direction.
     """
 
     grasp_offset: tuple[float, float, float] = (0.0, 0.045, 0.012)
@@ -92,6 +95,7 @@ class SpatialExpertConfig:
     mistake_kinds: tuple[str, ...] = ("early_release", "wrong_place")
     wrong_place_distance: tuple[float, float] = (0.12, 0.2)
     hover_offset: tuple[float, float] = (-0.06, 0.04)
+    rim_distance: tuple[float, float] = (0.03, 0.07)
 
     def __post_init__(self) -> None:
         if len(self.grasp_offset) != 3:
@@ -114,9 +118,10 @@ class SpatialExpertConfig:
         if not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(MISTAKE_KINDS):
             raise ValueError(f"mistake_kinds must be distinct names from {MISTAKE_KINDS}, got {kinds!r}")
         object.__setattr__(self, "mistake_kinds", kinds)  # a list or other sequence is kept as a tuple
-        low, high = self.wrong_place_distance
-        if not 0 < low <= high:
-            raise ValueError(f"wrong_place_distance must be (min, max) with 0 < min <= max, got {(low, high)}")
+        for name in ("wrong_place_distance", "rim_distance"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be (min, max) with 0 < min <= max, got {(low, high)}")
         low, high = self.hover_offset
         if not low <= high < self.approach_height:
             raise ValueError(f"hover_offset must be (min, max) with min <= max < approach_height, got {(low, high)}")
@@ -178,10 +183,14 @@ class SpatialExpert:
             kind = config.mistake_kinds[int(generator.random() * len(config.mistake_kinds))]
             if kind == "early_release":
                 self.release_after = int(generator.integers(3, 25))
-            elif kind == "wrong_place":
+            elif kind in ("wrong_place", "rim"):
                 angle = generator.uniform(0.0, 2.0 * math.pi)
-                distance = generator.uniform(*config.wrong_place_distance)
+                distance = generator.uniform(
+                    *(config.wrong_place_distance if kind == "wrong_place" else config.rim_distance)
+                )
                 self.place_shift = np.array([math.cos(angle), math.sin(angle), 0.0]) * distance
+                if kind == "rim":
+                    self.hover = float(generator.uniform(*config.hover_offset))
             else:
                 self.hover = float(generator.uniform(*config.hover_offset))
 
