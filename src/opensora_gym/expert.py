@@ -183,16 +183,14 @@ class SpatialExpert:
             kind = config.mistake_kinds[int(generator.random() * len(config.mistake_kinds))]
             if kind == "early_release":
                 self.release_after = int(generator.integers(3, 25))
-            elif kind in ("wrong_place", "rim"):
+            elif kind == "hover":
+                self.hover = float(generator.uniform(*config.hover_offset))
+            else:  # wrong_place or rim: the place waypoint shifted sideways; a rim mistake then holds there
                 angle = generator.uniform(0.0, 2.0 * math.pi)
-                distance = generator.uniform(
-                    *(config.wrong_place_distance if kind == "wrong_place" else config.rim_distance)
-                )
+                distance = generator.uniform(*(config.rim_distance if kind == "rim" else config.wrong_place_distance))
                 self.place_shift = np.array([math.cos(angle), math.sin(angle), 0.0]) * distance
                 if kind == "rim":
                     self.hover = float(generator.uniform(*config.hover_offset))
-            else:
-                self.hover = float(generator.uniform(*config.hover_offset))
 
     def act(self, position: np.ndarray, bowl: np.ndarray, plate: np.ndarray) -> np.ndarray:
         """One action from the end effector's and the objects' positions.
