@@ -90,6 +90,17 @@ def timestep_transform(
     return ratio * t / (1 + (ratio - 1) * t) * num_timesteps
 
 
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, num_timesteps: int = 1000) -> torch.Tensor:
+    """Interpolates clean latents towards noise: `(1 - t / T) * x0 + (t / T) * noise`.
+
+    Args:
+        x0, noise: [B, C, F, h, w].
+        t: [B] on the 0..num_timesteps scale.
+    """
+    s = (t.float() / num_timesteps)[:, None, None, None, None]  # [B, 1, 1, 1, 1]
+    return (1 - s) * x0 + s * noise
+
+
 def draw_noise(shape: Sequence[int], generator: Generators, device=None) -> torch.Tensor:
     """Standard normal noise [B, ...] in float32; with a list of B generators, item b uses generator b only.
 
@@ -197,8 +208,8 @@ class RectifiedFlowSampler:
         level = self.config.condition_timestep
         model_cond = cond
         if level > CONDITION_TIMESTEP:
-            s = level / self.config.num_timesteps
-            model_cond = (1 - s) * cond + s * draw_noise(cond.shape, generator, device=cond.device)
+            cond_noise = draw_noise(cond.shape, generator, device=cond.device)
+            model_cond = add_noise(cond, cond_noise, cond.new_full((B,), level), self.config.num_timesteps)
         extra = None if extra_noise is None else extra_noise.to(cond.device, torch.float32)  # [B, D, C, A, h, w]
         steps = self.timesteps(height, width, Tc + A, device=z.device)
         # Micro-batches are padded to one static size; without micro-batching the whole batch runs as it is.

@@ -18,7 +18,7 @@ import torch
 from einops import reduce
 
 from opensora_gym.models.stdit3 import CONDITION_TIMESTEP, STDiT3
-from opensora_gym.rectified_flow import RectifiedFlowConfig, timestep_transform
+from opensora_gym.rectified_flow import RectifiedFlowConfig, add_noise, timestep_transform
 
 
 def sample_timesteps(
@@ -51,17 +51,6 @@ def sample_timesteps(
             t, height, width, num_frames, config.num_timesteps, config.base_resolution, config.transform_scale
         )
     return t
-
-
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, num_timesteps: int = 1000) -> torch.Tensor:
-    """Interpolates clean latents towards noise: `(1 - t / T) * x0 + (t / T) * noise`.
-
-    Args:
-        x0, noise: [B, C, F, h, w].
-        t: [B] on the 0..num_timesteps scale.
-    """
-    s = (t.float() / num_timesteps)[:, None, None, None, None]  # [B, 1, 1, 1, 1]
-    return (1 - s) * x0 + s * noise
 
 
 def rectified_flow_loss(
