@@ -23,6 +23,7 @@ Every flag below overrides the mode's default. Prints one table and writes JSON 
     python benchmarks/env_step.py --xl --rungs eager-sdpa,eager,compiled,static,exact,steps-5,steps-4
     python benchmarks/env_step.py --xl --rungs exact,draws-2,draws-4
     python benchmarks/env_step.py --xl --rungs exact,fp8,steps-5,fp8-steps-5
+    python benchmarks/env_step.py --xl --rungs exact,reduce,cudnn --kernels 25
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class Rung:
         uncertainty_draws: K samples per chunk for the env's reliability signal (`uncertainty="draws"`, report
             only: the stepped draw is the exact one); None: the signal is off.
         dit_fp8_linears: FP8 matmuls in the DiT blocks (the env's `dit_fp8_linears`, approximate).
+        cudnn_benchmark: let cuDNN time its convolution algorithms and keep the fastest for each shape
+            (`torch.backends.cudnn.benchmark`, a process-wide switch set for the rung): the VAE's convolutions.
     """
 
     name: str
@@ -99,6 +102,7 @@ class Rung:
     num_sampling_steps: int | None = None
     uncertainty_draws: int | None = None
     dit_fp8_linears: bool = False
+    cudnn_benchmark: bool = False
 
     @property
     def exact(self) -> bool:
@@ -112,6 +116,13 @@ RUNGS = (
     Rung("compiled", "+ compiled blocks, dynamic shapes", compile_dit=True),
     Rung("static", "+ static shapes (batch padded to the envs)", compile_dit=True, dit_micro_batch_size=0),
     Rung("exact", "+ compiled channels-last VAE decode (exact mode)", **EXACT),
+    Rung(
+        "reduce",
+        "exact mode, temporal attention as products summed (fused reductions, no batched GEMV)",
+        **EXACT,
+        temporal_attention="reduce",
+    ),
+    Rung("cudnn", "exact mode, cuDNN picks the fastest convolution algorithms", **EXACT, cudnn_benchmark=True),
     Rung("micro-32", "exact mode, DiT micro-batches of 32 envs", **{**EXACT, "dit_micro_batch_size": 32}),
     Rung("steps-5", "APPROXIMATE: exact mode with 5 sampling steps", **EXACT, num_sampling_steps=5),
     Rung("steps-4", "APPROXIMATE: exact mode with 4 sampling steps", **EXACT, num_sampling_steps=4),
@@ -143,6 +154,8 @@ class BenchmarkConfig:
         rungs: names of the rungs to run, in order; the first is the baseline of the comparisons.
         compare_chunks: chained chunks compared with the baseline's.
         compile_backend: `torch.compile` backend (`inductor`; `eager` traces without building kernels, for CPUs).
+        kernels: profile one more chunk step of each rung and keep its `kernels` slowest device kernels (CPU
+            operators on a CPU) and the time per kind of kernel; 0: no profile.
     """
 
     mode: str
@@ -158,6 +171,7 @@ class BenchmarkConfig:
     rungs: tuple[str, ...]
     compare_chunks: int = 2
     compile_backend: str = "inductor"
+    kernels: int = 0
 
     def __post_init__(self):
         if self.mode not in ("tiny", "xl"):
@@ -165,8 +179,9 @@ class BenchmarkConfig:
         for name in ("num_envs", "num_sampling_steps", "image_size", "timed_steps", "compare_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("warmup_steps", "kernels"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         unknown = [name for name in self.rungs if name not in RUNGS_BY_NAME]
         if unknown or not self.rungs:
             raise ValueError(f"rungs must be names among {list(RUNGS_BY_NAME)}, got {list(self.rungs)}")
@@ -211,6 +226,7 @@ def _synchronize(device: torch.device) -> None:
 def make_env(config: BenchmarkConfig, rung: Rung, checkpoint: Path, steps: int) -> OpenSoraLiberoEnv:
     """The env with the rung's levers applied to its world model."""
     micro = rung.dit_micro_batch_size
+    torch.backends.cudnn.benchmark = rung.cudnn_benchmark
     env = OpenSoraLiberoEnv(
         config.num_envs,
         checkpoint=checkpoint,
@@ -275,6 +291,60 @@ def profile_chunk(world_model: WorldModel, latents: torch.Tensor, actions: torch
     images = torch.randint(0, 256, (n, world_model.image_size, world_model.image_size, 3), dtype=torch.uint8)
     timed("vae_encode_reset_s", lambda: world_model.encode_start(images, generator=generator))
     return times
+
+
+# Kinds of device kernels (or CPU operators), matched in this order on the lower-cased name.
+# Inductor's kernels first (their names list the fused operators, attention's among them), then cuDNN's attention
+# (`..._sdpa_..._flash_fprop_...`) before its convolutions, and those (implicit GEMMs) before the matmuls.
+KERNEL_KINDS = (
+    ("fused (inductor)", ("triton",)),
+    ("attention", ("sdpa", "flash", "fmha", "attention", "softmax")),
+    ("convolution", ("conv", "cudnn", "implicit", "fprop", "dgrad", "wgrad")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "addmm", "aten::mm", "bmm", "scaled_mm")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a kernel or operator name: one of KERNEL_KINDS' names, or `other`."""
+    lower = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(key in lower for key in keys):
+            return kind
+    return "other"
+
+
+@torch.inference_mode()
+def kernel_table(world_model: WorldModel, latents: torch.Tensor, actions: torch.Tensor, seed: int, top: int) -> dict:
+    """Where the device time of one chunk step (`predict_chunk` on the compared inputs) goes, by kernel.
+
+    On a GPU the entries are CUDA kernels and their device time; on a CPU, operators and their own CPU time.
+
+    Returns:
+        `total_s`, `by_kind` (seconds per kernel kind) and `top` (the `top` slowest: name, calls, seconds).
+    """
+    device = world_model.device
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    generator = [torch.Generator().manual_seed(seed + i) for i in range(latents.shape[0])]
+    _synchronize(device)
+    with torch.profiler.profile(activities=activities) as profiler:
+        world_model.predict_chunk(latents, actions, generator=generator)
+        _synchronize(device)
+    # Operators also carry the device time of the kernels they launched: keep the kernels' own events only.
+    kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [event for event in profiler.key_averages() if event.device_type == kind]
+    rows = [(event.key, event.count, getattr(event, field) / 1e6) for event in events]
+    rows = sorted((row for row in rows if row[2] > 0), key=lambda row: -row[2])
+    by_kind: dict[str, float] = {}
+    for name, _, seconds in rows:
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + seconds
+    return {
+        "total_s": sum(row[2] for row in rows),
+        "by_kind": by_kind,
+        "top": [{"name": name[:160], "calls": calls, "s": seconds} for name, calls, seconds in rows[:top]],
+    }
 
 
 def compare_inputs(world_model: WorldModel, config: BenchmarkConfig, action_chunk: int) -> dict:
@@ -364,6 +434,10 @@ def run_rung(config: BenchmarkConfig, rung: Rung, checkpoint: Path, baseline: di
         ]
         outputs = chunk_outputs(world_model, baseline["inputs"], config.seed, conditions)
     parts = profile_chunk(world_model, baseline["inputs"]["latents"], baseline["inputs"]["actions"][0], config.seed)
+    kernels = None
+    if config.kernels:
+        first = baseline["inputs"]["latents"], baseline["inputs"]["actions"][0]
+        kernels = kernel_table(world_model, *first, config.seed, config.kernels)
 
     if device.type == "cuda":
         peak_bytes, peak_kind = torch.cuda.max_memory_allocated(device) - before, "cuda_max_memory_allocated"
@@ -383,6 +457,7 @@ def run_rung(config: BenchmarkConfig, rung: Rung, checkpoint: Path, baseline: di
         "peak_memory_bytes": peak_bytes,
         "peak_memory_kind": peak_kind,
         "parts": parts,
+        "kernels": kernels,
         "compared_with": baseline["rung"],
         "difference_per_chunk": differences(outputs, baseline["outputs"]),
     }
@@ -449,6 +524,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path]:
     parser.add_argument("--compare-chunks", type=int, default=2, help="chained chunks compared with the baseline")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: CPU check)")
     parser.add_argument("--checkpoint", help="time this checkpoint folder (e.g. the released model) instead")
+    parser.add_argument("--kernels", type=int, default=0, help="profile one chunk step: keep the N slowest kernels")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/env_step_<mode>_ladder.json)")
     args = parser.parse_args(argv)
     mode_name = args.mode or "tiny"
@@ -467,6 +543,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path]:
         rungs=tuple(name for name in args.rungs.split(",") if name),
         compare_chunks=args.compare_chunks,
         compile_backend=args.compile_backend,
+        kernels=args.kernels,
     )
     return config, args.out or RESULTS / f"env_step_{mode_name}_ladder.json"
 
@@ -482,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     results, baseline, compiled_as = [], None, None
+    cudnn_benchmark = torch.backends.cudnn.benchmark  # the rungs set it; given back at the end
     with tempfile.TemporaryDirectory(prefix="env_step_") as workdir:
         started = time.perf_counter()
         if config.checkpoint is not None:
@@ -493,15 +571,17 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - started
         for name in config.rungs:
             rung = RUNGS_BY_NAME[name]
-            # Rungs that compile the same shapes and layers share graphs; other shapes or layers (FP8 linears)
-            # would pile up recompilations (and reach torch.compile's limit, past which blocks silently run eager),
-            # so start those afresh.
-            shapes = (rung.compile_dit, rung.dit_micro_batch_size, rung.dit_fp8_linears)
+            # Rungs that compile the same shapes, layers and temporal kernel share graphs; any other (FP8 linears,
+            # the reduce kernel) would pile up recompilations (and reach torch.compile's limit, past which blocks
+            # silently run eager), so start those afresh.
+            shapes = (rung.compile_dit, rung.dit_micro_batch_size, rung.dit_fp8_linears, rung.temporal_attention)
             if rung.compile_dit and compiled_as not in (None, shapes):
                 torch._dynamo.reset()
             compiled_as = shapes if rung.compile_dit else compiled_as
             try:
-                result, baseline = run_rung(config, rung, checkpoint, baseline)
+                # Past the limit, torch.compile would run the blocks eager and time them as this rung: fail instead.
+                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                    result, baseline = run_rung(config, rung, checkpoint, baseline)
             except Exception as error:  # a failing rung is reported in the table; the others still run
                 result = {"rung": asdict(rung), "error": f"{type(error).__name__}: {error}"}
             results.append(result)
@@ -513,8 +593,16 @@ def main(argv: list[str] | None = None) -> int:
                     indent=2,
                 )
             )
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     print(f"{config.mode}: {machine['device_name']}, {config.dtype}, {config.num_envs} envs, {config.image_size} px")
     print(table(results))
+    for r in results:
+        if r.get("kernels"):
+            k = r["kernels"]
+            shares = ", ".join(f"{kind} {s / k['total_s']:.0%}" for kind, s in sorted(k["by_kind"].items()))
+            print(f"{r['rung']['name']}: kernels {k['total_s']:.3f} s ({shares}); slowest:")
+            for row in k["top"]:
+                print(f"  {row['s']:8.3f} s {row['calls']:6d} x  {row['name'][:110]}")
     print(f"wrote {out}")
     return 0
 

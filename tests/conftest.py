@@ -1,6 +1,8 @@
+import importlib.util
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,21 @@ from opensora_gym.presets import make_tiny_checkpoint
 from opensora_gym.world_model import WorldModel
 
 _DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch):
+    """Imports a script of `benchmarks/` by name (e.g. `env_step`) as a module."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        script = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclasses look their module up there
+        spec.loader.exec_module(script)
+        return script
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,6 @@
 """The FP8 linear approximate mode: `Float8Linear`, `STDiT3.use_fp8_linears` and the env's `dit_fp8_linears`."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,17 +207,8 @@ def test_the_training_config_takes_the_option():
 # ------------------------------------------------------------------------------------------ the benchmark
 
 
-@pytest.fixture
-def env_step_script(monkeypatch):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "env_step.py"
-    spec = importlib.util.spec_from_file_location("env_step", path)
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclasses look their module up there
-    spec.loader.exec_module(script)
-    return script
-
-
-def test_the_benchmark_fp8_rungs_are_approximate_and_build_an_fp8_env(env_step_script, checkpoint):
+def test_the_benchmark_fp8_rungs_are_approximate_and_build_an_fp8_env(load_benchmark, checkpoint):
+    env_step_script = load_benchmark("env_step")
     rungs = env_step_script.RUNGS_BY_NAME
     assert rungs["exact"].exact and not rungs["fp8"].exact and not rungs["fp8-steps-5"].exact
     assert rungs["fp8-steps-5"].num_sampling_steps == 5

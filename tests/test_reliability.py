@@ -1,7 +1,4 @@
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,12 +274,8 @@ def test_rollout_metrics_log_how_often_the_policies_fired(checkpoint, never_succ
 # ------------------------------------------------------------------------------------------ validation script
 
 
-def test_validation_script_runs_on_recorded_episodes(checkpoint, world_model, monkeypatch):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reliability_validation.py"
-    spec = importlib.util.spec_from_file_location("reliability_validation", path)
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclass looks its module up there
-    spec.loader.exec_module(script)
+def test_validation_script_runs_on_recorded_episodes(checkpoint, world_model, load_benchmark):
+    script = load_benchmark("reliability_validation")
     dataset = OpenSoraLiberoEnv(1, checkpoint=checkpoint, world_model=world_model, **FAST).dataset
     records = []
     for episode, first_success in ((0, None), (1, 0)):

@@ -217,7 +217,7 @@ def normalize_and_rotate(
     return y.to(x.dtype)
 
 
-def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reductions: bool = False) -> torch.Tensor:
     """Causal attention over a few positions as two batched matmuls and a float32 softmax.
 
     The temporal blocks attend over 4 to 12 frames for each of B * S patches: flash kernels tile 64 or more positions
@@ -226,23 +226,32 @@ def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     Args:
         q: queries [N, heads, L, head_dim] of the last L positions.
         k, v: keys and values [N, heads, P + L, head_dim] of the P earlier positions, then of the queries'.
+        reductions: both products as broadcast products summed in float32 instead of batched matmuls: the same
+            sums in another order, which `torch.compile` fuses into reduction kernels (compiled, the float32
+            batched matmul of 8-12 positions runs as a slow batched GEMV); eager, it materializes
+            [N, heads, L, P + L, head_dim].
 
     Returns:
         [N, heads, L, head_dim] in `v`'s dtype.
     """
     L, K = q.shape[-2], k.shape[-2]
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # [N, heads, L, K]
+    if reductions:
+        scores = (q.float()[..., :, None, :] * k.float()[..., None, :, :]).sum(-1)  # [N, heads, L, K]
+    else:
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
     future = torch.arange(K, device=q.device)[None] > torch.arange(K - L, K, device=q.device)[:, None]  # [L, K]
-    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
-    return torch.matmul(probs.to(v.dtype), v)
+    probs = (scores * q.shape[-1] ** -0.5).masked_fill(future, float("-inf")).softmax(dim=-1).to(v.dtype)
+    if reductions:
+        return (probs.float()[..., :, :, None] * v.float()[..., None, :, :]).sum(-2).to(v.dtype)
+    return torch.matmul(probs, v)
 
 
 class Attention(nn.Module):
     """Multi-head self-attention over the second dimension of `[N, L, C]`.
 
     `short_causal_kernel` is a runtime switch of causal attention, not architecture: `"matmul"` (default,
-    `short_causal_attention`) or `"sdpa"` (`scaled_dot_product_attention` with a causal mask, kept to measure the
-    difference in `benchmarks/env_step.py`).
+    `short_causal_attention`), `"reduce"` (the same as products summed, for compiled blocks) or `"sdpa"`
+    (`scaled_dot_product_attention` with a causal mask, kept to measure the difference in `benchmarks/env_step.py`).
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, rope: RotaryEmbedding | None, causal: bool):
@@ -272,8 +281,8 @@ class Attention(nn.Module):
             k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
         if not self.causal:
             x = F.scaled_dot_product_attention(q, k, v)  # [N, heads, L, head_dim]
-        elif self.short_causal_kernel == "matmul":
-            x = short_causal_attention(q, k, v)
+        elif self.short_causal_kernel in ("matmul", "reduce"):
+            x = short_causal_attention(q, k, v, reductions=self.short_causal_kernel == "reduce")
         else:  # query i sits at position offset + i and sees keys up to there
             mask = torch.arange(k.shape[-2], device=x.device)[None] <= (
                 torch.arange(q.shape[-2], device=x.device)[:, None] + offset
@@ -472,12 +481,12 @@ class STDiT3(nn.Module):
             block.compile(dynamic=dynamic, **kwargs)
 
     def set_temporal_attention(self, kernel: str) -> None:
-        """Chooses the kernel of the causal temporal attention: `"matmul"` (default) or `"sdpa"`.
+        """Chooses the kernel of the causal temporal attention: `"matmul"` (default), `"reduce"` or `"sdpa"`.
 
-        A runtime switch (not saved); both compute the same attention, see `Attention`.
+        A runtime switch (not saved); all compute the same attention, see `Attention`.
         """
-        if kernel not in ("matmul", "sdpa"):
-            raise ValueError(f"temporal attention kernel must be 'matmul' or 'sdpa', got {kernel!r}")
+        if kernel not in ("matmul", "reduce", "sdpa"):
+            raise ValueError(f"temporal attention kernel must be 'matmul', 'reduce' or 'sdpa', got {kernel!r}")
         for block in self.temporal_blocks:
             block.attn.short_causal_kernel = kernel
 
