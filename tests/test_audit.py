@@ -191,6 +191,9 @@ def test_a_real_libero_episode_against_a_tiny_world_model(checkpoint, tmp_path):
     assert "## Closed loop" in markdown_path.read_text()
     video = imageio.mimread(episode.video)
     assert len(video) == 1 + 16 and video[0].shape[1] == 3 * video[0].shape[0]  # start + every step, 3 panels
+    assert closed.video.endswith("closed_loop-task0-trial3.mp4")
+    imagined = imageio.mimread(closed.video)  # the start, then every imagined frame of the policy's episode
+    assert len(imagined) == 1 + closed.world_model_length and imagined[0].shape[0] == imagined[0].shape[1]
 
 
 def test_training_audits_every_interval_and_logs_audit_numbers(tmp_path, monkeypatch):

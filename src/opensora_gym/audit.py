@@ -283,6 +283,9 @@ class ClosedLoopEpisode:
         task_id, trial_id, task: the LIBERO initial state and its instruction.
         simulator_success, world_model_success: whether the episode succeeded in each.
         simulator_length, world_model_length: actions taken in each.
+        video: the mp4 of the policy's episode in the world model (its own frames: the policy sees them), or None.
+            The simulator's episode of the policy is the left panel of the open-loop video when the policy chose
+            the open-loop actions.
     """
 
     task_id: int
@@ -292,6 +295,7 @@ class ClosedLoopEpisode:
     world_model_success: bool
     simulator_length: int
     world_model_length: int
+    video: str | None = None
 
 
 @dataclass
@@ -450,7 +454,9 @@ def audit_world_model(
         max_chunks: chunks per episode; None: the reference's episode limit in whole chunks.
         seed: the reset seed of every env (LIBERO's scene seed, the world models' noise).
         divergence_psnr: a chunk whose PSNR is below this many dB counts as diverged.
-        video_folder: write one side-by-side mp4 (simulator | world model | difference) per start here.
+        video_folder: write here, per start, the open loop side by side (simulator | world model | difference,
+            `open_loop-task{T}-trial{K}.mp4`) and, with `act`, the policy's closed-loop episode in the world model
+            as the policy saw it (`closed_loop-task{T}-trial{K}.mp4`).
 
     Returns:
         the report, open loop and (with `act`) closed loop.
@@ -529,6 +535,7 @@ class _Outcome:
 
     success: np.ndarray  # [N] bool
     length: np.ndarray  # [N] int64
+    videos: list[str | None] | None = None  # [N] closed-loop video paths, when written
 
 
 class _Audit:
@@ -564,9 +571,9 @@ class _Audit:
         fresh = self.reference is self.simulator
         reference_obs = starts["simulator_obs"] if fresh else self._reset(self.reference, starts)
         candidate_obs = self._reset(self.candidate, starts)
-        writers = self._open_videos(
-            wave, starts, to_world_model_frames(reference_obs["image"], self.size), candidate_obs
-        )
+        reference_start = to_world_model_frames(reference_obs["image"], self.size)
+        panels = [side_by_side(reference_start[i], candidate_obs["image"][i]) for i in range(n)]  # [S, 3 S, 3]
+        writers = self._open_writers(wave, "open_loop", panels, starts, OPEN_LOOP_PANELS)
         chunks: list[list[ChunkComparison]] = [[] for _ in range(n)]
         outcome = _Outcome(np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64))
         alive = np.ones(n, dtype=bool)
@@ -601,7 +608,8 @@ class _Audit:
                     first_step = int(ref_info["episode_length"][i]) - int(kept.sum()) + 1
                     for k in np.flatnonzero(kept):
                         panel = side_by_side(reference_frames[i, k], cand_info["frames"][i, k])
-                        writers[i].append_data(annotate_frame(panel, _video_caption(starts, i), first_step + k))
+                        caption = _video_caption(starts, i, OPEN_LOOP_PANELS)
+                        writers[i].append_data(annotate_frame(panel, caption, first_step + k))
             ended = alive & (ref_terminated | ref_truncated)
             outcome.success[ended] = ref_terminated[ended]
             outcome.length[ended] = ref_info["episode_length"][ended]
@@ -609,13 +617,9 @@ class _Audit:
             if not alive.any():
                 break
         outcome.length[alive] = self.max_chunks * chunk
-        episodes = []
+        episodes, videos = [], self._close_writers(writers, wave, "open_loop")
         for i, (task_id, trial_id) in enumerate(wave):
             below = [x.chunk for x in chunks[i] if x.psnr < self.divergence_psnr]
-            video = None
-            if writers[i] is not None:
-                writers[i].close()
-                video = str(self._video_path(task_id, trial_id))
             episodes.append(
                 OpenLoopEpisode(
                     task_id=task_id,
@@ -623,7 +627,7 @@ class _Audit:
                     task=starts["start_tasks"][i],
                     chunks=chunks[i],
                     first_divergence=below[0] if below else None,
-                    video=video,
+                    video=videos[i],
                 )
             )
         return episodes, (outcome if recorded is None else None)
@@ -634,7 +638,7 @@ class _Audit:
         """The policy in the world model (and in the reference unless its open-loop episode was the policy's)."""
         if reference_outcome is None:
             reference_outcome = self._run(self.reference, starts, act)
-        candidate_outcome = self._run(self.candidate, starts, act)
+        candidate_outcome = self._run(self.candidate, starts, act, wave)
         return [
             ClosedLoopEpisode(
                 task_id=task_id,
@@ -644,35 +648,61 @@ class _Audit:
                 world_model_success=bool(candidate_outcome.success[i]),
                 simulator_length=int(reference_outcome.length[i]),
                 world_model_length=int(candidate_outcome.length[i]),
+                video=candidate_outcome.videos[i] if candidate_outcome.videos else None,
             )
             for i, (task_id, trial_id) in enumerate(wave)
         ]
 
-    def _run(self, env: VectorEnv, starts: dict[str, Any], act: Act) -> _Outcome:
-        """Runs the policy in `env` from the starts until every sub-env's episode ended (or `max_chunks`)."""
-        n = self.n
+    def _run(
+        self, env: VectorEnv, starts: dict[str, Any], act: Act, wave: list[tuple[int, int]] | None = None
+    ) -> _Outcome:
+        """Runs the policy in `env` from the starts until every sub-env's episode ended (or `max_chunks`); given
+        the `wave` (and a video folder), writes each start's episode in `env`'s frames to a closed-loop video."""
+        n, chunk = self.n, self.candidate.config.action_chunk
         obs = self._reset(env, starts)
+        writers: list = [None] * n
+        if wave is not None:
+            writers = self._open_writers(
+                wave, "closed_loop", [obs["image"][i] for i in range(n)], starts, "world model"
+            )
         outcome = _Outcome(np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64))
         alive = np.ones(n, dtype=bool)
-        for _ in range(self.max_chunks):
+        for c in range(self.max_chunks):
             obs, _, terminated, truncated, info = env.step(_numpy_actions(act(obs)))
+            for i in np.flatnonzero(alive):
+                if writers[i] is not None:
+                    for k, frame in enumerate(info["frames"][i]):
+                        writers[i].append_data(
+                            annotate_frame(frame, _video_caption(starts, i, "world model"), c * chunk + k + 1)
+                        )
             ended = alive & (terminated | truncated)
             outcome.success[ended] = terminated[ended]
             outcome.length[ended] = info["episode_length"][ended]
             alive &= ~ended
             if not alive.any():
                 break
-        outcome.length[alive] = self.max_chunks * self.candidate.config.action_chunk
+        outcome.length[alive] = self.max_chunks * chunk
+        if wave is not None:
+            outcome.videos = self._close_writers(writers, wave, "closed_loop")
         return outcome
 
-    def _video_path(self, task_id: int, trial_id: int) -> Path:
-        return self.video_folder / f"open_loop-task{task_id}-trial{trial_id}.mp4"
+    def _close_writers(self, writers: list, wave: list[tuple[int, int]], kind: str) -> list[str | None]:
+        """Closes the wave's `kind` video writers; their files' paths (None where there was no writer)."""
+        paths: list[str | None] = []
+        for writer, (task_id, trial_id) in zip(writers, wave, strict=True):
+            if writer is not None:
+                writer.close()
+            paths.append(None if writer is None else str(self._video_path(kind, task_id, trial_id)))
+        return paths
 
-    def _open_videos(
-        self, wave: list[tuple[int, int]], starts: dict[str, Any], reference_start: np.ndarray, candidate_obs: dict
+    def _video_path(self, kind: str, task_id: int, trial_id: int) -> Path:
+        return self.video_folder / f"{kind}-task{task_id}-trial{trial_id}.mp4"
+
+    def _open_writers(
+        self, wave: list[tuple[int, int]], kind: str, first: list[np.ndarray], starts: dict[str, Any], panels: str
     ) -> list:
-        """One writer per start of the wave, its start frame written; None without a video folder and for a start
-        repeated in the wave (the padding of a partial wave)."""
+        """One `kind` video writer per start of the wave, its `first` frame written; None without a video folder
+        and for a start repeated in the wave (the padding of a partial wave)."""
         writers: list = [None] * self.n
         if self.video_folder is None:
             return writers
@@ -680,14 +710,16 @@ class _Audit:
         for i, (task_id, trial_id) in enumerate(wave):
             if (task_id, trial_id) in wave[:i]:
                 continue
-            writers[i] = imageio.get_writer(self._video_path(task_id, trial_id), fps=10, macro_block_size=1)
-            panel = side_by_side(reference_start[i], candidate_obs["image"][i])  # [S, 3 S, 3]
-            writers[i].append_data(annotate_frame(panel, _video_caption(starts, i), 0))
+            writers[i] = imageio.get_writer(self._video_path(kind, task_id, trial_id), fps=10, macro_block_size=1)
+            writers[i].append_data(annotate_frame(first[i], _video_caption(starts, i, panels), 0))
         return writers
 
 
-def _video_caption(starts: dict[str, Any], index: int) -> str:
-    return f"simulator | world model | difference: {starts['start_tasks'][index]}"
+OPEN_LOOP_PANELS = "simulator | world model | difference"
+
+
+def _video_caption(starts: dict[str, Any], index: int, panels: str) -> str:
+    return f"{panels}: {starts['start_tasks'][index]}"
 
 
 def _numpy_actions(actions: Any) -> np.ndarray:

@@ -461,7 +461,8 @@ class AuditConfig:
             (`env.train.num_sampling_steps`), from the same starts and noise.
         recorded_episodes: replay these trajectories of the world model's dataset open loop (one per start)
             instead of the policy's actions; the closed loop still runs the policy.
-        save_video: write side-by-side videos (simulator | world model | difference) of the open loop.
+        save_video: write side-by-side videos (simulator | world model | difference) of the open loop and the
+            policy's closed-loop episodes in the world model.
         seed: the reset seed of every env (LIBERO's scene seed, the world model's noise) and of the policy.
     """
 
