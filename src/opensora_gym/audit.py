@@ -571,8 +571,10 @@ class _Audit:
         fresh = self.reference is self.simulator
         reference_obs = starts["simulator_obs"] if fresh else self._reset(self.reference, starts)
         candidate_obs = self._reset(self.candidate, starts)
-        reference_start = to_world_model_frames(reference_obs["image"], self.size)
-        panels = [side_by_side(reference_start[i], candidate_obs["image"][i]) for i in range(n)]  # [S, 3 S, 3]
+        panels = []  # the start frames side by side [S, 3 S, 3], for the videos only
+        if self.video_folder is not None:
+            reference_start = to_world_model_frames(reference_obs["image"], self.size)
+            panels = [side_by_side(reference_start[i], candidate_obs["image"][i]) for i in range(n)]
         writers = self._open_writers(wave, "open_loop", panels, starts, OPEN_LOOP_PANELS)
         chunks: list[list[ChunkComparison]] = [[] for _ in range(n)]
         outcome = _Outcome(np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64))
