@@ -218,6 +218,11 @@ def build_xl_checkpoint(folder: Path, device: str, seed: int = 0) -> Path:
     return root
 
 
+def sub_env_generators(seed: int, n: int) -> list[torch.Generator]:
+    """One CPU generator per sub-env, seeded `seed + i` (the world model's per-sub-env noise)."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -272,7 +277,7 @@ def profile_chunk(world_model: WorldModel, latents: torch.Tensor, actions: torch
         times[name] = time.perf_counter() - start
         return out
 
-    generator = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    generator = sub_env_generators(seed, n)
     normalized = world_model.statistics.normalize(actions.float().to(device)).to(world_model.dit.dtype)
     sampled = timed(
         "dit_s",
@@ -326,20 +331,21 @@ def kernel_table(world_model: WorldModel, latents: torch.Tensor, actions: torch.
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    generator = [torch.Generator().manual_seed(seed + i) for i in range(latents.shape[0])]
+    generator = sub_env_generators(seed, latents.shape[0])
     _synchronize(device)
     with torch.profiler.profile(activities=activities) as profiler:
         world_model.predict_chunk(latents, actions, generator=generator)
         _synchronize(device)
     # Operators also carry the device time of the kernels they launched: keep the kernels' own events only.
-    kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    device_type = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
     field = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [event for event in profiler.key_averages() if event.device_type == kind]
+    events = [event for event in profiler.key_averages() if event.device_type == device_type]
     rows = [(event.key, event.count, getattr(event, field) / 1e6) for event in events]
     rows = sorted((row for row in rows if row[2] > 0), key=lambda row: -row[2])
     by_kind: dict[str, float] = {}
     for name, _, seconds in rows:
-        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + seconds
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
     return {
         "total_s": sum(row[2] for row in rows),
         "by_kind": by_kind,
@@ -352,7 +358,7 @@ def compare_inputs(world_model: WorldModel, config: BenchmarkConfig, action_chun
     rng = np.random.default_rng(config.seed + 1)
     n, s = config.num_envs, config.image_size
     images = torch.from_numpy(rng.integers(0, 256, size=(n, s, s, 3), dtype=np.uint8))
-    generators = [torch.Generator().manual_seed(config.seed + i) for i in range(n)]
+    generators = sub_env_generators(config.seed, n)
     actions = rng.uniform(-1, 1, size=(config.compare_chunks, n, action_chunk, world_model.action_dim))
     latents = world_model.encode_start(images, generator=generators).cpu()
     return {"latents": latents, "actions": torch.from_numpy(actions.astype(np.float32))}
@@ -369,7 +375,7 @@ def chunk_outputs(world_model: WorldModel, inputs: dict, seed: int, conditions: 
     for k, actions in enumerate(inputs["actions"]):
         if conditions is not None:
             condition = conditions[k]
-        generator = [torch.Generator().manual_seed(seed + 1000 * (k + 1) + i) for i in range(actions.shape[0])]
+        generator = sub_env_generators(seed + 1000 * (k + 1), actions.shape[0])
         prediction = world_model.predict_chunk(condition, actions, generator=generator)
         outputs.append((prediction.latents.cpu(), prediction.frames.cpu(), prediction.success_prob.round().cpu()))
         condition = prediction.latents[:, :, -tc:].cpu()

@@ -665,7 +665,7 @@ class _Audit:
         writers: list = [None] * n
         if wave is not None:
             writers = self._open_writers(
-                wave, "closed_loop", [obs["image"][i] for i in range(n)], starts, "world model"
+                wave, "closed_loop", [obs["image"][i] for i in range(n)], starts, CLOSED_LOOP_PANELS
             )
         outcome = _Outcome(np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64))
         alive = np.ones(n, dtype=bool)
@@ -675,7 +675,7 @@ class _Audit:
                 if writers[i] is not None:
                     for k, frame in enumerate(info["frames"][i]):
                         writers[i].append_data(
-                            annotate_frame(frame, _video_caption(starts, i, "world model"), c * chunk + k + 1)
+                            annotate_frame(frame, _video_caption(starts, i, CLOSED_LOOP_PANELS), c * chunk + k + 1)
                         )
             ended = alive & (terminated | truncated)
             outcome.success[ended] = terminated[ended]
@@ -718,6 +718,7 @@ class _Audit:
 
 
 OPEN_LOOP_PANELS = "simulator | world model | difference"
+CLOSED_LOOP_PANELS = "world model"
 
 
 def _video_caption(starts: dict[str, Any], index: int, panels: str) -> str:
