@@ -23,7 +23,7 @@ Every flag below overrides the mode's default. Prints one table and writes JSON 
     python benchmarks/env_step.py --xl --rungs eager-sdpa,eager,compiled,static,exact,steps-5,steps-4
     python benchmarks/env_step.py --xl --rungs exact,draws-2,draws-4
     python benchmarks/env_step.py --xl --rungs exact,fp8,steps-5,fp8-steps-5
-    python benchmarks/env_step.py --xl --rungs exact,reduce,cudnn --kernels 25
+    python benchmarks/env_step.py --xl --rungs exact,triton --kernels 25
 """
 
 from __future__ import annotations
@@ -117,10 +117,10 @@ RUNGS = (
     Rung("static", "+ static shapes (batch padded to the envs)", compile_dit=True, dit_micro_batch_size=0),
     Rung("exact", "+ compiled channels-last VAE decode (exact mode)", **EXACT),
     Rung(
-        "reduce",
-        "exact mode, temporal attention as products summed (fused reductions, no batched GEMV)",
+        "triton",
+        "exact mode, one fused kernel for the temporal QK-norm, RoPE and attention (CUDA)",
         **EXACT,
-        temporal_attention="reduce",
+        temporal_attention="triton",
     ),
     Rung("cudnn", "exact mode, cuDNN picks the fastest convolution algorithms", **EXACT, cudnn_benchmark=True),
     Rung("micro-32", "exact mode, DiT micro-batches of 32 envs", **{**EXACT, "dit_micro_batch_size": 32}),
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in config.rungs:
             rung = RUNGS_BY_NAME[name]
             # Rungs that compile the same shapes, layers and temporal kernel share graphs; any other (FP8 linears,
-            # the reduce kernel) would pile up recompilations (and reach torch.compile's limit, past which blocks
+            # the triton kernel) would pile up recompilations (and reach torch.compile's limit, past which blocks
             # silently run eager), so start those afresh.
             shapes = (rung.compile_dit, rung.dit_micro_batch_size, rung.dit_fp8_linears, rung.temporal_attention)
             if rung.compile_dit and compiled_as not in (None, shapes):

@@ -74,19 +74,32 @@ def test_success_agreement_counts_and_rates():
 
 
 def test_report_summary_and_markdown_from_fixed_episodes(tmp_path):
-    outcomes = [(True, True), (True, False), (False, False), (False, False)]
+    # (world model, simulator, replay of the world model's actions in the simulator)
+    outcomes = [(True, True, True), (True, False, True), (False, False, False), (False, False, False)]
     report = AuditReport(
         settings={"reference": "LIBERO simulator"},
-        closed_loop=[ClosedLoopEpisode(0, k, "task", sim, wm, 8, 8) for k, (wm, sim) in enumerate(outcomes)],
+        closed_loop=[
+            ClosedLoopEpisode(0, k, "task", sim, wm, 8, 8, replay_success=replay)
+            for k, (wm, sim, replay) in enumerate(outcomes)
+        ],
     )
     summary = report.summary()
     assert summary["closed_loop/agreement"] == 0.75 and summary["closed_loop/false_success_rate"] == pytest.approx(
         1 / 3
     )
     assert summary["closed_loop/missed_success_rate"] == 0.0
+    # Both imagined successes replay as successes: the false one misled the policy through its frames.
+    assert summary["closed_loop/replay_agreement"] == 1.0 and summary["closed_loop/replay_false_success_rate"] == 0.0
     json_path, markdown_path = report.save(tmp_path)
-    assert json.loads(json_path.read_text())["closed_loop_agreement"]["false_success"] == 1
-    assert "| false_success_rate | 33.3% |" in markdown_path.read_text()
+    saved = json.loads(json_path.read_text())
+    assert saved["closed_loop_agreement"]["false_success"] == 1 and saved["replay_agreement"]["both_success"] == 2
+    markdown = markdown_path.read_text()
+    assert "| false_success_rate | 33.3% |" in markdown
+    assert "The simulator confirms 2 of the world model's 2 imagined successes" in markdown
+    # Audited against another world model, nothing is replayed: no replay numbers.
+    unreplayed = AuditReport(settings={}, closed_loop=[ClosedLoopEpisode(0, 0, "task", True, True, 8, 8)])
+    assert not any(key.startswith("closed_loop/replay_") for key in unreplayed.summary())
+    assert "## Replay" not in unreplayed.markdown()
 
 
 def test_frames_resize_and_side_by_side_panel():
@@ -181,9 +194,12 @@ def test_a_real_libero_episode_against_a_tiny_world_model(checkpoint, tmp_path):
     (closed,) = report.closed_loop
     assert closed.simulator_length == 16 and not closed.simulator_success
     assert closed.world_model_length in (8, 16)
+    # The fixed policy's world-model actions are the simulator's: their replay fails as the simulator's episode did.
+    assert closed.replay_success is False
     summary = report.summary()
     keys = ("open_loop/psnr", "open_loop/ssim", "open_loop/label_agreement", "open_loop/first_divergence_chunk",
-            "closed_loop/agreement", "closed_loop/false_success_rate", "closed_loop/world_model_success")  # fmt: skip
+            "closed_loop/agreement", "closed_loop/false_success_rate", "closed_loop/world_model_success",
+            "closed_loop/replay_agreement", "closed_loop/replay_simulator_success")  # fmt: skip
     for key in keys:
         assert np.isfinite(summary[key]), key
     json_path, markdown_path = report.save(tmp_path)

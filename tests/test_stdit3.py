@@ -244,31 +244,30 @@ def test_forward_generated_rejects_mismatched_inputs():
 
 @pytest.mark.parametrize("latent", [4, 5])
 def test_temporal_attention_kernels_agree(latent):
-    # The matmul and reduce kernels of the short causal attention compute what masked SDPA computes, cached or not.
+    # The matmul kernel of the short causal attention computes what masked SDPA computes, cached or not (the
+    # "triton" kernel: tests/test_temporal_attention.py).
     model = tiny_model()
     x, timestep, actions, x_mask = tiny_inputs(batch=3, latent=latent)
     c = TINY.condition_frames
     outputs = {}
     with torch.no_grad():
-        for kernel in ("sdpa", "matmul", "reduce"):
+        for kernel in ("sdpa", "matmul"):
             model.set_temporal_attention(kernel)
             cache = model.condition_cache(x[:, :, :c], 32, 32)
             outputs[kernel] = (
                 model(x, timestep, actions, x_mask, 32, 32),
                 model.forward_generated(x[:, :, c:], timestep, actions, cache, 32, 32),
             )
-    for kernel in ("matmul", "reduce"):
-        for fast, sdpa in zip(outputs[kernel], outputs["sdpa"], strict=True):
-            torch.testing.assert_close(fast, sdpa, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="'matmul', 'reduce' or 'sdpa', got 'flash'"):
+    for fast, sdpa in zip(outputs["matmul"], outputs["sdpa"], strict=True):
+        torch.testing.assert_close(fast, sdpa, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="'matmul', 'triton' or 'sdpa', got 'flash'"):
         model.set_temporal_attention("flash")
 
 
-@pytest.mark.parametrize("kernel", ["matmul", "reduce"])
-def test_bf16_fast_path_adds_no_error_over_bf16_rounding(kernel):
-    # Exact mode's fast path (bf16, cached condition frames, fused QK-norm + RoPE, matmul or reduce temporal
-    # attention) against the float32 uncached forward: its error is that of the plain bf16 forward with SDPA, the
-    # reference's computation, and no more.
+def test_bf16_fast_path_adds_no_error_over_bf16_rounding(kernel="matmul"):
+    # Exact mode's fast path (bf16, cached condition frames, fused QK-norm + RoPE, matmul temporal attention;
+    # tests/test_temporal_attention.py runs this with the "triton" kernel) against the float32 uncached forward:
+    # its error is that of the plain bf16 forward with SDPA, the reference's computation, and no more.
     x, timestep, actions, x_mask = tiny_inputs(batch=3)
     c = TINY.condition_frames
     model = tiny_model()
@@ -288,8 +287,8 @@ def test_bf16_fast_path_adds_no_error_over_bf16_rounding(kernel):
     assert error(fast) <= 1.05 * error(plain)
 
 
-@pytest.mark.parametrize(("fp8_linears", "kernel"), [(False, "matmul"), (True, "matmul"), (False, "reduce")])
-def test_blocks_trace_as_one_graph_each(fp8_linears, kernel):
+@pytest.mark.parametrize("fp8_linears", [False, True])
+def test_blocks_trace_as_one_graph_each(fp8_linears, kernel="matmul"):
     # torch.compile fuses a block only as far as it traces: a graph break would split it and cost speed.
     model = tiny_model()
     model.set_temporal_attention(kernel)

@@ -17,6 +17,10 @@ dataset's start frames are (same orientation: the LIBERO env's), starts the worl
    episodes: agreement, false-success rate (success in the world model among the episodes the simulator failed)
    and missed-success rate (failure in the world model among the simulator's successes), with 95% Wilson
    intervals.
+3. replay (against the simulator only): the simulator executes the actions the policy chose in the world model,
+   up to the world model's episode end. It tells the two ways an imagined success can be false apart: the replay
+   succeeds too (the world model's dynamics were right about those actions; the policy acts differently on the
+   simulator's frames) or it fails (the world model imagined what the actions do not achieve).
 
 The same functions audit an approximate speed mode (fewer sampling steps) against exact mode: pass the exact
 world-model env as `reference_env`; it then stands where the simulator stood (the simulator still renders the
@@ -286,6 +290,11 @@ class ClosedLoopEpisode:
         video: the mp4 of the policy's episode in the world model (its own frames: the policy sees them), or None.
             The simulator's episode of the policy is the left panel of the open-loop video when the policy chose
             the open-loop actions.
+        replay_success: whether the simulator succeeds when it executes the actions the policy chose in the
+            world model (up to the world model's episode end), or None (audited against another world model). A
+            world-model success that its replay confirms is a true success of those actions: when the policy still
+            fails in the simulator, the world model misleads it through what it sees (its frames), not through
+            what its actions do. A success the replay does not confirm is a lie of the world model's dynamics.
     """
 
     task_id: int
@@ -296,6 +305,7 @@ class ClosedLoopEpisode:
     simulator_length: int
     world_model_length: int
     video: str | None = None
+    replay_success: bool | None = None
 
 
 @dataclass
@@ -324,6 +334,12 @@ class AuditReport:
             [e.world_model_success for e in self.closed_loop], [e.simulator_success for e in self.closed_loop]
         )
 
+    def replay_agreement(self) -> SuccessAgreement:
+        """Closed-loop success in the world model against the simulator's replay of the same actions, per start
+        (the starts with a replay)."""
+        replayed = [e for e in self.closed_loop if e.replay_success is not None]
+        return success_agreement([e.world_model_success for e in replayed], [e.replay_success for e in replayed])
+
     def summary(self) -> dict[str, float]:
         """The headline numbers as flat `open_loop/...` and `closed_loop/...` keys (those that could be counted)."""
         out: dict[str, float] = {}
@@ -344,6 +360,8 @@ class AuditReport:
         if self.closed_loop:
             out["closed_loop/episodes"] = float(len(self.closed_loop))
             out.update(_flat_rates("closed_loop/", self.episode_agreement()))
+            if any(e.replay_success is not None for e in self.closed_loop):
+                out.update(_flat_rates("closed_loop/replay_", self.replay_agreement()))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -353,6 +371,7 @@ class AuditReport:
             "summary": self.summary(),
             "open_loop_label_agreement": self.chunk_agreement().to_dict() if self.open_loop else None,
             "closed_loop_agreement": self.episode_agreement().to_dict() if self.closed_loop else None,
+            "replay_agreement": self.replay_agreement().to_dict() if self.closed_loop else None,
             "open_loop": [asdict(e) for e in self.open_loop],
             "closed_loop": [asdict(e) for e in self.closed_loop],
         }
@@ -372,6 +391,17 @@ class AuditReport:
             lines.append("|---|---|---|---|")
             for name, rate in self.episode_agreement().rates().items():
                 lines.append(_markdown_rate(name, rate))
+            replay = self.replay_agreement()
+            if replay.episodes:
+                lines += ["", "## Replay (the policy's world-model actions executed in the simulator)", ""]
+                lines.append(
+                    f"The simulator confirms {replay.both_success} of the world model's "
+                    f"{replay.both_success + replay.false_success} imagined successes (false successes of the "
+                    "dynamics: the rest); the policy itself succeeds in the simulator "
+                    f"{sum(e.simulator_success for e in self.closed_loop)} times."
+                )
+                lines += ["", "| measure | rate | 95% CI | count |", "|---|---|---|---|"]
+                lines += [_markdown_rate(name, rate) for name, rate in replay.rates().items()]
         if self.open_loop:
             lines += ["", "## Open loop (the same actions in both)", ""]
             lines += ["| task | trial | chunks | PSNR (dB) | SSIM | label agreement | first divergence |"]
@@ -459,7 +489,8 @@ def audit_world_model(
             as the policy saw it (`closed_loop-task{T}-trial{K}.mp4`).
 
     Returns:
-        the report, open loop and (with `act`) closed loop.
+        the report, open loop and (with `act`) closed loop, with its replay in the simulator when there is no
+        `reference_env`.
     """
     if act is None and recorded_actions is None:
         raise ValueError("give the policy (act) or recorded_actions: the open loop needs actions")
@@ -536,6 +567,7 @@ class _Outcome:
     success: np.ndarray  # [N] bool
     length: np.ndarray  # [N] int64
     videos: list[str | None] | None = None  # [N] closed-loop video paths, when written
+    actions: np.ndarray | None = None  # [N, T, 7] the actions taken, every sub-env stepping until all ended
 
 
 class _Audit:
@@ -641,6 +673,9 @@ class _Audit:
         if reference_outcome is None:
             reference_outcome = self._run(self.reference, starts, act)
         candidate_outcome = self._run(self.candidate, starts, act, wave)
+        replay = None
+        if self.reference is self.simulator:
+            replay = self._replay(starts, candidate_outcome.actions, candidate_outcome.length)
         return [
             ClosedLoopEpisode(
                 task_id=task_id,
@@ -651,6 +686,7 @@ class _Audit:
                 simulator_length=int(reference_outcome.length[i]),
                 world_model_length=int(candidate_outcome.length[i]),
                 video=candidate_outcome.videos[i] if candidate_outcome.videos else None,
+                replay_success=None if replay is None else bool(replay[i]),
             )
             for i, (task_id, trial_id) in enumerate(wave)
         ]
@@ -669,8 +705,10 @@ class _Audit:
             )
         outcome = _Outcome(np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64))
         alive = np.ones(n, dtype=bool)
+        taken = []  # [N, chunk, 7] per chunk
         for c in range(self.max_chunks):
-            obs, _, terminated, truncated, info = env.step(_numpy_actions(act(obs)))
+            taken.append(_numpy_actions(act(obs)))
+            obs, _, terminated, truncated, info = env.step(taken[-1])
             for i in np.flatnonzero(alive):
                 if writers[i] is not None:
                     for k, frame in enumerate(info["frames"][i]):
@@ -684,9 +722,24 @@ class _Audit:
             if not alive.any():
                 break
         outcome.length[alive] = self.max_chunks * chunk
+        outcome.actions = np.concatenate(taken, axis=1)
         if wave is not None:
             outcome.videos = self._close_writers(writers, wave, "closed_loop")
         return outcome
+
+    def _replay(self, starts: dict[str, Any], actions: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The simulator's success [N] when it executes `actions` [N, T, 7] from the starts, each sub-env's first
+        `lengths` [N] actions (whole chunks: an episode ends at a chunk's end)."""
+        n, chunk = self.n, self.candidate.config.action_chunk
+        self._reset(self.simulator, starts)
+        success, alive = np.zeros(n, dtype=bool), lengths > 0
+        for c in range(math.ceil(lengths.max() / chunk)):
+            _, _, terminated, truncated, _ = self.simulator.step(actions[:, c * chunk : (c + 1) * chunk])
+            success[alive & terminated] = True
+            alive &= ~(terminated | truncated) & ((c + 1) * chunk < lengths)
+            if not alive.any():
+                break
+        return success
 
     def _close_writers(self, writers: list, wave: list[tuple[int, int]], kind: str) -> list[str | None]:
         """Closes the wave's `kind` video writers; their files' paths (None where there was no writer)."""

@@ -32,6 +32,11 @@ from opensora_gym.checkpoint import (
 )
 from opensora_gym.models.float8 import Float8Linear, check_fp8_device
 
+try:  # Triton comes with torch's Linux builds; without it only the "triton" temporal attention kernel is missing
+    from opensora_gym.models.temporal_attention import fused_temporal_attention, kernel_available
+except ImportError:
+    fused_temporal_attention = kernel_available = None
+
 # The reference modulates the condition frames with the embedding of this timestep.
 CONDITION_TIMESTEP = 15.0
 
@@ -217,7 +222,7 @@ def normalize_and_rotate(
     return y.to(x.dtype)
 
 
-def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reductions: bool = False) -> torch.Tensor:
+def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention over a few positions as two batched matmuls and a float32 softmax.
 
     The temporal blocks attend over 4 to 12 frames for each of B * S patches: flash kernels tile 64 or more positions
@@ -226,23 +231,14 @@ def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, re
     Args:
         q: queries [N, heads, L, head_dim] of the last L positions.
         k, v: keys and values [N, heads, P + L, head_dim] of the P earlier positions, then of the queries'.
-        reductions: both products as broadcast products summed in float32 instead of batched matmuls: the same
-            sums in another order, which `torch.compile` fuses into reduction kernels (compiled, the float32
-            batched matmul of 8-12 positions runs as a slow batched GEMV); eager, it materializes
-            [N, heads, L, P + L, head_dim].
 
     Returns:
         [N, heads, L, head_dim] in `v`'s dtype.
     """
     L, K = q.shape[-2], k.shape[-2]
-    if reductions:
-        scores = (q.float()[..., :, None, :] * k.float()[..., None, :, :]).sum(-1)  # [N, heads, L, K]
-    else:
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
     future = torch.arange(K, device=q.device)[None] > torch.arange(K - L, K, device=q.device)[:, None]  # [L, K]
     probs = (scores * q.shape[-1] ** -0.5).masked_fill(future, float("-inf")).softmax(dim=-1).to(v.dtype)
-    if reductions:
-        return (probs.float()[..., :, :, None] * v.float()[..., None, :, :]).sum(-2).to(v.dtype)
     return torch.matmul(probs, v)
 
 
@@ -250,7 +246,8 @@ class Attention(nn.Module):
     """Multi-head self-attention over the second dimension of `[N, L, C]`.
 
     `short_causal_kernel` is a runtime switch of causal attention, not architecture: `"matmul"` (default,
-    `short_causal_attention`), `"reduce"` (the same as products summed, for compiled blocks) or `"sdpa"`
+    `short_causal_attention`), `"triton"` (`fused_temporal_attention`: one GPU kernel for QK-norm, rotary embedding
+    and attention of generated frames over cached condition frames; elsewhere as `"matmul"`) or `"sdpa"`
     (`scaled_dot_product_attention` with a causal mask, kept to measure the difference in `benchmarks/env_step.py`).
     """
 
@@ -270,9 +267,16 @@ class Attention(nn.Module):
         """Attends from `x` [N, L, C] to `past` keys/values (earlier positions) and to itself.
 
         Returns:
-            the output [N, L, C] and the keys/values of `x`'s own positions ([N, heads, L, head_dim] each).
+            the output [N, L, C] and the keys/values of `x`'s own positions ([N, heads, L, head_dim] each; None
+            from the `"triton"` kernel, which attends to `past` without writing them).
         """
-        q, k, v = rearrange(self.qkv(x), "n l (three h d) -> three n h l d", three=3, h=self.num_heads)
+        qkv = self.qkv(x)  # [N, L, 3C]
+        if self.short_causal_kernel == "triton" and past is not None:
+            norms = [norm.weight if isinstance(norm, RMSNorm) else None for norm in (self.q_norm, self.k_norm)]
+            eps = self.q_norm.eps if isinstance(self.q_norm, RMSNorm) else 0.0
+            out = fused_temporal_attention(qkv, *past, *norms, self._rope[0].freqs, self.num_heads, eps)
+            return self.proj(out), None
+        q, k, v = rearrange(qkv, "n l (three h d) -> three n h l d", three=3, h=self.num_heads)
         offset = 0 if past is None else past[0].shape[-2]
         tables = self._rope[0].tables(q.shape[-2], offset, x.device) if self._rope else None
         q, k = normalize_and_rotate(q, self.q_norm, tables), normalize_and_rotate(k, self.k_norm, tables)
@@ -281,8 +285,8 @@ class Attention(nn.Module):
             k, v = torch.cat([past[0], k], dim=-2), torch.cat([past[1], v], dim=-2)
         if not self.causal:
             x = F.scaled_dot_product_attention(q, k, v)  # [N, heads, L, head_dim]
-        elif self.short_causal_kernel in ("matmul", "reduce"):
-            x = short_causal_attention(q, k, v, reductions=self.short_causal_kernel == "reduce")
+        elif self.short_causal_kernel in ("matmul", "triton"):
+            x = short_causal_attention(q, k, v)
         else:  # query i sits at position offset + i and sees keys up to there
             mask = torch.arange(k.shape[-2], device=x.device)[None] <= (
                 torch.arange(q.shape[-2], device=x.device)[:, None] + offset
@@ -481,12 +485,23 @@ class STDiT3(nn.Module):
             block.compile(dynamic=dynamic, **kwargs)
 
     def set_temporal_attention(self, kernel: str) -> None:
-        """Chooses the kernel of the causal temporal attention: `"matmul"` (default), `"reduce"` or `"sdpa"`.
+        """Chooses the kernel of the causal temporal attention: `"matmul"` (default), `"triton"` or `"sdpa"`.
 
-        A runtime switch (not saved); all compute the same attention, see `Attention`.
+        A runtime switch (not saved); all compute the same attention, see `Attention`. `"triton"` runs in
+        `forward_generated` on a CUDA GPU (and under Triton's interpreter); it saves memory but is still slower
+        than the compiled `"matmul"` path at the released sizes (README, "Speed").
+
+        Raises:
+            ValueError: an unknown kernel, or `"triton"` for a model whose device the kernel cannot run on.
         """
-        if kernel not in ("matmul", "reduce", "sdpa"):
-            raise ValueError(f"temporal attention kernel must be 'matmul', 'reduce' or 'sdpa', got {kernel!r}")
+        if kernel not in ("matmul", "triton", "sdpa"):
+            raise ValueError(f"temporal attention kernel must be 'matmul', 'triton' or 'sdpa', got {kernel!r}")
+        device = self.x_embedder.proj.weight.device
+        if kernel == "triton" and (kernel_available is None or not kernel_available(device)):
+            raise ValueError(
+                f"the 'triton' temporal attention kernel needs Triton and a CUDA device, the model is on {device}"
+                + ("" if kernel_available else " and Triton is not installed")
+            )
         for block in self.temporal_blocks:
             block.attn.short_causal_kernel = kernel
 
