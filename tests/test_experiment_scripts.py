@@ -3,15 +3,18 @@
 import shutil
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import ActionStatistics, TrajectoryDataset, load_trajectory
 from opensora_gym.env import OpenSoraLiberoEnv
+from opensora_gym.spaces import controller_actions
 from opensora_gym.testing import random_chunk_actions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,3 +62,35 @@ def test_package_writes_a_float16_folder_that_the_env_loads(checkpoint, tmp_path
     _, reward, *_ = env.step(random_chunk_actions(2, seed=0))
     assert observation["image"].shape == (2, 64, 64, 3) and np.isfinite(reward).all()
     env.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_spec("libero") is None, reason="needs the libero extra: pip install -e '.[libero]'")
+def test_imagined_actions_replay_in_the_simulator(tmp_path):
+    # The shipped world model and policy imagine two episodes; the simulator replays them from the same starts.
+    imagined = tmp_path / "imagined.npz"
+    run_script(
+        "imagine.py", "--out", imagined, "--max-starts", 2, "--num-envs", 2, "--seed", 3, "--",
+        "runner.device=cpu", "env.train.num_sampling_steps=1", "env.train.checkpoint=embedded:libero_spatial_small",
+        "actor.model.model_path=embedded:libero_spatial_small/policy",
+    )  # fmt: skip
+    data = np.load(imagined)
+    assert data["task"].tolist() == [0, 0] and data["trial"].tolist() == [0, 1]
+    assert data["actions"].shape == (2, 192, 7) and (1 <= data["length"]).all() and (data["length"] <= 192).all()
+    for actions, length in zip(data["actions"], data["length"], strict=True):
+        assert np.isfinite(actions).all() and not actions[length:].any()  # zeros past each episode's end
+    out = tmp_path / "replay"
+    run_script(
+        "replay.py", imagined, "--out", out, "--task-ids", 0, "--trial-ids", 0, 1, "--all-outcomes",
+        "--image-size", 32, "--max-episode-steps", 16, "--post-success-steps", 0,
+    )  # fmt: skip
+    replayed = TrajectoryDataset(out / "dataset")
+    assert len(replayed) == 2
+    for index in range(2):
+        episode = replayed.episode(index)
+        executed = episode.actions[:-1]  # one action after each frame but the last
+        assert episode.images.shape[1:] == (32, 32, 3) and 1 <= len(executed) <= 16
+        # the simulator executed the imagined actions (in its controller's units) as long as they lasted
+        steps = min(len(executed), int(data["length"][index]))
+        expected = np.clip(controller_actions(data["actions"][index, :steps]), -1, 1)
+        np.testing.assert_allclose(executed[:steps], expected, atol=1e-6)
