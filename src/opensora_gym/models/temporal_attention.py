@@ -22,9 +22,14 @@ import triton
 import triton.language as tl
 
 
+def _interpreted() -> bool:
+    """Whether Triton's interpreter runs the kernels (chosen when they are defined, from `TRITON_INTERPRET`)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def kernel_available(device: torch.device) -> bool:
     """Whether the kernel runs on `device`'s tensors: a CUDA device, or any device under Triton's interpreter."""
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == "cuda" or _interpreted()
 
 
 @triton.jit
@@ -206,7 +211,7 @@ def fused_temporal_attention(
         KB=max(16, triton.next_power_of_2(P + L)),
         DB=max(16, triton.next_power_of_2(head_dim)),
         # Triton's interpreter multiplies bf16 and fp16 tiles wrongly; their float32 products are the same numbers.
-        DOT_FLOAT32=qkv.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+        DOT_FLOAT32=qkv.dtype == torch.float32 or _interpreted(),
         num_warps=4,
     )
     return out
