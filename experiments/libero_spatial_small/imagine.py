@@ -51,9 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     task, trial, success, length, actions = [], [], [], [], []
     for begin in range(0, len(plan), n):
         wave = plan[begin : begin + n]
-        observation, _ = env.reset(
-            seed=begin, options={"episode_indices": wave + [wave[0]] * (n - len(wave))}
-        )
+        observation, _ = env.reset(seed=begin, options={"episode_indices": wave + [wave[0]] * (n - len(wave))})
         alive, taken = np.ones(n, dtype=bool), []  # [N, chunk, 7] per chunk
         ended_success, ended_length = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
         while alive.any():
