@@ -91,6 +91,7 @@ class Rung:
         dit_fp8_linears: FP8 matmuls in the DiT blocks (the env's `dit_fp8_linears`, approximate).
         cudnn_benchmark: let cuDNN time its convolution algorithms and keep the fastest for each shape
             (`torch.backends.cudnn.benchmark`, a process-wide switch set for the rung): the VAE's convolutions.
+        fused_gelu: each MLP's fc1 and GELU as one matmul with a GELU epilogue (`STDiT3.set_fused_gelu`).
     """
 
     name: str
@@ -103,6 +104,7 @@ class Rung:
     uncertainty_draws: int | None = None
     dit_fp8_linears: bool = False
     cudnn_benchmark: bool = False
+    fused_gelu: bool = False
 
     @property
     def exact(self) -> bool:
@@ -118,9 +120,17 @@ RUNGS = (
     Rung("exact", "+ compiled channels-last VAE decode (exact mode)", **EXACT),
     Rung(
         "triton",
-        "exact mode, one fused kernel for the temporal QK-norm, RoPE and attention (CUDA)",
+        "exact mode, one fused Triton kernel for the temporal QK-norm, RoPE and attention",
         **EXACT,
         temporal_attention="triton",
+    ),
+    Rung("gelu", "exact mode, fc1 and its GELU as one matmul with a GELU epilogue", **EXACT, fused_gelu=True),
+    Rung(
+        "fused",
+        "exact mode as the env runs it on a GPU: + the fused temporal attention and fc1 + GELU kernels",
+        **EXACT,
+        temporal_attention="triton",
+        fused_gelu=True,
     ),
     Rung("cudnn", "exact mode, cuDNN picks the fastest convolution algorithms", **EXACT, cudnn_benchmark=True),
     Rung("micro-32", "exact mode, DiT micro-batches of 32 envs", **{**EXACT, "dit_micro_batch_size": 32}),
@@ -251,6 +261,7 @@ def make_env(config: BenchmarkConfig, rung: Rung, checkpoint: Path, steps: int) 
     )
     world_model = env.world_model
     world_model.dit.set_temporal_attention(rung.temporal_attention)
+    world_model.dit.set_fused_gelu(rung.fused_gelu)
     if rung.compile_dit:
         world_model.dit.compile_blocks(dynamic=micro is None, backend=config.compile_backend)
     if rung.compile_vae:
@@ -577,10 +588,16 @@ def main(argv: list[str] | None = None) -> int:
         build_s = time.perf_counter() - started
         for name in config.rungs:
             rung = RUNGS_BY_NAME[name]
-            # Rungs that compile the same shapes, layers and temporal kernel share graphs; any other (FP8 linears,
-            # the triton kernel) would pile up recompilations (and reach torch.compile's limit, past which blocks
-            # silently run eager), so start those afresh.
-            shapes = (rung.compile_dit, rung.dit_micro_batch_size, rung.dit_fp8_linears, rung.temporal_attention)
+            # Rungs that compile the same shapes, layers and kernels share graphs; any other (FP8 linears, the
+            # triton kernel, the fused GELU) would pile up recompilations (and reach torch.compile's limit, past
+            # which blocks silently run eager), so start those afresh.
+            shapes = (
+                rung.compile_dit,
+                rung.dit_micro_batch_size,
+                rung.dit_fp8_linears,
+                rung.temporal_attention,
+                rung.fused_gelu,
+            )
             if rung.compile_dit and compiled_as not in (None, shapes):
                 torch._dynamo.reset()
             compiled_as = shapes if rung.compile_dit else compiled_as

@@ -3,10 +3,11 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from opensora_gym.checkpoint import WEIGHTS_INDEX_NAME, shard_name
-from opensora_gym.models.stdit3 import STDiT3, STDiT3Config, is_unused_checkpoint_key
+from opensora_gym.models.stdit3 import STDiT3, STDiT3Config, is_unused_checkpoint_key, linear_gelu_tanh
 
 TINY = STDiT3Config(depth=2, hidden_size=32, num_heads=4)
 
@@ -287,11 +288,12 @@ def test_bf16_fast_path_adds_no_error_over_bf16_rounding(kernel="matmul"):
     assert error(fast) <= 1.05 * error(plain)
 
 
-@pytest.mark.parametrize("fp8_linears", [False, True])
-def test_blocks_trace_as_one_graph_each(fp8_linears, kernel="matmul"):
+@pytest.mark.parametrize(("fp8_linears", "fused_gelu"), [(False, False), (True, False), (False, True)])
+def test_blocks_trace_as_one_graph_each(fp8_linears, fused_gelu, kernel="matmul"):
     # torch.compile fuses a block only as far as it traces: a graph break would split it and cost speed.
     model = tiny_model()
     model.set_temporal_attention(kernel)
+    model.set_fused_gelu(fused_gelu)
     if fp8_linears:
         model.use_fp8_linears()
     x = tiny_inputs()[0]
@@ -304,3 +306,33 @@ def test_blocks_trace_as_one_graph_each(fp8_linears, kernel="matmul"):
         for block, past in ((model.spatial_blocks[0], None), (model.temporal_blocks[0], cache[0])):
             explained = torch._dynamo.explain(block)(tokens, modulation, modulation[:, :1], x_mask, past)
             assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_fused_gelu_computes_fc1_and_the_tanh_gelu():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 5, 16), torch.randn(24, 16), torch.randn(24)
+    fused = linear_gelu_tanh(x, weight, bias)
+    torch.testing.assert_close(fused, F.gelu(F.linear(x, weight, bias), approximate="tanh"), rtol=0, atol=0)
+    assert (fused - F.gelu(F.linear(x, weight, bias))).abs().max() > 1e-5  # the tanh form, not the erf one
+    x, timestep, actions, x_mask = tiny_inputs()
+    model = tiny_model()
+    with torch.no_grad():
+        plain = model(x, timestep, actions, x_mask, 32, 32)
+        model.set_fused_gelu(True)
+        assert all(block.mlp.fused_gelu for block in (*model.spatial_blocks, *model.temporal_blocks))
+        torch.testing.assert_close(model(x, timestep, actions, x_mask, 32, 32), plain, rtol=0, atol=0)
+
+
+def test_fused_gelu_rejects_bad_switches_and_fp8_linears():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="set_fused_gelu expects True or False, got 1"):
+        model.set_fused_gelu(1)
+    model.set_fused_gelu(True)
+    with pytest.raises(ValueError, match=r"the fused GELU is on: call set_fused_gelu\(False\) before"):
+        model.use_fp8_linears()
+    assert not model.fp8_linears
+    model.set_fused_gelu(False)
+    model.use_fp8_linears()
+    with pytest.raises(ValueError, match="the fused GELU needs the float fc1 weights"):
+        model.set_fused_gelu(True)
+    assert not model.spatial_blocks[0].mlp.fused_gelu

@@ -62,13 +62,14 @@ def test_fused_kernel_computes_the_matmul_attention(qk_norm):
 
 def test_fused_kernel_in_bf16_adds_no_error_over_bf16_rounding_and_traces_as_one_graph():
     # The exact-mode checks of the matmul kernel, with the "triton" kernel: its bf16 error against the float32
-    # uncached forward is that of the reference's plain bf16 computation; compiled blocks call it without a break.
+    # uncached forward is that of the reference's plain bf16 computation; compiled blocks call it (and the fused
+    # GELU, as exact mode does on a GPU) without a break.
     result = interpreted(
         """
         import json
         import test_stdit3
         test_stdit3.test_bf16_fast_path_adds_no_error_over_bf16_rounding(kernel="triton")
-        test_stdit3.test_blocks_trace_as_one_graph_each(fp8_linears=False, kernel="triton")
+        test_stdit3.test_blocks_trace_as_one_graph_each(fp8_linears=False, fused_gelu=True, kernel="triton")
         print(json.dumps({"passed": True}))
         """
     )
@@ -91,3 +92,28 @@ def test_fused_kernel_rejects_a_cpu_model_and_bad_inputs():
         fused_temporal_attention(qkv, past, past[:, :, :3], weight, weight, freqs, 4, 1e-6)
     with pytest.raises(ValueError, match=r"qkv must be \[N, L, 3 \* 5 \* head_dim\]"):
         fused_temporal_attention(qkv, past, past, weight, weight, freqs, 5, 1e-6)
+
+
+def test_the_micro_benchmark_times_both_kernels_against_float32(load_benchmark, tmp_path):
+    out = tmp_path / "micro.json"
+    argv = ["--device", "cpu", "--patches", "6", "--heads", "2", "--head-dim", "12", "--tokens", "32", "--repeats", "1"]
+    assert load_benchmark("temporal_attention").main([*argv, "--compile-backend", "eager", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["machine"]["torch"] == torch.__version__
+    rows = result["attention"] + result["gelu"]
+    assert result["attention"][0]["kernel"].startswith("compiled matmul path") and len(result["gelu"]) == 2
+    assert all(row["s"] > 0 and 0 < row["max_difference_from_float32"] < 0.1 for row in rows)  # bf16 rounding
+    assert result["gelu_form"]["max_difference_from_tanh_gelu"] < 1e-6
+    assert result["gelu_form"]["max_difference_from_erf_gelu"] > 1e-5
+
+
+def test_the_micro_benchmark_rejects_bad_shapes(load_benchmark, capsys):
+    script = load_benchmark("temporal_attention")
+    for argv, message in (
+        (["--head-dim", "7"], "--head-dim must be even (rotary pairs), got 7"),
+        (["--block-n", "2", "3"], "--block-n must be powers of 2, got [3]"),
+        (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    ):
+        with pytest.raises(SystemExit):
+            script.parse_args(argv)
+        assert message in capsys.readouterr().err

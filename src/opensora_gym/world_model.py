@@ -18,7 +18,7 @@ from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import ActionStatistics
 from opensora_gym.models.float8 import check_fp8_device
 from opensora_gym.models.reward import ResNetRewardModel
-from opensora_gym.models.stdit3 import CONDITION_TIMESTEP, STDiT3
+from opensora_gym.models.stdit3 import CONDITION_TIMESTEP, STDiT3, kernel_available
 from opensora_gym.models.vae import VideoVAE
 from opensora_gym.rectified_flow import Generators, RectifiedFlowConfig, RectifiedFlowSampler, draw_noise
 from opensora_gym.reliability import draw_disagreement
@@ -105,8 +105,10 @@ class WorldModel:
         `condition_timestep` is the level the condition frames are given at (`RectifiedFlowConfig`; 15: clean).
         `compile` compiles the DiT's blocks with `torch.compile`, for static shapes when `dit_micro_batch_size` is
         set (the sampler pads to it) and for any batch size otherwise, and the VAE decoder in the channels-last
-        layout (worth it on a GPU; the first chunk is slower). Neither option changes the results beyond float
-        rounding. Two approximate modes: `num_sampling_steps` below the released 10, and `dit_fp8_linears`, which
+        layout (worth it on a GPU; the first chunk is slower); on a CUDA device it also runs the temporal attention
+        of the generated frames as one fused Triton kernel (`STDiT3.set_temporal_attention("triton")`) and each
+        MLP's fc1 with its GELU as one matmul (`STDiT3.set_fused_gelu`). None of these changes the results beyond
+        float rounding. Two approximate modes: `num_sampling_steps` below the released 10, and `dit_fp8_linears`, which
         runs the linears of the DiT blocks as FP8 matmuls (`STDiT3.use_fp8_linears`; on a GPU it needs compute
         capability >= 8.9, checked before anything loads).
         """
@@ -119,6 +121,9 @@ class WorldModel:
         if dit_fp8_linears:
             dit.use_fp8_linears()
         if compile:
+            if torch.device(device).type == "cuda" and kernel_available is not None:  # README, "Speed"
+                dit.set_temporal_attention("triton")
+                dit.set_fused_gelu(not dit_fp8_linears)
             dit.compile_blocks(dynamic=dit_micro_batch_size is None)
             vae.compile_decoder()
         return cls(

@@ -295,14 +295,36 @@ class Attention(nn.Module):
         return self.proj(rearrange(x, "n h l d -> n l (h d)")), own
 
 
+@torch.library.custom_op("opensora_gym::linear_gelu_tanh", mutates_args=())
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`gelu(linear(x, weight, bias), approximate="tanh")`; on a CUDA device one cuBLASLt matmul whose epilogue adds
+    the bias and applies the GELU to the float32 accumulator, rounding once (the unfused pair rounds the linear's
+    output, then the GELU's). A custom op, so that compiled blocks keep the fused call instead of splitting it."""
+    if not x.is_cuda:  # the CPU's fused kernel applies the exact (erf) GELU, not the tanh one
+        return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+    out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@linear_gelu_tanh.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 class Mlp(nn.Module):
+    """fc1, tanh GELU, fc2. `fused_gelu` (a runtime switch, `STDiT3.set_fused_gelu`) runs fc1 and the GELU as one
+    `linear_gelu_tanh`."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden, dim)
+        self.fused_gelu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gelu:
+            return self.fc2(linear_gelu_tanh(x, self.fc1.weight, self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -488,8 +510,9 @@ class STDiT3(nn.Module):
         """Chooses the kernel of the causal temporal attention: `"matmul"` (default), `"triton"` or `"sdpa"`.
 
         A runtime switch (not saved); all compute the same attention, see `Attention`. `"triton"` runs in
-        `forward_generated` on a CUDA GPU (and under Triton's interpreter); it saves memory but is still slower
-        than the compiled `"matmul"` path at the released sizes (README, "Speed").
+        `forward_generated` on a CUDA GPU (and under Triton's interpreter); at the released sizes it is faster and
+        takes less memory than the compiled `"matmul"` path, and `WorldModel.from_pretrained(compile=True)` picks it
+        on a CUDA device (README, "Speed").
 
         Raises:
             ValueError: an unknown kernel, or `"triton"` for a model whose device the kernel cannot run on.
@@ -505,6 +528,22 @@ class STDiT3(nn.Module):
         for block in self.temporal_blocks:
             block.attn.short_causal_kernel = kernel
 
+    def set_fused_gelu(self, enabled: bool) -> None:
+        """Runs each MLP's fc1 and tanh GELU as one matmul with a GELU epilogue (`linear_gelu_tanh`), or not.
+
+        A runtime switch (not saved): the same function with one rounding fewer. It saves a pass over the MLP's
+        widest activations on a CUDA GPU; elsewhere it computes the unfused pair.
+
+        Raises:
+            ValueError: `enabled` is not a bool, or the block linears are FP8 (`use_fp8_linears`).
+        """
+        if not isinstance(enabled, bool):
+            raise ValueError(f"set_fused_gelu expects True or False, got {enabled!r}")
+        if enabled and self.fp8_linears:
+            raise ValueError("the fused GELU needs the float fc1 weights; the block linears are FP8 (use_fp8_linears)")
+        for block in (*self.spatial_blocks, *self.temporal_blocks):
+            block.mlp.fused_gelu = enabled
+
     def use_fp8_linears(self) -> None:
         """Replaces the linears of every block (attention `qkv` and `proj`, MLP `fc1` and `fc2`) by `Float8Linear`s.
 
@@ -519,6 +558,8 @@ class STDiT3(nn.Module):
         """
         if self.fp8_linears:
             raise ValueError("the block linears are FP8 already: use_fp8_linears() was called before")
+        if self.spatial_blocks[0].mlp.fused_gelu:
+            raise ValueError("the fused GELU is on: call set_fused_gelu(False) before use_fp8_linears()")
         check_fp8_device(self.x_embedder.proj.weight.device)
         for block in (*self.spatial_blocks, *self.temporal_blocks):
             block.attn.qkv = Float8Linear.from_linear(block.attn.qkv)

@@ -3,9 +3,10 @@
 Compiled temporal blocks run this attention as five kernels or more: QK-norm and rotary embedding of the queries and
 keys, the concatenation with the cached condition keys/values, a float32 batched GEMV for the scores, the softmax, a
 second GEMV for the weighted values (4.3 ms per block call at the recipe's 64 envs, 1.2 s of an 8 s chunk step on an
-H200). Each (patch, head) pair attends over 4 to 12 frames only, so one Triton program per pair can read its raw
-queries, keys and values once from the `qkv` projection's output, normalize and rotate them in registers, attend,
-and write the output in the layout the `proj` linear reads.
+H200). Each (patch, head) pair attends over 4 to 12 frames only, so one Triton program for a few patches and one
+head reads their raw queries, keys and values once from the `qkv` projection's output, normalizes and rotates them in
+registers, attends key by key (broadcast products and sums: tensor-core tiles would be mostly padding at these
+sizes), and writes the output in the layout the `proj` linear reads.
 
 It computes what `Attention` computes with `normalize_and_rotate` and `short_causal_attention`, with the same
 roundings: queries and keys rounded once to the model dtype after the float32 norm and rotation, float32 scores and
@@ -32,22 +33,20 @@ def kernel_available(device: torch.device) -> bool:
     return device.type == "cuda" or _interpreted()
 
 
+# Launch configuration: patches per program and warps per program (`benchmarks/temporal_attention.py`).
+BLOCK_N = 2
+NUM_WARPS = 2
+
+
 @triton.jit
-def _normalize_rotate(x, partner, weight, partner_weight, cos, sin, sign, head_dim, eps, HAS_NORM: tl.constexpr):
-    """RMS-normalizes rows of float32 `x` [R, DB] (their channel pairs swapped in `partner`), then rotates pairs."""
+def _normalize_rotate(even, odd, weight_even, weight_odd, cos, sin, head_dim, eps, HAS_NORM: tl.constexpr):
+    """RMS-normalizes float32 rows split into their even and odd channels (`[..., pairs]` each, the norm over the
+    last axis), then rotates each (even, odd) pair by its angle: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)."""
     if HAS_NORM:
-        inv_rms = tl.rsqrt(tl.sum(x * x, axis=1) / head_dim + eps)  # [R]; padded channels are zeros
-        x = weight[None, :] * (x * inv_rms[:, None])
-        partner = partner_weight[None, :] * (partner * inv_rms[:, None])
-    return x * cos + sign[None, :] * partner * sin
-
-
-@triton.jit
-def _dot(a, b, FLOAT32: tl.constexpr):
-    """a @ b with float32 accumulation; in IEEE float32 (exact products of the rounded operands) with `FLOAT32`."""
-    if FLOAT32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+        inv_rms = tl.rsqrt(tl.sum(even * even + odd * odd, axis=2) / head_dim + eps)[:, :, None]  # padding is zeros
+        even = weight_even * (even * inv_rms)
+        odd = weight_odd * (odd * inv_rms)
+    return even * cos - odd * sin, odd * cos + even * sin
 
 
 @triton.jit
@@ -59,11 +58,9 @@ def _fused_temporal_attention_kernel(
     k_weight_ptr,
     freqs_ptr,
     out_ptr,
-    num_heads,
+    num_rows,
     head_dim,
     hidden,
-    length,
-    past_length,
     stride_qkv_n,
     stride_qkv_l,
     stride_pk_n,
@@ -77,77 +74,99 @@ def _fused_temporal_attention_kernel(
     eps,
     scale,
     HAS_NORM: tl.constexpr,
+    LENGTH: tl.constexpr,
+    PAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     LB: tl.constexpr,
     KB: tl.constexpr,
+    PB: tl.constexpr,
     DB: tl.constexpr,
-    DOT_FLOAT32: tl.constexpr,
 ):
+    """One program: BLOCK_N patches x one head. Tensors are [patch, frame, channel]; the (tiny) products are
+    broadcasts and sums, not tensor-core tiles, so nothing is padded but the channels (and frames to a power of 2)."""
     dtype = out_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    n = pid // num_heads
-    h = pid % num_heads
-    d = tl.arange(0, DB)
-    d_in = d < head_dim
-    swapped = d ^ 1  # the other channel of each rotated pair
-    sign = tl.where(d % 2 == 0, -1.0, 1.0)  # rotate: (x0, x1) -> (-x1, x0)
-    freq = tl.load(freqs_ptr + d // 2, mask=d_in, other=0.0)
-    weight_q = tl.load(q_weight_ptr + d, mask=d_in, other=0.0).to(tl.float32)
-    weight_q_swapped = tl.load(q_weight_ptr + swapped, mask=d_in, other=0.0).to(tl.float32)
-    weight_k = tl.load(k_weight_ptr + d, mask=d_in, other=0.0).to(tl.float32)
-    weight_k_swapped = tl.load(k_weight_ptr + swapped, mask=d_in, other=0.0).to(tl.float32)
-    row = qkv_ptr + n * stride_qkv_n + h * head_dim
+    h = tl.program_id(1)
+    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None, None]  # [BN, 1, 1]
+    l = tl.arange(0, LB)[None, :, None]  # noqa: E741  [1, LB, 1]
+    i = tl.arange(0, PB)[None, None, :]  # channel pairs [1, 1, PB]
+    d = tl.arange(0, DB)[None, None, :]  # channels [1, 1, DB]
+    pair_in = i < head_dim // 2
+    n_in = n < num_rows
+    freq = tl.load(freqs_ptr + i, mask=pair_in, other=0.0)
+    if HAS_NORM:
+        weight_q_even = tl.load(q_weight_ptr + 2 * i, mask=pair_in, other=0.0).to(tl.float32)
+        weight_q_odd = tl.load(q_weight_ptr + 2 * i + 1, mask=pair_in, other=0.0).to(tl.float32)
+        weight_k_even = tl.load(k_weight_ptr + 2 * i, mask=pair_in, other=0.0).to(tl.float32)
+        weight_k_odd = tl.load(k_weight_ptr + 2 * i + 1, mask=pair_in, other=0.0).to(tl.float32)
+    else:  # unused
+        weight_q_even = freq
+        weight_q_odd = freq
+        weight_k_even = freq
+        weight_k_odd = freq
+    rows = qkv_ptr + n * stride_qkv_n + h * head_dim  # [BN, 1, 1]
 
-    # Queries: the generated frames at positions past_length .. past_length + length - 1.
-    l = tl.arange(0, LB)  # noqa: E741
-    l_mask = (l < length)[:, None] & d_in[None, :]
-    q_angle = (past_length + l).to(tl.float32)[:, None] * freq[None, :]  # [LB, DB]
-    q_rows = row + l[:, None] * stride_qkv_l
-    q = tl.load(q_rows + d[None, :], mask=l_mask, other=0.0).to(tl.float32)
-    q_swapped = tl.load(q_rows + swapped[None, :], mask=l_mask, other=0.0).to(tl.float32)
-    q = _normalize_rotate(
-        q, q_swapped, weight_q, weight_q_swapped, tl.cos(q_angle), tl.sin(q_angle), sign, head_dim, eps, HAS_NORM
-    )
-    q = q.to(dtype)
-
-    # Keys and values: the cached condition frames (normalized and rotated already), then the generated frames'.
-    j = tl.arange(0, KB)
-    cached = (j < past_length)[:, None] & d_in[None, :]
-    own = ((j >= past_length) & (j < past_length + length))[:, None] & d_in[None, :]
-    own_rows = row + tl.where(j >= past_length, j - past_length, 0)[:, None] * stride_qkv_l
-    k_angle = j.to(tl.float32)[:, None] * freq[None, :]  # [KB, DB]
-    k_own = tl.load(own_rows + hidden + d[None, :], mask=own, other=0.0).to(tl.float32)
-    k_own_swapped = tl.load(own_rows + hidden + swapped[None, :], mask=own, other=0.0).to(tl.float32)
-    k_own = _normalize_rotate(
-        k_own,
-        k_own_swapped,
-        weight_k,
-        weight_k_swapped,
-        tl.cos(k_angle),
-        tl.sin(k_angle),
-        sign,
+    # Queries: the generated frames at positions PAST .. PAST + LENGTH - 1, rounded once to the model dtype.
+    q_mask = n_in & (l < LENGTH) & pair_in
+    q_rows = rows + l * stride_qkv_l
+    q_angle = (PAST + l).to(tl.float32) * freq  # [1, LB, PB]
+    q_even, q_odd = _normalize_rotate(
+        tl.load(q_rows + 2 * i, mask=q_mask, other=0.0).to(tl.float32),
+        tl.load(q_rows + 2 * i + 1, mask=q_mask, other=0.0).to(tl.float32),
+        weight_q_even,
+        weight_q_odd,
+        tl.cos(q_angle),
+        tl.sin(q_angle),
         head_dim,
         eps,
         HAS_NORM,
     )
-    k_cached = tl.load(
-        past_k_ptr + n * stride_pk_n + h * stride_pk_h + j[:, None] * stride_pk_p + d[None, :], mask=cached, other=0.0
-    )
-    k = tl.where(own, k_own.to(dtype), k_cached)  # [KB, DB]
-    v_own = tl.load(own_rows + 2 * hidden + d[None, :], mask=own, other=0.0)
-    v_cached = tl.load(
-        past_v_ptr + n * stride_pv_n + h * stride_pv_h + j[:, None] * stride_pv_p + d[None, :], mask=cached, other=0.0
-    )
-    v = tl.where(own, v_own, v_cached)  # [KB, DB]
+    q_even = q_even.to(dtype).to(tl.float32)
+    q_odd = q_odd.to(dtype).to(tl.float32)
 
-    # Products of the rounded operands accumulated in float32, as the matmuls of `short_causal_attention` compute them.
-    scores = _dot(q, tl.trans(k), DOT_FLOAT32) * scale  # [LB, KB]
-    visible = (j[None, :] <= past_length + l[:, None]) & (j < past_length + length)[None, :]
-    scores = tl.where(visible, scores, float("-inf"))
-    weights = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-    probs = (weights / tl.sum(weights, axis=1)[:, None]).to(dtype)
-    out = _dot(probs, v, DOT_FLOAT32)  # [LB, DB]
-    out_rows = out_ptr + n * stride_out_n + l[:, None] * stride_out_l + h * head_dim
-    tl.store(out_rows + d[None, :], out.to(dtype), mask=l_mask)
+    # Scores [BN, LB, KB] in float32 against each key: the cached condition frames' (normalized and rotated
+    # already), then the generated frames' own (normalized and rotated here, rounded to the model dtype).
+    key = tl.arange(0, KB)[None, None, :]
+    scores = tl.full((BLOCK_N, LB, KB), float("-inf"), tl.float32)
+    k_mask = n_in & pair_in
+    for j in tl.static_range(PAST + LENGTH):
+        if j < PAST:
+            cached = past_k_ptr + n * stride_pk_n + h * stride_pk_h + j * stride_pk_p
+            k_even = tl.load(cached + 2 * i, mask=k_mask, other=0.0).to(tl.float32)
+            k_odd = tl.load(cached + 2 * i + 1, mask=k_mask, other=0.0).to(tl.float32)
+        else:
+            own = rows + (j - PAST) * stride_qkv_l + hidden
+            k_angle = j * freq  # [1, 1, PB]
+            k_even, k_odd = _normalize_rotate(
+                tl.load(own + 2 * i, mask=k_mask, other=0.0).to(tl.float32),
+                tl.load(own + 2 * i + 1, mask=k_mask, other=0.0).to(tl.float32),
+                weight_k_even,
+                weight_k_odd,
+                tl.cos(k_angle),
+                tl.sin(k_angle),
+                head_dim,
+                eps,
+                HAS_NORM,
+            )
+            k_even = k_even.to(dtype).to(tl.float32)
+            k_odd = k_odd.to(dtype).to(tl.float32)
+        score = tl.sum(q_even * k_even + q_odd * k_odd, axis=2)[:, :, None] * scale  # [BN, LB, 1]
+        visible = (key == j) & (j <= PAST + l)  # query l sits at position PAST + l
+        scores = tl.where(visible, score, scores)
+
+    # The softmax in float32, the probabilities rounded to the model dtype, the weighted values summed in float32.
+    weights = tl.exp(scores - tl.max(scores, axis=2)[:, :, None])
+    probs = (weights / tl.sum(weights, axis=2)[:, :, None]).to(dtype).to(tl.float32)
+    out = tl.zeros((BLOCK_N, LB, DB), tl.float32)
+    v_mask = n_in & (d < head_dim)
+    for j in tl.static_range(PAST + LENGTH):
+        if j < PAST:
+            v_row = past_v_ptr + n * stride_pv_n + h * stride_pv_h + j * stride_pv_p
+        else:
+            v_row = rows + (j - PAST) * stride_qkv_l + 2 * hidden
+        prob = tl.sum(tl.where(key == j, probs, 0.0), axis=2)[:, :, None]  # [BN, LB, 1]
+        out += prob * tl.load(v_row + d, mask=v_mask, other=0.0).to(tl.float32)
+    out_rows = out_ptr + n * stride_out_n + l * stride_out_l + h * head_dim
+    tl.store(out_rows + d, out.to(dtype), mask=n_in & (l < LENGTH) & (d < head_dim))
 
 
 @torch.library.custom_op("opensora_gym::fused_temporal_attention", mutates_args=())
@@ -178,13 +197,30 @@ def fused_temporal_attention(
         [N, L, heads * head_dim] in `qkv`'s dtype, the heads side by side as `proj` reads them.
     """
     _check_inputs(qkv, past_k, past_v, num_heads)
+    return launch(qkv, past_k, past_v, q_weight, k_weight, freqs, num_heads, eps)
+
+
+def launch(
+    qkv: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    freqs: torch.Tensor,
+    num_heads: int,
+    eps: float,
+    block_n: int = BLOCK_N,
+    num_warps: int = NUM_WARPS,
+) -> torch.Tensor:
+    """`fused_temporal_attention` with a chosen launch configuration (`benchmarks/temporal_attention.py` sweeps
+    it): `block_n` patches per program (a power of 2), `num_warps` warps each. Inputs are not checked."""
     N, L, three_hidden = qkv.shape
     hidden = three_hidden // 3
     head_dim = hidden // num_heads
     P = past_k.shape[2]
     out = torch.empty(N, L, hidden, device=qkv.device, dtype=qkv.dtype)
     has_norm = q_weight is not None
-    _fused_temporal_attention_kernel[(N * num_heads,)](
+    _fused_temporal_attention_kernel[(triton.cdiv(N, block_n), num_heads)](
         qkv,
         past_k,
         past_v,
@@ -192,11 +228,9 @@ def fused_temporal_attention(
         k_weight if has_norm else freqs,
         freqs.float(),
         out,
-        num_heads,
+        N,
         head_dim,
         hidden,
-        L,
-        P,
         qkv.stride(0),
         qkv.stride(1),
         *past_k.stride()[:3],
@@ -206,13 +240,14 @@ def fused_temporal_attention(
         eps,
         head_dim**-0.5,
         HAS_NORM=has_norm,
-        # tl.dot tiles are 16 or more on each side.
-        LB=max(16, triton.next_power_of_2(L)),
-        KB=max(16, triton.next_power_of_2(P + L)),
-        DB=max(16, triton.next_power_of_2(head_dim)),
-        # Triton's interpreter multiplies bf16 and fp16 tiles wrongly; their float32 products are the same numbers.
-        DOT_FLOAT32=qkv.dtype == torch.float32 or _interpreted(),
-        num_warps=4,
+        LENGTH=L,
+        PAST=P,
+        BLOCK_N=block_n,
+        LB=triton.next_power_of_2(L),
+        KB=triton.next_power_of_2(P + L),
+        PB=triton.next_power_of_2(head_dim // 2),
+        DB=triton.next_power_of_2(head_dim),
+        num_warps=num_warps,
     )
     return out
 
