@@ -97,7 +97,7 @@ def test_fused_kernel_rejects_a_cpu_model_and_bad_inputs():
 def test_the_micro_benchmark_times_both_kernels_against_float32(load_benchmark, tmp_path):
     out = tmp_path / "micro.json"
     argv = ["--device", "cpu", "--patches", "6", "--heads", "2", "--head-dim", "12", "--tokens", "32", "--repeats", "1"]
-    assert load_benchmark("temporal_attention").main([*argv, "--compile-backend", "eager", "--out", str(out)]) == 0
+    assert load_benchmark("fused_kernels").main([*argv, "--compile-backend", "eager", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["machine"]["torch"] == torch.__version__
     rows = result["attention"] + result["gelu"]
@@ -108,7 +108,7 @@ def test_the_micro_benchmark_times_both_kernels_against_float32(load_benchmark, 
 
 
 def test_the_micro_benchmark_rejects_bad_shapes(load_benchmark, capsys):
-    script = load_benchmark("temporal_attention")
+    script = load_benchmark("fused_kernels")
     for argv, message in (
         (["--head-dim", "7"], "--head-dim must be even (rotary pairs), got 7"),
         (["--block-n", "2", "3"], "--block-n must be powers of 2, got [3]"),

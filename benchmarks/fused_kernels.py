@@ -10,10 +10,10 @@ Shapes default to the released model at the recipe's 64 envs and 256 px (16,384 
 4 cached + 8 generated frames; 131,072 tokens x 1152 -> 4608 for the MLP). Each row gives the median time of
 `--repeats` calls after warm-up and the largest difference from the same computation in float32 (each kernel's
 rounding error); a float32 check says whether the fused GELU is the tanh form. Prints a table and writes JSON with
-the device named (default `benchmarks/results/temporal_attention.json`).
+the device named (default `benchmarks/results/fused_kernels.json`).
 
-    python benchmarks/temporal_attention.py                      # a CUDA GPU, the released shapes
-    python benchmarks/temporal_attention.py --device cpu --patches 64 --tokens 256 --compile-backend eager
+    python benchmarks/fused_kernels.py                      # a CUDA GPU, the released shapes
+    python benchmarks/fused_kernels.py --device cpu --patches 64 --tokens 256 --compile-backend eager
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "temporal_attention.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "fused_kernels.json")
     args = parser.parse_args(argv)
     for name in ("patches", "heads", "head_dim", "past", "frames", "tokens", "repeats"):
         if getattr(args, name) < 1:
