@@ -164,6 +164,8 @@ class BenchmarkConfig:
         rungs: names of the rungs to run, in order; the first is the baseline of the comparisons.
         compare_chunks: chained chunks compared with the baseline's.
         compile_backend: `torch.compile` backend (`inductor`; `eager` traces without building kernels, for CPUs).
+        compile_mode: `torch.compile` mode of the DiT blocks (None: the default; e.g.
+            `max-autotune-no-cudagraphs`, which times Triton matmul templates against cuBLAS when compiling).
         kernels: profile one more chunk step of each rung and keep its `kernels` slowest device kernels (CPU
             operators on a CPU) and the time per kind of kernel; 0: no profile.
     """
@@ -181,6 +183,7 @@ class BenchmarkConfig:
     rungs: tuple[str, ...]
     compare_chunks: int = 2
     compile_backend: str = "inductor"
+    compile_mode: str | None = None
     kernels: int = 0
 
     def __post_init__(self):
@@ -263,7 +266,7 @@ def make_env(config: BenchmarkConfig, rung: Rung, checkpoint: Path, steps: int) 
     world_model.dit.set_temporal_attention(rung.temporal_attention)
     world_model.dit.set_fused_gelu(rung.fused_gelu)
     if rung.compile_dit:
-        world_model.dit.compile_blocks(dynamic=micro is None, backend=config.compile_backend)
+        world_model.dit.compile_blocks(dynamic=micro is None, backend=config.compile_backend, mode=config.compile_mode)
     if rung.compile_vae:
         world_model.vae.compile_decoder(backend=config.compile_backend)
     return env
@@ -540,6 +543,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path]:
     parser.add_argument("--rungs", default=",".join(RUNGS_BY_NAME), help="comma-separated rungs; first = baseline")
     parser.add_argument("--compare-chunks", type=int, default=2, help="chained chunks compared with the baseline")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: CPU check)")
+    parser.add_argument("--compile-mode", help="torch.compile mode of the DiT blocks (e.g. max-autotune-no-cudagraphs)")
     parser.add_argument("--checkpoint", help="time this checkpoint folder (e.g. the released model) instead")
     parser.add_argument("--kernels", type=int, default=0, help="profile one chunk step: keep the N slowest kernels")
     parser.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/env_step_<mode>_ladder.json)")
@@ -560,6 +564,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path]:
         rungs=tuple(name for name in args.rungs.split(",") if name),
         compare_chunks=args.compare_chunks,
         compile_backend=args.compile_backend,
+        compile_mode=args.compile_mode,
         kernels=args.kernels,
     )
     return config, args.out or RESULTS / f"env_step_{mode_name}_ladder.json"
