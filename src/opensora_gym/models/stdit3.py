@@ -532,7 +532,8 @@ class STDiT3(nn.Module):
         """Runs each MLP's fc1 and tanh GELU as one matmul with a GELU epilogue (`linear_gelu_tanh`), or not.
 
         A runtime switch (not saved): the same function with one rounding fewer. It saves a pass over the MLP's
-        widest activations on a CUDA GPU; elsewhere it computes the unfused pair.
+        widest activations on a CUDA GPU; elsewhere it computes the unfused pair. Like the `"triton"` temporal
+        attention it has no backward: it is for sampling (the env), not for training.
 
         Raises:
             ValueError: `enabled` is not a bool, or the block linears are FP8 (`use_fp8_linears`).
