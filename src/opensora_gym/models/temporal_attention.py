@@ -2,12 +2,12 @@
 
 Compiled temporal blocks run this attention as five kernels or more: QK-norm and rotary embedding of the queries and
 keys, the concatenation with the cached condition keys/values, a float32 batched GEMV for the scores, the softmax, a
-second GEMV for the weighted values (4.3 ms per block call at the recipe's 64 envs, 1.2 s of an 8 s chunk step on an
-H200). Each (patch, head) pair attends over 4 to 12 frames only, so one Triton program for a few patches and one
+second GEMV for the weighted values (about 1.9 s of an 8 s chunk step on an H200 at the recipe's 64 envs; 5.9 ms a call
+timed alone). Each (patch, head) pair attends over 4 to 12 frames only, so one Triton program for a few patches and one
 head reads their raw queries, keys and values once from the `qkv` projection's output, normalizes and rotates them in
-registers, attends key by key (broadcast products and sums: tensor-core tiles would be mostly padding at these
-sizes), and writes the output in the layout the `proj` linear reads: 3.8 ms a call at those shapes, 1.06 s of a
-6.9 s chunk step (`benchmarks/fused_kernels.py`; README, "Speed").
+registers, attends key by key (broadcast products and sums: tensor-core tiles would be mostly padding at these sizes),
+and writes the output in the layout the `proj` linear reads: 3.8 ms a call at those shapes, 1.06 s of a 6.9 s chunk
+step (`benchmarks/fused_kernels.py`; README, "Speed").
 
 It computes what `Attention` computes with `normalize_and_rotate` and `short_causal_attention`, with the same
 roundings: queries and keys rounded once to the model dtype after the float32 norm and rotation, float32 scores and
