@@ -91,20 +91,28 @@ def test_update_takes_fixed_steps_with_rlinf_gradients(tiny_oft, aggregation):
     # Only the 6 rows with a valid entry run through the policy, each once per epoch.
     assert sum(evaluated_rows) == EPOCHS * int(data.mask.any(dim=1).sum()) == EPOCHS * 6
     assert metrics["actor/grad_norm"] > 0
+    # Each step's gradient against the hand computation of its global batch, done in float32 and in float64. Ours
+    # accumulates micro-batches and the hand computation takes the batch at once, so in float32 they differ by
+    # rounding (summation order): ours must be as close to the float64 gradient as the float32 hand computation is.
     order = torch.randperm(ROWS, generator=torch.Generator().manual_seed(actor.seed))  # RLinf: seed + rank
-    reference = copy.deepcopy(tiny_oft)
-    reference_params = [p for n, p in reference.named_parameters() if p.requires_grad]
+    references = [copy.deepcopy(tiny_oft).to(dtype) for dtype in (torch.float32, torch.float64)]
     for step, (weights, gradients) in enumerate(recorded):
         rows = order[(step % 2) * GLOBAL : (step % 2 + 1) * GLOBAL]
-        with torch.no_grad():
-            for target, source in zip(reference_params, weights, strict=True):
-                target.copy_(source)
-        reference.zero_grad(set_to_none=True)
-        hand_loss(reference, data, rows, aggregation).backward()
-        for ours, hand in zip(gradients, reference_params, strict=True):
-            assert (ours is None) == (hand.grad is None)
+        hand = []
+        for reference in references:
+            reference_params = [p for n, p in reference.named_parameters() if p.requires_grad]
+            with torch.no_grad():
+                for target, source in zip(reference_params, weights, strict=True):
+                    target.copy_(source)
+            reference.zero_grad(set_to_none=True)
+            hand_loss(reference, data, rows, aggregation).backward()
+            hand.append([p.grad for p in reference_params])
+        for ours, hand32, hand64 in zip(gradients, *hand, strict=True):
+            assert (ours is None) == (hand32 is None) == (hand64 is None)
             if ours is not None:
-                torch.testing.assert_close(ours, hand.grad, rtol=1e-4, atol=1e-7)
+                error = (ours.double() - hand64).abs().max()
+                hand_error = (hand32.double() - hand64).abs().max()
+                assert error <= 2 * hand_error + 1e-6 * hand64.abs().max(), (step, tuple(ours.shape))
 
 
 def test_rows_must_fill_whole_global_batches(tiny_oft):
