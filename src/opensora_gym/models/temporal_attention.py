@@ -40,6 +40,13 @@ NUM_WARPS = 2
 
 
 @triton.jit
+def _load_pairs(ptr, i, mask):
+    """The even and odd channels `2 i` and `2 i + 1` at `ptr` (rows broadcast against the pair index `i`), float32."""
+    even = tl.load(ptr + 2 * i, mask=mask, other=0.0).to(tl.float32)
+    return even, tl.load(ptr + 2 * i + 1, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _normalize_rotate(even, odd, weight_even, weight_odd, cos, sin, head_dim, eps, HAS_NORM: tl.constexpr):
     """RMS-normalizes float32 rows split into their even and odd channels (`[..., pairs]` each, the norm over the
     last axis), then rotates each (even, odd) pair by its angle: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)."""
@@ -95,10 +102,8 @@ def _fused_temporal_attention_kernel(
     n_in = n < num_rows
     freq = tl.load(freqs_ptr + i, mask=pair_in, other=0.0)
     if HAS_NORM:
-        weight_q_even = tl.load(q_weight_ptr + 2 * i, mask=pair_in, other=0.0).to(tl.float32)
-        weight_q_odd = tl.load(q_weight_ptr + 2 * i + 1, mask=pair_in, other=0.0).to(tl.float32)
-        weight_k_even = tl.load(k_weight_ptr + 2 * i, mask=pair_in, other=0.0).to(tl.float32)
-        weight_k_odd = tl.load(k_weight_ptr + 2 * i + 1, mask=pair_in, other=0.0).to(tl.float32)
+        weight_q_even, weight_q_odd = _load_pairs(q_weight_ptr, i, pair_in)
+        weight_k_even, weight_k_odd = _load_pairs(k_weight_ptr, i, pair_in)
     else:  # unused
         weight_q_even = freq
         weight_q_odd = freq
@@ -110,9 +115,10 @@ def _fused_temporal_attention_kernel(
     q_mask = n_in & (l < LENGTH) & pair_in
     q_rows = rows + l * stride_qkv_l
     q_angle = (PAST + l).to(tl.float32) * freq  # [1, LB, PB]
+    q_even, q_odd = _load_pairs(q_rows, i, q_mask)
     q_even, q_odd = _normalize_rotate(
-        tl.load(q_rows + 2 * i, mask=q_mask, other=0.0).to(tl.float32),
-        tl.load(q_rows + 2 * i + 1, mask=q_mask, other=0.0).to(tl.float32),
+        q_even,
+        q_odd,
         weight_q_even,
         weight_q_odd,
         tl.cos(q_angle),
@@ -131,15 +137,13 @@ def _fused_temporal_attention_kernel(
     k_mask = n_in & pair_in
     for j in tl.static_range(PAST + LENGTH):
         if j < PAST:
-            cached = past_k_ptr + n * stride_pk_n + h * stride_pk_h + j * stride_pk_p
-            k_even = tl.load(cached + 2 * i, mask=k_mask, other=0.0).to(tl.float32)
-            k_odd = tl.load(cached + 2 * i + 1, mask=k_mask, other=0.0).to(tl.float32)
+            k_even, k_odd = _load_pairs(past_k_ptr + n * stride_pk_n + h * stride_pk_h + j * stride_pk_p, i, k_mask)
         else:
-            own = rows + (j - PAST) * stride_qkv_l + hidden
             k_angle = j * freq  # [1, 1, PB]
+            k_even, k_odd = _load_pairs(rows + (j - PAST) * stride_qkv_l + hidden, i, k_mask)
             k_even, k_odd = _normalize_rotate(
-                tl.load(own + 2 * i, mask=k_mask, other=0.0).to(tl.float32),
-                tl.load(own + 2 * i + 1, mask=k_mask, other=0.0).to(tl.float32),
+                k_even,
+                k_odd,
                 weight_k_even,
                 weight_k_odd,
                 tl.cos(k_angle),
