@@ -100,7 +100,7 @@ def attention_rows(args, device: torch.device, dtype: torch.dtype) -> list[dict]
         ]
         if launch is None or not kernel_available(device):
             return rows
-        weights = (q_norm.weight, k_norm.weight, rope.freqs, heads, q_norm.eps)
+        weights = (q_norm.weight, k_norm.weight, *rope.pair_tables(args.frames, args.past, device), heads, q_norm.eps)
         for block_n in args.block_n:
             for num_warps in args.num_warps:
                 fused = (qkv, past_k, past_v, *weights, block_n, num_warps)

@@ -1,5 +1,6 @@
 """The FP8 linear approximate mode: `Float8Linear`, `STDiT3.use_fp8_linears` and the env's `dit_fp8_linears`."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -212,6 +213,12 @@ def test_the_benchmark_fp8_rungs_are_approximate_and_build_an_fp8_env(load_bench
     rungs = env_step_script.RUNGS_BY_NAME
     assert rungs["exact"].exact and not rungs["fp8"].exact and not rungs["fp8-steps-5"].exact
     assert rungs["fp8-steps-5"].num_sampling_steps == 5
+    # They build on exact mode as a GPU runs it, less the fused GELU (FP8 leaves no float fc1 weight for it).
+    assert all(
+        rungs[name].temporal_attention == "triton" and not rungs[name].fused_gelu for name in ("fp8", "fp8-steps-5")
+    )
     config, _ = env_step_script.parse_args(["--tiny", "--rungs", "exact,fp8"])
-    env = env_step_script.make_env(config, rungs["fp8"], checkpoint, steps=1)
+    # The Triton kernel needs a GPU (or Triton's interpreter): on the CPU the rung builds with the matmul path.
+    rung = dataclasses.replace(rungs["fp8"], temporal_attention="matmul")
+    env = env_step_script.make_env(config, rung, checkpoint, steps=1)
     assert env.config.dit_fp8_linears and env.world_model.dit.fp8_linears

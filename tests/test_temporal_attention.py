@@ -85,13 +85,17 @@ def test_fused_kernel_rejects_a_cpu_model_and_bad_inputs():
     from opensora_gym.models.temporal_attention import fused_temporal_attention
 
     qkv, past = torch.zeros(2, 8, 96), torch.zeros(2, 4, 4, 8)
-    weight, freqs = torch.ones(8), torch.ones(4)
+    weight, table = torch.ones(8), torch.ones(8, 4)
     with pytest.raises(ValueError, match=r"past_k must have shape \[2, 4, P, 8\] .* got shape \(2, 4, 8\)"):
-        fused_temporal_attention(qkv, past[:, 0], past, weight, weight, freqs, 4, 1e-6)
+        fused_temporal_attention(qkv, past[:, 0], past, weight, weight, table, table, 4, 1e-6)
     with pytest.raises(ValueError, match=r"past_v must have shape \[2, 4, P, 8\] .* got shape \(2, 4, 3, 8\)"):
-        fused_temporal_attention(qkv, past, past[:, :, :3], weight, weight, freqs, 4, 1e-6)
+        fused_temporal_attention(qkv, past, past[:, :, :3], weight, weight, table, table, 4, 1e-6)
     with pytest.raises(ValueError, match=r"qkv must be \[N, L, 3 \* 5 \* head_dim\]"):
-        fused_temporal_attention(qkv, past, past, weight, weight, freqs, 5, 1e-6)
+        fused_temporal_attention(qkv, past, past, weight, weight, table, table, 5, 1e-6)
+    with pytest.raises(
+        ValueError, match=r"sin must be a contiguous float32 \[8, 4\] table .* got torch.float32 of shape \(4,\)"
+    ):
+        fused_temporal_attention(qkv, past, past, weight, weight, table, table[0], 4, 1e-6)
 
 
 def test_the_micro_benchmark_times_both_kernels_against_float32(load_benchmark, tmp_path):

@@ -187,12 +187,16 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("freqs", 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim))
 
-    def tables(self, length: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cosine and sine [length, D] float32 of positions `offset .. offset + length - 1`."""
+    def pair_tables(self, length: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine and sine [length, D/2] float32 of positions `offset .. offset + length - 1`, one per channel pair."""
         positions = torch.arange(offset, offset + length, device=device, dtype=torch.float32)
         angles = positions[:, None] * self.freqs.float()[None]  # [T, D/2]
-        angles = repeat(angles, "t d -> t (d r)", r=2)  # [T, D], each angle for one channel pair
         return angles.cos(), angles.sin()
+
+    def tables(self, length: int, offset: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine and sine [length, D] float32 of positions `offset .. offset + length - 1` (each pair's twice)."""
+        cos, sin = self.pair_tables(length, offset, device)
+        return repeat(cos, "t d -> t (d r)", r=2), repeat(sin, "t d -> t (d r)", r=2)
 
     @staticmethod
     def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -274,7 +278,8 @@ class Attention(nn.Module):
         if self.short_causal_kernel == "triton" and past is not None:
             norms = [norm.weight if isinstance(norm, RMSNorm) else None for norm in (self.q_norm, self.k_norm)]
             eps = self.q_norm.eps if isinstance(self.q_norm, RMSNorm) else 0.0
-            out = fused_temporal_attention(qkv, *past, *norms, self._rope[0].freqs, self.num_heads, eps)
+            tables = self._rope[0].pair_tables(qkv.shape[1], past[0].shape[-2], x.device)
+            out = fused_temporal_attention(qkv, *past, *norms, *tables, self.num_heads, eps)
             return self.proj(out), None
         q, k, v = rearrange(qkv, "n l (three h d) -> three n h l d", three=3, h=self.num_heads)
         offset = 0 if past is None else past[0].shape[-2]

@@ -3,11 +3,12 @@
 Compiled temporal blocks run this attention as five kernels or more: QK-norm and rotary embedding of the queries and
 keys, the concatenation with the cached condition keys/values, a float32 batched GEMV for the scores, the softmax, a
 second GEMV for the weighted values (about 1.9 s of an 8 s chunk step on an H200 at the recipe's 64 envs; 5.9 ms a call
-timed alone). Each (patch, head) pair attends over 4 to 12 frames only, so one Triton program for a few patches and one
-head reads their raw queries, keys and values once from the `qkv` projection's output, normalizes and rotates them in
-registers, attends key by key (broadcast products and sums: tensor-core tiles would be mostly padding at these sizes),
-and writes the output in the layout the `proj` linear reads: 3.8 ms a call at those shapes, 1.06 s of a 6.9 s chunk
-step (`benchmarks/fused_kernels.py`; README, "Speed").
+timed alone). Each (patch, head) pair attends over 4 to 12 frames only, so one Triton program (one warp) for one patch
+and one head reads their raw queries, keys and values once from the `qkv` projection's output, normalizes them and
+rotates them in registers with the cosines and sines of the caller's rotation tables, attends key by key (broadcast
+products and sums: tensor-core tiles would be mostly padding at these sizes), and writes the output in the layout the
+`proj` linear reads: 2.1 ms a call at those shapes, about 0.6 s of a 6.5 s chunk step (`benchmarks/fused_kernels.py`;
+README, "Speed").
 
 It computes what `Attention` computes with `normalize_and_rotate` and `short_causal_attention`, with the same
 roundings: queries and keys rounded once to the model dtype after the float32 norm and rotation, float32 scores and
@@ -35,8 +36,8 @@ def kernel_available(device: torch.device) -> bool:
 
 
 # Launch configuration: patches per program and warps per program (`benchmarks/fused_kernels.py`).
-BLOCK_N = 2
-NUM_WARPS = 2
+BLOCK_N = 1
+NUM_WARPS = 1
 
 
 @triton.jit
@@ -64,7 +65,8 @@ def _fused_temporal_attention_kernel(
     past_v_ptr,
     q_weight_ptr,
     k_weight_ptr,
-    freqs_ptr,
+    cos_ptr,
+    sin_ptr,
     out_ptr,
     num_rows,
     head_dim,
@@ -100,29 +102,28 @@ def _fused_temporal_attention_kernel(
     d = tl.arange(0, DB)[None, None, :]  # channels [1, 1, DB]
     pair_in = i < head_dim // 2
     n_in = n < num_rows
-    freq = tl.load(freqs_ptr + i, mask=pair_in, other=0.0)
     if HAS_NORM:
         weight_q_even, weight_q_odd = _load_pairs(q_weight_ptr, i, pair_in)
         weight_k_even, weight_k_odd = _load_pairs(k_weight_ptr, i, pair_in)
     else:  # unused
-        weight_q_even = freq
-        weight_q_odd = freq
-        weight_k_even = freq
-        weight_k_odd = freq
+        weight_q_even = 0.0
+        weight_q_odd = 0.0
+        weight_k_even = 0.0
+        weight_k_odd = 0.0
     rows = qkv_ptr + n * stride_qkv_n + h * head_dim  # [BN, 1, 1]
 
     # Queries: the generated frames at positions PAST .. PAST + LENGTH - 1, rounded once to the model dtype.
     q_mask = n_in & (l < LENGTH) & pair_in
     q_rows = rows + l * stride_qkv_l
-    q_angle = (PAST + l).to(tl.float32) * freq  # [1, LB, PB]
+    table = l * (head_dim // 2) + i  # [1, LB, PB]: the rotation tables of the generated frames
     q_even, q_odd = _load_pairs(q_rows, i, q_mask)
     q_even, q_odd = _normalize_rotate(
         q_even,
         q_odd,
         weight_q_even,
         weight_q_odd,
-        tl.cos(q_angle),
-        tl.sin(q_angle),
+        tl.load(cos_ptr + table, mask=(l < LENGTH) & pair_in, other=0.0),
+        tl.load(sin_ptr + table, mask=(l < LENGTH) & pair_in, other=0.0),
         head_dim,
         eps,
         HAS_NORM,
@@ -139,15 +140,15 @@ def _fused_temporal_attention_kernel(
         if j < PAST:
             k_even, k_odd = _load_pairs(past_k_ptr + n * stride_pk_n + h * stride_pk_h + j * stride_pk_p, i, k_mask)
         else:
-            k_angle = j * freq  # [1, 1, PB]
+            k_table = (j - PAST) * (head_dim // 2) + i  # [1, 1, PB]
             k_even, k_odd = _load_pairs(rows + (j - PAST) * stride_qkv_l + hidden, i, k_mask)
             k_even, k_odd = _normalize_rotate(
                 k_even,
                 k_odd,
                 weight_k_even,
                 weight_k_odd,
-                tl.cos(k_angle),
-                tl.sin(k_angle),
+                tl.load(cos_ptr + k_table, mask=pair_in, other=0.0),
+                tl.load(sin_ptr + k_table, mask=pair_in, other=0.0),
                 head_dim,
                 eps,
                 HAS_NORM,
@@ -181,7 +182,8 @@ def fused_temporal_attention(
     past_v: torch.Tensor,
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
-    freqs: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     num_heads: int,
     eps: float,
 ) -> torch.Tensor:
@@ -194,15 +196,16 @@ def fused_temporal_attention(
             values, each heads x head_dim), last dimension contiguous.
         past_k, past_v: the condition frames' keys (normalized and rotated) and values, [N, heads, P, head_dim].
         q_weight, k_weight: the RMS norms' weights [head_dim], or None for a model without QK-norm.
-        freqs: the rotary frequencies [head_dim / 2] (float32 math, whatever their dtype).
+        cos, sin: the rotary tables of the generated frames' positions, [L, head_dim / 2] float32, one angle per
+            channel pair (`RotaryEmbedding.pair_tables(L, P, device)`).
         num_heads: attention heads.
         eps: the RMS norms' epsilon.
 
     Returns:
         [N, L, heads * head_dim] in `qkv`'s dtype, the heads side by side as `proj` reads them.
     """
-    _check_inputs(qkv, past_k, past_v, num_heads)
-    return launch(qkv, past_k, past_v, q_weight, k_weight, freqs, num_heads, eps)
+    _check_inputs(qkv, past_k, past_v, cos, sin, num_heads)
+    return launch(qkv, past_k, past_v, q_weight, k_weight, cos, sin, num_heads, eps)
 
 
 def launch(
@@ -211,7 +214,8 @@ def launch(
     past_v: torch.Tensor,
     q_weight: torch.Tensor | None,
     k_weight: torch.Tensor | None,
-    freqs: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     num_heads: int,
     eps: float,
     block_n: int = BLOCK_N,
@@ -229,9 +233,10 @@ def launch(
         qkv,
         past_k,
         past_v,
-        q_weight if has_norm else freqs,
-        k_weight if has_norm else freqs,
-        freqs.float(),
+        q_weight if has_norm else cos,
+        k_weight if has_norm else cos,
+        cos,
+        sin,
         out,
         N,
         head_dim,
@@ -258,11 +263,13 @@ def launch(
 
 
 @fused_temporal_attention.register_fake
-def _(qkv, past_k, past_v, q_weight, k_weight, freqs, num_heads, eps):
+def _(qkv, past_k, past_v, q_weight, k_weight, cos, sin, num_heads, eps):
     return qkv.new_empty(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3)
 
 
-def _check_inputs(qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, num_heads: int) -> None:
+def _check_inputs(
+    qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int
+) -> None:
     """Raises ValueError unless the shapes and layouts are the kernel's (named in the message)."""
     if qkv.ndim != 3 or qkv.shape[2] % (3 * num_heads) or qkv.stride(2) != 1:
         raise ValueError(
@@ -278,4 +285,11 @@ def _check_inputs(qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
             raise ValueError(
                 f"{name} must have shape [{N}, {num_heads}, P, {head_dim}] (the same P for keys and values) with a "
                 f"contiguous last dimension, got shape {tuple(past.shape)} and strides {past.stride()}"
+            )
+    L = qkv.shape[1]
+    for name, table in (("cos", cos), ("sin", sin)):
+        if tuple(table.shape) != (L, head_dim // 2) or table.dtype != torch.float32 or not table.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous float32 [{L}, {head_dim // 2}] table (frames x channel pairs), got "
+                f"{table.dtype} of shape {tuple(table.shape)}"
             )
