@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._inductor.config
 from einops import rearrange
 
 from opensora_gym.checkpoint import DATASET_FOLDER, STATISTICS_NAME, VAE_FOLDER
@@ -92,6 +93,8 @@ class Rung:
         cudnn_benchmark: let cuDNN time its convolution algorithms and keep the fastest for each shape
             (`torch.backends.cudnn.benchmark`, a process-wide switch set for the rung): the VAE's convolutions.
         fused_gelu: each MLP's fc1 and GELU as one matmul with a GELU epilogue (`STDiT3.set_fused_gelu`).
+        one_pass_head_norms: compiled blocks with the per-head QK-norms as one-pass reductions
+            (`STDiT3.compile_blocks(one_pass_head_norms=True)`).
     """
 
     name: str
@@ -105,6 +108,7 @@ class Rung:
     dit_fp8_linears: bool = False
     cudnn_benchmark: bool = False
     fused_gelu: bool = False
+    one_pass_head_norms: bool = False
 
     @property
     def exact(self) -> bool:
@@ -131,6 +135,12 @@ RUNGS = (
         "fused",
         "exact mode as the env runs it on a GPU: + the fused temporal attention and fc1 + GELU kernels",
         **FUSED,
+    ),
+    Rung(
+        "head-norms",
+        "exact mode (fused), the per-head QK-norms compiled as one-pass reductions",
+        **FUSED,
+        one_pass_head_norms=True,
     ),
     Rung("cudnn", "exact mode, cuDNN picks the fastest convolution algorithms", **EXACT, cudnn_benchmark=True),
     Rung("micro-32", "exact mode, DiT micro-batches of 32 envs", **{**EXACT, "dit_micro_batch_size": 32}),
@@ -274,7 +284,12 @@ def make_env(config: BenchmarkConfig, rung: Rung, checkpoint: Path, steps: int) 
     world_model.dit.set_temporal_attention(rung.temporal_attention)
     world_model.dit.set_fused_gelu(rung.fused_gelu)
     if rung.compile_dit:
-        world_model.dit.compile_blocks(dynamic=micro is None, backend=config.compile_backend, mode=config.compile_mode)
+        world_model.dit.compile_blocks(
+            dynamic=micro is None,
+            one_pass_head_norms=rung.one_pass_head_norms,
+            backend=config.compile_backend,
+            mode=config.compile_mode,
+        )
     if rung.compile_vae:
         world_model.vae.compile_decoder(backend=config.compile_backend)
     return env
@@ -610,13 +625,19 @@ def main(argv: list[str] | None = None) -> int:
                 rung.dit_fp8_linears,
                 rung.temporal_attention,
                 rung.fused_gelu,
+                rung.one_pass_head_norms,
             )
             if rung.compile_dit and compiled_as not in (None, shapes):
                 torch._dynamo.reset()
             compiled_as = shapes if rung.compile_dit else compiled_as
             try:
                 # Past the limit, torch.compile would run the blocks eager and time them as this rung: fail instead.
-                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                # Inductor's FX graph cache does not key on the one-pass head norms' heuristic: without it, a rung
+                # could reuse an earlier rung's kernels for the same graph.
+                with (
+                    torch._dynamo.config.patch(fail_on_recompile_limit_hit=True),
+                    torch._inductor.config.patch(fx_graph_cache=False),
+                ):
                     result, baseline = run_rung(config, rung, checkpoint, baseline)
             except Exception as error:  # a failing rung is reported in the table; the others still run
                 result = {"rung": asdict(rung), "error": f"{type(error).__name__}: {error}"}

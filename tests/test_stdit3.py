@@ -336,3 +336,46 @@ def test_fused_gelu_rejects_bad_switches_and_fp8_linears():
     with pytest.raises(ValueError, match="the fused GELU needs the float fc1 weights"):
         model.set_fused_gelu(True)
     assert not model.spatial_blocks[0].mlp.fused_gelu
+
+
+def test_one_pass_head_norms_compile_the_blocks_under_the_heuristic_and_keep_the_result():
+    # The heuristic has to be in place when the compiled blocks compile, on their first call inside `_blocks`.
+    from torch._inductor.virtualized import V
+
+    from opensora_gym.models.inductor_heuristics import OnePassShortRows
+
+    x, timestep, actions, x_mask = tiny_inputs()
+    model = tiny_model()
+    with torch.no_grad():
+        plain = model(x, timestep, actions, x_mask, 32, 32)
+    seen = []
+    model.spatial_blocks[0].register_forward_pre_hook(lambda module, args: seen.append(type(V.choices)))
+    with pytest.raises(ValueError, match="one_pass_head_norms must be True or False, got 'yes'"):
+        model.compile_blocks(one_pass_head_norms="yes")
+    assert not model.one_pass_head_norms
+    model.compile_blocks(one_pass_head_norms=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, timestep, actions, x_mask, 32, 32), plain, rtol=0, atol=0)
+    model.compile_blocks(backend="eager")
+    with torch.no_grad():
+        model(x, timestep, actions, x_mask, 32, 32)
+    assert seen[0] is OnePassShortRows and seen[1] is not OnePassShortRows
+
+
+@pytest.mark.parametrize(("row", "one_pass"), [(72, True), (128, True), (129, False), (1152, False)])
+def test_one_pass_short_rows_makes_rows_up_to_128_persistent(monkeypatch, row, one_pass):
+    # Where inductor's own rule says no (it says yes to inner rows up to 1024 and any row up to 64), rows of at most
+    # 128 elements (a head's channels) become one-pass reductions; wider ones (the 1152-wide layer norms) do not.
+    from types import SimpleNamespace
+
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.sizevars import SizeVarAllocator
+    from torch._inductor.virtualized import V
+
+    from opensora_gym.models.inductor_heuristics import OnePassShortRows
+
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", staticmethod(lambda *args: False))
+    features = SimpleNamespace(reduction_numel=row)
+    with V.set_graph_handler(SimpleNamespace(sizevars=SizeVarAllocator())):
+        assert OnePassShortRows.should_use_persistent_reduction(features, False) is one_pass
+        assert OnePassShortRows.should_use_persistent_reduction(features, True) is False  # cooperative: inductor's

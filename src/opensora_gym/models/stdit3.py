@@ -11,6 +11,7 @@ with the embedding of timestep 15 instead of the current timestep (`x_mask` mark
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
@@ -31,6 +32,7 @@ from opensora_gym.checkpoint import (
     weight_files,
 )
 from opensora_gym.models.float8 import Float8Linear, check_fp8_device
+from opensora_gym.models.inductor_heuristics import one_pass_short_rows
 
 try:  # Triton comes with torch's Linux builds; without it only the "triton" temporal attention kernel is missing
     from opensora_gym.models.temporal_attention import fused_temporal_attention, kernel_available
@@ -492,12 +494,14 @@ class STDiT3(nn.Module):
             STDiT3Block(config, temporal=True, rope=self.rope) for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(hidden, math.prod(config.patch_size), config.out_channels)
+        # Runtime state of `compile_blocks`, not architecture.
+        self.one_pass_head_norms = False
 
     @property
     def dtype(self) -> torch.dtype:
         return self.x_embedder.proj.weight.dtype
 
-    def compile_blocks(self, dynamic: bool = True, **kwargs) -> None:
+    def compile_blocks(self, dynamic: bool = True, one_pass_head_norms: bool = False, **kwargs) -> None:
         """`torch.compile` every block; fuses the many elementwise operations of modulation, normalization and
         rotary embedding (2.2x faster forward on an H100 in bf16, see `benchmarks/stdit3_forward.py`). The blocks
         share their compiled graphs (one per kind of block and frame count).
@@ -506,8 +510,17 @@ class STDiT3(nn.Module):
             dynamic: compile for any batch size (the batch changes when only some sub-envs step, and recompiling
                 for each size would cost minutes). `False` compiles for the shapes seen: use it only when the
                 batch never changes, as with the sampler's padded `micro_batch_size`.
+            one_pass_head_norms: compile the per-head QK-norms (and any other reduction of at most 128 elements) as
+                one-pass reductions (`opensora_gym.models.inductor_heuristics`): the same arithmetic, generated code
+                that reads each row once on a GPU.
             kwargs: further arguments of `torch.compile` (`mode`, ...).
+
+        Raises:
+            ValueError: `one_pass_head_norms` is not a bool.
         """
+        if not isinstance(one_pass_head_norms, bool):
+            raise ValueError(f"one_pass_head_norms must be True or False, got {one_pass_head_norms!r}")
+        self.one_pass_head_norms = one_pass_head_norms
         for block in (*self.spatial_blocks, *self.temporal_blocks):
             block.compile(dynamic=dynamic, **kwargs)
 
@@ -737,11 +750,13 @@ class STDiT3(nn.Module):
         """Runs the block pairs; returns the tokens and, with `keep_cache`, each temporal block's keys/values of
         these frames (else an empty list: holding them would keep 2 of every block's activations alive)."""
         cache = []
-        for i, (spatial, temporal) in enumerate(zip(self.spatial_blocks, self.temporal_blocks, strict=True)):
-            x, _ = spatial(x, t_spatial, t0_mlp, x_mask)
-            x, kv = temporal(x, t_temporal, t0_mlp, x_mask, None if past is None else past[i])
-            if keep_cache:
-                cache.append(kv)
+        # Compiled blocks compile on their first call, here: the heuristic has to be in place then.
+        with one_pass_short_rows() if self.one_pass_head_norms else contextlib.nullcontext():
+            for i, (spatial, temporal) in enumerate(zip(self.spatial_blocks, self.temporal_blocks, strict=True)):
+                x, _ = spatial(x, t_spatial, t0_mlp, x_mask)
+                x, kv = temporal(x, t_temporal, t0_mlp, x_mask, None if past is None else past[i])
+                if keep_cache:
+                    cache.append(kv)
         return x, cache
 
     def _unpatchify(self, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
