@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["Z_95", "wilson_interval"]
+__all__ = ["Z_95", "mcnemar_exact", "wilson_interval"]
 
 Z_95 = 1.959963984540054  # the standard normal quantile of 0.975
 
@@ -26,3 +26,25 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     centre = (p + z**2 / (2 * trials)) / denominator
     half = z * math.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """The two-sided exact McNemar p-value of a paired comparison on the same starts.
+
+    Only the starts where the two policies differ count: under no difference, each of those `gained + lost` starts
+    is a gain or a loss with probability 1/2, and the p-value is twice the binomial tail of the smaller count
+    (at most 1).
+
+    Args:
+        gained: starts the second policy solves and the first does not, >= 0.
+        lost: starts the first policy solves and the second does not, >= 0.
+    """
+    if isinstance(gained, bool) or isinstance(lost, bool) or not isinstance(gained, int) or not isinstance(lost, int):
+        raise ValueError(f"gained and lost must be counts (ints), got {gained!r} and {lost!r}")
+    if gained < 0 or lost < 0:
+        raise ValueError(f"gained and lost must be >= 0, got {gained} and {lost}")
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)

@@ -8,6 +8,7 @@ opensora-gym rollout --chunks 2
 opensora-gym collect --expert --output data/spatial_expert --task-ids 0 1 --trial-ids 0 1 2
 opensora-gym convert lerobot datasets/libero_lerobot --output data/libero_lerobot
 opensora-gym train-world-model --dataset data/spatial_expert/dataset --vae runs/vae/vae --out runs/wm
+opensora-gym compare-evals runs/a/eval/policy/eval_results.json runs/b/eval/policy/eval_results.json
 torchrun --nproc_per_node 2 -m trainers.cli train --config tiny_cpu_grpo actor.strategy=ddp
 """
 
@@ -24,7 +25,7 @@ import torch
 from opensora_gym import cli as world_model_cli
 from opensora_gym import convert
 from opensora_gym.training import cli as training_cli
-from trainers import behavior_cloning, collect
+from trainers import behavior_cloning, collect, compare
 from trainers.config import TrainConfig, config_to_dict, load_config, preset_names, resolve_config_path
 
 __all__ = ["build_parser", "main", "run_audit", "run_eval"]
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training_cli.add_commands(commands)
     behavior_cloning.add_command(commands)
+    compare.add_command(commands)
     return parser
 
 
@@ -182,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
             training_cli.run(args)
         elif args.command == "train-policy":
             behavior_cloning.run(args)
+        elif args.command == "compare-evals":
+            compare.run(args)
         elif args.command == "train":
             from trainers.runner import train
 
