@@ -118,6 +118,8 @@ class Rung:
 EXACT = {"compile_dit": True, "dit_micro_batch_size": 0, "compile_vae": True}
 # Exact mode as `WorldModel.from_pretrained(compile=True)` runs it on a CUDA GPU: the approximate rungs build on it.
 FUSED = {**EXACT, "temporal_attention": "triton", "fused_gelu": True}
+# FP8 linears leave no float fc1 weight for the fused GELU (`set_fused_gelu` refuses), as in the env.
+FP8 = {**EXACT, "temporal_attention": "triton", "dit_fp8_linears": True}
 RUNGS = (
     Rung("eager-sdpa", "eager, masked SDPA for temporal attention (before)", temporal_attention="sdpa"),
     Rung("eager", "eager: matmul temporal attention, fused QK-norm + RoPE, K/V freed"),
@@ -146,20 +148,11 @@ RUNGS = (
     Rung("micro-32", "exact mode, DiT micro-batches of 32 envs", **{**EXACT, "dit_micro_batch_size": 32}),
     Rung("steps-5", "APPROXIMATE: exact mode (fused) with 5 sampling steps", **FUSED, num_sampling_steps=5),
     Rung("steps-4", "APPROXIMATE: exact mode (fused) with 4 sampling steps", **FUSED, num_sampling_steps=4),
-    # FP8 linears leave no float fc1 weight for the fused GELU (`set_fused_gelu` refuses), as in the env.
-    Rung(
-        "fp8",
-        "APPROXIMATE: exact mode with FP8 linears in the DiT blocks (fused temporal attention)",
-        **EXACT,
-        temporal_attention="triton",
-        dit_fp8_linears=True,
-    ),
+    Rung("fp8", "APPROXIMATE: exact mode with FP8 linears in the DiT blocks (fused temporal attention)", **FP8),
     Rung(
         "fp8-steps-5",
         "APPROXIMATE: exact mode with FP8 linears in the DiT blocks (fused temporal attention) and 5 sampling steps",
-        **EXACT,
-        temporal_attention="triton",
-        dit_fp8_linears=True,
+        **FP8,
         num_sampling_steps=5,
     ),
     Rung("draws-2", "exact mode + reliability signal, K = 2 draws per chunk", **EXACT, uncertainty_draws=2),

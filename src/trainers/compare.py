@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from opensora_gym.audit import success_agreement
 from opensora_gym.intervals import mcnemar_exact, wilson_interval
 
 __all__ = ["add_command", "compare_evaluations", "load_outcomes", "markdown"]
@@ -53,9 +54,11 @@ def compare_evaluations(base: dict[tuple, bool], other: dict[tuple, bool]) -> di
             f"expected the same starts in both evaluations, got {len(base)} and {len(other)} with "
             f"{len(base.keys() & other.keys())} in common"
         )
-    gained = sum(other[start] and not base[start] for start in base)
-    lost = sum(base[start] and not other[start] for start in base)
-    n = len(base)
+    starts = list(base)
+    # The audit's paired count, `other` in the world model's place: its false successes are the starts `other` gains,
+    # its missed successes the ones it loses.
+    counts = success_agreement([other[start] for start in starts], [base[start] for start in starts])
+    n = len(starts)
 
     def rate(outcomes: dict[tuple, bool]) -> dict:
         successes = sum(outcomes.values())
@@ -66,12 +69,12 @@ def compare_evaluations(base: dict[tuple, bool], other: dict[tuple, bool]) -> di
         "starts": n,
         "base": rate(base),
         "other": rate(other),
-        "both": sum(base[start] and other[start] for start in base),
-        "neither": sum(not base[start] and not other[start] for start in base),
-        "gained": gained,
-        "lost": lost,
-        "difference": (gained - lost) / n,
-        "mcnemar_p": mcnemar_exact(gained, lost),
+        "both": counts.both_success,
+        "neither": counts.both_failure,
+        "gained": counts.false_success,
+        "lost": counts.missed_success,
+        "difference": (counts.false_success - counts.missed_success) / n,
+        "mcnemar_p": mcnemar_exact(counts.false_success, counts.missed_success),
     }
 
 
