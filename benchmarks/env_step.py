@@ -116,7 +116,8 @@ class Rung:
 
 
 EXACT = {"compile_dit": True, "dit_micro_batch_size": 0, "compile_vae": True}
-# Exact mode as `WorldModel.from_pretrained(compile=True)` runs it on a CUDA GPU: the approximate rungs build on it.
+# Exact mode with the fused kernels (the approximate rungs build on it); `WorldModel.from_pretrained(compile=True)`
+# on a CUDA GPU also compiles the per-head QK-norms as one-pass reductions (rung head-norms).
 FUSED = {**EXACT, "temporal_attention": "triton", "fused_gelu": True}
 # FP8 linears leave no float fc1 weight for the fused GELU (`set_fused_gelu` refuses), as in the env.
 FP8 = {**EXACT, "temporal_attention": "triton", "dit_fp8_linears": True}
@@ -135,12 +136,12 @@ RUNGS = (
     Rung("gelu", "exact mode, fc1 and its GELU as one matmul with a GELU epilogue", **EXACT, fused_gelu=True),
     Rung(
         "fused",
-        "exact mode as the env runs it on a GPU: + the fused temporal attention and fc1 + GELU kernels",
+        "exact mode, + the fused temporal attention and fc1 + GELU kernels",
         **FUSED,
     ),
     Rung(
         "head-norms",
-        "exact mode (fused), the per-head QK-norms compiled as one-pass reductions",
+        "exact mode as the env runs it on a GPU: fused + the per-head QK-norms as one-pass reductions",
         **FUSED,
         one_pass_head_norms=True,
     ),

@@ -107,10 +107,11 @@ class WorldModel:
         set (the sampler pads to it) and for any batch size otherwise, and the VAE decoder in the channels-last
         layout (worth it on a GPU; the first chunk is slower); on a CUDA device it also runs the temporal attention
         of the generated frames as one fused Triton kernel (`STDiT3.set_temporal_attention("triton")`) and each
-        MLP's fc1 with its GELU as one matmul (`STDiT3.set_fused_gelu`). None of these changes the results beyond
-        float rounding. Two approximate modes: `num_sampling_steps` below the released 10, and `dit_fp8_linears`, which
-        runs the linears of the DiT blocks as FP8 matmuls (`STDiT3.use_fp8_linears`; on a GPU it needs compute
-        capability >= 8.9, checked before anything loads).
+        MLP's fc1 with its GELU as one matmul (`STDiT3.set_fused_gelu`), and compiles the per-head QK-norms as
+        one-pass reductions (`STDiT3.compile_blocks(one_pass_head_norms=True)`). None of these changes the results
+        beyond float rounding. Two approximate modes: `num_sampling_steps` below the released 10, and
+        `dit_fp8_linears`, which runs the linears of the DiT blocks as FP8 matmuls (`STDiT3.use_fp8_linears`; on a
+        GPU it needs compute capability >= 8.9, checked before anything loads).
         """
         if dit_fp8_linears:
             check_fp8_device(device)
@@ -121,10 +122,11 @@ class WorldModel:
         if dit_fp8_linears:
             dit.use_fp8_linears()
         if compile:
-            if torch.device(device).type == "cuda" and kernel_available is not None:  # README, "Speed"
+            on_gpu = torch.device(device).type == "cuda"
+            if on_gpu and kernel_available is not None:  # README, "Speed"
                 dit.set_temporal_attention("triton")
                 dit.set_fused_gelu(not dit_fp8_linears)
-            dit.compile_blocks(dynamic=dit_micro_batch_size is None)
+            dit.compile_blocks(dynamic=dit_micro_batch_size is None, one_pass_head_norms=on_gpu)
             vae.compile_decoder()
         return cls(
             dit=dit,
