@@ -94,3 +94,27 @@ def test_imagined_actions_replay_in_the_simulator(tmp_path):
         steps = min(len(executed), int(data["length"][index]))
         expected = np.clip(controller_actions(data["actions"][index, :steps]), -1, 1)
         np.testing.assert_allclose(executed[:steps], expected, atol=1e-6)
+
+
+def test_perturb_moves_each_tensor_as_far_as_the_tuning_in_a_random_direction(tmp_path):
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(8, 4, generator=generator), "b": torch.randn(5, generator=generator)}
+    tuned = {"a": base["a"] + 0.1 * torch.randn(8, 4, generator=generator), "b": base["b"].clone()}
+    for name, weights in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        save_file(weights, tmp_path / name / "model.safetensors")
+        (tmp_path / name / "config.json").write_text('{"hidden_size": 4}')
+    run_script("perturb.py", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--out", tmp_path / "c")
+    control = load_file(tmp_path / "c" / "model.safetensors")
+    assert (tmp_path / "c" / "config.json").read_text() == '{"hidden_size": 4}'
+    torch.testing.assert_close((control["a"] - base["a"]).norm(), (tuned["a"] - base["a"]).norm())
+    assert not torch.allclose(control["a"], tuned["a"])  # the same distance, another direction
+    torch.testing.assert_close(control["b"], base["b"], rtol=0, atol=0)  # unchanged by the tuning: unchanged
+
+    save_file({"a": base["a"]}, tmp_path / "tuned" / "model.safetensors")
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script("perturb.py", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--out", tmp_path / "d")
+    assert b"differ in keys: ['b']" in failure.value.stderr
+    assert not (tmp_path / "d").exists()

@@ -54,6 +54,8 @@ def test_compiled_world_model_on_a_gpu_runs_the_fused_kernels(tmp_path):
     model = WorldModel.from_pretrained(folder, device="cuda", dtype=torch.bfloat16, image_size=64, compile=True)
     assert all(block.attn.short_causal_kernel == "triton" for block in model.dit.temporal_blocks)
     assert all(block.mlp.fused_gelu for block in (*model.dit.spatial_blocks, *model.dit.temporal_blocks))
+    assert model.dit.one_pass_head_norms
     plain = WorldModel.from_pretrained(folder, device="cuda", dtype=torch.bfloat16, image_size=64)
     assert plain.dit.temporal_blocks[0].attn.short_causal_kernel == "matmul"
     assert not plain.dit.spatial_blocks[0].mlp.fused_gelu
+    assert not plain.dit.one_pass_head_norms
