@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-WEIGHTS = "model.safetensors"
+from vla_policies.small import WEIGHTS_NAME as WEIGHTS
 
 
 def main() -> None:
