@@ -1,5 +1,6 @@
 """The small-scale experiment's data and packaging scripts: shrink recorded episodes, package float16 models."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -118,3 +119,82 @@ def test_perturb_moves_each_tensor_as_far_as_the_tuning_in_a_random_direction(tm
         run_script("perturb.py", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--out", tmp_path / "d")
     assert b"differ in keys: ['b']" in failure.value.stderr
     assert not (tmp_path / "d").exists()
+
+
+def _import_script(name):
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location(name.removesuffix(".py"), SCRIPTS / name)
+    module = module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_branching_expert_shares_grasp_and_lift_then_places_elsewhere():
+    from opensora_gym.expert import SpatialExpertConfig
+
+    branch = _import_script("branch.py")
+    config = SpatialExpertConfig(action_noise_std=0.1, lift_ramp_steps=8)
+    expert = branch.BranchingExpert(config, num_envs=3, starts=2, shift=(0.05, 0.05))
+    for index, episode in enumerate((0, 2, 3)):  # start 0 branch 0, start 0 branch 1, start 1 branch 1
+        expert.begin(index, (7, episode))
+    bowl, plate = np.array([0.0, 0.0, 0.9]), np.array([0.25, 0.0, 0.9])
+    position = np.tile([0.0, 0.2, 1.1], (3, 1))
+    trace, phases = [], []
+    for _ in range(200):
+        grasped = [e.phase not in ("approach", "descend", "grasp") for e in expert.experts]
+        info = {
+            "state": position.copy(),
+            "object_poses": [
+                {"bowl": position[i] - (0.0, 0.045, 0.012) if grasped[i] else bowl, "plate": plate} for i in range(3)
+            ],
+        }
+        actions = expert.act({}, info)[:, 0]
+        trace.append(actions)
+        phases.append(expert.experts[0].phase)
+        position = position + 0.0125 * actions[:, :3]
+    trace = np.stack(trace)  # [T, 3 experts, 7]
+    carry = phases.index("carry")
+    assert 0 < carry < phases.index("release")  # the simple kinematics reach the place
+    np.testing.assert_array_equal(trace[:carry, 0], trace[:carry, 1])  # same noise, same start: same prefix
+    assert not np.array_equal(trace[carry:, 0], trace[carry:, 1])  # the place differs
+    assert not np.array_equal(trace[:carry, 1], trace[:carry, 2])  # another start draws other noise
+    assert np.linalg.norm(expert.experts[1].place_shift) == pytest.approx(0.05)
+    assert not expert.experts[0].place_shift.any()
+
+
+def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp_path):
+    from opensora_gym.data import save_trajectory
+
+    generator = np.random.default_rng(0)
+    images = generator.integers(0, 256, size=(20, 64, 64, 3), dtype=np.uint8)
+    prefix = generator.uniform(-0.5, 0.5, size=(10, 7)).astype(np.float32)
+    folder = tmp_path / "branches" / "dataset"
+    folder.mkdir(parents=True)
+    for episode, (task, trial) in enumerate([(0, 0), (0, 0), (0, 0), (1, 5)]):
+        actions = np.concatenate([prefix, generator.uniform(-0.5, 0.5, size=(10, 7)).astype(np.float32)])
+        frames = [
+            {"image": images[t], "delta_action": actions[t], "instruction": "put", "success": episode == 0 and t >= 17}
+            for t in range(20)
+        ]
+        save_trajectory(folder / f"traj{episode:06d}_task{task:02d}_trial{trial:02d}.npy", frames)
+    out = tmp_path / "discrimination.json"
+    run_script(
+        "branch_discrimination.py", "--dataset", folder, "--starts", "0:0-2", "--world-model", checkpoint,
+        "--draws", 2, "--out", out,
+    )  # fmt: skip
+    result = json.loads(out.read_text())["results"][str(checkpoint)]
+    rows = result["episodes"]
+    assert [row["episode"] for row in rows] == [f"traj{e:06d}_task00_trial00.npy" for e in range(3)]
+    assert [row["branch_frame"] for row in rows] == [11, 11, 11]  # frame 11 follows action 10, the first to differ
+    assert [row["real"] for row in rows] == [True, False, False]
+    assert all(row["imagined"] in (0.0, 0.5, 1.0) for row in rows)
+    summary = result["summary"]
+    assert summary["episodes"] == 3 and summary["real_successes"] == 1
+    assert summary["pairs_ordered_right"]["pairs"] == 2
+    assert summary["false_success"]["of"] == 2 and summary["missed"]["of"] == 1
+
+    branch = _import_script("branch_discrimination.py")
+    assert branch.parse_starts(["0:1-3", "1:4"]) == {(0, 1), (0, 2), (0, 3), (1, 4)}
+    with pytest.raises(ValueError, match="TASK:FIRST-LAST"):
+        branch.parse_starts(["0-3"])

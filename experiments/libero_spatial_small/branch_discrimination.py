@@ -1,0 +1,149 @@
+"""Does the world model tell a successful place from a failed one when only the actions differ? Paired branches.
+
+`branch.py` records several episodes per start that share their frames and actions up to the end of the lift and
+then place the bowl at different points; LIBERO says which succeed. For every episode the world model is given the
+4 recorded frames before the first action where the start's branches part, and rolls out the rest of the episode
+under the recorded actions from its own predictions (as the env does), ``--draws`` times with noise seeds shared by
+the start's branches (so only the actions differ between them). An episode's imagined success is the share of
+draws in which some frame's classifier probability exceeds 0.5 (the env's 0/1 reward).
+
+It prints and writes, per world model: the agreement of the imagined with the real outcome (false success: real
+failures imagined as successes in the majority of draws; missed: real successes imagined as failures), the AUROC
+of the imagined success share against the real outcome, and, over every pair of branches of one start with
+different real outcomes, the share that the world model orders right (ties count one half; 0.5 = blind to the
+actions).
+
+python experiments/libero_spatial_small/branch_discrimination.py --dataset s64b/dataset --starts 0:12-14 1:12-14 \
+    --world-model embedded:libero_spatial_small wm/world_model --out discrimination.json --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from opensora_gym.checkpoint import resolve_checkpoint
+from opensora_gym.data import Episode, TrajectoryDataset
+from opensora_gym.intervals import wilson_interval
+from opensora_gym.reliability import auroc
+from opensora_gym.spaces import ACTION_CHUNK
+from opensora_gym.world_model import WorldModel, frames_from_uint8
+
+_NAME = re.compile(r"traj(\d+)_task(\d+)_trial(\d+)\.npy$")
+
+
+def parse_starts(values: list[str]) -> set[tuple[int, int]]:
+    """``TASK:FIRST-LAST`` (or ``TASK:TRIAL``) items -> the set of (task, trial) starts."""
+    starts = set()
+    for value in values:
+        match = re.fullmatch(r"(\d+):(\d+)(?:-(\d+))?", value)
+        if match is None:
+            raise ValueError(f"a start range must look like TASK:FIRST-LAST or TASK:TRIAL, got {value!r}")
+        task, first, last = int(match[1]), int(match[2]), int(match[3] or match[2])
+        starts.update((task, trial) for trial in range(first, last + 1))
+    return starts
+
+
+def branch_point(episodes: list[Episode]) -> int:
+    """The first action index at which the episodes of one start differ (they share every action before it)."""
+    length = min(len(episode.actions) for episode in episodes)
+    same = np.ones(length, dtype=bool)
+    for episode in episodes[1:]:
+        same &= np.all(episode.actions[:length] == episodes[0].actions[:length], axis=1)
+    if same.all():
+        raise ValueError(f"the episodes of {episodes[0].path.name}'s start never part: not branches of one start")
+    return int(np.argmin(same))
+
+
+@torch.no_grad()
+def imagine_from(world_model: WorldModel, episode: Episode, first: int, draws: int, seed: int) -> np.ndarray:
+    """Per draw, whether some imagined frame from frame `first` to the episode's end has success probability > 0.5.
+
+    The condition is the recorded frames ``[first - Tc, first)``; frame ``k`` follows action ``k - 1`` (the
+    dataset's convention); the last chunk repeats the episode's last action where the episode ends inside it.
+    """
+    context, size = world_model.condition_frames, world_model.image_size
+    condition = frames_from_uint8(torch.from_numpy(episode.images[first - context : first]), size)
+    condition = rearrange(condition, "t c h w -> 1 c t h w").expand(draws, -1, -1, -1, -1)
+    generators = [torch.Generator().manual_seed(seed * 1000 + draw) for draw in range(draws)]
+    latents = world_model.vae.encode(
+        condition.to(world_model.device, world_model.vae.dtype), sample=True, generator=generators
+    ).float()
+    actions = episode.actions
+    success = np.zeros(draws, dtype=bool)
+    for start in range(first, len(episode.images), ACTION_CHUNK):
+        index = np.minimum(np.arange(start - 1, start - 1 + ACTION_CHUNK), len(actions) - 1)
+        chunk = torch.from_numpy(actions[index]).float()[None].expand(draws, -1, -1)
+        prediction = world_model.predict_chunk(latents, chunk, generator=generators)
+        success |= (prediction.success_prob > 0.5).any(dim=1).cpu().numpy()
+        latents = torch.cat([latents, prediction.latents.float()], dim=2)[:, :, -context:]
+    return success
+
+
+def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: set, draws: int) -> dict:
+    """Rows per episode and the summary measures over the chosen starts."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, path in enumerate(dataset.paths):
+        match = _NAME.search(path.name)
+        if match and (int(match[2]), int(match[3])) in starts:
+            groups[int(match[2]), int(match[3])].append(index)
+    if not groups:
+        raise ValueError(f"no episode of the chosen starts {sorted(starts)} in {dataset.paths[0].parent}")
+    rows, pairs = [], []
+    for (task, trial), indices in sorted(groups.items()):
+        episodes = [dataset.episode(index) for index in indices]
+        first = branch_point(episodes) + 1
+        shares = []
+        for episode in episodes:
+            real = bool(episode.success is not None and episode.success[first:].any())
+            imagined = imagine_from(world_model, episode, first, draws, seed=task * 100 + trial)
+            shares.append(float(imagined.mean()))
+            rows.append({"episode": episode.path.name, "branch_frame": first, "real": real, "imagined": shares[-1]})
+            print(f"{episode.path.name}: frame {first}, real {real}, imagined {shares[-1]:.2f}", flush=True)
+        outcome = [row["real"] for row in rows[-len(episodes) :]]
+        for a in range(len(episodes)):
+            for b in range(len(episodes)):
+                if outcome[a] and not outcome[b]:
+                    pairs.append(1.0 if shares[a] > shares[b] else 0.5 if shares[a] == shares[b] else 0.0)
+    real = np.array([row["real"] for row in rows])
+    share = np.array([row["imagined"] for row in rows])
+    called = share > 0.5
+    summary = {"episodes": len(rows), "real_successes": int(real.sum())}
+    for name, hits, of in (("false_success", called & ~real, ~real), ("missed", ~called & real, real)):
+        count, total = int(hits.sum()), int(of.sum())
+        low, high = wilson_interval(count, total) if total else (float("nan"), float("nan"))
+        summary[name] = {"count": count, "of": total, "wilson_95": [low, high]}
+    summary["auroc"] = auroc(share, real) if 0 < real.sum() < len(real) else None
+    summary["pairs_ordered_right"] = {"share": float(np.mean(pairs)) if pairs else None, "pairs": len(pairs)}
+    return {"summary": summary, "episodes": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", type=Path, required=True, help="branch.py's episodes (dataset/traj*.npy)")
+    parser.add_argument("--starts", nargs="+", required=True, help="TASK:FIRST-LAST trial ranges to measure")
+    parser.add_argument("--world-model", nargs="+", required=True, help="world-model folders (or embedded:<name>)")
+    parser.add_argument("--draws", type=int, default=4, help="rollouts per episode")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--out", type=Path, required=True, help="JSON output")
+    args = parser.parse_args()
+    dataset, starts = TrajectoryDataset(args.dataset), parse_starts(args.starts)
+    results = {}
+    for name in args.world_model:
+        world_model = WorldModel.from_pretrained(
+            resolve_checkpoint(name, "spatial"), device=args.device, dtype=torch.float32, image_size=64
+        )
+        results[name] = discrimination(world_model, dataset, starts, args.draws)
+        print(name, json.dumps(results[name]["summary"]), flush=True)
+    args.out.write_text(json.dumps({"draws": args.draws, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
