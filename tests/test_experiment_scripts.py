@@ -189,10 +189,13 @@ def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp
     assert [row["branch_frame"] for row in rows] == [11, 11, 11]  # frame 11 follows action 10, the first to differ
     assert [row["real"] for row in rows] == [True, False, False]
     assert all(row["imagined"] in (0.0, 0.5, 1.0) for row in rows)
+    assert all(isinstance(row["classifier_on_recorded"], bool) for row in rows)
     summary = result["summary"]
     assert summary["episodes"] == 3 and summary["real_successes"] == 1
     assert summary["pairs_ordered_right"]["pairs"] == 2
     assert summary["false_success"]["of"] == 2 and summary["missed"]["of"] == 1
+    seen = [row["classifier_on_recorded"] for row in rows]
+    assert summary["classifier_on_recorded"] == {"false_success": sum(seen[1:]), "missed": int(not seen[0])}
 
     branch = _import_script("branch_discrimination.py")
     assert branch.parse_starts(["0:1-3", "1:4"]) == {(0, 1), (0, 2), (0, 3), (1, 4)}

@@ -11,7 +11,8 @@ It prints and writes, per world model: the agreement of the imagined with the re
 failures imagined as successes in the majority of draws; missed: real successes imagined as failures), the AUROC
 of the imagined success share against the real outcome, and, over every pair of branches of one start with
 different real outcomes, the share that the world model orders right (ties count one half; 0.5 = blind to the
-actions).
+actions). As a check of the reward model alone, it also counts the recorded episodes whose own frames (from the
+branch point) the classifier calls a success against LIBERO's flag.
 
 python experiments/libero_spatial_small/branch_discrimination.py --dataset s64b/dataset --starts 0:12-14 1:12-14 \
     --world-model embedded:libero_spatial_small wm/world_model --out discrimination.json --device cuda
@@ -87,6 +88,16 @@ def imagine_from(world_model: WorldModel, episode: Episode, first: int, draws: i
     return success
 
 
+@torch.no_grad()
+def classifier_on_recorded(world_model: WorldModel, episode: Episode, first: int) -> bool:
+    """Whether the classifier gives some recorded frame from `first` on a success probability above 0.5."""
+    frames = frames_from_uint8(torch.from_numpy(episode.images[first:]), world_model.image_size)
+    probability = world_model.reward_model(
+        frames.to(world_model.device, next(world_model.reward_model.parameters()).dtype)
+    )
+    return bool((probability > 0.5).any())
+
+
 def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: set, draws: int) -> dict:
     """Rows per episode and the summary measures over the chosen starts."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -105,8 +116,19 @@ def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: 
             real = bool(episode.success is not None and episode.success[first:].any())
             imagined = imagine_from(world_model, episode, first, draws, seed=task * 100 + trial)
             shares.append(float(imagined.mean()))
-            rows.append({"episode": episode.path.name, "branch_frame": first, "real": real, "imagined": shares[-1]})
-            print(f"{episode.path.name}: frame {first}, real {real}, imagined {shares[-1]:.2f}", flush=True)
+            seen = classifier_on_recorded(world_model, episode, first)
+            rows.append(
+                {
+                    "episode": episode.path.name,
+                    "branch_frame": first,
+                    "real": real,
+                    "imagined": shares[-1],
+                    "classifier_on_recorded": seen,
+                }
+            )
+            print(
+                f"{episode.path.name}: frame {first}, real {real}, imagined {shares[-1]:.2f}, seen {seen}", flush=True
+            )
         outcome = [row["real"] for row in rows[-len(episodes) :]]
         for a in range(len(episodes)):
             for b in range(len(episodes)):
@@ -121,6 +143,11 @@ def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: 
         low, high = wilson_interval(count, total) if total else (float("nan"), float("nan"))
         summary[name] = {"count": count, "of": total, "wilson_95": [low, high]}
     summary["auroc"] = auroc(share, real) if 0 < real.sum() < len(real) else None
+    seen = np.array([row["classifier_on_recorded"] for row in rows])
+    summary["classifier_on_recorded"] = {
+        "false_success": int((seen & ~real).sum()),
+        "missed": int((~seen & real).sum()),
+    }
     summary["pairs_ordered_right"] = {"share": float(np.mean(pairs)) if pairs else None, "pairs": len(pairs)}
     return {"summary": summary, "episodes": rows}
 
