@@ -366,68 +366,41 @@ def launch(
     P = past_k.shape[2]
     out = torch.empty(N, L, hidden, device=qkv.device, dtype=qkv.dtype)
     has_norm = q_weight is not None
+    tensors = (qkv, past_k, past_v, q_weight if has_norm else cos, k_weight if has_norm else cos, cos, sin, out)
+    strides = (qkv.stride(0), qkv.stride(1), *past_k.stride()[:3], *past_v.stride()[:3], out.stride(0), out.stride(1))
+    sizes = {"HAS_NORM": has_norm, "LENGTH": L, "PAST": P, "num_warps": num_warps}
     if tensor_cores:
         float32_dot = qkv.dtype == torch.float32 or _interpreted()
         _dot_temporal_attention_kernel[(N, num_heads)](
-            qkv,
-            past_k,
-            past_v,
-            q_weight if has_norm else cos,
-            k_weight if has_norm else cos,
-            cos,
-            sin,
-            out,
+            *tensors,
             head_dim,
             hidden,
-            qkv.stride(0),
-            qkv.stride(1),
-            *past_k.stride()[:3],
-            *past_v.stride()[:3],
-            out.stride(0),
-            out.stride(1),
+            *strides,
             eps,
             head_dim**-0.5,
-            HAS_NORM=has_norm,
-            LENGTH=L,
-            PAST=P,
+            **sizes,
             LB=max(16, triton.next_power_of_2(L)),
             KB=max(16, triton.next_power_of_2(P + L)),
             PB=max(16, triton.next_power_of_2(head_dim // 2)),
             DB=max(16, triton.next_power_of_2(head_dim)),
             FLOAT32_DOT=float32_dot,
             PRECISION="ieee" if float32_dot else "tf32",  # tf32: for float32 operands only, so unused
-            num_warps=num_warps,
         )
         return out
     _fused_temporal_attention_kernel[(triton.cdiv(N, block_n), num_heads)](
-        qkv,
-        past_k,
-        past_v,
-        q_weight if has_norm else cos,
-        k_weight if has_norm else cos,
-        cos,
-        sin,
-        out,
+        *tensors,
         N,
         head_dim,
         hidden,
-        qkv.stride(0),
-        qkv.stride(1),
-        *past_k.stride()[:3],
-        *past_v.stride()[:3],
-        out.stride(0),
-        out.stride(1),
+        *strides,
         eps,
         head_dim**-0.5,
-        HAS_NORM=has_norm,
-        LENGTH=L,
-        PAST=P,
+        **sizes,
         BLOCK_N=block_n,
         LB=triton.next_power_of_2(L),
         KB=triton.next_power_of_2(P + L),
         PB=triton.next_power_of_2(head_dim // 2),
         DB=triton.next_power_of_2(head_dim),
-        num_warps=num_warps,
     )
     return out
 
