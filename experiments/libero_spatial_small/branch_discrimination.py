@@ -157,10 +157,12 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, required=True, help="branch.py's episodes (dataset/traj*.npy)")
     parser.add_argument("--starts", nargs="+", required=True, help="TASK:FIRST-LAST trial ranges to measure")
     parser.add_argument("--world-model", nargs="+", required=True, help="world-model folders (or embedded:<name>)")
-    parser.add_argument("--draws", type=int, default=4, help="rollouts per episode")
+    parser.add_argument("--draws", type=int, default=3, help="rollouts per episode (odd: no tied majority)")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--out", type=Path, required=True, help="JSON output")
     args = parser.parse_args()
+    if args.draws < 1:
+        parser.error(f"--draws must be >= 1, got {args.draws}")
     dataset, starts = TrajectoryDataset(args.dataset), parse_starts(args.starts)
     results = {}
     for name in args.world_model:
