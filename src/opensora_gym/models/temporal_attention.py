@@ -181,8 +181,8 @@ def _fused_temporal_attention_kernel(
 
 @triton.jit
 def _load_keys(past_ptr, new_ptr, key, i, pair_in, PAST: tl.constexpr, LENGTH: tl.constexpr):
-    """Rows `key` [KB, 1] of the keys or values: the cached ones (`past_ptr` rows) before PAST, then the generated
-    frames' (`new_ptr` rows), as the even and odd channels `2 i`, `2 i + 1`, float32; zeros past the last."""
+    """Rows `key` [KB, 1] of the keys: the cached ones (`past_ptr` rows) before PAST, then the generated frames'
+    (`new_ptr` rows), as the even and odd channels `2 i`, `2 i + 1`, float32; zeros past the last."""
     past = (key < PAST) & pair_in
     new = (key >= PAST) & (key < PAST + LENGTH) & pair_in
     even_past, odd_past = _load_pairs(past_ptr, i, past)
@@ -192,7 +192,7 @@ def _load_keys(past_ptr, new_ptr, key, i, pair_in, PAST: tl.constexpr, LENGTH: t
 
 @triton.jit
 def _operand(x, dtype, FLOAT32_DOT: tl.constexpr):
-    """A float32 tile rounded to `dtype`, as a `tl.dot` operand: in `dtype`, or back in float32 with FLOAT32_DOT."""
+    """A tile rounded to `dtype`, as a `tl.dot` operand: in `dtype`, or back in float32 with FLOAT32_DOT."""
     if FLOAT32_DOT:
         return x.to(dtype).to(tl.float32)
     return x.to(dtype)
@@ -304,7 +304,7 @@ def _dot_temporal_attention_kernel(
     v_past = past_v_ptr + n * stride_pv_n + h * stride_pv_h + key * stride_pv_p + d
     past_v = tl.load(v_past, mask=v_in & (key < PAST), other=0.0)
     new_v = tl.load(rows + (key - PAST) * stride_qkv_l + 2 * hidden + d, mask=v_in & (key >= PAST), other=0.0)
-    values = _operand(tl.where(key < PAST, past_v, new_v).to(tl.float32), dtype, FLOAT32_DOT)  # zeros in the padding
+    values = _operand(tl.where(key < PAST, past_v, new_v), dtype, FLOAT32_DOT)  # zeros in the padding
     out = tl.dot(probs, values, input_precision=PRECISION)
     out_rows = out_ptr + n * stride_out_n + l * stride_out_l + h * head_dim
     tl.store(out_rows + d, out.to(dtype), mask=(l < LENGTH) & (d < head_dim))
