@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from opensora_gym.audit import success_agreement
 from opensora_gym.checkpoint import resolve_checkpoint
 from opensora_gym.data import Episode, TrajectoryDataset
-from opensora_gym.intervals import wilson_interval
 from opensora_gym.reliability import auroc
 from opensora_gym.spaces import ACTION_CHUNK
 from opensora_gym.world_model import WorldModel, frames_from_uint8
@@ -136,18 +136,14 @@ def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: 
                     pairs.append(1.0 if shares[a] > shares[b] else 0.5 if shares[a] == shares[b] else 0.0)
     real = np.array([row["real"] for row in rows])
     share = np.array([row["imagined"] for row in rows])
-    called = share > 0.5
+    rates = success_agreement(share > 0.5, real).rates()  # counts and 95% Wilson intervals
     summary = {"episodes": len(rows), "real_successes": int(real.sum())}
-    for name, hits, of in (("false_success", called & ~real, ~real), ("missed", ~called & real, real)):
-        count, total = int(hits.sum()), int(of.sum())
-        low, high = wilson_interval(count, total) if total else (float("nan"), float("nan"))
-        summary[name] = {"count": count, "of": total, "wilson_95": [low, high]}
+    for name, key, of in (("false_success", "false_success_rate", ~real), ("missed", "missed_success_rate", real)):
+        rate = rates[key] or {"count": 0, "ci_low": float("nan"), "ci_high": float("nan")}  # None: nothing to count
+        summary[name] = {"count": rate["count"], "of": int(of.sum()), "wilson_95": [rate["ci_low"], rate["ci_high"]]}
     summary["auroc"] = auroc(share, real) if 0 < real.sum() < len(real) else None
-    seen = np.array([row["classifier_on_recorded"] for row in rows])
-    summary["classifier_on_recorded"] = {
-        "false_success": int((seen & ~real).sum()),
-        "missed": int((~seen & real).sum()),
-    }
+    seen = success_agreement([row["classifier_on_recorded"] for row in rows], real)
+    summary["classifier_on_recorded"] = {"false_success": seen.false_success, "missed": seen.missed_success}
     summary["pairs_ordered_right"] = {"share": float(np.mean(pairs)) if pairs else None, "pairs": len(pairs)}
     return {"summary": summary, "episodes": rows}
 
