@@ -195,6 +195,7 @@ def test_step_before_reset_and_bad_reset_options(checkpoint, world_model):
         ({"suite": "goal"}, "suite must be one of"),
         ({"condition_timestep": 10.0}, r"condition_timestep must be a number in \[15.0, 1000\), got 10.0"),
         ({"condition_timestep": "high"}, "condition_timestep must be a number"),
+        ({"action_guidance": -1.0}, r"action_guidance must be a finite number >= 0, got -1.0"),
     ],
 )
 def test_config_rejects_bad_values(overrides, message):
@@ -408,6 +409,22 @@ def test_a_shared_world_model_must_match_the_config(checkpoint, world_model):
         make_env(checkpoint, world_model, condition_frames=2)
     with pytest.raises(ValueError, match=r"condition_timestep 100.0 \(world model: 15.0\)"):
         make_env(checkpoint, world_model, condition_timestep=100.0)
+    with pytest.raises(ValueError, match=r"action_guidance 2.0 \(world model: 1.0\)"):
+        make_env(checkpoint, world_model, action_guidance=2.0)
+
+
+def test_action_guidance_changes_the_prediction_from_the_same_start(checkpoint):
+    def step(action_guidance):
+        env = OpenSoraLiberoEnv(2, checkpoint=checkpoint, action_guidance=action_guidance, **FAST)
+        assert env.world_model.sampler.config.action_guidance == action_guidance
+        obs0, _ = env.reset(seed=3)
+        obs1, *_ = env.step(random_chunk_actions(2))
+        env.close()
+        return obs0["image"], obs1["image"]
+
+    (start_a, guided), (start_b, plain) = step(3.0), step(1.0)
+    np.testing.assert_array_equal(start_a, start_b)
+    assert not np.array_equal(guided, plain)
 
 
 def test_a_raised_condition_timestep_is_seeded_and_changes_the_prediction(checkpoint, world_model):

@@ -173,8 +173,14 @@ def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp
     folder.mkdir(parents=True)
     for episode, (task, trial) in enumerate([(0, 0), (0, 0), (0, 0), (1, 5)]):
         actions = np.concatenate([prefix, generator.uniform(-0.5, 0.5, size=(10, 7)).astype(np.float32)])
+        branch_images = np.concatenate([images[:11], generator.integers(0, 256, size=(9, 64, 64, 3), dtype=np.uint8)])
         frames = [
-            {"image": images[t], "delta_action": actions[t], "instruction": "put", "success": episode == 0 and t >= 17}
+            {
+                "image": branch_images[t],
+                "delta_action": actions[t],
+                "instruction": "put",
+                "success": episode == 0 and t >= 17,
+            }
             for t in range(20)
         ]
         save_trajectory(folder / f"traj{episode:06d}_task{task:02d}_trial{trial:02d}.npy", frames)
@@ -196,8 +202,15 @@ def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp
     assert summary["false_success"]["of"] == 2 and summary["missed"]["of"] == 1
     seen = [row["classifier_on_recorded"] for row in rows]
     assert summary["classifier_on_recorded"] == {"false_success": sum(seen[1:]), "missed": int(not seen[0])}
+    response = summary["action_response"]
+    assert response["pairs"] == 3 and response["median_ratio"] > 0 and 0 <= response["nearer_own_branch"] <= 1
 
     branch = _import_script("branch_discrimination.py")
+    recorded = (images[10:], images[::-1][10:])
+    same = branch.action_response((recorded[0][None], recorded[1][None]), recorded)  # imagined = the simulator
+    assert same == (1.0, 1.0)
+    assert branch.action_response((recorded[1][None], recorded[0][None]), recorded) == (1.0, 0.0)  # swapped
+    assert branch.action_response((recorded[0][None], recorded[0][None]), recorded)[0] == 0.0  # ignores actions
     assert branch.parse_starts(["0:1-3", "1:4"]) == {(0, 1), (0, 2), (0, 3), (1, 4)}
     with pytest.raises(ValueError, match="TASK:FIRST-LAST"):
         branch.parse_starts(["0-3"])

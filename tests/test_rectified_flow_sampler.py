@@ -109,6 +109,8 @@ def test_noise_of_wrong_shape_is_rejected(tiny_model):
         {"micro_batch_size": 0},
         {"condition_timestep": 14.0},
         {"condition_timestep": 1000.0},
+        {"action_guidance": -0.5},
+        {"action_guidance": float("nan")},
     ],
 )
 def test_config_rejects_bad_values(overrides):
@@ -155,3 +157,27 @@ def test_condition_timestep_samples_from_noised_condition_frames_told_their_leve
         tiny_model, cond, actions, height=32, width=32, generator=torch.Generator().manual_seed(1)
     )
     assert not torch.allclose(a[:, :, 4:], clean[:, :, 4:], atol=1e-4)
+
+
+def test_action_guidance_extrapolates_from_the_velocity_without_actions(tiny_model):
+    cond, actions = condition_and_actions(3)
+    noise = torch.randn(3, 4, 8, 4, 4, generator=torch.Generator().manual_seed(3))
+
+    def run(guidance, acts=actions):
+        sampler = RectifiedFlowSampler(RectifiedFlowConfig(num_sampling_steps=3, action_guidance=guidance))
+        return sampler.sample(tiny_model, cond, acts, height=32, width=32, noise=noise)[:, :, 4:]
+
+    plain = RectifiedFlowSampler(RectifiedFlowConfig(num_sampling_steps=3))
+    assert torch.equal(run(1.0), plain.sample(tiny_model, cond, actions, height=32, width=32, noise=noise)[:, :, 4:])
+    # By hand: each Euler step moves along v_none + w * (v - v_none).
+    steps = plain.timesteps(32, 32, 12)
+    cache = tiny_model.condition_cache(cond, 32, 32)
+    z, drop = noise.clone(), torch.ones(3, dtype=torch.bool)
+    for t, t_next in zip(steps, [*steps[1:], torch.tensor(0.0)], strict=True):
+        v = tiny_model.forward_generated(z, t.expand(3), actions, cache, 32, 32)[:, :4]
+        v_none = tiny_model.forward_generated(z, t.expand(3), actions, cache, 32, 32, drop)[:, :4]
+        z = z + (v_none + 2.5 * (v - v_none)) * ((t - t_next) / 1000)
+    torch.testing.assert_close(run(2.5), z, rtol=1e-5, atol=1e-5)
+    other = torch.rand(actions.shape, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(run(0.0), run(0.0, other), rtol=1e-6, atol=1e-6)  # w = 0: the actions are ignored
+    assert not torch.allclose(run(2.5), run(1.0), atol=1e-4)

@@ -214,6 +214,29 @@ def test_generated_frames_with_cached_condition_equal_the_full_forward():
     torch.testing.assert_close(generated, full[:, :, c:], rtol=1e-5, atol=1e-5)
 
 
+def test_dropped_actions_give_the_none_action_embedding_in_both_paths():
+    model = tiny_model()
+    x, timestep, actions, x_mask = tiny_inputs(batch=3)
+    c = TINY.condition_frames
+    drop = torch.tensor([False, True, True])
+    other = torch.rand(actions.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        kept = model(x, timestep, actions, x_mask, 32, 32)
+        dropped = model(x, timestep, actions, x_mask, 32, 32, drop_actions=drop)
+        dropped_other = model(x, timestep, other, x_mask, 32, 32, drop_actions=drop)
+        none = model.action_embedder.none_action.weight
+        embedded = model.action_embedder(actions, drop)
+        cache = model.condition_cache(x[:, :, :c], 32, 32)
+        generated = model.forward_generated(x[:, :, c:], timestep, actions, cache, 32, 32, drop)
+    assert torch.equal(dropped[0], kept[0])  # clip 0 keeps its actions
+    assert not torch.allclose(dropped[1:, :, c:], kept[1:, :, c:], atol=1e-4)
+    assert torch.equal(dropped[1:], dropped_other[1:])  # a dropped clip does not see its actions
+    assert torch.equal(embedded[1:], none.expand(2, c + 8, -1))
+    torch.testing.assert_close(generated, dropped[:, :, c:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"drop must be a bool tensor of shape \(3,\), got torch.int64 \(3,\)"):
+        model(x, timestep, actions, x_mask, 32, 32, drop_actions=torch.tensor([0, 1, 1]))
+
+
 def test_condition_timestep_modulates_the_condition_frames_in_both_paths():
     model = tiny_model()
     x, timestep, actions, x_mask = tiny_inputs(batch=3)

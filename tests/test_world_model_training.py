@@ -122,6 +122,26 @@ def test_condition_noise_augmentation_trains_and_resumes_exactly(recorded, tmp_p
     assert all(math.isfinite(loss) for loss in whole.losses)
 
 
+def test_action_dropout_trains_clips_without_their_actions_and_resumes_exactly(recorded, tmp_path):
+    torch.manual_seed(0)
+    model = STDiT3(TINY_DIT).eval()
+    x0, noise = torch.randn(2, 4, 12, 4, 4), torch.randn(2, 4, 12, 4, 4)
+    actions, other, t = torch.rand(2, 8, 7), torch.rand(2, 8, 7), torch.tensor([700.0, 120.0])
+    drop = torch.tensor([False, True])
+    loss = rectified_flow_loss(model, x0, actions, noise, t, 32, 32, drop_actions=drop)
+    assert torch.equal(loss[0], rectified_flow_loss(model, x0, actions, noise, t, 32, 32)[0])
+    assert torch.equal(loss[1], rectified_flow_loss(model, x0, other, noise, t, 32, 32, drop_actions=drop)[1])
+
+    whole = train_world_model(tiny_config(recorded, tmp_path / "whole", max_steps=5, action_dropout=0.5))
+    plain = train_world_model(tiny_config(recorded, tmp_path / "plain", max_steps=5))
+    train_world_model(tiny_config(recorded, tmp_path / "split", max_steps=3, action_dropout=0.5))
+    resumed = train_world_model(tiny_config(recorded, tmp_path / "split", max_steps=5, action_dropout=0.5))
+    assert resumed.losses == whole.losses[3:]
+    assert whole.losses != plain.losses
+    with pytest.raises(ValueError, match=r"action_dropout must be in \[0, 1\), got 1.0"):
+        tiny_config(recorded, tmp_path / "run", action_dropout=1.0)
+
+
 def test_clips_pair_each_generated_frame_with_the_action_that_produced_it(recorded, tmp_path):
     vae = VideoVAE.from_pretrained(recorded / "vae")
     dataset = TrajectoryDataset(recorded / "dataset")

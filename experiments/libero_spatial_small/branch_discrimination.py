@@ -14,6 +14,11 @@ different real outcomes, the share that the world model orders right (ties count
 actions). As a check of the reward model alone, it also counts the recorded episodes whose own frames (from the
 branch point) the classifier calls a success against LIBERO's flag.
 
+How far the imagined frames follow the actions, over every pair of branches of one start and the frames both
+still have: the response (the mean absolute pixel difference between the two imagined branches over that between
+the two recorded ones; 0 = the world model ignores the actions, 1 = it moves as much as the simulator) and the share
+of draws in which each imagined branch lies nearer its own recorded branch than the other's (0.5 = blind).
+
 python experiments/libero_spatial_small/branch_discrimination.py --dataset s64b/dataset --starts 0:12-14 1:12-14 \
     --world-model embedded:libero_spatial_small wm/world_model --out discrimination.json --device cuda
 """
@@ -64,8 +69,11 @@ def branch_point(episodes: list[Episode]) -> int:
 
 
 @torch.no_grad()
-def imagine_from(world_model: WorldModel, episode: Episode, first: int, draws: int, seed: int) -> np.ndarray:
-    """Per draw, whether some imagined frame from frame `first` to the episode's end has success probability > 0.5.
+def imagine_from(
+    world_model: WorldModel, episode: Episode, first: int, draws: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per draw, whether some imagined frame from frame `first` to the episode's end has success probability > 0.5,
+    and the imagined frames ``[draws, T - first, H, W, 3]`` uint8.
 
     The condition is the recorded frames ``[first - Tc, first)``; frame ``k`` follows action ``k - 1`` (the
     dataset's convention); the last chunk repeats the episode's last action where the episode ends inside it.
@@ -78,14 +86,33 @@ def imagine_from(world_model: WorldModel, episode: Episode, first: int, draws: i
         condition.to(world_model.device, world_model.vae.dtype), sample=True, generator=generators
     ).float()
     actions = episode.actions
-    success = np.zeros(draws, dtype=bool)
+    success, frames = np.zeros(draws, dtype=bool), []
     for start in range(first, len(episode.images), ACTION_CHUNK):
         index = np.minimum(np.arange(start - 1, start - 1 + ACTION_CHUNK), len(actions) - 1)
         chunk = torch.from_numpy(actions[index]).float()[None].expand(draws, -1, -1)
         prediction = world_model.predict_chunk(latents, chunk, generator=generators)
         success |= (prediction.success_prob > 0.5).any(dim=1).cpu().numpy()
+        frames.append(prediction.frames.cpu().numpy())  # [draws, A, H, W, 3]
         latents = torch.cat([latents, prediction.latents.float()], dim=2)[:, :, -context:]
-    return success
+    return success, np.concatenate(frames, axis=1)[:, : len(episode.images) - first]
+
+
+def action_response(
+    imagined: tuple[np.ndarray, np.ndarray], recorded: tuple[np.ndarray, np.ndarray]
+) -> tuple[float, float]:
+    """For two branches: their imagined ``[draws, T, H, W, 3]`` and recorded ``[T, H, W, 3]`` frames from the branch
+    point -> (imagined over recorded mean absolute difference between the branches, share of draws in which each
+    imagined branch is nearer its own recorded branch than the other's), over the frames both have."""
+    length = min(len(recorded[0]), len(recorded[1]))
+    (ia, ib), (ra, rb) = ([x[..., :length, :, :, :].astype(np.float32) for x in pair] for pair in (imagined, recorded))
+    axes = (1, 2, 3, 4)  # per draw: over frames and pixels
+    real = float(np.abs(ra - rb).mean())
+    if real == 0:
+        raise ValueError("two branches of one start have the same recorded frames after their branch point")
+    between = np.abs(ia - ib).mean(axis=axes)
+    own = np.abs(ia - ra).mean(axis=axes) + np.abs(ib - rb).mean(axis=axes)
+    crossed = np.abs(ia - rb).mean(axis=axes) + np.abs(ib - ra).mean(axis=axes)
+    return float(between.mean() / real), float(np.mean(np.where(own == crossed, 0.5, own < crossed)))
 
 
 @torch.no_grad()
@@ -107,15 +134,22 @@ def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: 
             groups[int(match[2]), int(match[3])].append(index)
     if not groups:
         raise ValueError(f"no episode of the chosen starts {sorted(starts)} in {dataset.paths[0].parent}")
-    rows, pairs = [], []
+    rows, pairs, responses = [], [], []
     for (task, trial), indices in sorted(groups.items()):
         episodes = [dataset.episode(index) for index in indices]
+        size = episodes[0].images.shape[1:3]
+        if size != (world_model.image_size, world_model.image_size):
+            raise ValueError(
+                f"the episodes must be recorded at the world model's {world_model.image_size} px, got {size} "
+                f"({episodes[0].path.name}): shrink them first (shrink.py)"
+            )
         first = branch_point(episodes) + 1
-        shares = []
+        shares, frames = [], []
         for episode in episodes:
             real = bool(episode.success is not None and episode.success[first:].any())
-            imagined = imagine_from(world_model, episode, first, draws, seed=task * 100 + trial)
+            imagined, imagined_frames = imagine_from(world_model, episode, first, draws, seed=task * 100 + trial)
             shares.append(float(imagined.mean()))
+            frames.append(imagined_frames)
             seen = classifier_on_recorded(world_model, episode, first)
             rows.append(
                 {
@@ -134,6 +168,9 @@ def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: 
             for b in range(len(episodes)):
                 if outcome[a] and not outcome[b]:
                     pairs.append(1.0 if shares[a] > shares[b] else 0.5 if shares[a] == shares[b] else 0.0)
+                if a < b:
+                    recorded = (episodes[a].images[first:], episodes[b].images[first:])
+                    responses.append(action_response((frames[a], frames[b]), recorded))
     real = np.array([row["real"] for row in rows])
     share = np.array([row["imagined"] for row in rows])
     rates = success_agreement(share > 0.5, real).rates()  # counts and 95% Wilson intervals
@@ -145,6 +182,12 @@ def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: 
     seen = success_agreement([row["classifier_on_recorded"] for row in rows], real)
     summary["classifier_on_recorded"] = {"false_success": seen.false_success, "missed": seen.missed_success}
     summary["pairs_ordered_right"] = {"share": float(np.mean(pairs)) if pairs else None, "pairs": len(pairs)}
+    ratio, own = np.array(responses).reshape(-1, 2).T
+    summary["action_response"] = {
+        "median_ratio": float(np.median(ratio)) if len(ratio) else None,
+        "nearer_own_branch": float(own.mean()) if len(own) else None,
+        "pairs": len(ratio),
+    }
     return {"summary": summary, "episodes": rows}
 
 
@@ -154,6 +197,9 @@ def main() -> None:
     parser.add_argument("--starts", nargs="+", required=True, help="TASK:FIRST-LAST trial ranges to measure")
     parser.add_argument("--world-model", nargs="+", required=True, help="world-model folders (or embedded:<name>)")
     parser.add_argument("--draws", type=int, default=3, help="rollouts per episode (odd: no tied majority)")
+    parser.add_argument(
+        "--action-guidance", type=float, default=1.0, help="the sampler's guidance by the actions (1: none)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--out", type=Path, required=True, help="JSON output")
     args = parser.parse_args()
@@ -163,11 +209,16 @@ def main() -> None:
     results = {}
     for name in args.world_model:
         world_model = WorldModel.from_pretrained(
-            resolve_checkpoint(name, "spatial"), device=args.device, dtype=torch.float32, image_size=64
+            resolve_checkpoint(name, "spatial"),
+            device=args.device,
+            dtype=torch.float32,
+            image_size=64,
+            action_guidance=args.action_guidance,
         )
         results[name] = discrimination(world_model, dataset, starts, args.draws)
         print(name, json.dumps(results[name]["summary"]), flush=True)
-    args.out.write_text(json.dumps({"draws": args.draws, "results": results}, indent=2) + "\n")
+    settings = {"draws": args.draws, "action_guidance": args.action_guidance}
+    args.out.write_text(json.dumps({**settings, "results": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ reward rule (`opensora_gym.reward_rule`: the reference's rewards and termination
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -56,6 +57,11 @@ class OpenSoraLiberoConfig:
             reference's, gives them clean; a world model trained with condition-noise augmentation
             (`train-world-model --condition-timestep-max`) can be sampled with a higher level, which noises the
             condition latents (from the sub-env's generator) so that the drift of its own frames matters less.
+        action_guidance: w, the sampler's guidance by the actions (`RectifiedFlowConfig.action_guidance`): 1, the
+            reference's, samples as trained; another value (for a world model trained with action dropout,
+            `train-world-model --action-dropout`) mixes each step's velocity with the one predicted without the
+            actions, `v_none + w * (v - v_none)`, at the cost of a second DiT forward per step, so that the frames
+            follow the actions more (w > 1) or less (w < 1).
         action_chunk: actions (= predicted frames) per step.
         condition_frames: latent frames of context; must match the checkpoint.
         image_size: side of the frames the world model works at and of the observed image.
@@ -103,6 +109,7 @@ class OpenSoraLiberoConfig:
     dtype: str = "bfloat16"
     num_sampling_steps: int = 10
     condition_timestep: float = CONDITION_TIMESTEP
+    action_guidance: float = 1.0
     action_chunk: int = ACTION_CHUNK
     condition_frames: int = 4
     image_size: int = 256
@@ -132,6 +139,12 @@ class OpenSoraLiberoConfig:
             raise ValueError(
                 f"condition_timestep must be a number in [{CONDITION_TIMESTEP}, 1000), got {self.condition_timestep!r}"
             )
+        if (
+            not isinstance(self.action_guidance, int | float)
+            or not math.isfinite(self.action_guidance)
+            or self.action_guidance < 0
+        ):
+            raise ValueError(f"action_guidance must be a finite number >= 0, got {self.action_guidance!r}")
         if self.condition_frames < 1:
             raise ValueError(f"condition_frames must be a positive integer, got {self.condition_frames!r}")
         if self.suite not in HUB_IDS:
@@ -326,6 +339,7 @@ class OpenSoraLiberoEnv(VectorEnv):
             dtype=DTYPES[config.dtype],
             num_sampling_steps=config.num_sampling_steps,
             condition_timestep=config.condition_timestep,
+            action_guidance=config.action_guidance,
             image_size=config.image_size,
             vae_micro_batch_size=config.vae_micro_batch_size,
             dit_micro_batch_size=config.dit_micro_batch_size,
@@ -365,6 +379,7 @@ class OpenSoraLiberoEnv(VectorEnv):
             "action_dim": (ACTION_DIM, model.action_dim),
             "dit_fp8_linears": (cfg.dit_fp8_linears, model.dit.fp8_linears),
             "condition_timestep": (cfg.condition_timestep, model.sampler.config.condition_timestep),
+            "action_guidance": (cfg.action_guidance, model.sampler.config.action_guidance),
         }
         wrong = [f"{name} {want} (world model: {got})" for name, (want, got) in expected.items() if want != got]
         if wrong:

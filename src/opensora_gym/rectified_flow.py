@@ -40,6 +40,11 @@ class RectifiedFlowConfig:
             with condition-noise augmentation, `WorldModelTrainingConfig.condition_timestep_max`), the condition
             latents are noised to this level with noise drawn after the starting noise, and the model is told the
             level; the returned condition frames stay clean.
+        action_guidance: w, guidance by the actions (not in the reference; for a world model trained with action
+            dropout, `WorldModelTrainingConfig.action_dropout`): each step's velocity is `v_none + w * (v - v_none)`,
+            `v_none` the model's velocity with the generated frames' actions replaced by "no action". The default
+            1 is the reference's sampler (one forward per step); any other value costs a second forward per step
+            and pushes the frames further in the direction the actions move them (w > 1) or less (w < 1).
     """
 
     num_sampling_steps: int = 10
@@ -49,6 +54,7 @@ class RectifiedFlowConfig:
     transform_scale: float = 1.0
     micro_batch_size: int | None = None
     condition_timestep: float = CONDITION_TIMESTEP
+    action_guidance: float = 1.0
 
     def __post_init__(self):
         if self.num_sampling_steps < 1:
@@ -67,6 +73,8 @@ class RectifiedFlowConfig:
                 f"condition_timestep must be in [{CONDITION_TIMESTEP}, {self.num_timesteps}), "
                 f"got {self.condition_timestep}"
             )
+        if not math.isfinite(self.action_guidance) or self.action_guidance < 0:
+            raise ValueError(f"action_guidance must be a finite number >= 0, got {self.action_guidance}")
 
 
 def timestep_transform(
@@ -277,9 +285,20 @@ class RectifiedFlowSampler:
             the generated latents [B, C, A, h, w] float32.
         """
         B, C = z.shape[:2]
+        guidance = self.config.action_guidance
+        if guidance != 1.0:
+            # One forward of 2B items per step: B with their actions, then B without (the cache is action-free).
+            cache = [tuple(torch.cat([t, t]) for t in kv) for kv in cache]
+            actions = torch.cat([actions, actions])
+            drop = torch.arange(2 * B, device=z.device) >= B
         next_steps = torch.cat([steps[1:], steps.new_zeros(1)])
         for t, t_next in zip(steps, next_steps, strict=True):
-            velocity = model.forward_generated(z, t.expand(B), actions, cache, height, width)[:, :C]
+            if guidance == 1.0:
+                velocity = model.forward_generated(z, t.expand(B), actions, cache, height, width)[:, :C]
+            else:
+                both = model.forward_generated(torch.cat([z, z]), t.expand(2 * B), actions, cache, height, width, drop)
+                with_actions, without = both[:B, :C], both[B:, :C]
+                velocity = without + guidance * (with_actions - without)
             z = z + velocity * ((t - t_next) / self.config.num_timesteps)
         return z
 

@@ -92,6 +92,7 @@ class WorldModel:
         dtype: torch.dtype = torch.float32,
         num_sampling_steps: int = 10,
         condition_timestep: float = CONDITION_TIMESTEP,
+        action_guidance: float = 1.0,
         image_size: int = 256,
         vae_micro_batch_size: int = 64,
         dit_micro_batch_size: int | None = None,
@@ -102,7 +103,8 @@ class WorldModel:
 
         The DiT and the VAE run in `dtype`; the reward classifier always runs in float32, as in the reference.
         `dit_micro_batch_size` sub-envs go through the sampler at a time (`RectifiedFlowConfig.micro_batch_size`);
-        `condition_timestep` is the level the condition frames are given at (`RectifiedFlowConfig`; 15: clean).
+        `condition_timestep` is the level the condition frames are given at (`RectifiedFlowConfig`; 15: clean),
+        `action_guidance` the sampler's guidance by the actions (`RectifiedFlowConfig`; 1: none, the reference's).
         `compile` compiles the DiT's blocks with `torch.compile`, for static shapes when `dit_micro_batch_size` is
         set (the sampler pads to it) and for any batch size otherwise, and the VAE decoder in the channels-last
         layout (worth it on a GPU; the first chunk is slower); on a CUDA device it also runs the temporal attention
@@ -138,6 +140,7 @@ class WorldModel:
                     num_sampling_steps=num_sampling_steps,
                     micro_batch_size=dit_micro_batch_size,
                     condition_timestep=condition_timestep,
+                    action_guidance=action_guidance,
                 )
             ),
             image_size=image_size,

@@ -420,7 +420,11 @@ class TimestepEmbedder(nn.Module):
 
 
 class ActionEmbedder(nn.Module):
-    """Embeds each action of the chunk; condition frames get the learned `none_action` embedding."""
+    """Embeds each action of the chunk; condition frames get the learned `none_action` embedding.
+
+    Action dropout and guidance (options, not in the reference) give the generated frames of chosen clips the same
+    `none_action` embedding, so that one model also predicts the chunk without its actions.
+    """
 
     def __init__(self, hidden: int, action_dim: int, condition_frames: int):
         super().__init__()
@@ -428,11 +432,23 @@ class ActionEmbedder(nn.Module):
         self.none_action = nn.Embedding(1, hidden)
         self.condition_frames = condition_frames
 
-    def forward(self, actions: torch.Tensor) -> torch.Tensor:
-        """[B, A, action_dim] -> [B, condition_frames + A, hidden]."""
+    def forward(self, actions: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, A, action_dim] -> [B, condition_frames + A, hidden]; `drop` as for `generated`."""
         B = actions.shape[0]
         none = self.none_action.weight[None].expand(B, self.condition_frames, -1)
-        return torch.cat([none, self.fc(actions)], dim=1)
+        return torch.cat([none, self.generated(actions, drop)], dim=1)
+
+    def generated(self, actions: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, A, action_dim] -> [B, A, hidden], the generated frames' embeddings; clips where `drop` [B] (bool) is
+        true get `none_action` instead of their actions' (None: no clip)."""
+        embedded = self.fc(actions)
+        if drop is None:
+            return embedded
+        if drop.shape != actions.shape[:1] or drop.dtype != torch.bool:
+            raise ValueError(
+                f"drop must be a bool tensor of shape ({actions.shape[0]},), got {drop.dtype} {tuple(drop.shape)}"
+            )
+        return torch.where(drop[:, None, None], self.none_action.weight[None].to(embedded.dtype), embedded)
 
 
 class FinalLayer(nn.Module):
@@ -618,6 +634,7 @@ class STDiT3(nn.Module):
         height: int | torch.Tensor,
         width: int | torch.Tensor,
         condition_timestep: torch.Tensor | None = None,
+        drop_actions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predicts the velocity (and the unused sigma half) for every latent frame.
 
@@ -629,6 +646,8 @@ class STDiT3(nn.Module):
             height, width: the image size the latents stand for (scales the position embedding grid).
             condition_timestep: [B], the noise level the condition frames are modulated with; None: the
                 reference's fixed `CONDITION_TIMESTEP` (15). Condition-noise augmentation trains with higher levels.
+            drop_actions: [B] bool, clips whose generated frames get the "no action" embedding instead of their
+                actions' (action dropout, `ActionEmbedder.generated`); None: none (the reference).
 
         Returns:
             [B, out_channels, T, H, W] float32; channels [:in_channels] are the velocity.
@@ -641,7 +660,7 @@ class STDiT3(nn.Module):
         x_mask = x_mask.to(device=x.device, dtype=torch.bool)
         # The reference casts the timestep to the model dtype before embedding it (in bf16 this rounds it).
         t, t0 = self._timestep_embeddings(timestep.to(self.dtype), condition_timestep)
-        t_spatial = self.t_block(t[:, None] + self.action_embedder(actions.to(self.dtype)))  # [B, T, 6C]
+        t_spatial = self.t_block(t[:, None] + self.action_embedder(actions.to(self.dtype), drop_actions))  # [B, T, 6C]
         t_temporal, t0_mlp = self.t_block(t)[:, None], self.t_block(t0)[:, None]  # [B, 1, 6C] each
         tokens = self._tokens(x, height, width)  # [B, T, S, C]
         tokens, _ = self._blocks(tokens, t_spatial, t_temporal, t0_mlp, x_mask)
@@ -688,6 +707,7 @@ class STDiT3(nn.Module):
         cache: list[KeyValue],
         height: int | torch.Tensor,
         width: int | torch.Tensor,
+        drop_actions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The model output for the generated frames only, the condition frames given by `condition_cache`.
 
@@ -698,6 +718,7 @@ class STDiT3(nn.Module):
             timestep: [B].
             actions: normalized actions [B, A, action_dim].
             cache: `condition_cache` of the condition frames.
+            drop_actions: [B] bool, as for `forward`.
 
         Returns:
             [B, out_channels, A, H, W] float32.
@@ -714,7 +735,7 @@ class STDiT3(nn.Module):
         if len(cache) != cfg.depth:
             raise ValueError(f"cache must hold {cfg.depth} temporal blocks' keys/values, got {len(cache)}")
         t, t0 = self._timestep_embeddings(timestep.to(self.dtype))
-        t_spatial = self.t_block(t[:, None] + self.action_embedder.fc(actions.to(self.dtype)))  # [B, A, 6C]
+        t_spatial = self.t_block(t[:, None] + self.action_embedder.generated(actions.to(self.dtype), drop_actions))
         t_temporal, t0_mlp = self.t_block(t)[:, None], self.t_block(t0)[:, None]
         x_mask = torch.ones(B, A, dtype=torch.bool, device=x.device)
         tokens, _ = self._blocks(self._tokens(x, height, width), t_spatial, t_temporal, t0_mlp, x_mask, cache)

@@ -56,6 +56,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="condition-noise augmentation: noise each clip's condition frames to a level drawn in [15, this] "
         "(0..1000) and tell the model (default 15: the reference, no augmentation)",
     )
+    world_model.add_argument(
+        "--action-dropout",
+        type=float,
+        default=0.0,
+        help="probability that a clip is trained without its actions, for sampling with action_guidance "
+        "(default 0: the reference)",
+    )
     world_model.add_argument("--preview-every", type=int, default=500, help="steps between preview grids (0: none)")
     world_model.add_argument("--checkpoint-every", type=int, default=500)
     world_model.add_argument("--no-resume", action="store_true", help="start over even if out/ has checkpoints")
@@ -128,6 +135,7 @@ def run(args: argparse.Namespace) -> None:
             mixed_precision=args.mixed_precision,
             gradient_checkpointing=args.gradient_checkpointing,
             condition_timestep_max=args.condition_timestep_max,
+            action_dropout=args.action_dropout,
             preview_every=args.preview_every,
             checkpoint_every=args.checkpoint_every,
             resume=not args.no_resume,

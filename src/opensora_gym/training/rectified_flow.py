@@ -8,6 +8,8 @@ For clean latents x0 [B, C, Tc + A, h, w] (Tc condition frames, then A generated
 3. the model sees x_t, the timestep t and the mask (condition frames are modulated with t0 = 15 and "no action"
    inside the model); condition-noise augmentation (an option, not the reference's) draws a higher t0 per clip,
    noises the condition frames to it and tells the model, so that it learns to continue from imperfect frames;
+   action dropout (another option) gives the generated frames of some clips "no action" instead of their actions,
+   so that the model also learns the chunk without them (for the sampler's action guidance);
 4. the target is the velocity x0 - n, and the squared error is averaged over the generated frames only
    (per clip: the sum over generated frames and all channels and pixels, over their count), then over clips.
 """
@@ -63,6 +65,7 @@ def rectified_flow_loss(
     width: int,
     num_timesteps: int = 1000,
     condition_t: torch.Tensor | None = None,
+    drop_actions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reference's masked velocity loss, per clip.
 
@@ -75,6 +78,7 @@ def rectified_flow_loss(
         height, width: the image size the latents stand for.
         condition_t: [B], the noise level of each clip's condition frames, given to the model as their timestep
             (condition-noise augmentation); None: the reference's fixed t0 = 15.
+        drop_actions: [B] bool, clips trained without their actions (action dropout); None: none.
 
     Returns:
         the loss of each clip [B] float32 (the training loss is its mean).
@@ -86,7 +90,7 @@ def rectified_flow_loss(
     t0 = torch.full_like(t, CONDITION_TIMESTEP) if condition_t is None else condition_t
     x_t0 = add_noise(x0, noise, t0, num_timesteps)
     x_in = torch.where(x_mask[:, None, :, None, None], x_t, x_t0)
-    velocity = model(x_in, t, actions, x_mask, height, width, condition_t)[:, :C]  # [B, C, F, h, w]
+    velocity = model(x_in, t, actions, x_mask, height, width, condition_t, drop_actions)[:, :C]  # [B, C, F, h, w]
     squared_error = (velocity.float() - (x0 - noise).float()).pow(2)
     per_frame = reduce(squared_error, "b c f h w -> b f", "mean")
     mask = x_mask.float()

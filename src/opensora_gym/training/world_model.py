@@ -87,6 +87,10 @@ class WorldModelTrainingConfig:
             given that level as their timestep, so that it learns to continue from frames as imperfect as its
             own; the world model then samples with `condition_timestep` above 15 (`OpenSoraLiberoEnv`). The
             default 15 is the reference's fixed level (no augmentation, no extra random draw).
+        action_dropout: action dropout (not in the reference): the probability that a clip's generated frames get
+            the "no action" embedding instead of their actions', so that the model also predicts chunks without
+            them and can be sampled with guidance by the actions (`RectifiedFlowConfig.action_guidance`). The
+            default 0 is the reference's training (no extra random draw).
         seed: the run's generator (data order, timesteps, noise, posterior samples) and the initial weights.
         device: torch device of the training.
         log_every: steps between TensorBoard scalars.
@@ -122,6 +126,7 @@ class WorldModelTrainingConfig:
     timestep_scale: float = 1.0
     use_timestep_transform: bool = True
     condition_timestep_max: float = CONDITION_TIMESTEP
+    action_dropout: float = 0.0
     seed: int = 0
     device: str = "cpu"
     log_every: int = 10
@@ -173,6 +178,8 @@ class WorldModelTrainingConfig:
                 f"WorldModelTrainingConfig.condition_timestep_max must be in [{CONDITION_TIMESTEP}, 1000], "
                 f"got {self.condition_timestep_max}"
             )
+        if not 0.0 <= self.action_dropout < 1.0:
+            raise ValueError(f"WorldModelTrainingConfig.action_dropout must be in [0, 1), got {self.action_dropout}")
         if self.timestep_scale <= 0:
             raise ValueError(f"WorldModelTrainingConfig.timestep_scale must be > 0, got {self.timestep_scale}")
         if self.mixed_precision not in _MIXED_PRECISION:
@@ -244,6 +251,7 @@ def train_step(
     ema_decay: float = 0.9999,
     bf16: bool = True,
     condition_t: torch.Tensor | None = None,
+    drop_actions: torch.Tensor | None = None,
 ) -> StepOutput:
     """One optimizer step on a batch: loss, backward, clipping, AdamW, schedule, EMA.
 
@@ -251,6 +259,7 @@ def train_step(
         state: model, EMA, optimizer, scheduler (updated in place; `step` is incremented).
         x0: clean latents [B, C, Tc + A, h, w]; actions: [B, A, action_dim]; noise: like x0; t: [B].
         condition_t: [B] noise levels of the condition frames (`rectified_flow_loss`); None: the fixed 15.
+        drop_actions: [B] bool, clips trained without their actions (`rectified_flow_loss`); None: none.
         image_size: the frame side the latents stand for.
         grad_clip: largest global gradient norm (0: no clipping).
         ema_decay: EMA decay.
@@ -270,6 +279,7 @@ def train_step(
             image_size,
             image_size,
             condition_t=None if condition_t is None else condition_t.to(device),
+            drop_actions=None if drop_actions is None else drop_actions.to(device),
         )  # [B]
     loss = per_clip.mean()
     if not torch.isfinite(loss):
@@ -541,6 +551,9 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
         if config.condition_timestep_max > CONDITION_TIMESTEP:
             u = torch.rand(config.batch_size, generator=state.generator)
             condition_t = CONDITION_TIMESTEP + u * (config.condition_timestep_max - CONDITION_TIMESTEP)
+        drop_actions = None
+        if config.action_dropout > 0:
+            drop_actions = torch.rand(config.batch_size, generator=state.generator) < config.action_dropout
         out = train_step(
             state,
             x0,
@@ -552,6 +565,7 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
             config.ema_decay,
             config.mixed_precision == "bf16",
             condition_t,
+            drop_actions,
         )
         result.losses.append(float(out.per_clip.mean()))
 
