@@ -195,10 +195,13 @@ def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp
     assert [row["branch_frame"] for row in rows] == [11, 11, 11]  # frame 11 follows action 10, the first to differ
     assert [row["real"] for row in rows] == [True, False, False]
     assert all(row["imagined"] in (0.0, 0.5, 1.0) for row in rows)
+    assert all(0 <= row["peak_probability"] <= 1 for row in rows)
+    assert all(row["peak_probability"] > 0.5 for row in rows if row["imagined"] == 1.0)
     assert all(isinstance(row["classifier_on_recorded"], bool) for row in rows)
     summary = result["summary"]
     assert summary["episodes"] == 3 and summary["real_successes"] == 1
     assert summary["pairs_ordered_right"]["pairs"] == 2
+    assert 0 <= summary["pairs_ordered_right_by_peak_probability"] <= 1 and summary["auroc_peak_probability"] >= 0
     assert summary["false_success"]["of"] == 2 and summary["missed"]["of"] == 1
     seen = [row["classifier_on_recorded"] for row in rows]
     assert summary["classifier_on_recorded"] == {"false_success": sum(seen[1:]), "missed": int(not seen[0])}
@@ -211,6 +214,11 @@ def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp
     assert same == (1.0, 1.0)
     assert branch.action_response((recorded[1][None], recorded[0][None]), recorded) == (1.0, 0.0)  # swapped
     assert branch.action_response((recorded[0][None], recorded[0][None]), recorded)[0] == 0.0  # ignores actions
+    swapped_end = (
+        np.concatenate([recorded[0][:5], recorded[1][5:]]),
+        np.concatenate([recorded[1][:5], recorded[0][5:]]),
+    )
+    assert branch.action_response((swapped_end[0][None], swapped_end[1][None]), recorded, last=4) == (1.0, 0.0)
     assert branch.parse_starts(["0:1-3", "1:4"]) == {(0, 1), (0, 2), (0, 3), (1, 4)}
     with pytest.raises(ValueError, match="TASK:FIRST-LAST"):
         branch.parse_starts(["0-3"])

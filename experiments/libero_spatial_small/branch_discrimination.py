@@ -11,13 +11,16 @@ It prints and writes, per world model: the agreement of the imagined with the re
 failures imagined as successes in the majority of draws; missed: real successes imagined as failures), the AUROC
 of the imagined success share against the real outcome, and, over every pair of branches of one start with
 different real outcomes, the share that the world model orders right (ties count one half; 0.5 = blind to the
-actions). As a check of the reward model alone, it also counts the recorded episodes whose own frames (from the
-branch point) the classifier calls a success against LIBERO's flag.
+actions); the same two measures also for a finer score, the classifier's highest probability over the imagined
+frames (mean over draws), which still ranks episodes when few draws cross 0.5. As a check of the reward model
+alone, it also counts the recorded episodes whose own frames (from the branch point) the classifier calls a success
+against LIBERO's flag.
 
 How far the imagined frames follow the actions, over every pair of branches of one start and the frames both
 still have: the response (the mean absolute pixel difference between the two imagined branches over that between
 the two recorded ones; 0 = the world model ignores the actions, 1 = it moves as much as the simulator) and the share
-of draws in which each imagined branch lies nearer its own recorded branch than the other's (0.5 = blind).
+of draws in which each imagined branch lies nearer its own recorded branch than the other's (0.5 = blind); both
+also over the last 8 frames the two branches have, where the outcome shows.
 
 python experiments/libero_spatial_small/branch_discrimination.py --dataset s64b/dataset --starts 0:12-14 1:12-14 \
     --world-model embedded:libero_spatial_small wm/world_model --out discrimination.json --device cuda
@@ -71,9 +74,9 @@ def branch_point(episodes: list[Episode]) -> int:
 @torch.no_grad()
 def imagine_from(
     world_model: WorldModel, episode: Episode, first: int, draws: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per draw, whether some imagined frame from frame `first` to the episode's end has success probability > 0.5,
-    and the imagined frames ``[draws, T - first, H, W, 3]`` uint8.
+    the highest such probability, and the imagined frames ``[draws, T - first, H, W, 3]`` uint8.
 
     The condition is the recorded frames ``[first - Tc, first)``; frame ``k`` follows action ``k - 1`` (the
     dataset's convention); the last chunk repeats the episode's last action where the episode ends inside it.
@@ -86,25 +89,27 @@ def imagine_from(
         condition.to(world_model.device, world_model.vae.dtype), sample=True, generator=generators
     ).float()
     actions = episode.actions
-    success, frames = np.zeros(draws, dtype=bool), []
+    peak, frames = np.zeros(draws), []
     for start in range(first, len(episode.images), ACTION_CHUNK):
         index = np.minimum(np.arange(start - 1, start - 1 + ACTION_CHUNK), len(actions) - 1)
         chunk = torch.from_numpy(actions[index]).float()[None].expand(draws, -1, -1)
         prediction = world_model.predict_chunk(latents, chunk, generator=generators)
-        success |= (prediction.success_prob > 0.5).any(dim=1).cpu().numpy()
+        peak = np.maximum(peak, prediction.success_prob.amax(dim=1).cpu().numpy())
         frames.append(prediction.frames.cpu().numpy())  # [draws, A, H, W, 3]
         latents = torch.cat([latents, prediction.latents.float()], dim=2)[:, :, -context:]
-    return success, np.concatenate(frames, axis=1)[:, : len(episode.images) - first]
+    return peak > 0.5, peak, np.concatenate(frames, axis=1)[:, : len(episode.images) - first]
 
 
 def action_response(
-    imagined: tuple[np.ndarray, np.ndarray], recorded: tuple[np.ndarray, np.ndarray]
+    imagined: tuple[np.ndarray, np.ndarray], recorded: tuple[np.ndarray, np.ndarray], last: int | None = None
 ) -> tuple[float, float]:
     """For two branches: their imagined ``[draws, T, H, W, 3]`` and recorded ``[T, H, W, 3]`` frames from the branch
     point -> (imagined over recorded mean absolute difference between the branches, share of draws in which each
-    imagined branch is nearer its own recorded branch than the other's), over the frames both have."""
+    imagined branch is nearer its own recorded branch than the other's), over the frames both have (only the `last`
+    of them when given: where the outcome shows)."""
     length = min(len(recorded[0]), len(recorded[1]))
-    (ia, ib), (ra, rb) = ([x[..., :length, :, :, :].astype(np.float32) for x in pair] for pair in (imagined, recorded))
+    window = slice(0 if last is None else max(length - last, 0), length)
+    (ia, ib), (ra, rb) = ([x[..., window, :, :, :].astype(np.float32) for x in pair] for pair in (imagined, recorded))
     axes = (1, 2, 3, 4)  # per draw: over frames and pixels
     real = float(np.abs(ra - rb).mean())
     if real == 0:
@@ -113,6 +118,11 @@ def action_response(
     own = np.abs(ia - ra).mean(axis=axes) + np.abs(ib - rb).mean(axis=axes)
     crossed = np.abs(ia - rb).mean(axis=axes) + np.abs(ib - ra).mean(axis=axes)
     return float(between.mean() / real), float(np.mean(np.where(own == crossed, 0.5, own < crossed)))
+
+
+def _order(success_score: float, failure_score: float) -> float:
+    """1 if a pair's real success scores above its real failure, 0.5 for a tie, else 0."""
+    return 1.0 if success_score > failure_score else 0.5 if success_score == failure_score else 0.0
 
 
 @torch.no_grad()
@@ -144,11 +154,12 @@ def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: 
                 f"({episodes[0].path.name}): shrink them first (shrink.py)"
             )
         first = branch_point(episodes) + 1
-        shares, frames = [], []
+        shares, peaks, frames = [], [], []
         for episode in episodes:
             real = bool(episode.success is not None and episode.success[first:].any())
-            imagined, imagined_frames = imagine_from(world_model, episode, first, draws, seed=task * 100 + trial)
+            imagined, peak, imagined_frames = imagine_from(world_model, episode, first, draws, task * 100 + trial)
             shares.append(float(imagined.mean()))
+            peaks.append(float(peak.mean()))
             frames.append(imagined_frames)
             seen = classifier_on_recorded(world_model, episode, first)
             rows.append(
@@ -157,6 +168,7 @@ def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: 
                     "branch_frame": first,
                     "real": real,
                     "imagined": shares[-1],
+                    "peak_probability": peaks[-1],
                     "classifier_on_recorded": seen,
                 }
             )
@@ -167,10 +179,12 @@ def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: 
         for a in range(len(episodes)):
             for b in range(len(episodes)):
                 if outcome[a] and not outcome[b]:
-                    pairs.append(1.0 if shares[a] > shares[b] else 0.5 if shares[a] == shares[b] else 0.0)
+                    pairs.append([_order(shares[a], shares[b]), _order(peaks[a], peaks[b])])
                 if a < b:
                     recorded = (episodes[a].images[first:], episodes[b].images[first:])
-                    responses.append(action_response((frames[a], frames[b]), recorded))
+                    imagined_pair = (frames[a], frames[b])
+                    last = action_response(imagined_pair, recorded, last=ACTION_CHUNK)
+                    responses.append([*action_response(imagined_pair, recorded), *last])
     real = np.array([row["real"] for row in rows])
     share = np.array([row["imagined"] for row in rows])
     rates = success_agreement(share > 0.5, real).rates()  # counts and 95% Wilson intervals
@@ -178,14 +192,21 @@ def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: 
     for name, key, of in (("false_success", "false_success_rate", ~real), ("missed", "missed_success_rate", real)):
         rate = rates[key] or {"count": 0, "ci_low": float("nan"), "ci_high": float("nan")}  # None: nothing to count
         summary[name] = {"count": rate["count"], "of": int(of.sum()), "wilson_95": [rate["ci_low"], rate["ci_high"]]}
-    summary["auroc"] = auroc(share, real) if 0 < real.sum() < len(real) else None
+    peak = np.array([row["peak_probability"] for row in rows])
+    both = 0 < real.sum() < len(real)
+    summary["auroc"] = auroc(share, real) if both else None
+    summary["auroc_peak_probability"] = auroc(peak, real) if both else None
     seen = success_agreement([row["classifier_on_recorded"] for row in rows], real)
     summary["classifier_on_recorded"] = {"false_success": seen.false_success, "missed": seen.missed_success}
-    summary["pairs_ordered_right"] = {"share": float(np.mean(pairs)) if pairs else None, "pairs": len(pairs)}
-    ratio, own = np.array(responses).reshape(-1, 2).T
+    by_share, by_peak = np.array(pairs).reshape(-1, 2).T
+    summary["pairs_ordered_right"] = {"share": float(by_share.mean()) if pairs else None, "pairs": len(pairs)}
+    summary["pairs_ordered_right_by_peak_probability"] = float(by_peak.mean()) if pairs else None
+    ratio, own, last_ratio, last_own = np.array(responses).reshape(-1, 4).T
     summary["action_response"] = {
         "median_ratio": float(np.median(ratio)) if len(ratio) else None,
         "nearer_own_branch": float(own.mean()) if len(own) else None,
+        "last_chunk_median_ratio": float(np.median(last_ratio)) if len(ratio) else None,
+        "last_chunk_nearer_own_branch": float(last_own.mean()) if len(ratio) else None,
         "pairs": len(ratio),
     }
     return {"summary": summary, "episodes": rows}
