@@ -163,13 +163,14 @@ def test_branching_expert_shares_grasp_and_lift_then_places_elsewhere():
     assert not expert.experts[0].place_shift.any()
 
 
-def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp_path):
+def _branch_episodes(folder):
+    """Three branches of start (0, 0) that part at action 10 (episode 0 succeeds from frame 17) and one of (1, 5);
+    returns the shared images."""
     from opensora_gym.data import save_trajectory
 
     generator = np.random.default_rng(0)
     images = generator.integers(0, 256, size=(20, 64, 64, 3), dtype=np.uint8)
     prefix = generator.uniform(-0.5, 0.5, size=(10, 7)).astype(np.float32)
-    folder = tmp_path / "branches" / "dataset"
     folder.mkdir(parents=True)
     for episode, (task, trial) in enumerate([(0, 0), (0, 0), (0, 0), (1, 5)]):
         actions = np.concatenate([prefix, generator.uniform(-0.5, 0.5, size=(10, 7)).astype(np.float32)])
@@ -184,6 +185,12 @@ def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp
             for t in range(20)
         ]
         save_trajectory(folder / f"traj{episode:06d}_task{task:02d}_trial{trial:02d}.npy", frames)
+    return images
+
+
+def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp_path):
+    folder = tmp_path / "branches" / "dataset"
+    images = _branch_episodes(folder)
     out = tmp_path / "discrimination.json"
     run_script(
         "branch_discrimination.py", "--dataset", folder, "--starts", "0:0-2", "--world-model", checkpoint,
@@ -222,3 +229,37 @@ def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp
     assert branch.parse_starts(["0:1-3", "1:4"]) == {(0, 1), (0, 2), (0, 3), (1, 4)}
     with pytest.raises(ValueError, match="TASK:FIRST-LAST"):
         branch.parse_starts(["0-3"])
+
+
+def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpoint, tmp_path):
+    from opensora_gym.models.reward import ResNetRewardModel
+    from opensora_gym.world_model import frames_from_uint8
+
+    _branch_episodes(tmp_path / "dataset")
+    imagined = tmp_path / "imagined"
+    run_script(
+        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
+        checkpoint, "--draws", 2, "--action-guidance", 2, "--out", imagined,
+    )  # fmt: skip
+    written = TrajectoryDataset(imagined)
+    names = [path.name for path in written.paths]
+    assert names == [f"traj{e}{d:02d}_task00_trial00.npy" for e in range(3) for d in range(2)]
+    first = written.episode(0)
+    assert first.images.shape == (9, 64, 64, 3)  # frames 11-19, after the branch point
+    assert first.success.tolist() == [False] * 6 + [True] * 3  # episode 0's flags from frame 17
+    assert not any(written.episode(index).success.any() for index in range(2, 6))
+
+    out = tmp_path / "score.json"
+    run_script(
+        "imagined_frames.py", "score", "--dataset", imagined, "--classifier", Path(checkpoint) / "resnet_rm.pth",
+        "--out", out,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["summary"]["episodes"] == 3 and result["summary"]["real_successes"] == 1
+    assert result["summary"]["pairs"] == 2
+    classifier = ResNetRewardModel.from_pretrained(Path(checkpoint) / "resnet_rm.pth").eval()
+    with torch.no_grad():
+        peaks = [
+            float(classifier(frames_from_uint8(torch.from_numpy(written.episode(i).images), 64)).max()) for i in (0, 1)
+        ]
+    assert result["episodes"][0]["peak_probability"] == pytest.approx(np.mean(peaks), abs=1e-6)

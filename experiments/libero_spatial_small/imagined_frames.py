@@ -1,0 +1,148 @@
+"""Do the world model's imagined rollouts still carry the outcome? A classifier trained on imagined frames.
+
+`branch_discrimination.py` found that the success classifier, trained on the simulator's frames, does not tell the
+imagined successes of paired branches from their failures. Either the imagined frames lost the outcome, or that
+classifier does not read it in them. This script tells the two apart:
+
+- `write`: for every branch episode of the chosen starts (`branch.py`'s recordings), the world model rolls the rest
+  of the episode out from the branch point under the recorded actions, as `branch_discrimination.py` does (same
+  seeds), ``--draws`` times; each draw is saved as an episode of the imagined frames, each frame labelled with the
+  simulator's success flag of the recorded frame at the same index. The file of draw d of recorded episode n is
+  ``traj{n}{d:02d}_task{T}_trial{R}.npy``. `opensora-gym train-reward-model` then trains a classifier on them.
+- `score`: a classifier's highest success probability over each imagined episode, averaged over the draws of one
+  recorded episode, against the simulator's outcome: the AUROC and the share of (success, failure) pairs of one
+  start ordered right (ties count one half; 0.5 = no information), as `branch_discrimination.py` reports them.
+
+Trained on the imagined rollouts of some starts and scored on those of others, a classifier above chance shows that
+the imagination keeps the outcome where the simulator's classifier misses it.
+
+python experiments/libero_spatial_small/imagined_frames.py write --dataset s64b/dataset --starts 0:0-9 1:0-9 \
+    --world-model wm/world_model --action-guidance 3 --draws 2 --out imagined_train
+python experiments/libero_spatial_small/imagined_frames.py score --dataset imagined_heldout \
+    --classifier rm_imagined/resnet_rm.pth --out score.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from branch_discrimination import _NAME, _order, branch_point, imagine_from, parse_starts  # the script's folder
+
+from opensora_gym.checkpoint import resolve_checkpoint
+from opensora_gym.data import TrajectoryDataset, save_trajectory
+from opensora_gym.models.reward import ResNetRewardModel
+from opensora_gym.reliability import auroc
+from opensora_gym.world_model import WorldModel, frames_from_uint8
+
+
+def write(args: argparse.Namespace) -> None:
+    dataset, starts = TrajectoryDataset(args.dataset), parse_starts(args.starts)
+    world_model = WorldModel.from_pretrained(
+        resolve_checkpoint(args.world_model, "spatial"),
+        device=args.device,
+        dtype=torch.float32,
+        image_size=64,
+        action_guidance=args.action_guidance,
+    )
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, path in enumerate(dataset.paths):
+        match = _NAME.search(path.name)
+        if match and (int(match[2]), int(match[3])) in starts:
+            groups[int(match[2]), int(match[3])].append(index)
+    if not groups:
+        raise ValueError(f"no episode of the chosen starts {sorted(starts)} in {args.dataset}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for (task, trial), indices in sorted(groups.items()):
+        episodes = [dataset.episode(index) for index in indices]
+        first = branch_point(episodes) + 1
+        for episode in episodes:
+            _, _, frames = imagine_from(world_model, episode, first, args.draws, seed=task * 100 + trial)
+            flags = np.zeros(len(episode.images), dtype=bool) if episode.success is None else episode.success
+            number = int(_NAME.search(episode.path.name)[1])
+            for draw, imagined in enumerate(frames):
+                steps = [
+                    {
+                        "image": image,
+                        "delta_action": episode.actions[first + k],
+                        "instruction": episode.task,
+                        "success": bool(flags[first + k]),
+                    }
+                    for k, image in enumerate(imagined)
+                ]
+                save_trajectory(args.out / f"traj{number}{draw:02d}_task{task:02d}_trial{trial:02d}.npy", steps)
+            print(f"{episode.path.name}: {len(frames)} draws of {frames.shape[1]} frames", flush=True)
+
+
+@torch.no_grad()
+def score(args: argparse.Namespace) -> None:
+    dataset = TrajectoryDataset(args.dataset)
+    classifier = ResNetRewardModel.from_pretrained(args.classifier).eval()
+    peaks: dict[str, list[float]] = defaultdict(list)
+    outcome: dict[str, bool] = {}
+    start_of: dict[str, tuple[int, int]] = {}
+    for index, path in enumerate(dataset.paths):
+        match = re.search(r"traj(\d+)(\d\d)_task(\d+)_trial(\d+)\.npy$", path.name)
+        if match is None:
+            raise ValueError(f"expected files written by `write` (traj<n><draw>_task<T>_trial<R>.npy), got {path}")
+        episode = dataset.episode(index)
+        probability = classifier(frames_from_uint8(torch.from_numpy(episode.images), args.image_size))
+        key = match[1]
+        peaks[key].append(float(probability.max()))
+        outcome[key] = bool(episode.success is not None and episode.success.any())
+        start_of[key] = (int(match[3]), int(match[4]))
+    keys = sorted(peaks)
+    peak = np.array([np.mean(peaks[key]) for key in keys])
+    real = np.array([outcome[key] for key in keys])
+    pairs = [
+        _order(peak[a], peak[b])
+        for a in range(len(keys))
+        for b in range(len(keys))
+        if real[a] and not real[b] and start_of[keys[a]] == start_of[keys[b]]
+    ]
+    summary = {
+        "episodes": len(keys),
+        "real_successes": int(real.sum()),
+        "auroc_peak_probability": auroc(peak, real) if 0 < real.sum() < len(real) else None,
+        "pairs_ordered_right_by_peak_probability": float(np.mean(pairs)) if pairs else None,
+        "pairs": len(pairs),
+        "false_success": int(((peak > 0.5) & ~real).sum()),
+        "missed": int(((peak <= 0.5) & real).sum()),
+    }
+    print(json.dumps(summary))
+    rows = [
+        {"episode": key, "real": bool(r), "peak_probability": float(p)}
+        for key, r, p in zip(keys, real, peak, strict=True)
+    ]
+    args.out.write_text(json.dumps({"summary": summary, "episodes": rows}, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    writer = commands.add_parser("write", help="save the imagined rollouts of branch episodes, labelled")
+    writer.add_argument("--dataset", type=Path, required=True, help="branch.py's episodes (dataset/traj*.npy)")
+    writer.add_argument("--starts", nargs="+", required=True, help="TASK:FIRST-LAST trial ranges")
+    writer.add_argument("--world-model", required=True, help="world-model folder (or embedded:<name>)")
+    writer.add_argument("--draws", type=int, default=2, help="rollouts per episode")
+    writer.add_argument("--action-guidance", type=float, default=1.0, help="the sampler's guidance (1: none)")
+    writer.add_argument("--device", default="cpu", help="torch device")
+    writer.add_argument("--out", type=Path, required=True, help="folder for the imagined episodes")
+    scorer = commands.add_parser("score", help="AUROC and pairs of a classifier on imagined episodes")
+    scorer.add_argument("--dataset", type=Path, required=True, help="a folder written by `write`")
+    scorer.add_argument("--classifier", type=Path, required=True, help="resnet_rm.pth")
+    scorer.add_argument("--image-size", type=int, default=64, help="the classifier's input side")
+    scorer.add_argument("--out", type=Path, required=True, help="JSON output")
+    args = parser.parse_args()
+    if args.command == "write" and args.draws < 1:
+        parser.error(f"--draws must be >= 1, got {args.draws}")
+    write(args) if args.command == "write" else score(args)
+
+
+if __name__ == "__main__":
+    main()
