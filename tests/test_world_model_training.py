@@ -112,17 +112,19 @@ def test_condition_timestep_max_outside_its_range_is_rejected(recorded, tmp_path
         tiny_config(recorded, tmp_path / "run", condition_timestep_max=level)
 
 
-def test_condition_noise_augmentation_trains_and_resumes_exactly(recorded, tmp_path):
-    whole = train_world_model(tiny_config(recorded, tmp_path / "whole", max_steps=5, condition_timestep_max=400.0))
+@pytest.mark.parametrize("option", [{"condition_timestep_max": 400.0}, {"action_dropout": 0.5}])
+def test_training_options_change_the_run_and_resume_exactly(recorded, tmp_path, option):
+    # Condition-noise augmentation and action dropout draw from the run's generator: resumed runs must replay them.
+    whole = train_world_model(tiny_config(recorded, tmp_path / "whole", max_steps=5, **option))
     plain = train_world_model(tiny_config(recorded, tmp_path / "plain", max_steps=5))
-    train_world_model(tiny_config(recorded, tmp_path / "split", max_steps=3, condition_timestep_max=400.0))
-    resumed = train_world_model(tiny_config(recorded, tmp_path / "split", max_steps=5, condition_timestep_max=400.0))
+    train_world_model(tiny_config(recorded, tmp_path / "split", max_steps=3, **option))
+    resumed = train_world_model(tiny_config(recorded, tmp_path / "split", max_steps=5, **option))
     assert resumed.losses == whole.losses[3:]
     assert whole.losses != plain.losses
     assert all(math.isfinite(loss) for loss in whole.losses)
 
 
-def test_action_dropout_trains_clips_without_their_actions_and_resumes_exactly(recorded, tmp_path):
+def test_action_dropout_trains_clips_without_their_actions(recorded, tmp_path):
     torch.manual_seed(0)
     model = STDiT3(TINY_DIT).eval()
     x0, noise = torch.randn(2, 4, 12, 4, 4), torch.randn(2, 4, 12, 4, 4)
@@ -132,12 +134,6 @@ def test_action_dropout_trains_clips_without_their_actions_and_resumes_exactly(r
     assert torch.equal(loss[0], rectified_flow_loss(model, x0, actions, noise, t, 32, 32)[0])
     assert torch.equal(loss[1], rectified_flow_loss(model, x0, other, noise, t, 32, 32, drop_actions=drop)[1])
 
-    whole = train_world_model(tiny_config(recorded, tmp_path / "whole", max_steps=5, action_dropout=0.5))
-    plain = train_world_model(tiny_config(recorded, tmp_path / "plain", max_steps=5))
-    train_world_model(tiny_config(recorded, tmp_path / "split", max_steps=3, action_dropout=0.5))
-    resumed = train_world_model(tiny_config(recorded, tmp_path / "split", max_steps=5, action_dropout=0.5))
-    assert resumed.losses == whole.losses[3:]
-    assert whole.losses != plain.losses
     with pytest.raises(ValueError, match=r"action_dropout must be in \[0, 1\), got 1.0"):
         tiny_config(recorded, tmp_path / "run", action_dropout=1.0)
 

@@ -60,6 +60,29 @@ def parse_starts(values: list[str]) -> set[tuple[int, int]]:
     return starts
 
 
+def start_groups(dataset: TrajectoryDataset, starts: set) -> list[tuple[tuple[int, int], list[Episode]]]:
+    """The episodes of each chosen (task, trial) start, in start order."""
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, path in enumerate(dataset.paths):
+        match = _NAME.search(path.name)
+        if match and (int(match[2]), int(match[3])) in starts:
+            groups[int(match[2]), int(match[3])].append(index)
+    if not groups:
+        raise ValueError(f"no episode of the chosen starts {sorted(starts)} in {dataset.paths[0].parent}")
+    return [(start, [dataset.episode(index) for index in indices]) for start, indices in sorted(groups.items())]
+
+
+def load_world_model(name: str, device: str, action_guidance: float) -> WorldModel:
+    """A world-model folder (or embedded:<name>) at 64 px in float32, sampled with `action_guidance`."""
+    return WorldModel.from_pretrained(
+        resolve_checkpoint(name, "spatial"),
+        device=device,
+        dtype=torch.float32,
+        image_size=64,
+        action_guidance=action_guidance,
+    )
+
+
 def branch_point(episodes: list[Episode]) -> int:
     """The first action index at which the episodes of one start differ (they share every action before it)."""
     length = min(len(episode.actions) for episode in episodes)
@@ -137,16 +160,8 @@ def classifier_on_recorded(world_model: WorldModel, episode: Episode, first: int
 
 def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: set, draws: int) -> dict:
     """Rows per episode and the summary measures over the chosen starts."""
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, path in enumerate(dataset.paths):
-        match = _NAME.search(path.name)
-        if match and (int(match[2]), int(match[3])) in starts:
-            groups[int(match[2]), int(match[3])].append(index)
-    if not groups:
-        raise ValueError(f"no episode of the chosen starts {sorted(starts)} in {dataset.paths[0].parent}")
     rows, pairs, responses = [], [], []
-    for (task, trial), indices in sorted(groups.items()):
-        episodes = [dataset.episode(index) for index in indices]
+    for (task, trial), episodes in start_groups(dataset, starts):
         size = episodes[0].images.shape[1:3]
         if size != (world_model.image_size, world_model.image_size):
             raise ValueError(
@@ -229,13 +244,7 @@ def main() -> None:
     dataset, starts = TrajectoryDataset(args.dataset), parse_starts(args.starts)
     results = {}
     for name in args.world_model:
-        world_model = WorldModel.from_pretrained(
-            resolve_checkpoint(name, "spatial"),
-            device=args.device,
-            dtype=torch.float32,
-            image_size=64,
-            action_guidance=args.action_guidance,
-        )
+        world_model = load_world_model(name, args.device, args.action_guidance)
         results[name] = discrimination(world_model, dataset, starts, args.draws)
         print(name, json.dumps(results[name]["summary"]), flush=True)
     settings = {"draws": args.draws, "action_guidance": args.action_guidance}

@@ -32,34 +32,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from branch_discrimination import _NAME, _order, branch_point, imagine_from, parse_starts  # the script's folder
+from branch_discrimination import (  # the script's folder
+    _NAME,
+    _order,
+    branch_point,
+    imagine_from,
+    load_world_model,
+    parse_starts,
+    start_groups,
+)
 
-from opensora_gym.checkpoint import resolve_checkpoint
 from opensora_gym.data import TrajectoryDataset, save_trajectory
 from opensora_gym.models.reward import ResNetRewardModel
 from opensora_gym.reliability import auroc
-from opensora_gym.world_model import WorldModel, frames_from_uint8
+from opensora_gym.world_model import frames_from_uint8
 
 
 def write(args: argparse.Namespace) -> None:
     dataset, starts = TrajectoryDataset(args.dataset), parse_starts(args.starts)
-    world_model = WorldModel.from_pretrained(
-        resolve_checkpoint(args.world_model, "spatial"),
-        device=args.device,
-        dtype=torch.float32,
-        image_size=64,
-        action_guidance=args.action_guidance,
-    )
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, path in enumerate(dataset.paths):
-        match = _NAME.search(path.name)
-        if match and (int(match[2]), int(match[3])) in starts:
-            groups[int(match[2]), int(match[3])].append(index)
-    if not groups:
-        raise ValueError(f"no episode of the chosen starts {sorted(starts)} in {args.dataset}")
+    world_model = load_world_model(args.world_model, args.device, args.action_guidance)
+    groups = start_groups(dataset, starts)
     args.out.mkdir(parents=True, exist_ok=True)
-    for (task, trial), indices in sorted(groups.items()):
-        episodes = [dataset.episode(index) for index in indices]
+    for (task, trial), episodes in groups:
         first = branch_point(episodes) + 1
         for episode in episodes:
             _, _, frames = imagine_from(world_model, episode, first, args.draws, seed=task * 100 + trial)
