@@ -25,13 +25,7 @@ for seed in $seeds; do
   mkdir -p "$work/pack/seed$seed"
   echo "${last##*_}" > "$work/pack/seed$seed/step"
   cp -r "$run/tensorboard" "$work/pack/seed$seed/"
-  python -c "
-import sys
-from pathlib import Path
-sys.path.insert(0, '$here')
-from package import _copy_halved
-_copy_halved(Path(sys.argv[1]), Path(sys.argv[2]))
-" "$run/$last/policy" "$work/pack/seed$seed/policy"
+  python "$here/halve.py" "$run/$last/policy" "$work/pack/seed$seed/policy"
 done
 tar -cf - -C "$work/pack" . | split -b 15M -d - "$result/grpo_seeds.tar.part"
 ls -la "$result"

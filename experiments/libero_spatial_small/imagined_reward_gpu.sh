@@ -6,8 +6,8 @@
 #   1. WM0 fine-tuned with action dropout 0.2 (run 12's wmd: 2000 steps x 16 clips);
 #   2. its imagined rollouts of the branches at guidance 3, 2 draws, labelled with the simulator's flags;
 #   3. a classifier trained on them (run 12's rmi);
-#   4. WMDI: wmd's world model as float16 with rmi as its reward model and WM0's vae/ and dataset/.
-#   RESULT_DIR receives wmdi.tar (WMDI without the vae/ and dataset/ it shares with WM0, rmi's report, the
+#   4. WMDI: wmd's world model as float16 with rmi as its reward model (and WM0's vae/ and dataset/).
+#   RESULT_DIR receives wmdi.tar.part* (15 MiB pieces: cat wmdi.tar.part* | tar -x; WMDI without the vae/ and dataset/ it shares with WM0, rmi's report, the
 #   fine-tune's TensorBoard log, times.json): copy WM0's vae/ and dataset/ into its wmdi/ after unpacking.
 #   (a quick CPU check: DEVICE=cpu WM_STEPS=2 RM_STEPS=2 STARTS=0:0-1 imagined_reward_gpu.sh ...)
 set -euo pipefail
@@ -27,20 +27,11 @@ t2=$(date +%s)
 opensora-gym train-reward-model --dataset "$work/imagined_train" --out "$work/rmi" --image-size 64 \
   --widths 16 32 64 128 --max-steps "$rm_steps" --batch-size 128 --success-window 2 --device "$device" --log-every 500
 t3=$(date +%s)
-python -c "
-import shutil, sys
-from pathlib import Path
-sys.path.insert(0, '$here')
-from package import _copy_halved
-wmd, rmi, wm0, out = map(Path, sys.argv[1:])
-_copy_halved(wmd, out)
-shutil.copy2(rmi, out / 'resnet_rm.pth')
-for folder in ('vae', 'dataset'):
-    shutil.copytree(wm0 / folder, out / folder)
-" "$work/wmd/world_model" "$work/rmi/resnet_rm.pth" "$wm0" "$work/pack/wmdi"
+python "$here/halve.py" "$work/wmd/world_model" "$work/pack/wmdi"
+cp "$work/rmi/resnet_rm.pth" "$work/pack/wmdi/"
 echo "{\"world_model_s\": $((t1 - t0)), \"imagined_s\": $((t2 - t1)), \"classifier_s\": $((t3 - t2)), \"wm_steps\": $wm_steps}" \
   > "$work/pack/times.json"
 cp -r "$work/wmd/tensorboard" "$work/pack/wmd_tensorboard"
 find "$work/rmi" -maxdepth 1 -name '*.json' -exec cp {} "$work/pack/" \;
-tar -cf "$result/wmdi.tar" --exclude=./wmdi/vae --exclude=./wmdi/dataset -C "$work/pack" .
+tar -cf - -C "$work/pack" . | split -b 15M -d - "$result/wmdi.tar.part"
 ls -la "$result"
