@@ -7,8 +7,9 @@
 #   2. its imagined rollouts of the branches at guidance 3, 2 draws, labelled with the simulator's flags;
 #   3. a classifier trained on them (run 12's rmi);
 #   4. WMDI: wmd's world model as float16 with rmi as its reward model (and WM0's vae/ and dataset/).
-#   RESULT_DIR receives wmdi.tar.part* (15 MiB pieces: cat wmdi.tar.part* | tar -x; WMDI without the vae/ and dataset/ it shares with WM0, rmi's report, the
-#   fine-tune's TensorBoard log, times.json): copy WM0's vae/ and dataset/ into its wmdi/ after unpacking.
+#   RESULT_DIR receives wmdi.tar.part* (15 MiB pieces: cat wmdi.tar.part* | tar -x): WMDI without the vae/ and
+#   dataset/ it shares with WM0 (copy them into its wmdi/ after unpacking), rmi's report, the fine-tune's
+#   TensorBoard log and times.json.
 #   (a quick CPU check: DEVICE=cpu WM_STEPS=2 RM_STEPS=2 STARTS=0:0-1 imagined_reward_gpu.sh ...)
 set -euo pipefail
 wm0=$1 train=$2 branches=$3 work=$4 result=$5
