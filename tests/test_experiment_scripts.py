@@ -121,6 +121,26 @@ def test_perturb_moves_each_tensor_as_far_as_the_tuning_in_a_random_direction(tm
     assert not (tmp_path / "d").exists()
 
 
+def test_halve_copies_the_files_with_float16_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    weights = {"w": torch.randn(3, 2, generator=torch.Generator().manual_seed(0)), "step": torch.tensor([7])}
+    (tmp_path / "policy" / "sub").mkdir(parents=True)
+    save_file(weights, tmp_path / "policy" / "model.safetensors")
+    (tmp_path / "policy" / "config.json").write_text('{"hidden_size": 4}')
+    run_script("halve.py", tmp_path / "policy", tmp_path / "half")
+    halved = load_file(tmp_path / "half" / "model.safetensors")
+    assert halved["w"].dtype == torch.float16 and halved["step"].dtype == torch.int64
+    torch.testing.assert_close(halved["w"], weights["w"].half(), rtol=0, atol=0)
+    assert (tmp_path / "half" / "config.json").read_text() == '{"hidden_size": 4}'
+    assert not (tmp_path / "half" / "sub").exists()  # files only, as package.py ships them
+
+    save_file({"w": torch.full((2,), 1e6)}, tmp_path / "policy" / "model.safetensors")
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script("halve.py", tmp_path / "policy", tmp_path / "overflow")
+    assert b"does not fit in float16" in failure.value.stderr
+
+
 def _import_script(name):
     from importlib.util import module_from_spec, spec_from_file_location
 
