@@ -139,6 +139,7 @@ def test_halve_copies_the_files_with_float16_weights(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as failure:
         run_script("halve.py", tmp_path / "policy", tmp_path / "overflow")
     assert b"does not fit in float16" in failure.value.stderr
+    assert not (tmp_path / "overflow").exists()  # nothing written
 
 
 def _import_script(name):

@@ -22,22 +22,26 @@ from opensora_gym.checkpoint import CheckpointLayout
 from opensora_gym.data import TrajectoryDataset, load_trajectory, save_trajectory
 
 
-def _half(source: Path, destination: Path) -> None:
+def _halved(source: Path) -> dict[str, torch.Tensor]:
     tensors = load_file(source)
     halved = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     for name, tensor in halved.items():
         if not torch.isfinite(tensor.float()).all():
             raise FloatingPointError(f"{source}:{name} does not fit in float16")
-    save_file(halved, destination, metadata={"format": "pt"})
+    return halved
 
 
 def _copy_halved(source: Path, destination: Path) -> None:
-    """Copies the files of `source` (not its subfolders) into `destination`, safetensors weights as float16."""
+    """Copies the files of `source` (not its subfolders) into `destination`, safetensors weights as float16.
+
+    Every weight file is halved and checked before anything is written, so one that does not fit writes nothing."""
+    files = [path for path in source.iterdir() if path.is_file()]
+    halved = {path.name: _halved(path) for path in files if path.suffix == ".safetensors"}
     destination.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
-        if path.suffix == ".safetensors":
-            _half(path, destination / path.name)
-        elif path.is_file():
+    for path in files:
+        if path.name in halved:
+            save_file(halved[path.name], destination / path.name, metadata={"format": "pt"})
+        else:
             shutil.copy2(path, destination / path.name)
 
 
