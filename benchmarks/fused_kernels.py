@@ -2,8 +2,7 @@
 
 1. The causal temporal attention of the generated frames (QK-norm, rotary embedding, attention over the cached
    condition frames and themselves): `Attention`'s compiled matmul path against the fused Triton kernel
-   (`opensora_gym.models.temporal_attention`) at each launch configuration of `--block-n` x `--num-warps`, and its
-   tensor-core variant (one patch per program, the products as `tl.dot` tiles) at each `--num-warps`.
+   (`opensora_gym.models.temporal_attention`) at each launch configuration of `--block-n` x `--num-warps`.
 2. An MLP's fc1 and tanh GELU: the compiled linear + GELU pair against `linear_gelu_tanh` (one matmul with a GELU
    epilogue on a CUDA GPU).
 
@@ -114,16 +113,6 @@ def attention_rows(args, device: torch.device, dtype: torch.dtype) -> list[dict]
                         "max_difference_from_float32": max_difference(launch(*fused), exact),
                     }
                 )
-        for num_warps in args.num_warps:
-            call = (qkv, past_k, past_v, *weights, 1, num_warps, True)
-            rows.append(
-                {
-                    "kernel": f"tensor-core Triton kernel, {num_warps} warps",
-                    "num_warps": num_warps,
-                    "s": timed(lambda call=call: launch(*call), args.repeats, device),
-                    "max_difference_from_float32": max_difference(launch(*call), exact),
-                }
-            )
     return rows
 
 

@@ -60,37 +60,6 @@ def test_fused_kernel_computes_the_matmul_attention(qk_norm):
     assert result["max_difference"] <= 1e-5 * max(1.0, result["max_value"])
 
 
-def test_tensor_core_variant_computes_what_the_broadcast_kernel_computes():
-    # Odd sizes (5 patches, head_dim 12 padded to 16, 3 cached + 6 generated frames), with and without QK-norm:
-    # in float32 the two agree to float32 rounding, in bf16 to the bit (the same rounded operands, float32 sums).
-    result = interpreted(
-        """
-        import json, torch
-        from opensora_gym.models.stdit3 import RotaryEmbedding
-        from opensora_gym.models.temporal_attention import launch
-        generator = torch.Generator().manual_seed(0)
-        N, L, P, H, D = 5, 6, 3, 2, 12
-        cos, sin = RotaryEmbedding(D).pair_tables(L, P, torch.device("cpu"))
-        differences = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            for norm in (True, False):
-                qkv = torch.randn(N, L, 3 * H * D, generator=generator).to(dtype)
-                past_k, past_v = torch.randn(2, N, H, P, D, generator=generator).to(dtype)
-                weight = 1 + 0.1 * torch.randn(D, generator=generator) if norm else None
-                call = (qkv, past_k, past_v, weight, weight, cos, sin, H, 1e-6)
-                broadcast, dot = launch(*call), launch(*call, tensor_cores=True)
-                assert dot.dtype == dtype and dot.shape == (N, L, H * D)
-                differences[f"{dtype} {norm}"] = (broadcast.float() - dot.float()).abs().max().item()
-                differences[f"{dtype} {norm} scale"] = broadcast.float().abs().max().item()
-        print(json.dumps(differences))
-        """
-    )
-    for norm in (True, False):
-        assert result[f"torch.float32 {norm} scale"] > 0.5
-        assert result[f"torch.float32 {norm}"] <= 2e-6
-        assert result[f"torch.bfloat16 {norm}"] == 0.0
-
-
 def test_fused_kernel_in_bf16_adds_no_error_over_bf16_rounding_and_traces_as_one_graph():
     # The exact-mode checks of the matmul kernel, with the "triton" kernel: its bf16 error against the float32
     # uncached forward is that of the reference's plain bf16 computation; compiled blocks call it (and the fused

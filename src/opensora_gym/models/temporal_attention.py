@@ -8,10 +8,8 @@ and one head reads their raw queries, keys and values once from the `qkv` projec
 rotates them in registers with the cosines and sines of the caller's rotation tables, attends key by key (broadcast
 products and sums: tensor-core tiles would be mostly padding at these sizes), and writes the output in the layout the
 `proj` linear reads: 2.1 ms a call at those shapes, about 0.6 s of a 6.5 s chunk step (`benchmarks/fused_kernels.py`;
-README, "Speed"). That kernel is latency-bound (its score and value sums are shuffle reductions in one warp), so
-`launch(..., tensor_cores=True)` computes the same with the two products as tensor-core tiles padded to 16
-(queries 8 -> 16, keys 12 -> 16, channels 72 -> 128), one patch and one head per program; the micro-benchmark
-times both.
+README, "Speed"). A variant with the two products as tensor-core tiles padded to 16 (one patch and one head per
+program) took 2.9 ms a call at its best launch on an H100, against this kernel's 2.1 ms, and was removed.
 
 It computes what `Attention` computes with `normalize_and_rotate` and `short_causal_attention`, with the same
 roundings: queries and keys rounded once to the model dtype after the float32 norm and rotation, float32 scores and
@@ -179,137 +177,6 @@ def _fused_temporal_attention_kernel(
     tl.store(out_rows + d, out.to(dtype), mask=n_in & (l < LENGTH) & (d < head_dim))
 
 
-@triton.jit
-def _load_keys(past_ptr, new_ptr, key, i, pair_in, PAST: tl.constexpr, LENGTH: tl.constexpr):
-    """Rows `key` [KB, 1] of the keys: the cached ones (`past_ptr` rows) before PAST, then the generated frames'
-    (`new_ptr` rows), as the even and odd channels `2 i`, `2 i + 1`, float32; zeros past the last."""
-    past = (key < PAST) & pair_in
-    new = (key >= PAST) & (key < PAST + LENGTH) & pair_in
-    even_past, odd_past = _load_pairs(past_ptr, i, past)
-    even_new, odd_new = _load_pairs(new_ptr, i, new)
-    return tl.where(past, even_past, even_new), tl.where(past, odd_past, odd_new)
-
-
-@triton.jit
-def _operand(x, dtype, FLOAT32_DOT: tl.constexpr):
-    """A tile rounded to `dtype`, as a `tl.dot` operand: in `dtype`, or back in float32 with FLOAT32_DOT."""
-    if FLOAT32_DOT:
-        return x.to(dtype).to(tl.float32)
-    return x.to(dtype)
-
-
-@triton.jit
-def _dot_temporal_attention_kernel(
-    qkv_ptr,
-    past_k_ptr,
-    past_v_ptr,
-    q_weight_ptr,
-    k_weight_ptr,
-    cos_ptr,
-    sin_ptr,
-    out_ptr,
-    head_dim,
-    hidden,
-    stride_qkv_n,
-    stride_qkv_l,
-    stride_pk_n,
-    stride_pk_h,
-    stride_pk_p,
-    stride_pv_n,
-    stride_pv_h,
-    stride_pv_p,
-    stride_out_n,
-    stride_out_l,
-    eps,
-    scale,
-    HAS_NORM: tl.constexpr,
-    LENGTH: tl.constexpr,
-    PAST: tl.constexpr,
-    LB: tl.constexpr,
-    KB: tl.constexpr,
-    PB: tl.constexpr,
-    DB: tl.constexpr,
-    FLOAT32_DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """One program: one patch x one head, the two products on tensor cores. Queries [LB, PB] and keys [KB, PB]
-    (even and odd channels apart, rotated as in `_fused_temporal_attention_kernel`), values [KB, DB], each side at
-    least 16 (the smallest tile) and padded with zeros; the scores and the weighted values accumulate in float32
-    from operands rounded to the model dtype, as the other kernel's broadcast products do. With FLOAT32_DOT the
-    rounded operands go into float32 tiles (exact products, "ieee" precision: float32 models, and Triton's
-    interpreter, whose bfloat16 products are wrong) and PRECISION is "ieee"."""
-    dtype = out_ptr.dtype.element_ty
-    n, h = tl.program_id(0), tl.program_id(1)
-    l = tl.arange(0, LB)[:, None]  # noqa: E741  query frames [LB, 1]
-    key = tl.arange(0, KB)[:, None]  # key frames [KB, 1]
-    i = tl.arange(0, PB)[None, :]  # channel pairs [1, PB]
-    d = tl.arange(0, DB)[None, :]  # channels [1, DB]
-    pair_in = i < head_dim // 2
-    if HAS_NORM:
-        weight_q_even, weight_q_odd = _load_pairs(q_weight_ptr, i, pair_in)
-        weight_k_even, weight_k_odd = _load_pairs(k_weight_ptr, i, pair_in)
-    else:  # unused
-        weight_q_even = 0.0
-        weight_q_odd = 0.0
-        weight_k_even = 0.0
-        weight_k_odd = 0.0
-    rows = qkv_ptr + n * stride_qkv_n + h * head_dim
-    pasts_k = past_k_ptr + n * stride_pk_n + h * stride_pk_h
-
-    q_in = (l < LENGTH) & pair_in
-    q_even, q_odd = _load_pairs(rows + l * stride_qkv_l, i, q_in)
-    table = l * (head_dim // 2) + i
-    q_even, q_odd = _normalize_rotate(
-        q_even,
-        q_odd,
-        weight_q_even,
-        weight_q_odd,
-        tl.load(cos_ptr + table, mask=q_in, other=0.0),
-        tl.load(sin_ptr + table, mask=q_in, other=0.0),
-        head_dim,
-        eps,
-        HAS_NORM,
-    )
-
-    new = (key >= PAST) & (key < PAST + LENGTH)
-    k_even, k_odd = _load_keys(
-        pasts_k + key * stride_pk_p, rows + (key - PAST) * stride_qkv_l + hidden, key, i, pair_in, PAST, LENGTH
-    )
-    k_table = (key - PAST) * (head_dim // 2) + i
-    rotated_even, rotated_odd = _normalize_rotate(
-        k_even,
-        k_odd,
-        weight_k_even,
-        weight_k_odd,
-        tl.load(cos_ptr + k_table, mask=new & pair_in, other=0.0),
-        tl.load(sin_ptr + k_table, mask=new & pair_in, other=0.0),
-        head_dim,
-        eps,
-        HAS_NORM,
-    )
-    k_even = tl.where(new, rotated_even, k_even)  # the cached keys are normalized and rotated already
-    k_odd = tl.where(new, rotated_odd, k_odd)
-
-    q_even, k_even = _operand(q_even, dtype, FLOAT32_DOT), _operand(k_even, dtype, FLOAT32_DOT)
-    q_odd, k_odd = _operand(q_odd, dtype, FLOAT32_DOT), _operand(k_odd, dtype, FLOAT32_DOT)
-    scores = tl.dot(q_even, tl.trans(k_even), input_precision=PRECISION)
-    scores = tl.dot(q_odd, tl.trans(k_odd), scores, input_precision=PRECISION)
-    scores *= scale
-    visible = (tl.trans(key) <= PAST + l) & (tl.trans(key) < PAST + LENGTH)  # [LB, KB]
-    scores = tl.where(visible, scores, float("-inf"))
-    weights = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-    probs = _operand(weights / tl.sum(weights, axis=1)[:, None], dtype, FLOAT32_DOT)
-
-    v_in = (d < head_dim) & (key < PAST + LENGTH)
-    v_past = past_v_ptr + n * stride_pv_n + h * stride_pv_h + key * stride_pv_p + d
-    past_v = tl.load(v_past, mask=v_in & (key < PAST), other=0.0)
-    new_v = tl.load(rows + (key - PAST) * stride_qkv_l + 2 * hidden + d, mask=v_in & (key >= PAST), other=0.0)
-    values = _operand(tl.where(key < PAST, past_v, new_v), dtype, FLOAT32_DOT)  # zeros in the padding
-    out = tl.dot(probs, values, input_precision=PRECISION)
-    out_rows = out_ptr + n * stride_out_n + l * stride_out_l + h * head_dim
-    tl.store(out_rows + d, out.to(dtype), mask=(l < LENGTH) & (d < head_dim))
-
-
 @torch.library.custom_op("opensora_gym::fused_temporal_attention", mutates_args=())
 def fused_temporal_attention(
     qkv: torch.Tensor,
@@ -355,11 +222,9 @@ def launch(
     eps: float,
     block_n: int = BLOCK_N,
     num_warps: int = NUM_WARPS,
-    tensor_cores: bool = False,
 ) -> torch.Tensor:
     """`fused_temporal_attention` with a chosen launch configuration (`benchmarks/fused_kernels.py` sweeps
-    it): `block_n` patches per program (a power of 2), `num_warps` warps each; or with `tensor_cores`, one patch
-    per program and the products as tensor-core tiles (`block_n` unused). Inputs are not checked."""
+    it): `block_n` patches per program (a power of 2), `num_warps` warps each. Inputs are not checked."""
     N, L, three_hidden = qkv.shape
     hidden = three_hidden // 3
     head_dim = hidden // num_heads
@@ -369,24 +234,6 @@ def launch(
     tensors = (qkv, past_k, past_v, q_weight if has_norm else cos, k_weight if has_norm else cos, cos, sin, out)
     strides = (qkv.stride(0), qkv.stride(1), *past_k.stride()[:3], *past_v.stride()[:3], out.stride(0), out.stride(1))
     sizes = {"HAS_NORM": has_norm, "LENGTH": L, "PAST": P, "num_warps": num_warps}
-    if tensor_cores:
-        float32_dot = qkv.dtype == torch.float32 or _interpreted()
-        _dot_temporal_attention_kernel[(N, num_heads)](
-            *tensors,
-            head_dim,
-            hidden,
-            *strides,
-            eps,
-            head_dim**-0.5,
-            **sizes,
-            LB=max(16, triton.next_power_of_2(L)),
-            KB=max(16, triton.next_power_of_2(P + L)),
-            PB=max(16, triton.next_power_of_2(head_dim // 2)),
-            DB=max(16, triton.next_power_of_2(head_dim)),
-            FLOAT32_DOT=float32_dot,
-            PRECISION="ieee" if float32_dot else "tf32",  # tf32: for float32 operands only, so unused
-        )
-        return out
     _fused_temporal_attention_kernel[(triton.cdiv(N, block_n), num_heads)](
         *tensors,
         N,
