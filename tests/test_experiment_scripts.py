@@ -284,3 +284,29 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
             float(classifier(frames_from_uint8(torch.from_numpy(written.episode(i).images), 64)).max()) for i in (0, 1)
         ]
     assert result["episodes"][0]["peak_probability"] == pytest.approx(np.mean(peaks), abs=1e-6)
+
+
+def test_imagined_vs_real_ranks_the_starts_by_their_imagined_success(tmp_path):
+    # Three starts, two draws each: imagined rates 1.0, 0.5, 0.0; the first really succeeds, the others fail.
+    np.savez(
+        tmp_path / "imagined.npz",
+        task=np.array([0, 0, 0, 0, 1, 1]),
+        trial=np.array([0, 0, 1, 1, 0, 0]),
+        success=np.array([True, True, True, False, False, False]),
+    )
+    outcomes = [
+        {"episode": {"task_id": task, "trial_id": trial}, "success": success}
+        for task, trial, success in ((0, 0, True), (0, 1, False), (1, 0, False))
+    ]
+    (tmp_path / "real.json").write_text(json.dumps({"outcomes": outcomes}))
+    run_script("imagined_vs_real.py", tmp_path / "imagined.npz", tmp_path / "real.json", "--out", tmp_path / "s.json")
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["starts"] == 3 and summary["imagined_draws_per_start"] == [2, 2]
+    assert summary["imagined_rate_on_real_successes"] == 1.0 and summary["imagined_rate_on_real_failures"] == 0.25
+    assert summary["auroc"] == 1.0 and summary["real_success_rate"] == 1 / 3
+
+    outcomes.append({"episode": {"task_id": 1, "trial_id": 5}, "success": True})
+    (tmp_path / "real.json").write_text(json.dumps({"outcomes": outcomes}))
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script("imagined_vs_real.py", tmp_path / "imagined.npz", tmp_path / "real.json")
+    assert b"(task 1, trial 5) has no imagined episode" in failure.value.stderr

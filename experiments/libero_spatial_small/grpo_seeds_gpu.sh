@@ -25,7 +25,9 @@ for seed in $seeds; do
   mkdir -p "$work/pack/seed$seed"
   echo "${last##*_}" > "$work/pack/seed$seed/step"
   cp -r "$run/tensorboard" "$work/pack/seed$seed/"
-  python "$here/halve.py" "$run/$last/policy" "$work/pack/seed$seed/policy"
+  # a failed float16 copy must not lose the run: the float32 policy goes back instead
+  python "$here/halve.py" "$run/$last/policy" "$work/pack/seed$seed/policy" \
+    || cp -r "$run/$last/policy" "$work/pack/seed$seed/policy"
 done
 tar -cf - -C "$work/pack" . | split -b 15M -d - "$result/grpo_seeds.tar.part"
 ls -la "$result"
