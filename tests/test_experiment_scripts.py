@@ -269,6 +269,14 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
     assert first.images.shape == (9, 64, 64, 3)  # frames 11-19, after the branch point
     assert first.success.tolist() == [False] * 6 + [True] * 3  # episode 0's flags from frame 17
     assert not any(written.episode(index).success.any() for index in range(2, 6))
+    from_start = tmp_path / "from_start"
+    run_script(
+        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
+        checkpoint, "--draws", 1, "--from-start", "--out", from_start,
+    )  # fmt: skip
+    whole = TrajectoryDataset(from_start).episode(0)
+    assert whole.images.shape == (19, 64, 64, 3)  # frames 1-19: the env's start, frame 0 repeated, as condition
+    assert whole.success.tolist() == [False] * 16 + [True] * 3
 
     out = tmp_path / "score.json"
     run_script(

@@ -101,11 +101,13 @@ def imagine_from(
     """Per draw, whether some imagined frame from frame `first` to the episode's end has success probability > 0.5,
     the highest such probability, and the imagined frames ``[draws, T - first, H, W, 3]`` uint8.
 
-    The condition is the recorded frames ``[first - Tc, first)``; frame ``k`` follows action ``k - 1`` (the
-    dataset's convention); the last chunk repeats the episode's last action where the episode ends inside it.
+    The condition is the recorded frames ``[first - Tc, first)``, frame 0 standing in for those before it (as the
+    env repeats its start frame); frame ``k`` follows action ``k - 1`` (the dataset's convention); the last chunk
+    repeats the episode's last action where the episode ends inside it.
     """
     context, size = world_model.condition_frames, world_model.image_size
-    condition = frames_from_uint8(torch.from_numpy(episode.images[first - context : first]), size)
+    recorded = np.maximum(np.arange(first - context, first), 0)
+    condition = frames_from_uint8(torch.from_numpy(episode.images[recorded]), size)
     condition = rearrange(condition, "t c h w -> 1 c t h w").expand(draws, -1, -1, -1, -1)
     generators = [torch.Generator().manual_seed(seed * 1000 + draw) for draw in range(draws)]
     latents = world_model.vae.encode(

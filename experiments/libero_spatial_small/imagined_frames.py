@@ -6,8 +6,9 @@ classifier does not read it in them. This script tells the two apart:
 
 - `write`: for every branch episode of the chosen starts (`branch.py`'s recordings), the world model rolls the rest
   of the episode out from the branch point under the recorded actions, as `branch_discrimination.py` does (same
-  seeds), ``--draws`` times; each draw is saved as an episode of the imagined frames, each frame labelled with the
-  simulator's success flag of the recorded frame at the same index. The file of draw d of recorded episode n is
+  seeds), ``--draws`` times (with ``--from-start``, from the episode's first frame: a policy's recorded rollouts);
+  each draw is saved as an episode of the imagined frames, each frame labelled with the simulator's success flag of
+  the recorded frame at the same index. The file of draw d of recorded episode n is
   ``traj{n}{d:02d}_task{T}_trial{R}.npy``. `opensora-gym train-reward-model` then trains a classifier on them.
 - `score`: a classifier's highest success probability over each imagined episode, averaged over the draws of one
   recorded episode, against the simulator's outcome: the AUROC and the share of (success, failure) pairs of one
@@ -54,7 +55,7 @@ def write(args: argparse.Namespace) -> None:
     groups = start_groups(dataset, starts)
     args.out.mkdir(parents=True, exist_ok=True)
     for (task, trial), episodes in groups:
-        first = branch_point(episodes) + 1
+        first = 1 if args.from_start else branch_point(episodes) + 1
         for episode in episodes:
             _, _, frames = imagine_from(world_model, episode, first, args.draws, seed=task * 100 + trial)
             flags = np.zeros(len(episode.images), dtype=bool) if episode.success is None else episode.success
@@ -126,6 +127,12 @@ def main() -> None:
     writer.add_argument("--draws", type=int, default=2, help="rollouts per episode")
     writer.add_argument("--action-guidance", type=float, default=1.0, help="the sampler's guidance (1: none)")
     writer.add_argument("--device", default="cpu", help="torch device")
+    writer.add_argument(
+        "--from-start",
+        action="store_true",
+        help="imagine each episode from its first frame (as the env starts; e.g. a policy's recorded rollouts), "
+        "not from the point where its start's branches part",
+    )
     writer.add_argument("--out", type=Path, required=True, help="folder for the imagined episodes")
     scorer = commands.add_parser("score", help="AUROC and pairs of a classifier on imagined episodes")
     scorer.add_argument("--dataset", type=Path, required=True, help="a folder written by `write`")

@@ -11,19 +11,24 @@
 #   dataset/ it shares with WM0 (copy them into its wmdi/ after unpacking), rmi's report, the fine-tune's
 #   TensorBoard log and times.json.
 #   (a quick CPU check: DEVICE=cpu WM_STEPS=2 RM_STEPS=2 STARTS=0:0-1 imagined_reward_gpu.sh ...)
+#   INIT=FOLDER fine-tunes that world model instead of WM0 (WM0 still gives the statistics and the first classifier);
+#   FROM_START=1 imagines BRANCHES from each episode's first frame (a policy's recorded rollouts, run 16).
 set -euo pipefail
 wm0=$1 train=$2 branches=$3 work=$4 result=$5
 device=${DEVICE:-cuda} wm_steps=${WM_STEPS:-2000} rm_steps=${RM_STEPS:-2000} starts=${STARTS:-0:0-9 1:0-9}
+init=${INIT:-$wm0} from_start=()
+[ "${FROM_START:-0}" = 1 ] && from_start=(--from-start)
 here=$(dirname "$0")
 mkdir -p "$work" "$result"
 t0=$(date +%s)
-opensora-gym train-world-model --init-checkpoint "$wm0" --dataset "$train" --statistics "$wm0/dataset_statistics.json" \
+opensora-gym train-world-model --init-checkpoint "$init" --dataset "$train" --statistics "$wm0/dataset_statistics.json" \
   --reward-model "$wm0/resnet_rm.pth" --out "$work/wmd" --image-size 64 --device "$device" --batch-size 16 --lr 2e-4 \
   --warmup-steps 100 --ema-decay 0.998 --max-steps "$wm_steps" --checkpoint-every 250 --action-dropout 0.2 \
   --log-every 250
 t1=$(date +%s)
 python "$here/imagined_frames.py" write --dataset "$branches" --starts $starts \
-  --world-model "$work/wmd/world_model" --action-guidance 3 --draws 2 --device "$device" --out "$work/imagined_train"
+  --world-model "$work/wmd/world_model" --action-guidance 3 --draws 2 --device "$device" "${from_start[@]}" \
+  --out "$work/imagined_train"
 t2=$(date +%s)
 opensora-gym train-reward-model --dataset "$work/imagined_train" --out "$work/rmi" --image-size 64 \
   --widths 16 32 64 128 --max-steps "$rm_steps" --batch-size 128 --success-window 2 --device "$device" --log-every 500
