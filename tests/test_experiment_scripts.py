@@ -39,6 +39,10 @@ def test_shrink_merges_renumbers_and_resizes(checkpoint, tmp_path):
     np.testing.assert_array_equal(episode.actions, original.actions)
     statistics = ActionStatistics.from_json(tmp_path / "small")
     assert statistics.action_dim == original.actions.shape[1]
+    run_script("shrink.py", "--size", 32, "--first-frames", "--out", tmp_path / "starts", source)
+    starts = TrajectoryDataset(tmp_path / "starts" / "dataset")
+    assert len(starts) == len(originals) and len(starts.episode(0).images) == 1
+    np.testing.assert_array_equal(starts.episode(0).images[0], episode.images[0])
 
 
 def test_package_writes_a_float16_folder_that_the_env_loads(checkpoint, tmp_path):

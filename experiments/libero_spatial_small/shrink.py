@@ -3,7 +3,8 @@
 python experiments/libero_spatial_small/shrink.py --size 64 --out data/spatial64 data/expert_a data/expert_b
 
 Episodes are renumbered in the order given (``traj{n:06d}`` keeps the rest of each name); every per-frame key is
-kept, the image is resized with the policy's antialiased bilinear rule. ``dataset_statistics.json`` is recomputed
+kept, the image is resized with the policy's antialiased bilinear rule (``--first-frames``: only each episode's first
+frame, the start frames of a world model's ``dataset/``). ``dataset_statistics.json`` is recomputed
 from all actions (dimensions the data never varies get [-1, 1]).
 """
 
@@ -23,6 +24,9 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", help="collect output folders (with dataset/) or dataset folders")
     parser.add_argument("--out", required=True, help="output folder: dataset/ and dataset_statistics.json")
     parser.add_argument("--size", type=int, default=64, help="image side")
+    parser.add_argument(
+        "--first-frames", action="store_true", help="keep each episode's first frame only (a world model's dataset/)"
+    )
     args = parser.parse_args()
     out = Path(args.out) / "dataset"
     out.mkdir(parents=True, exist_ok=False)
@@ -30,7 +34,7 @@ def main() -> None:
     for folder in map(Path, args.folders):
         folder = folder / "dataset" if (folder / "dataset").is_dir() else folder
         for path in TrajectoryDataset(folder).paths:
-            frames = load_trajectory(path)
+            frames = load_trajectory(path)[: 1 if args.first_frames else None]
             images = resize_images(np.stack([frame["image"] for frame in frames]), args.size).numpy()
             for frame, image in zip(frames, images, strict=True):
                 frame["image"] = image
