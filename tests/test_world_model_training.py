@@ -256,6 +256,9 @@ def test_report_on_a_known_case():
     assert (b.false_success_rate, b.missed_success_rate, b.success_frames) == (0.5, 1.0, 1)
     empty = classification_report(torch.tensor([0.2]), torch.tensor([0]), torch.tensor([0]), ["c"])
     assert math.isnan(empty.missed_success_rate)
+    saved = json.loads(empty.to_json())  # valid JSON: the undefined rates are null, the defined ones kept
+    assert saved["missed_success_rate"] is None and saved["episodes"][0]["missed_success_rate"] is None
+    assert saved["false_success_rate"] == 0.0 and json.loads(report.to_json())["accuracy"] == pytest.approx(4 / 6)
 
 
 def test_reward_training_separates_two_classes(tmp_path):

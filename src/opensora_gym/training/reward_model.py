@@ -107,7 +107,7 @@ class EpisodeReport:
 
 @dataclass
 class RewardReport:
-    """Held-out results over all frames, and per episode.
+    """Held-out results over all frames, and per episode (`to_json` writes the NaN rates as null).
 
     Attributes:
         accuracy: fraction of frames where `round(prob)` equals the label.
@@ -137,6 +137,14 @@ class RewardReport:
             for e in self.episodes
         ]
         return "\n".join(lines)
+
+    def to_json(self) -> str:
+        """The report as JSON; a rate that is NaN (no frame of its class) is written as null, valid JSON."""
+        plain = asdict(self)
+        for row in [plain, *plain["episodes"]]:
+            for key in ("false_success_rate", "missed_success_rate"):
+                row[key] = None if math.isnan(row[key]) else row[key]
+        return json.dumps(plain, indent=2, allow_nan=False) + "\n"
 
 
 def _rate(hits: torch.Tensor, among: torch.Tensor) -> float:
@@ -279,5 +287,5 @@ def train_reward_model(config: RewardTrainingConfig) -> tuple[RewardReport, Path
     shutil.rmtree(tmp, ignore_errors=True)
     os.replace(model.cpu().save_pretrained(tmp), config.out / REWARD_WEIGHTS_NAME)
     shutil.rmtree(tmp)
-    (config.out / REPORT_NAME).write_text(json.dumps(asdict(report), indent=2) + "\n")
+    (config.out / REPORT_NAME).write_text(report.to_json())
     return report, config.out / REWARD_WEIGHTS_NAME
