@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from opensora_gym.checkpoint import CheckpointLayout
-from opensora_gym.data import ActionStatistics, TrajectoryDataset, load_trajectory
+from opensora_gym.data import ActionStatistics, TrajectoryDataset, load_trajectory, save_trajectory
 from opensora_gym.env import OpenSoraLiberoEnv
 from opensora_gym.spaces import controller_actions
 from opensora_gym.testing import random_chunk_actions
@@ -191,8 +191,6 @@ def test_branching_expert_shares_grasp_and_lift_then_places_elsewhere():
 def _branch_episodes(folder):
     """Three branches of start (0, 0) that part at action 10 (episode 0 succeeds from frame 17) and one of (1, 5);
     returns the shared images."""
-    from opensora_gym.data import save_trajectory
-
     generator = np.random.default_rng(0)
     images = generator.integers(0, 256, size=(20, 64, 64, 3), dtype=np.uint8)
     prefix = generator.uniform(-0.5, 0.5, size=(10, 7)).astype(np.float32)
@@ -322,3 +320,44 @@ def test_imagined_vs_real_ranks_the_starts_by_their_imagined_success(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as failure:
         run_script("imagined_vs_real.py", tmp_path / "imagined.npz", tmp_path / "real.json")
     assert b"(task 1, trial 5) has no imagined episode" in failure.value.stderr
+
+
+def _recorded(folder, outcomes):
+    """One 3-frame episode per (task 0, trial) with the simulator flagging the last frame when it succeeds."""
+    folder.mkdir(parents=True)
+    for number, (trial, success) in enumerate(outcomes):
+        steps = [
+            {"image": np.zeros((8, 8, 3), np.uint8), "delta_action": np.zeros(7, np.float32), "instruction": "put",
+             "success": success and t == 2}
+            for t in range(3)
+        ]  # fmt: skip
+        save_trajectory(folder / f"traj{number:06d}_task00_trial{trial:02d}.npy", steps)
+
+
+def test_start_or_action_separates_the_memory_of_a_start_from_the_reading_of_its_actions(tmp_path):
+    _recorded(tmp_path / "train", [(0, True), (1, False), (2, True)])
+    _recorded(tmp_path / "heldout", [(0, True), (1, True), (2, False)])  # trials 1 and 2 turn out otherwise
+    rows = [
+        {"episode": str(n), "real": real, "peak_probability": p}
+        for n, real, p in ((0, True, 0.9), (1, True, 0.8), (2, False, 0.1))
+    ]
+    (tmp_path / "score.json").write_text(json.dumps({"episodes": rows}))
+    run_script(
+        "start_or_action.py", "--score", tmp_path / "score.json", "--heldout", tmp_path / "heldout",
+        "--train", tmp_path / "train", "--out", tmp_path / "s.json",
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["episodes"] == 3 and summary["real_successes"] == 2
+    assert summary["auroc_world_model"] == 1.0
+    assert summary["auroc_training_outcome"] == 0.25  # memory (1, 0 | 1): one tie, one pair wrong
+    assert summary["starts_where_outcomes_differ"] == 2 and summary["auroc_where_outcomes_differ"] == 1.0
+    assert summary["auroc_within_training_successes"] == 1.0 and summary["auroc_within_training_failures"] is None
+
+    rows[2]["real"] = True
+    (tmp_path / "score.json").write_text(json.dumps({"episodes": rows}))
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script(
+            "start_or_action.py", "--score", tmp_path / "score.json", "--heldout", tmp_path / "heldout",
+            "--train", tmp_path / "train",
+        )  # fmt: skip
+    assert b"held-out episode 2: the score says real=True" in failure.value.stderr

@@ -1,0 +1,95 @@
+"""Does the world model read the outcome of the actions, or only remember which starts succeed? (run 16)
+
+A world model fine-tuned on a policy's recorded rollouts can score new rollouts of the same starts well by
+remembering each start's outcome in its data. GRPO compares rollouts of one start with each other, so only the
+part of the score that follows the actions helps it. This script takes `imagined_frames.py score`'s JSON of held-out
+rollouts (new samples of the policy from the training starts, imagined with `write --from-start`) and the recorded
+training rollouts, and reports:
+
+- `auroc_world_model`: the held-out imagined score (peak success probability) against the real outcome;
+- `auroc_training_outcome`: the outcome of the same start's training rollout as the score, the memory baseline;
+- `auroc_where_outcomes_differ`: the imagined score over the starts whose held-out and training outcomes differ,
+  where memory is always wrong (0.5: the actions are not read; 1: they are);
+- the imagined score's AUROC within the starts whose training rollout succeeded, and within those where it failed.
+
+python experiments/libero_spatial_small/start_or_action.py --score wmp_rmp_on_policy_cycle2.json \
+    --heldout h64/dataset --train s64/dataset --out start_or_action.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from opensora_gym.data import TrajectoryDataset
+from opensora_gym.reliability import auroc
+
+_NAME = re.compile(r"traj(\d+)_task(\d+)_trial(\d+)\.npy$")
+
+
+def outcomes_by_number(folder: Path) -> dict[int, tuple[tuple[int, int], bool]]:
+    """Episode number -> ((task, trial), whether the simulator flags a success) of a recorded dataset folder."""
+    dataset, found = TrajectoryDataset(folder), {}
+    for index, path in enumerate(dataset.paths):
+        match = _NAME.search(path.name)
+        if match is None:
+            raise ValueError(f"expected episodes named traj<n>_task<T>_trial<R>.npy, got {path.name}")
+        flags = dataset.episode(index).success
+        found[int(match[1])] = ((int(match[2]), int(match[3])), bool(flags is not None and flags.any()))
+    return found
+
+
+def _auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    return auroc(scores, labels) if 0 < labels.sum() < len(labels) else None
+
+
+def compare(rows: list[dict], heldout: dict, train: dict) -> dict:
+    """The summary for the score rows (`episode`, `real`, `peak_probability`) of held-out episodes."""
+    train_outcome: dict[tuple[int, int], list[bool]] = {}
+    for start, success in train.values():
+        train_outcome.setdefault(start, []).append(success)
+    scores, real, memory = [], [], []
+    for row in rows:
+        start, success = heldout[int(row["episode"])]
+        if success != row["real"]:
+            raise ValueError(f"held-out episode {row['episode']}: the score says real={row['real']}, the recording not")
+        if start not in train_outcome:
+            raise ValueError(f"held-out start (task, trial) {start} has no training rollout")
+        scores.append(row["peak_probability"])
+        real.append(success)
+        memory.append(float(np.mean(train_outcome[start])))
+    scores, real, memory = np.array(scores), np.array(real), np.array(memory)
+    differ = (memory >= 0.5) != real
+    return {
+        "episodes": len(rows),
+        "real_successes": int(real.sum()),
+        "auroc_world_model": _auroc(scores, real),
+        "auroc_training_outcome": _auroc(memory, real),
+        "starts_where_outcomes_differ": int(differ.sum()),
+        "auroc_where_outcomes_differ": _auroc(scores[differ], real[differ]),
+        "auroc_within_training_successes": _auroc(scores[memory >= 0.5], real[memory >= 0.5]),
+        "auroc_within_training_failures": _auroc(scores[memory < 0.5], real[memory < 0.5]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--score", type=Path, required=True, help="imagined_frames.py score's JSON (held-out)")
+    parser.add_argument("--heldout", type=Path, required=True, help="the held-out recordings that were imagined")
+    parser.add_argument("--train", type=Path, required=True, help="the recordings the world model was trained on")
+    parser.add_argument("--out", type=Path, help="also write the summary here as JSON")
+    args = parser.parse_args()
+    rows = json.loads(args.score.read_text())["episodes"]
+    summary = compare(rows, outcomes_by_number(args.heldout), outcomes_by_number(args.train))
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
