@@ -48,6 +48,14 @@ def compare(imagined: dict[str, np.ndarray], outcomes: list[dict]) -> dict:
     }
 
 
+def report(summary: dict, out: Path | None) -> None:
+    """Prints `summary` as JSON and, with `out`, writes it there too."""
+    text = json.dumps(summary, indent=1)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("imagined", type=Path, help="imagine.py's .npz")
@@ -56,11 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     with np.load(args.imagined) as data:
         imagined = {key: data[key] for key in ("task", "trial", "success")}
-    summary = compare(imagined, json.loads(args.real.read_text())["outcomes"])
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report(compare(imagined, json.loads(args.real.read_text())["outcomes"]), args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from imagined_vs_real import report  # the script's folder
 
 from opensora_gym.data import TrajectoryDataset
 from opensora_gym.reliability import auroc
@@ -84,11 +85,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the summary here as JSON")
     args = parser.parse_args()
     rows = json.loads(args.score.read_text())["episodes"]
-    summary = compare(rows, outcomes_by_number(args.heldout), outcomes_by_number(args.train))
-    text = json.dumps(summary, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report(compare(rows, outcomes_by_number(args.heldout), outcomes_by_number(args.train)), args.out)
 
 
 if __name__ == "__main__":
