@@ -335,11 +335,13 @@ def _recorded(folder, outcomes):
 
 
 def test_start_or_action_separates_the_memory_of_a_start_from_the_reading_of_its_actions(tmp_path):
-    _recorded(tmp_path / "train", [(0, True), (1, False), (2, True)])
-    _recorded(tmp_path / "heldout", [(0, True), (1, True), (2, False)])  # trials 1 and 2 turn out otherwise
+    _recorded(tmp_path / "train", [(0, True), (1, False), (2, True), (3, True), (3, False), (4, True), (4, False)])
+    _recorded(
+        tmp_path / "heldout", [(0, True), (1, True), (2, False), (3, True), (4, False)]
+    )  # 1, 2 turn out otherwise
     rows = [
         {"episode": str(n), "real": real, "peak_probability": p}
-        for n, real, p in ((0, True, 0.9), (1, True, 0.8), (2, False, 0.1))
+        for n, real, p in ((0, True, 0.9), (1, True, 0.8), (2, False, 0.1), (3, True, 0.7), (4, False, 0.3))
     ]
     (tmp_path / "score.json").write_text(json.dumps({"episodes": rows}))
     run_script(
@@ -347,11 +349,13 @@ def test_start_or_action_separates_the_memory_of_a_start_from_the_reading_of_its
         "--train", tmp_path / "train", "--out", tmp_path / "s.json",
     )  # fmt: skip
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["episodes"] == 3 and summary["real_successes"] == 2
+    assert summary["episodes"] == 5 and summary["real_successes"] == 3
     assert summary["auroc_world_model"] == 1.0
-    assert summary["auroc_training_outcome"] == 0.25  # memory (1, 0 | 1): one tie, one pair wrong
+    # memory: successes (1, 0, 0.5) against failures (1, 0.5): two ties and one pair right of six
+    assert summary["auroc_training_outcome"] == pytest.approx(2 / 6)
     assert summary["starts_where_outcomes_differ"] == 2 and summary["auroc_where_outcomes_differ"] == 1.0
     assert summary["auroc_within_training_successes"] == 1.0 and summary["auroc_within_training_failures"] is None
+    assert summary["auroc_within_mixed_starts"] == 1.0  # trials 3 and 4: 0.7 (success) above 0.3
 
     rows[2]["real"] = True
     (tmp_path / "score.json").write_text(json.dumps({"episodes": rows}))
@@ -360,4 +364,4 @@ def test_start_or_action_separates_the_memory_of_a_start_from_the_reading_of_its
             "start_or_action.py", "--score", tmp_path / "score.json", "--heldout", tmp_path / "heldout",
             "--train", tmp_path / "train",
         )  # fmt: skip
-    assert b"held-out episode 2: the score says real=True" in failure.value.stderr
+    assert b"held-out episode 2: the score says real=True, its recording False" in failure.value.stderr

@@ -7,10 +7,11 @@ rollouts (new samples of the policy from the training starts, imagined with `wri
 training rollouts, and reports:
 
 - `auroc_world_model`: the held-out imagined score (peak success probability) against the real outcome;
-- `auroc_training_outcome`: the outcome of the same start's training rollout as the score, the memory baseline;
-- `auroc_where_outcomes_differ`: the imagined score over the starts whose held-out and training outcomes differ,
-  where memory is always wrong (0.5: the actions are not read; 1: they are);
-- the imagined score's AUROC within the starts whose training rollout succeeded, and within those where it failed.
+- `auroc_training_outcome`: the share of the start's training rollouts that succeed as the score, the memory
+  baseline;
+- `auroc_where_outcomes_differ`: the imagined score over the held-out rollouts whose outcome differs from that of
+  every training rollout of their start, where memory is always wrong (0.5: the actions are not read; 1: they are);
+- the imagined score's AUROC within the starts whose training rollouts all succeeded, all failed, and both.
 
 python experiments/libero_spatial_small/start_or_action.py --score wmp_rmp_on_policy_cycle2.json \
     --heldout h64/dataset --train s64/dataset --out start_or_action.json
@@ -20,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import numpy as np
-from imagined_vs_real import report  # the script's folder
+from branch_discrimination import _NAME  # the script's folder
+from imagined_vs_real import report
 
 from opensora_gym.data import TrajectoryDataset
 from opensora_gym.reliability import auroc
-
-_NAME = re.compile(r"traj(\d+)_task(\d+)_trial(\d+)\.npy$")
 
 
 def outcomes_by_number(folder: Path) -> dict[int, tuple[tuple[int, int], bool]]:
@@ -57,14 +56,16 @@ def compare(rows: list[dict], heldout: dict, train: dict) -> dict:
     for row in rows:
         start, success = heldout[int(row["episode"])]
         if success != row["real"]:
-            raise ValueError(f"held-out episode {row['episode']}: the score says real={row['real']}, the recording not")
+            said = row["real"]
+            raise ValueError(f"held-out episode {row['episode']}: the score says real={said}, its recording {success}")
         if start not in train_outcome:
             raise ValueError(f"held-out start (task, trial) {start} has no training rollout")
         scores.append(row["peak_probability"])
         real.append(success)
         memory.append(float(np.mean(train_outcome[start])))
     scores, real, memory = np.array(scores), np.array(real), np.array(memory)
-    differ = (memory >= 0.5) != real
+    differ = ((memory == 1) & ~real) | ((memory == 0) & real)
+    mixed = (memory > 0) & (memory < 1)
     return {
         "episodes": len(rows),
         "real_successes": int(real.sum()),
@@ -72,8 +73,9 @@ def compare(rows: list[dict], heldout: dict, train: dict) -> dict:
         "auroc_training_outcome": _auroc(memory, real),
         "starts_where_outcomes_differ": int(differ.sum()),
         "auroc_where_outcomes_differ": _auroc(scores[differ], real[differ]),
-        "auroc_within_training_successes": _auroc(scores[memory >= 0.5], real[memory >= 0.5]),
-        "auroc_within_training_failures": _auroc(scores[memory < 0.5], real[memory < 0.5]),
+        "auroc_within_training_successes": _auroc(scores[memory == 1], real[memory == 1]),
+        "auroc_within_training_failures": _auroc(scores[memory == 0], real[memory == 0]),
+        "auroc_within_mixed_starts": _auroc(scores[mixed], real[mixed]),
     }
 
 
