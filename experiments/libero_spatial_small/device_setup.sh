@@ -23,4 +23,4 @@ for pair in einops:einops diffusers:diffusers gymnasium:gymnasium farama_notific
 done
 echo "installing ${#need[@]} wheels: ${need[*]}"
 [ ${#need[@]} -eq 0 ] || python3 -m pip install -q --no-deps --no-index --target /tmp/site "${need[@]}"
-python3 -c "import torch, diffusers, opensora_gym, trainers; print('torch', torch.__version__, torch.cuda.get_device_name())"
+python3 -c "import torch, diffusers, opensora_gym, trainers; print(torch.__version__, torch.cuda.get_device_name())"
