@@ -336,9 +336,8 @@ def _recorded(folder, outcomes):
 
 def test_start_or_action_separates_the_memory_of_a_start_from_the_reading_of_its_actions(tmp_path):
     _recorded(tmp_path / "train", [(0, True), (1, False), (2, True), (3, True), (3, False), (4, True), (4, False)])
-    _recorded(
-        tmp_path / "heldout", [(0, True), (1, True), (2, False), (3, True), (4, False)]
-    )  # 1, 2 turn out otherwise
+    # held out: trials 1 and 2 turn out otherwise than their training rollout
+    _recorded(tmp_path / "heldout", [(0, True), (1, True), (2, False), (3, True), (4, False)])
     rows = [
         {"episode": str(n), "real": real, "peak_probability": p}
         for n, real, p in ((0, True, 0.9), (1, True, 0.8), (2, False, 0.1), (3, True, 0.7), (4, False, 0.3))
