@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -240,6 +241,15 @@ def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp
 
     branch = _import_script("branch_discrimination.py")
     recorded = (images[10:], images[::-1][10:])
+    episodes = [TrajectoryDataset(folder).episode(index) for index in range(2)]
+    episodes[1] = replace(episodes[1], images=episodes[1].images[:13], actions=episodes[1].actions[:13])
+    world_model = branch.load_world_model(checkpoint, "cpu", 2.0)
+    peak, frames = branch.imagine_from(world_model, episodes, 3, 2, [5, 6])
+    assert peak.shape == (2, 2) and [f.shape for f in frames] == [(2, 17, 64, 64, 3), (2, 10, 64, 64, 3)]
+    for index, seed in enumerate([5, 6]):  # side by side as alone: each episode's own noise
+        alone_peak, (alone,) = branch.imagine_from(world_model, episodes[index : index + 1], 3, 2, [seed])
+        assert np.abs(frames[index].astype(int) - alone).max() <= 1
+        np.testing.assert_allclose(peak[index], alone_peak[0], atol=1e-4)
     same = branch.action_response((recorded[0][None], recorded[1][None]), recorded)  # imagined = the simulator
     assert same == (1.0, 1.0)
     assert branch.action_response((recorded[1][None], recorded[0][None]), recorded) == (1.0, 0.0)  # swapped
@@ -261,9 +271,23 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
     _branch_episodes(tmp_path / "dataset")
     imagined = tmp_path / "imagined"
     run_script(
-        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
-        checkpoint, "--draws", 2, "--action-guidance", 2, "--out", imagined,
-    )  # fmt: skip
+        "imagined_frames.py",
+        "write",
+        "--dataset",
+        tmp_path / "dataset",
+        "--starts",
+        "0:0",
+        "--world-model",
+        checkpoint,
+        "--draws",
+        2,
+        "--action-guidance",
+        2,
+        "--batch",
+        2,
+        "--out",
+        imagined,
+    )  # fmt: skip  (3 episodes: batches of 2 and 1)
     written = TrajectoryDataset(imagined)
     names = [path.name for path in written.paths]
     assert names == [f"traj{e}{d:02d}_task00_trial00.npy" for e in range(3) for d in range(2)]

@@ -96,33 +96,39 @@ def branch_point(episodes: list[Episode]) -> int:
 
 @torch.no_grad()
 def imagine_from(
-    world_model: WorldModel, episode: Episode, first: int, draws: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per draw, whether some imagined frame from frame `first` to the episode's end has success probability > 0.5,
-    the highest such probability, and the imagined frames ``[draws, T - first, H, W, 3]`` uint8.
+    world_model: WorldModel, episodes: list[Episode], first: int, draws: int, seeds: list[int]
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Imagine `episodes` side by side from frame `first` on under their recorded actions, `draws` times each ->
+    the highest success probability over each draw's imagined frames ``[E, draws]`` and, per episode, the imagined
+    frames ``[draws, T - first, H, W, 3]`` uint8 (T: that episode's length).
 
     The condition is the recorded frames ``[first - Tc, first)``, frame 0 standing in for those before it (as the
-    env repeats its start frame); frame ``k`` follows action ``k - 1`` (the dataset's convention); the last chunk
-    repeats the episode's last action where the episode ends inside it.
+    env repeats its start frame); frame ``k`` follows action ``k - 1`` (the dataset's convention); an episode that
+    ends before the longest repeats its last action, and the frames after its end are dropped. Draw d of episode e
+    takes its noise from a generator seeded ``seeds[e] * 1000 + d``, so it does not depend on the other episodes.
     """
     context, size = world_model.condition_frames, world_model.image_size
     recorded = np.maximum(np.arange(first - context, first), 0)
-    condition = frames_from_uint8(torch.from_numpy(episode.images[recorded]), size)
-    condition = rearrange(condition, "t c h w -> 1 c t h w").expand(draws, -1, -1, -1, -1)
-    generators = [torch.Generator().manual_seed(seed * 1000 + draw) for draw in range(draws)]
+    condition = torch.stack([frames_from_uint8(torch.from_numpy(e.images[recorded]), size) for e in episodes])
+    condition = rearrange(condition, "e t c h w -> e c t h w").repeat_interleave(draws, dim=0)
+    generators = [torch.Generator().manual_seed(seed * 1000 + draw) for seed in seeds for draw in range(draws)]
     latents = world_model.vae.encode(
         condition.to(world_model.device, world_model.vae.dtype), sample=True, generator=generators
     ).float()
-    actions = episode.actions
-    peak, frames = np.zeros(draws), []
-    for start in range(first, len(episode.images), ACTION_CHUNK):
-        index = np.minimum(np.arange(start - 1, start - 1 + ACTION_CHUNK), len(actions) - 1)
-        chunk = torch.from_numpy(actions[index]).float()[None].expand(draws, -1, -1)
+    lengths = np.array([len(episode.images) for episode in episodes])
+    peak, frames = np.zeros((len(episodes), draws)), []
+    for start in range(first, lengths.max(), ACTION_CHUNK):
+        steps = np.arange(start - 1, start - 1 + ACTION_CHUNK)
+        chunk = np.stack([episode.actions[np.minimum(steps, len(episode.actions) - 1)] for episode in episodes])
+        chunk = torch.from_numpy(chunk).float().repeat_interleave(draws, dim=0)
         prediction = world_model.predict_chunk(latents, chunk, generator=generators)
-        peak = np.maximum(peak, prediction.success_prob.amax(dim=1).cpu().numpy())
-        frames.append(prediction.frames.cpu().numpy())  # [draws, A, H, W, 3]
+        inside = torch.from_numpy(start + np.arange(ACTION_CHUNK)[None] < lengths[:, None])  # [E, A]
+        probability = prediction.success_prob.cpu().reshape(len(episodes), draws, ACTION_CHUNK)
+        peak = np.maximum(peak, probability.masked_fill(~inside[:, None], 0).amax(dim=2).numpy())
+        frames.append(prediction.frames.cpu().numpy())  # [E * draws, A, H, W, 3]
         latents = torch.cat([latents, prediction.latents.float()], dim=2)[:, :, -context:]
-    return peak > 0.5, peak, np.concatenate(frames, axis=1)[:, : len(episode.images) - first]
+    frames = np.concatenate(frames, axis=1).reshape(len(episodes), draws, -1, size, size, 3)
+    return peak, [imagined[:, : length - first] for imagined, length in zip(frames, lengths, strict=True)]
 
 
 def action_response(
@@ -171,26 +177,24 @@ def discrimination(world_model: WorldModel, dataset: TrajectoryDataset, starts: 
                 f"({episodes[0].path.name}): shrink them first (shrink.py)"
             )
         first = branch_point(episodes) + 1
-        shares, peaks, frames = [], [], []
-        for episode in episodes:
+        peak, frames = imagine_from(world_model, episodes, first, draws, [task * 100 + trial] * len(episodes))
+        shares, peaks = (peak > 0.5).mean(axis=1).tolist(), peak.mean(axis=1).tolist()
+        for index, episode in enumerate(episodes):
             real = bool(episode.success is not None and episode.success[first:].any())
-            imagined, peak, imagined_frames = imagine_from(world_model, episode, first, draws, task * 100 + trial)
-            shares.append(float(imagined.mean()))
-            peaks.append(float(peak.mean()))
-            frames.append(imagined_frames)
             seen = classifier_on_recorded(world_model, episode, first)
             rows.append(
                 {
                     "episode": episode.path.name,
                     "branch_frame": first,
                     "real": real,
-                    "imagined": shares[-1],
-                    "peak_probability": peaks[-1],
+                    "imagined": shares[index],
+                    "peak_probability": peaks[index],
                     "classifier_on_recorded": seen,
                 }
             )
             print(
-                f"{episode.path.name}: frame {first}, real {real}, imagined {shares[-1]:.2f}, seen {seen}", flush=True
+                f"{episode.path.name}: frame {first}, real {real}, imagined {shares[index]:.2f}, seen {seen}",
+                flush=True,
             )
         outcome = [row["real"] for row in rows[-len(episodes) :]]
         for a in range(len(episodes)):

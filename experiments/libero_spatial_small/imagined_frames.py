@@ -10,6 +10,7 @@ classifier does not read it in them. This script tells the two apart:
   each draw is saved as an episode of the imagined frames, each frame labelled with the simulator's success flag of
   the recorded frame at the same index. The file of draw d of recorded episode n is
   ``traj{n}{d:02d}_task{T}_trial{R}.npy``. `opensora-gym train-reward-model` then trains a classifier on them.
+  ``--batch`` episodes are imagined side by side (each with its own noise: the frames do not depend on the batch).
 - `score`: a classifier's highest success probability over each imagined episode, averaged over the draws of one
   recorded episode, against the simulator's outcome: the AUROC and the share of (success, failure) pairs of one
   start ordered right (ties count one half; 0.5 = no information), as `branch_discrimination.py` reports them.
@@ -43,7 +44,7 @@ from branch_discrimination import (  # the script's folder
     start_groups,
 )
 
-from opensora_gym.data import TrajectoryDataset, save_trajectory
+from opensora_gym.data import Episode, TrajectoryDataset, save_trajectory
 from opensora_gym.models.reward import ResNetRewardModel
 from opensora_gym.reliability import auroc
 from opensora_gym.world_model import frames_from_uint8
@@ -52,26 +53,37 @@ from opensora_gym.world_model import frames_from_uint8
 def write(args: argparse.Namespace) -> None:
     dataset, starts = TrajectoryDataset(args.dataset), parse_starts(args.starts)
     world_model = load_world_model(args.world_model, args.device, args.action_guidance)
-    groups = start_groups(dataset, starts)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for (task, trial), episodes in groups:
+    jobs = defaultdict(list)  # the episodes imagined from one frame, with their starts
+    for (task, trial), episodes in start_groups(dataset, starts):
         first = 1 if args.from_start else branch_point(episodes) + 1
-        for episode in episodes:
-            _, _, frames = imagine_from(world_model, episode, first, args.draws, seed=task * 100 + trial)
-            flags = np.zeros(len(episode.images), dtype=bool) if episode.success is None else episode.success
-            number = int(_NAME.search(episode.path.name)[1])
-            for draw, imagined in enumerate(frames):
-                steps = [
-                    {
-                        "image": image,
-                        "delta_action": episode.actions[first + k],
-                        "instruction": episode.task,
-                        "success": bool(flags[first + k]),
-                    }
-                    for k, image in enumerate(imagined)
-                ]
-                save_trajectory(args.out / f"traj{number}{draw:02d}_task{task:02d}_trial{trial:02d}.npy", steps)
-            print(f"{episode.path.name}: {len(frames)} draws of {frames.shape[1]} frames", flush=True)
+        jobs[first].extend((episode, task, trial) for episode in episodes)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for first, items in jobs.items():
+        items.sort(key=lambda item: len(item[0].images))  # side by side with episodes of about the same length
+        for begin in range(0, len(items), args.batch):
+            batch = items[begin : begin + args.batch]
+            seeds = [task * 100 + trial for _, task, trial in batch]
+            _, frames = imagine_from(world_model, [episode for episode, _, _ in batch], first, args.draws, seeds)
+            for (episode, task, trial), draws in zip(batch, frames, strict=True):
+                save_draws(args.out, episode, task, trial, first, draws)
+                print(f"{episode.path.name}: {len(draws)} draws of {draws.shape[1]} frames", flush=True)
+
+
+def save_draws(out: Path, episode: Episode, task: int, trial: int, first: int, draws: np.ndarray) -> None:
+    """Each draw's imagined frames as an episode, labelled with the recorded frames' success flags."""
+    flags = np.zeros(len(episode.images), dtype=bool) if episode.success is None else episode.success
+    number = int(_NAME.search(episode.path.name)[1])
+    for draw, imagined in enumerate(draws):
+        steps = [
+            {
+                "image": image,
+                "delta_action": episode.actions[first + k],
+                "instruction": episode.task,
+                "success": bool(flags[first + k]),
+            }
+            for k, image in enumerate(imagined)
+        ]
+        save_trajectory(out / f"traj{number}{draw:02d}_task{task:02d}_trial{trial:02d}.npy", steps)
 
 
 @torch.no_grad()
@@ -127,6 +139,7 @@ def main() -> None:
     writer.add_argument("--draws", type=int, default=2, help="rollouts per episode")
     writer.add_argument("--action-guidance", type=float, default=1.0, help="the sampler's guidance (1: none)")
     writer.add_argument("--device", default="cpu", help="torch device")
+    writer.add_argument("--batch", type=int, default=16, help="episodes imagined side by side")
     writer.add_argument(
         "--from-start",
         action="store_true",
@@ -140,8 +153,8 @@ def main() -> None:
     scorer.add_argument("--image-size", type=int, default=64, help="the classifier's input side")
     scorer.add_argument("--out", type=Path, required=True, help="JSON output")
     args = parser.parse_args()
-    if args.command == "write" and args.draws < 1:
-        parser.error(f"--draws must be >= 1, got {args.draws}")
+    if args.command == "write" and min(args.draws, args.batch) < 1:
+        parser.error(f"--draws and --batch must be >= 1, got {args.draws} and {args.batch}")
     write(args) if args.command == "write" else score(args)
 
 
