@@ -379,6 +379,8 @@ def test_start_or_action_separates_the_memory_of_a_start_from_the_reading_of_its
     assert summary["starts_where_outcomes_differ"] == 2 and summary["auroc_where_outcomes_differ"] == 1.0
     assert summary["auroc_within_training_successes"] == 1.0 and summary["auroc_within_training_failures"] is None
     assert summary["auroc_within_mixed_starts"] == 1.0  # trials 3 and 4: 0.7 (success) above 0.3
+    low, high = summary["auroc_training_outcome_interval_95"]
+    assert 0 <= low < 2 / 6 < high <= 1 and summary["auroc_within_training_failures_interval_95"] is None
 
     rows[2]["real"] = True
     (tmp_path / "score.json").write_text(json.dumps({"episodes": rows}))

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from opensora_gym.env import OpenSoraLiberoConfig, OpenSoraLiberoEnv
-from opensora_gym.reliability import auroc, average_ranks, classifier_uncertainty, draw_disagreement, spearman
+from opensora_gym.reliability import (
+    auroc,
+    auroc_interval,
+    average_ranks,
+    classifier_uncertainty,
+    draw_disagreement,
+    spearman,
+)
 from opensora_gym.testing import random_chunk_actions
 from opensora_gym.world_model import WorldModel
 from trainers.advantages import Targets
@@ -32,6 +39,17 @@ def constant_classifier(checkpoint, prob):
 
 
 # ------------------------------------------------------------------------------------------ known answers
+
+
+def test_auroc_interval_follows_hanley_and_mcneil():
+    # A = 0.5, 10 and 10: Q1 = Q2 = 1/3, SE^2 = (0.25 + 9/12 + 9/12) / 100 = 0.0175
+    low, high = auroc_interval(0.5, 10, 10)
+    assert low == pytest.approx(0.5 - 1.959964 * np.sqrt(0.0175)) and high == pytest.approx(1 - low)
+    narrow = auroc_interval(0.5, 100, 100)
+    assert high - low > narrow[1] - narrow[0] > 0  # more samples, a narrower interval
+    assert auroc_interval(1.0, 5, 5) == (1.0, 1.0) and auroc_interval(0.9, 3, 4)[1] == 1.0  # clipped to [0, 1]
+    with pytest.raises(ValueError, match="both classes"):
+        auroc_interval(0.5, 0, 10)
 
 
 def test_auroc_known_cases():

@@ -11,7 +11,8 @@ training rollouts, and reports:
   baseline;
 - `auroc_where_outcomes_differ`: the imagined score over the held-out rollouts whose outcome differs from that of
   every training rollout of their start, where memory is always wrong (0.5: the actions are not read; 1: they are);
-- the imagined score's AUROC within the starts whose training rollouts all succeeded, all failed, and both.
+- the imagined score's AUROC within the starts whose training rollouts all succeeded, all failed, and both;
+- beside each AUROC its 95% interval (Hanley and McNeil's standard error, `<name>_interval_95`).
 
 python experiments/libero_spatial_small/start_or_action.py --score wmp_rmp_on_policy_cycle2.json \
     --heldout h64/dataset --train s64/dataset --out start_or_action.json
@@ -28,7 +29,7 @@ from branch_discrimination import _NAME  # the script's folder
 from imagined_vs_real import report
 
 from opensora_gym.data import TrajectoryDataset
-from opensora_gym.reliability import auroc
+from opensora_gym.reliability import auroc, auroc_interval
 
 
 def outcomes_by_number(folder: Path) -> dict[int, tuple[tuple[int, int], bool]]:
@@ -45,6 +46,17 @@ def outcomes_by_number(folder: Path) -> dict[int, tuple[tuple[int, int], bool]]:
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
     return auroc(scores, labels) if 0 < labels.sum() < len(labels) else None
+
+
+def _with_intervals(measures: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Each named AUROC and, beside it, its 95% interval (`<name>_interval_95`; None where a class is missing)."""
+    summary = {}
+    for name, (scores, labels) in measures.items():
+        area = summary[name] = _auroc(scores, labels)
+        positives = int(labels.sum())
+        interval = None if area is None else auroc_interval(area, positives, len(labels) - positives)
+        summary[f"{name}_interval_95"] = interval
+    return summary
 
 
 def compare(rows: list[dict], heldout: dict, train: dict) -> dict:
@@ -66,17 +78,20 @@ def compare(rows: list[dict], heldout: dict, train: dict) -> dict:
     scores, real, memory = np.array(scores), np.array(real), np.array(memory)
     differ = ((memory == 1) & ~real) | ((memory == 0) & real)
     mixed = (memory > 0) & (memory < 1)
-    return {
+    measures = {
+        "auroc_world_model": (scores, real),
+        "auroc_training_outcome": (memory, real),
+        "auroc_where_outcomes_differ": (scores[differ], real[differ]),
+        "auroc_within_training_successes": (scores[memory == 1], real[memory == 1]),
+        "auroc_within_training_failures": (scores[memory == 0], real[memory == 0]),
+        "auroc_within_mixed_starts": (scores[mixed], real[mixed]),
+    }
+    counts = {
         "episodes": len(rows),
         "real_successes": int(real.sum()),
-        "auroc_world_model": _auroc(scores, real),
-        "auroc_training_outcome": _auroc(memory, real),
         "starts_where_outcomes_differ": int(differ.sum()),
-        "auroc_where_outcomes_differ": _auroc(scores[differ], real[differ]),
-        "auroc_within_training_successes": _auroc(scores[memory == 1], real[memory == 1]),
-        "auroc_within_training_failures": _auroc(scores[memory == 0], real[memory == 0]),
-        "auroc_within_mixed_starts": _auroc(scores[mixed], real[mixed]),
     }
+    return counts | _with_intervals(measures)
 
 
 def main() -> None:

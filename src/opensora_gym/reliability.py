@@ -9,8 +9,8 @@ Two signals, one number per sub-env and chunk, larger meaning less trustworthy:
   chunk, `1 - 2 * min_t |p_t - 0.5|` in [0, 1]: 0 when every frame is classified with probability 0 or 1, 1 when
   some frame sits exactly on the threshold.
 
-`auroc` and `spearman` measure how well a signal predicts what went wrong (a false success, a large frame error);
-`benchmarks/reliability_validation.py` computes them against recorded episodes.
+`auroc` (with `auroc_interval`) and `spearman` measure how well a signal predicts what went wrong (a false
+success, a large frame error); `benchmarks/reliability_validation.py` computes them against recorded episodes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from einops import reduce
+
+from opensora_gym.intervals import Z_95
 
 
 def draw_disagreement(draws: torch.Tensor) -> torch.Tensor:
@@ -90,6 +92,20 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
         raise ValueError(f"AUROC needs both classes, got {positives} positives and {negatives} negatives")
     rank_sum = average_ranks(scores)[labels].sum()
     return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def auroc_interval(area: float, positives: int, negatives: int, z: float = Z_95) -> tuple[float, float]:
+    """Normal-approximation interval (95% by default) of an AUROC `area` from `positives` and `negatives` samples,
+    with Hanley and McNeil's (1982) standard error, clipped to [0, 1].
+
+    SE^2 = (A (1 - A) + (P - 1)(Q1 - A^2) + (N - 1)(Q2 - A^2)) / (P N), Q1 = A / (2 - A), Q2 = 2 A^2 / (1 + A).
+    """
+    if positives < 1 or negatives < 1 or not 0 <= area <= 1:
+        raise ValueError(f"expected an area in [0, 1] and both classes, got {area}, {positives} and {negatives}")
+    q1, q2 = area / (2 - area), 2 * area**2 / (1 + area)
+    variance = area * (1 - area) + (positives - 1) * (q1 - area**2) + (negatives - 1) * (q2 - area**2)
+    half = z * np.sqrt(max(variance, 0.0) / (positives * negatives))
+    return float(max(area - half, 0.0)), float(min(area + half, 1.0))
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
