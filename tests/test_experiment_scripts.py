@@ -303,6 +303,19 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
     whole = TrajectoryDataset(from_start).episode(0)
     assert whole.images.shape == (19, 64, 64, 3)  # frames 1-19: the env's start, frame 0 repeated, as condition
     assert whole.success.tolist() == [False] * 16 + [True] * 3
+    later = tmp_path / "from_frame"
+    run_script(
+        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
+        checkpoint, "--draws", 1, "--from-frame", 15, "--out", later,
+    )  # fmt: skip
+    tail = TrajectoryDataset(later).episode(0)
+    assert tail.images.shape == (5, 64, 64, 3) and tail.success.tolist() == [False] * 2 + [True] * 3  # frames 15-19
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script(
+            "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
+            checkpoint, "--from-frame", 20, "--out", tmp_path / "too_late",
+        )  # fmt: skip
+    assert b"imagining from frame 20 needs episodes longer than that" in failure.value.stderr
 
     out = tmp_path / "score.json"
     run_script(

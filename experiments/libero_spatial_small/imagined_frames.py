@@ -6,7 +6,8 @@ classifier does not read it in them. This script tells the two apart:
 
 - `write`: for every branch episode of the chosen starts (`branch.py`'s recordings), the world model rolls the rest
   of the episode out from the branch point under the recorded actions, as `branch_discrimination.py` does (same
-  seeds), ``--draws`` times (with ``--from-start``, from the episode's first frame: a policy's recorded rollouts);
+  seeds), ``--draws`` times (with ``--from-start``, from the episode's first frame: a policy's recorded rollouts;
+  with ``--from-frame K``, from recorded frame K, the frames K - 4 .. K - 1 as the condition);
   each draw is saved as an episode of the imagined frames, each frame labelled with the simulator's success flag of
   the recorded frame at the same index. The file of draw d of recorded episode n is
   ``traj{n}{d:02d}_task{T}_trial{R}.npy``. `opensora-gym train-reward-model` then trains a classifier on them.
@@ -55,7 +56,10 @@ def write(args: argparse.Namespace) -> None:
     world_model = load_world_model(args.world_model, args.device, args.action_guidance)
     jobs = defaultdict(list)  # the episodes imagined from one frame, with their starts
     for (task, trial), episodes in start_groups(dataset, starts):
-        first = 1 if args.from_start else branch_point(episodes) + 1
+        first = 1 if args.from_start else branch_point(episodes) + 1 if args.from_frame is None else args.from_frame
+        short = [episode.path.name for episode in episodes if len(episode.images) <= first]
+        if short:
+            raise ValueError(f"imagining from frame {first} needs episodes longer than that, got {short}")
         jobs[first].extend((episode, task, trial) for episode in episodes)
     args.out.mkdir(parents=True, exist_ok=True)
     for first, items in jobs.items():
@@ -140,11 +144,18 @@ def main() -> None:
     writer.add_argument("--action-guidance", type=float, default=1.0, help="the sampler's guidance (1: none)")
     writer.add_argument("--device", default="cpu", help="torch device")
     writer.add_argument("--batch", type=int, default=16, help="episodes imagined side by side")
-    writer.add_argument(
+    where = writer.add_mutually_exclusive_group()
+    where.add_argument(
         "--from-start",
         action="store_true",
         help="imagine each episode from its first frame (as the env starts; e.g. a policy's recorded rollouts), "
         "not from the point where its start's branches part",
+    )
+    where.add_argument(
+        "--from-frame",
+        type=int,
+        help="imagine each episode from this recorded frame on (its 4 frames before as the condition): how far "
+        "into an episode the imagined outcome starts to follow the real one",
     )
     writer.add_argument("--out", type=Path, required=True, help="folder for the imagined episodes")
     scorer = commands.add_parser("score", help="AUROC and pairs of a classifier on imagined episodes")
@@ -155,6 +166,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "write" and min(args.draws, args.batch) < 1:
         parser.error(f"--draws and --batch must be >= 1, got {args.draws} and {args.batch}")
+    if args.command == "write" and args.from_frame is not None and args.from_frame < 1:
+        parser.error(f"--from-frame must be >= 1, got {args.from_frame}")
     write(args) if args.command == "write" else score(args)
 
 
