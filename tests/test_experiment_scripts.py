@@ -270,24 +270,11 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
 
     _branch_episodes(tmp_path / "dataset")
     imagined = tmp_path / "imagined"
+    # 3 episodes: batches of 2 and 1
     run_script(
-        "imagined_frames.py",
-        "write",
-        "--dataset",
-        tmp_path / "dataset",
-        "--starts",
-        "0:0",
-        "--world-model",
-        checkpoint,
-        "--draws",
-        2,
-        "--action-guidance",
-        2,
-        "--batch",
-        2,
-        "--out",
-        imagined,
-    )  # fmt: skip  (3 episodes: batches of 2 and 1)
+        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
+        checkpoint, "--draws", 2, "--action-guidance", 2, "--batch", 2, "--out", imagined,
+    )  # fmt: skip
     written = TrajectoryDataset(imagined)
     names = [path.name for path in written.paths]
     assert names == [f"traj{e}{d:02d}_task00_trial00.npy" for e in range(3) for d in range(2)]
