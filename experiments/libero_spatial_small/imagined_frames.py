@@ -56,7 +56,10 @@ def write(args: argparse.Namespace) -> None:
     world_model = load_world_model(args.world_model, args.device, args.action_guidance)
     jobs = defaultdict(list)  # the episodes imagined from one frame, with their starts
     for (task, trial), episodes in start_groups(dataset, starts):
-        first = 1 if args.from_start else branch_point(episodes) + 1 if args.from_frame is None else args.from_frame
+        if args.from_frame is not None:
+            first = args.from_frame
+        else:
+            first = 1 if args.from_start else branch_point(episodes) + 1
         short = [episode.path.name for episode in episodes if len(episode.images) <= first]
         if short:
             raise ValueError(f"imagining from frame {first} needs episodes longer than that, got {short}")

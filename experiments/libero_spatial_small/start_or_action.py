@@ -44,18 +44,14 @@ def outcomes_by_number(folder: Path) -> dict[int, tuple[tuple[int, int], bool]]:
     return found
 
 
-def _auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
-    return auroc(scores, labels) if 0 < labels.sum() < len(labels) else None
-
-
 def _with_intervals(measures: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
-    """Each named AUROC and, beside it, its 95% interval (`<name>_interval_95`; None where a class is missing)."""
+    """Each named AUROC and, beside it, its 95% interval (`<name>_interval_95`); both None where a class is missing."""
     summary = {}
     for name, (scores, labels) in measures.items():
-        area = summary[name] = _auroc(scores, labels)
-        positives = int(labels.sum())
-        interval = None if area is None else auroc_interval(area, positives, len(labels) - positives)
-        summary[f"{name}_interval_95"] = interval
+        positives, negatives = int(labels.sum()), int((~labels).sum())
+        both = positives > 0 and negatives > 0
+        summary[name] = auroc(scores, labels) if both else None
+        summary[f"{name}_interval_95"] = auroc_interval(summary[name], positives, negatives) if both else None
     return summary
 
 
