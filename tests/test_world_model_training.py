@@ -206,11 +206,21 @@ def test_cli_trains_a_world_model(recorded, tmp_path):
     cli_main(
         ["train-world-model", "--dataset", str(recorded / "dataset"), "--vae", str(recorded / "vae"),
          "--out", str(tmp_path / "cli"), "--image-size", "32", "--preset", "tiny", "--depth", "1",
-         "--hidden-size", "32", "--num-heads", "2", "--max-steps", "2", "--batch-size", "2",
+         "--hidden-size", "32", "--num-heads", "2", "--patch-size", "1", "--max-steps", "2", "--batch-size", "2",
          "--mixed-precision", "no", "--preview-every", "0"]
     )  # fmt: skip
-    assert (tmp_path / "cli" / "world_model" / "config.json").is_file()
-    assert (tmp_path / "cli" / "world_model" / "dataset_statistics.json").is_file()
+    exported = tmp_path / "cli" / "world_model"
+    assert json.loads((exported / "config.json").read_text())["patch_size"] == [1, 1, 1]
+    assert (exported / "dataset_statistics.json").is_file()
+    dit = STDiT3.from_pretrained(exported)
+    assert dit.x_embedder.proj.kernel_size == (1, 1, 1), "one token per latent pixel"
+
+    with pytest.raises(SystemExit, match=r"expected no size options, got \['depth', 'patch_size'\]"):
+        cli_main(
+            ["train-world-model", "--dataset", str(recorded / "dataset"), "--init-checkpoint", str(exported),
+             "--out", str(tmp_path / "tuned"), "--depth", "2", "--patch-size", "2"]
+        )  # fmt: skip
+    assert not (tmp_path / "tuned").exists(), "refused before anything is written"
 
 
 def test_vae_training_lowers_the_loss_and_writes_a_calibrated_vae(recorded, tmp_path):

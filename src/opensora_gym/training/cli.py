@@ -41,6 +41,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     source.add_argument("--init-checkpoint", help="fine-tune this folder in the released layout")
     for name in ("depth", "hidden-size", "num-heads"):
         world_model.add_argument(f"--{name}", type=int, help="override the preset's value")
+    world_model.add_argument(
+        "--patch-size",
+        type=int,
+        help="side of a token's square of latent pixels (default 2, as released; 1 gives 4x the tokens)",
+    )
     world_model.add_argument("--vae", help="diffusers AutoencoderKL folder (default: <init-checkpoint>/vae)")
     world_model.add_argument("--statistics", help="dataset_statistics.json (default: computed from the dataset)")
     world_model.add_argument("--reward-model", help="resnet_rm.pth (or its folder) to put in the exported folder")
@@ -118,10 +123,15 @@ def run(args: argparse.Namespace) -> None:
         print(report.table())
         print(f"reward model: {path}")
     else:
-        dit = None
-        if args.init_checkpoint is None:
-            overrides = {"depth": args.depth, "hidden_size": args.hidden_size, "num_heads": args.num_heads}
-            dit = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
+        patch = None if args.patch_size is None else (1, args.patch_size, args.patch_size)
+        overrides = {"depth": args.depth, "hidden_size": args.hidden_size, "num_heads": args.num_heads}
+        overrides = {k: v for k, v in {**overrides, "patch_size": patch}.items() if v is not None}
+        if args.init_checkpoint is not None and overrides:
+            raise ValueError(
+                "--init-checkpoint keeps that checkpoint's architecture: expected no size options, got "
+                f"{sorted(overrides)}"
+            )
+        dit = None if args.init_checkpoint is not None else dataclasses.replace(PRESETS[args.preset], **overrides)
         config = WorldModelTrainingConfig(
             **common,
             dit=dit,
