@@ -264,7 +264,7 @@ def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp
         branch.parse_starts(["0-3"])
 
 
-def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpoint, tmp_path):
+def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpoint, tmp_path, monkeypatch):
     from opensora_gym.models.reward import ResNetRewardModel
     from opensora_gym.world_model import frames_from_uint8
 
@@ -303,6 +303,27 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
             checkpoint, "--from-frame", 20, "--out", tmp_path / "too_late",
         )  # fmt: skip
     assert b"imagining from frame 20 needs episodes longer than that" in failure.value.stderr
+    ahead = tmp_path / "one_chunk_ahead"
+    run_script(
+        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
+        checkpoint, "--draws", 2, "--one-chunk-ahead", "--out", ahead,
+    )  # fmt: skip
+    teacher_forced = TrajectoryDataset(ahead).episode(0)
+    assert teacher_forced.images.shape == (19, 64, 64, 3) and teacher_forced.success.tolist() == whole.success.tolist()
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # the script imports its sibling
+    script = _import_script("imagined_frames.py")
+    world_model = _import_script("branch_discrimination.py").load_world_model(checkpoint, "cpu", 1.0)  # as written
+    episode = TrajectoryDataset(tmp_path / "dataset").episode(0)
+    frames = script.one_chunk_ahead(world_model, episode, 2, 0)  # seed 0: task 0 x 100 + trial 0, as `write`
+    for draw in range(2):
+        written_draw = TrajectoryDataset(ahead).episode(draw).images.astype(int)
+        assert np.abs(frames[draw].astype(int) - written_draw).max() <= 1
+    changed = replace(episode, images=np.concatenate([episode.images[:9], 255 - episode.images[9:]]))
+    after = script.one_chunk_ahead(world_model, changed, 2, 0)
+    # frames 1-16 (chunks from frames 1 and 9) see recorded frames 0-8 only; frames 17-19 see frames 13-16
+    np.testing.assert_array_equal(after[:, :16], frames[:, :16])
+    assert (after[:, 16:] != frames[:, 16:]).any(), "the last chunk's condition changed"
 
     out = tmp_path / "score.json"
     run_script(

@@ -7,7 +7,8 @@ classifier does not read it in them. This script tells the two apart:
 - `write`: for every branch episode of the chosen starts (`branch.py`'s recordings), the world model rolls the rest
   of the episode out from the branch point under the recorded actions, as `branch_discrimination.py` does (same
   seeds), ``--draws`` times (with ``--from-start``, from the episode's first frame: a policy's recorded rollouts;
-  with ``--from-frame K``, from recorded frame K, the frames K - 4 .. K - 1 as the condition);
+  with ``--from-frame K``, from recorded frame K, the frames K - 4 .. K - 1 as the condition; with
+  ``--one-chunk-ahead``, every chunk from the recorded frames before it, so that no error carries over a chunk);
   each draw is saved as an episode of the imagined frames, each frame labelled with the simulator's success flag of
   the recorded frame at the same index. The file of draw d of recorded episode n is
   ``traj{n}{d:02d}_task{T}_trial{R}.npy``. `opensora-gym train-reward-model` then trains a classifier on them.
@@ -44,16 +45,26 @@ from branch_discrimination import (  # the script's folder
     parse_starts,
     start_groups,
 )
+from einops import rearrange
 
 from opensora_gym.data import Episode, TrajectoryDataset, save_trajectory
 from opensora_gym.models.reward import ResNetRewardModel
 from opensora_gym.reliability import auroc
-from opensora_gym.world_model import frames_from_uint8
+from opensora_gym.spaces import ACTION_CHUNK
+from opensora_gym.world_model import WorldModel, frames_from_uint8
 
 
 def write(args: argparse.Namespace) -> None:
     dataset, starts = TrajectoryDataset(args.dataset), parse_starts(args.starts)
     world_model = load_world_model(args.world_model, args.device, args.action_guidance)
+    if args.one_chunk_ahead:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for (task, trial), episodes in start_groups(dataset, starts):
+            for episode in episodes:
+                draws = one_chunk_ahead(world_model, episode, args.draws, task * 100 + trial)
+                save_draws(args.out, episode, task, trial, 1, draws)
+                print(f"{episode.path.name}: {len(draws)} draws of {draws.shape[1]} frames", flush=True)
+        return
     jobs = defaultdict(list)  # the episodes imagined from one frame, with their starts
     for (task, trial), episodes in start_groups(dataset, starts):
         if args.from_frame is not None:
@@ -74,6 +85,32 @@ def write(args: argparse.Namespace) -> None:
             for (episode, task, trial), draws in zip(batch, frames, strict=True):
                 save_draws(args.out, episode, task, trial, first, draws)
                 print(f"{episode.path.name}: {len(draws)} draws of {draws.shape[1]} frames", flush=True)
+
+
+@torch.no_grad()
+def one_chunk_ahead(world_model: WorldModel, episode: Episode, draws: int, seed: int) -> np.ndarray:
+    """Every chunk of `episode` imagined from the recorded frames before it under its recorded actions -> the frames
+    ``[draws, T - 1, H, W, 3]`` uint8 (frame k at index k - 1, as `imagine_from` from frame 1).
+
+    The chunk of frames ``k .. k + 7`` (k = 1, 9, 17, ...) has the recorded frames ``k - Tc .. k - 1`` as its
+    condition (frame 0 for those before it) and actions ``k - 1 .. k + 6`` (the last repeated past the end): the
+    world model's error of one chunk, without what it carries over from its own frames. All chunks of one draw are
+    imagined side by side; (chunk c, draw d) takes its noise from a generator seeded ``seed * 1000 + c * draws + d``.
+    """
+    context, size, length = world_model.condition_frames, world_model.image_size, len(episode.images)
+    starts = np.arange(1, length, ACTION_CHUNK)  # [K]
+    recorded = np.maximum(starts[:, None] + np.arange(-context, 0)[None], 0)  # [K, Tc]
+    condition = frames_from_uint8(torch.from_numpy(episode.images[recorded.reshape(-1)]), size)
+    condition = rearrange(condition, "(k t) c h w -> k c t h w", t=context).repeat_interleave(draws, dim=0)
+    generators = [torch.Generator().manual_seed(seed * 1000 + index) for index in range(len(condition))]
+    latents = world_model.vae.encode(
+        condition.to(world_model.device, world_model.vae.dtype), sample=True, generator=generators
+    ).float()
+    steps = np.minimum(starts[:, None] - 1 + np.arange(ACTION_CHUNK)[None], len(episode.actions) - 1)  # [K, A]
+    actions = torch.from_numpy(episode.actions[steps]).float().repeat_interleave(draws, dim=0)
+    frames = world_model.predict_chunk(latents, actions, generator=generators).frames.cpu().numpy()
+    frames = rearrange(frames, "(k d) a h w c -> d (k a) h w c", d=draws)
+    return frames[:, : length - 1]
 
 
 def save_draws(out: Path, episode: Episode, task: int, trial: int, first: int, draws: np.ndarray) -> None:
@@ -159,6 +196,11 @@ def main() -> None:
         type=int,
         help="imagine each episode from this recorded frame on (its 4 frames before as the condition): how far "
         "into an episode the imagined outcome starts to follow the real one",
+    )
+    where.add_argument(
+        "--one-chunk-ahead",
+        action="store_true",
+        help="imagine every chunk from the recorded frames before it (the error of one chunk, none carried over)",
     )
     writer.add_argument("--out", type=Path, required=True, help="folder for the imagined episodes")
     scorer = commands.add_parser("score", help="AUROC and pairs of a classifier on imagined episodes")
