@@ -319,6 +319,30 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
     for draw in range(2):
         written_draw = TrajectoryDataset(ahead).episode(draw).images.astype(int)
         assert np.abs(frames[draw].astype(int) - written_draw).max() <= 1
+    reconstructed = tmp_path / "reconstructed"
+    run_script(
+        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
+        checkpoint, "--reconstruct", "--out", reconstructed,
+    )  # fmt: skip
+    assert TrajectoryDataset(reconstructed).paths[0].name == "traj000_task00_trial00.npy"  # draw 00 only
+    through_vae = TrajectoryDataset(reconstructed).episode(0)
+    assert through_vae.success.tolist() == whole.success.tolist()
+    assert np.abs(script.reconstruct(world_model, episode)[0].astype(int) - through_vae.images).max() <= 1
+    reencoded = tmp_path / "reencoded"
+    run_script(
+        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
+        checkpoint, "--draws", 1, "--from-start", "--reencode", "--out", reencoded,
+    )  # fmt: skip
+    again = TrajectoryDataset(reencoded).episode(0).images
+    np.testing.assert_array_equal(again[:8], whole.images[:8])  # the first chunk: the recorded condition
+    assert (again[8:] != whole.images[8:]).any(), "the later chunks see the frames encoded again"
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script(
+            "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
+            checkpoint, "--one-chunk-ahead", "--reencode", "--out", tmp_path / "both",
+        )  # fmt: skip
+    assert b"--reencode applies to imagined rollouts, not to --one-chunk-ahead" in failure.value.stderr
+
     changed = replace(episode, images=np.concatenate([episode.images[:9], 255 - episode.images[9:]]))
     after = script.one_chunk_ahead(world_model, changed, 2, 0)
     # frames 1-16 (chunks from frames 1 and 9) see recorded frames 0-8 only; frames 17-19 see frames 13-16
@@ -339,6 +363,18 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
             float(classifier(frames_from_uint8(torch.from_numpy(written.episode(i).images), 64)).max()) for i in (0, 1)
         ]
     assert result["episodes"][0]["peak_probability"] == pytest.approx(np.mean(peaks), abs=1e-6)
+    run_script(
+        "imagined_frames.py", "score", "--dataset", imagined, "--classifier", Path(checkpoint) / "resnet_rm.pth",
+        "--last", 3, "--out", out,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    with torch.no_grad():
+        ends = [
+            float(classifier(frames_from_uint8(torch.from_numpy(written.episode(i).images[-3:]), 64)).mean())
+            for i in (0, 1)
+        ]
+    assert result["episodes"][0]["end_probability"] == pytest.approx(np.mean(ends), abs=1e-6)
+    assert "auroc_end_probability" in result["summary"] and "peak_probability" not in result["episodes"][0]
 
 
 def test_imagined_vs_real_ranks_the_starts_by_their_imagined_success(tmp_path):
@@ -402,6 +438,13 @@ def test_start_or_action_separates_the_memory_of_a_start_from_the_reading_of_its
     assert summary["auroc_within_mixed_starts"] == 1.0  # trials 3 and 4: 0.7 (success) above 0.3
     low, high = summary["auroc_training_outcome_interval_95"]
     assert 0 <= low < 2 / 6 < high <= 1 and summary["auroc_within_training_failures_interval_95"] is None
+    ends = [{"episode": r["episode"], "real": r["real"], "end_probability": r["peak_probability"]} for r in rows]
+    (tmp_path / "end.json").write_text(json.dumps({"episodes": ends}))  # `score --last K`'s rows: the same summary
+    run_script(
+        "start_or_action.py", "--score", tmp_path / "end.json", "--heldout", tmp_path / "heldout",
+        "--train", tmp_path / "train", "--out", tmp_path / "end_summary.json",
+    )  # fmt: skip
+    assert json.loads((tmp_path / "end_summary.json").read_text()) == summary
 
     rows[2]["real"] = True
     (tmp_path / "score.json").write_text(json.dumps({"episodes": rows}))

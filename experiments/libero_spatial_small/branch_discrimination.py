@@ -96,7 +96,12 @@ def branch_point(episodes: list[Episode]) -> int:
 
 @torch.no_grad()
 def imagine_from(
-    world_model: WorldModel, episodes: list[Episode], first: int, draws: int, seeds: list[int]
+    world_model: WorldModel,
+    episodes: list[Episode],
+    first: int,
+    draws: int,
+    seeds: list[int],
+    reencode: bool = False,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Imagine `episodes` side by side from frame `first` on under their recorded actions, `draws` times each ->
     the highest success probability over each draw's imagined frames ``[E, draws]`` and, per episode, the imagined
@@ -106,6 +111,8 @@ def imagine_from(
     env repeats its start frame); frame ``k`` follows action ``k - 1`` (the dataset's convention); an episode that
     ends before the longest repeats its last action, and the frames after its end are dropped. Draw d of episode e
     takes its noise from a generator seeded ``seeds[e] * 1000 + d``, so it does not depend on the other episodes.
+    With `reencode`, the next chunk's condition is the last decoded uint8 frames encoded again (a posterior sample, as
+    the recorded frames are) instead of the sampled latents.
     """
     context, size = world_model.condition_frames, world_model.image_size
     recorded = np.maximum(np.arange(first - context, first), 0)
@@ -126,7 +133,14 @@ def imagine_from(
         probability = prediction.success_prob.cpu().reshape(len(episodes), draws, ACTION_CHUNK)
         peak = np.maximum(peak, probability.masked_fill(~inside[:, None], 0).amax(dim=2).numpy())
         frames.append(prediction.frames.cpu().numpy())  # [E * draws, A, H, W, 3]
-        latents = torch.cat([latents, prediction.latents.float()], dim=2)[:, :, -context:]
+        if reencode:
+            recent = rearrange(prediction.frames[:, -context:], "n t h w c -> (n t) h w c")
+            recent = rearrange(frames_from_uint8(recent, size), "(n t) c h w -> n c t h w", t=context)
+            latents = world_model.vae.encode(
+                recent.to(world_model.device, world_model.vae.dtype), sample=True, generator=generators
+            ).float()
+        else:
+            latents = torch.cat([latents, prediction.latents.float()], dim=2)[:, :, -context:]
     frames = np.concatenate(frames, axis=1).reshape(len(episodes), draws, -1, size, size, 3)
     return peak, [imagined[:, : length - first] for imagined, length in zip(frames, lengths, strict=True)]
 

@@ -13,9 +13,10 @@ classifier does not read it in them. This script tells the two apart:
   the recorded frame at the same index. The file of draw d of recorded episode n is
   ``traj{n}{d:02d}_task{T}_trial{R}.npy``. `opensora-gym train-reward-model` then trains a classifier on them.
   ``--batch`` episodes are imagined side by side (each with its own noise: the frames do not depend on the batch).
-- `score`: a classifier's highest success probability over each imagined episode, averaged over the draws of one
-  recorded episode, against the simulator's outcome: the AUROC and the share of (success, failure) pairs of one
-  start ordered right (ties count one half; 0.5 = no information), as `branch_discrimination.py` reports them.
+- `score`: a classifier's highest success probability over each imagined episode (with ``--last K``, its mean over
+  the last K frames), averaged over the draws of one recorded episode, against the simulator's outcome: the AUROC
+  and the share of (success, failure) pairs of one start ordered right (ties count one half; 0.5 = no information),
+  as `branch_discrimination.py` reports them.
 
 Trained on the imagined rollouts of some starts and scored on those of others, a classifier above chance shows that
 the imagination keeps the outcome where the simulator's classifier misses it.
@@ -51,17 +52,20 @@ from opensora_gym.data import Episode, TrajectoryDataset, save_trajectory
 from opensora_gym.models.reward import ResNetRewardModel
 from opensora_gym.reliability import auroc
 from opensora_gym.spaces import ACTION_CHUNK
-from opensora_gym.world_model import WorldModel, frames_from_uint8
+from opensora_gym.world_model import WorldModel, frames_from_uint8, frames_to_uint8
 
 
 def write(args: argparse.Namespace) -> None:
     dataset, starts = TrajectoryDataset(args.dataset), parse_starts(args.starts)
     world_model = load_world_model(args.world_model, args.device, args.action_guidance)
-    if args.one_chunk_ahead:
+    if args.one_chunk_ahead or args.reconstruct:
         args.out.mkdir(parents=True, exist_ok=True)
         for (task, trial), episodes in start_groups(dataset, starts):
             for episode in episodes:
-                draws = one_chunk_ahead(world_model, episode, args.draws, task * 100 + trial)
+                if args.reconstruct:
+                    draws = reconstruct(world_model, episode)
+                else:
+                    draws = one_chunk_ahead(world_model, episode, args.draws, task * 100 + trial)
                 save_draws(args.out, episode, task, trial, 1, draws)
                 print(f"{episode.path.name}: {len(draws)} draws of {draws.shape[1]} frames", flush=True)
         return
@@ -81,7 +85,8 @@ def write(args: argparse.Namespace) -> None:
         for begin in range(0, len(items), args.batch):
             batch = items[begin : begin + args.batch]
             seeds = [task * 100 + trial for _, task, trial in batch]
-            _, frames = imagine_from(world_model, [episode for episode, _, _ in batch], first, args.draws, seeds)
+            episodes = [episode for episode, _, _ in batch]
+            _, frames = imagine_from(world_model, episodes, first, args.draws, seeds, args.reencode)
             for (episode, task, trial), draws in zip(batch, frames, strict=True):
                 save_draws(args.out, episode, task, trial, first, draws)
                 print(f"{episode.path.name}: {len(draws)} draws of {draws.shape[1]} frames", flush=True)
@@ -113,6 +118,15 @@ def one_chunk_ahead(world_model: WorldModel, episode: Episode, draws: int, seed:
     return frames[:, : length - 1]
 
 
+@torch.no_grad()
+def reconstruct(world_model: WorldModel, episode: Episode) -> np.ndarray:
+    """The recorded frames 1 .. T - 1 through the world model's VAE alone (posterior mean, decoded) -> ``[1, T - 1, H,
+    W, 3]`` uint8: what the latents can show at best, no dynamics."""
+    frames = frames_from_uint8(torch.from_numpy(episode.images[1:]), world_model.image_size)
+    frames = rearrange(frames, "t c h w -> 1 c t h w").to(world_model.device, world_model.vae.dtype)
+    return frames_to_uint8(world_model.vae.decode(world_model.vae.encode(frames, sample=False))).cpu().numpy()
+
+
 def save_draws(out: Path, episode: Episode, task: int, trial: int, first: int, draws: np.ndarray) -> None:
     """Each draw's imagined frames as an episode, labelled with the recorded frames' success flags."""
     flags = np.zeros(len(episode.images), dtype=bool) if episode.success is None else episode.success
@@ -130,6 +144,13 @@ def save_draws(out: Path, episode: Episode, task: int, trial: int, first: int, d
         save_trajectory(out / f"traj{number}{draw:02d}_task{task:02d}_trial{trial:02d}.npy", steps)
 
 
+def score_name(last: int | None) -> str:
+    """The name of an episode's score: its highest success probability, or (`last` K) the mean over its last K
+    frames, the state it ends in (the same number of frames for every episode: a failure, recorded to the time limit,
+    is not scored over more frames than a success that stopped after its place)."""
+    return "peak_probability" if last is None else "end_probability"
+
+
 @torch.no_grad()
 def score(args: argparse.Namespace) -> None:
     dataset = TrajectoryDataset(args.dataset)
@@ -144,9 +165,10 @@ def score(args: argparse.Namespace) -> None:
         episode = dataset.episode(index)
         probability = classifier(frames_from_uint8(torch.from_numpy(episode.images), args.image_size))
         key = match[1]
-        peaks[key].append(float(probability.max()))
+        peaks[key].append(float(probability.max() if args.last is None else probability[-args.last :].mean()))
         outcome[key] = bool(episode.success is not None and episode.success.any())
         start_of[key] = (int(match[3]), int(match[4]))
+    name = score_name(args.last)
     keys = sorted(peaks)
     peak = np.array([np.mean(peaks[key]) for key in keys])
     real = np.array([outcome[key] for key in keys])
@@ -159,17 +181,14 @@ def score(args: argparse.Namespace) -> None:
     summary = {
         "episodes": len(keys),
         "real_successes": int(real.sum()),
-        "auroc_peak_probability": auroc(peak, real) if 0 < real.sum() < len(real) else None,
-        "pairs_ordered_right_by_peak_probability": float(np.mean(pairs)) if pairs else None,
+        f"auroc_{name}": auroc(peak, real) if 0 < real.sum() < len(real) else None,
+        f"pairs_ordered_right_by_{name}": float(np.mean(pairs)) if pairs else None,
         "pairs": len(pairs),
         "false_success": int(((peak > 0.5) & ~real).sum()),
         "missed": int(((peak <= 0.5) & real).sum()),
     }
     print(json.dumps(summary))
-    rows = [
-        {"episode": key, "real": bool(r), "peak_probability": float(p)}
-        for key, r, p in zip(keys, real, peak, strict=True)
-    ]
+    rows = [{"episode": key, "real": bool(r), name: float(p)} for key, r, p in zip(keys, real, peak, strict=True)]
     args.out.write_text(json.dumps({"summary": summary, "episodes": rows}, indent=2) + "\n")
 
 
@@ -202,15 +221,34 @@ def main() -> None:
         action="store_true",
         help="imagine every chunk from the recorded frames before it (the error of one chunk, none carried over)",
     )
+    where.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="no dynamics: the recorded frames through the VAE only (what its latents can show; one draw)",
+    )
+    writer.add_argument(
+        "--reencode",
+        action="store_true",
+        help="condition each chunk on the last imagined frames encoded again, not on their sampled latents",
+    )
     writer.add_argument("--out", type=Path, required=True, help="folder for the imagined episodes")
     scorer = commands.add_parser("score", help="AUROC and pairs of a classifier on imagined episodes")
     scorer.add_argument("--dataset", type=Path, required=True, help="a folder written by `write`")
     scorer.add_argument("--classifier", type=Path, required=True, help="resnet_rm.pth")
     scorer.add_argument("--image-size", type=int, default=64, help="the classifier's input side")
+    scorer.add_argument(
+        "--last",
+        type=int,
+        help="score each episode by the mean probability over its last K frames (end_probability), not its peak",
+    )
     scorer.add_argument("--out", type=Path, required=True, help="JSON output")
     args = parser.parse_args()
     if args.command == "write" and min(args.draws, args.batch) < 1:
         parser.error(f"--draws and --batch must be >= 1, got {args.draws} and {args.batch}")
+    if args.command == "score" and args.last is not None and args.last < 1:
+        parser.error(f"--last must be >= 1, got {args.last}")
+    if args.command == "write" and args.reencode and (args.one_chunk_ahead or args.reconstruct):
+        parser.error("--reencode applies to imagined rollouts, not to --one-chunk-ahead or --reconstruct")
     if args.command == "write" and args.from_frame is not None and args.from_frame < 1:
         parser.error(f"--from-frame must be >= 1, got {args.from_frame}")
     write(args) if args.command == "write" else score(args)

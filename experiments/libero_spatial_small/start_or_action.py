@@ -56,7 +56,8 @@ def _with_intervals(measures: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
 
 
 def compare(rows: list[dict], heldout: dict, train: dict) -> dict:
-    """The summary for the score rows (`episode`, `real`, `peak_probability`) of held-out episodes."""
+    """The summary for the score rows (`episode`, `real`, and `peak_probability` or `end_probability`) of held-out
+    episodes."""
     train_outcome: dict[tuple[int, int], list[bool]] = {}
     for start, success in train.values():
         train_outcome.setdefault(start, []).append(success)
@@ -68,7 +69,7 @@ def compare(rows: list[dict], heldout: dict, train: dict) -> dict:
             raise ValueError(f"held-out episode {row['episode']}: the score says real={said}, its recording {success}")
         if start not in train_outcome:
             raise ValueError(f"held-out start (task, trial) {start} has no training rollout")
-        scores.append(row["peak_probability"])
+        scores.append(row["peak_probability"] if "peak_probability" in row else row["end_probability"])
         real.append(success)
         memory.append(float(np.mean(train_outcome[start])))
     scores, real, memory = np.array(scores), np.array(real), np.array(memory)
