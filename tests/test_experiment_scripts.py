@@ -269,12 +269,14 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
     from opensora_gym.world_model import frames_from_uint8
 
     _branch_episodes(tmp_path / "dataset")
+
+    def write_imagined(*options):
+        common = ["write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model", checkpoint]
+        run_script("imagined_frames.py", *common, *options)
+
     imagined = tmp_path / "imagined"
     # 3 episodes: batches of 2 and 1
-    run_script(
-        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
-        checkpoint, "--draws", 2, "--action-guidance", 2, "--batch", 2, "--out", imagined,
-    )  # fmt: skip
+    write_imagined("--draws", 2, "--action-guidance", 2, "--batch", 2, "--out", imagined)
     written = TrajectoryDataset(imagined)
     names = [path.name for path in written.paths]
     assert names == [f"traj{e}{d:02d}_task00_trial00.npy" for e in range(3) for d in range(2)]
@@ -283,31 +285,19 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
     assert first.success.tolist() == [False] * 6 + [True] * 3  # episode 0's flags from frame 17
     assert not any(written.episode(index).success.any() for index in range(2, 6))
     from_start = tmp_path / "from_start"
-    run_script(
-        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
-        checkpoint, "--draws", 1, "--from-start", "--out", from_start,
-    )  # fmt: skip
+    write_imagined("--draws", 1, "--from-start", "--out", from_start)
     whole = TrajectoryDataset(from_start).episode(0)
     assert whole.images.shape == (19, 64, 64, 3)  # frames 1-19: the env's start, frame 0 repeated, as condition
     assert whole.success.tolist() == [False] * 16 + [True] * 3
     later = tmp_path / "from_frame"
-    run_script(
-        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
-        checkpoint, "--draws", 1, "--from-frame", 15, "--out", later,
-    )  # fmt: skip
+    write_imagined("--draws", 1, "--from-frame", 15, "--out", later)
     tail = TrajectoryDataset(later).episode(0)
     assert tail.images.shape == (5, 64, 64, 3) and tail.success.tolist() == [False] * 2 + [True] * 3  # frames 15-19
     with pytest.raises(subprocess.CalledProcessError) as failure:
-        run_script(
-            "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
-            checkpoint, "--from-frame", 20, "--out", tmp_path / "too_late",
-        )  # fmt: skip
+        write_imagined("--from-frame", 20, "--out", tmp_path / "too_late")
     assert b"imagining from frame 20 needs episodes longer than that" in failure.value.stderr
     ahead = tmp_path / "one_chunk_ahead"
-    run_script(
-        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
-        checkpoint, "--draws", 2, "--one-chunk-ahead", "--out", ahead,
-    )  # fmt: skip
+    write_imagined("--draws", 2, "--one-chunk-ahead", "--out", ahead)
     teacher_forced = TrajectoryDataset(ahead).episode(0)
     assert teacher_forced.images.shape == (19, 64, 64, 3) and teacher_forced.success.tolist() == whole.success.tolist()
 
@@ -320,27 +310,18 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
         written_draw = TrajectoryDataset(ahead).episode(draw).images.astype(int)
         assert np.abs(frames[draw].astype(int) - written_draw).max() <= 1
     reconstructed = tmp_path / "reconstructed"
-    run_script(
-        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
-        checkpoint, "--reconstruct", "--out", reconstructed,
-    )  # fmt: skip
+    write_imagined("--reconstruct", "--out", reconstructed)
     assert TrajectoryDataset(reconstructed).paths[0].name == "traj000_task00_trial00.npy"  # draw 00 only
     through_vae = TrajectoryDataset(reconstructed).episode(0)
     assert through_vae.success.tolist() == whole.success.tolist()
     assert np.abs(script.reconstruct(world_model, episode)[0].astype(int) - through_vae.images).max() <= 1
     reencoded = tmp_path / "reencoded"
-    run_script(
-        "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
-        checkpoint, "--draws", 1, "--from-start", "--reencode", "--out", reencoded,
-    )  # fmt: skip
+    write_imagined("--draws", 1, "--from-start", "--reencode", "--out", reencoded)
     again = TrajectoryDataset(reencoded).episode(0).images
     np.testing.assert_array_equal(again[:8], whole.images[:8])  # the first chunk: the recorded condition
     assert (again[8:] != whole.images[8:]).any(), "the later chunks see the frames encoded again"
     with pytest.raises(subprocess.CalledProcessError) as failure:
-        run_script(
-            "imagined_frames.py", "write", "--dataset", tmp_path / "dataset", "--starts", "0:0", "--world-model",
-            checkpoint, "--one-chunk-ahead", "--reencode", "--out", tmp_path / "both",
-        )  # fmt: skip
+        write_imagined("--one-chunk-ahead", "--reencode", "--out", tmp_path / "both")
     assert b"--reencode applies to imagined rollouts, not to --one-chunk-ahead" in failure.value.stderr
 
     changed = replace(episode, images=np.concatenate([episode.images[:9], 255 - episode.images[9:]]))
