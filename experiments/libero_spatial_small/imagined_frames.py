@@ -155,7 +155,7 @@ def score_name(last: int | None) -> str:
 def score(args: argparse.Namespace) -> None:
     dataset = TrajectoryDataset(args.dataset)
     classifier = ResNetRewardModel.from_pretrained(args.classifier).eval()
-    peaks: dict[str, list[float]] = defaultdict(list)
+    by_draw: dict[str, list[float]] = defaultdict(list)
     outcome: dict[str, bool] = {}
     start_of: dict[str, tuple[int, int]] = {}
     for index, path in enumerate(dataset.paths):
@@ -165,15 +165,15 @@ def score(args: argparse.Namespace) -> None:
         episode = dataset.episode(index)
         probability = classifier(frames_from_uint8(torch.from_numpy(episode.images), args.image_size))
         key = match[1]
-        peaks[key].append(float(probability.max() if args.last is None else probability[-args.last :].mean()))
+        by_draw[key].append(float(probability.max() if args.last is None else probability[-args.last :].mean()))
         outcome[key] = bool(episode.success is not None and episode.success.any())
         start_of[key] = (int(match[3]), int(match[4]))
     name = score_name(args.last)
-    keys = sorted(peaks)
-    peak = np.array([np.mean(peaks[key]) for key in keys])
+    keys = sorted(by_draw)
+    value = np.array([np.mean(by_draw[key]) for key in keys])  # mean over the draws
     real = np.array([outcome[key] for key in keys])
     pairs = [
-        _order(peak[a], peak[b])
+        _order(value[a], value[b])
         for a in range(len(keys))
         for b in range(len(keys))
         if real[a] and not real[b] and start_of[keys[a]] == start_of[keys[b]]
@@ -181,14 +181,14 @@ def score(args: argparse.Namespace) -> None:
     summary = {
         "episodes": len(keys),
         "real_successes": int(real.sum()),
-        f"auroc_{name}": auroc(peak, real) if 0 < real.sum() < len(real) else None,
+        f"auroc_{name}": auroc(value, real) if 0 < real.sum() < len(real) else None,
         f"pairs_ordered_right_by_{name}": float(np.mean(pairs)) if pairs else None,
         "pairs": len(pairs),
-        "false_success": int(((peak > 0.5) & ~real).sum()),
-        "missed": int(((peak <= 0.5) & real).sum()),
+        "false_success": int(((value > 0.5) & ~real).sum()),
+        "missed": int(((value <= 0.5) & real).sum()),
     }
     print(json.dumps(summary))
-    rows = [{"episode": key, "real": bool(r), name: float(p)} for key, r, p in zip(keys, real, peak, strict=True)]
+    rows = [{"episode": key, "real": bool(r), name: float(p)} for key, r, p in zip(keys, real, value, strict=True)]
     args.out.write_text(json.dumps({"summary": summary, "episodes": rows}, indent=2) + "\n")
 
 
