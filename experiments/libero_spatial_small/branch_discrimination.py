@@ -94,6 +94,23 @@ def branch_point(episodes: list[Episode]) -> int:
     return int(np.argmin(same))
 
 
+def encode_frames(world_model: WorldModel, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """uint8 frames ``[N, T, H, W, 3]`` -> condition latents ``[N, C, T, h, w]`` float32: a posterior sample of each
+    frame, sub-env n's noise from ``generators[n]``, as the env encodes its start frames."""
+    frames = frames_from_uint8(rearrange(images, "n t h w c -> (n t) h w c"), world_model.image_size)
+    frames = rearrange(frames, "(n t) c h w -> n c t h w", n=len(images))
+    return world_model.vae.encode(
+        frames.to(world_model.device, world_model.vae.dtype), sample=True, generator=generators
+    ).float()
+
+
+def chunk_actions(episode: Episode, start: int) -> np.ndarray:
+    """The recorded actions ``start - 1 .. start + A - 2`` that yield frames ``start .. start + A - 1`` ``[A,
+    action_dim]`` (the last action repeated past the episode's end)."""
+    steps = np.arange(start - 1, start - 1 + ACTION_CHUNK)
+    return episode.actions[np.minimum(steps, len(episode.actions) - 1)]
+
+
 @torch.no_grad()
 def imagine_from(
     world_model: WorldModel,
@@ -116,17 +133,13 @@ def imagine_from(
     """
     context, size = world_model.condition_frames, world_model.image_size
     recorded = np.maximum(np.arange(first - context, first), 0)
-    condition = torch.stack([frames_from_uint8(torch.from_numpy(e.images[recorded]), size) for e in episodes])
-    condition = rearrange(condition, "e t c h w -> e c t h w").repeat_interleave(draws, dim=0)
+    condition = torch.from_numpy(np.stack([episode.images[recorded] for episode in episodes]))
     generators = [torch.Generator().manual_seed(seed * 1000 + draw) for seed in seeds for draw in range(draws)]
-    latents = world_model.vae.encode(
-        condition.to(world_model.device, world_model.vae.dtype), sample=True, generator=generators
-    ).float()
+    latents = encode_frames(world_model, condition.repeat_interleave(draws, dim=0), generators)
     lengths = np.array([len(episode.images) for episode in episodes])
     peak, frames = np.zeros((len(episodes), draws)), []
     for start in range(first, lengths.max(), ACTION_CHUNK):
-        steps = np.arange(start - 1, start - 1 + ACTION_CHUNK)
-        chunk = np.stack([episode.actions[np.minimum(steps, len(episode.actions) - 1)] for episode in episodes])
+        chunk = np.stack([chunk_actions(episode, start) for episode in episodes])
         chunk = torch.from_numpy(chunk).float().repeat_interleave(draws, dim=0)
         prediction = world_model.predict_chunk(latents, chunk, generator=generators)
         inside = torch.from_numpy(start + np.arange(ACTION_CHUNK)[None] < lengths[:, None])  # [E, A]
@@ -134,11 +147,7 @@ def imagine_from(
         peak = np.maximum(peak, probability.masked_fill(~inside[:, None], 0).amax(dim=2).numpy())
         frames.append(prediction.frames.cpu().numpy())  # [E * draws, A, H, W, 3]
         if reencode:
-            recent = rearrange(prediction.frames[:, -context:], "n t h w c -> (n t) h w c")
-            recent = rearrange(frames_from_uint8(recent, size), "(n t) c h w -> n c t h w", t=context)
-            latents = world_model.vae.encode(
-                recent.to(world_model.device, world_model.vae.dtype), sample=True, generator=generators
-            ).float()
+            latents = encode_frames(world_model, prediction.frames[:, -context:], generators)
         else:
             latents = torch.cat([latents, prediction.latents.float()], dim=2)[:, :, -context:]
     frames = np.concatenate(frames, axis=1).reshape(len(episodes), draws, -1, size, size, 3)

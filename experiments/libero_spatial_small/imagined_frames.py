@@ -41,6 +41,8 @@ from branch_discrimination import (  # the script's folder
     _NAME,
     _order,
     branch_point,
+    chunk_actions,
+    encode_frames,
     imagine_from,
     load_world_model,
     parse_starts,
@@ -102,17 +104,14 @@ def one_chunk_ahead(world_model: WorldModel, episode: Episode, draws: int, seed:
     world model's error of one chunk, without what it carries over from its own frames. All chunks of one draw are
     imagined side by side; (chunk c, draw d) takes its noise from a generator seeded ``seed * 1000 + c * draws + d``.
     """
-    context, size, length = world_model.condition_frames, world_model.image_size, len(episode.images)
+    context, length = world_model.condition_frames, len(episode.images)
     starts = np.arange(1, length, ACTION_CHUNK)  # [K]
     recorded = np.maximum(starts[:, None] + np.arange(-context, 0)[None], 0)  # [K, Tc]
-    condition = frames_from_uint8(torch.from_numpy(episode.images[recorded.reshape(-1)]), size)
-    condition = rearrange(condition, "(k t) c h w -> k c t h w", t=context).repeat_interleave(draws, dim=0)
+    condition = torch.from_numpy(episode.images[recorded]).repeat_interleave(draws, dim=0)  # [K * draws, Tc, H, W, 3]
     generators = [torch.Generator().manual_seed(seed * 1000 + index) for index in range(len(condition))]
-    latents = world_model.vae.encode(
-        condition.to(world_model.device, world_model.vae.dtype), sample=True, generator=generators
-    ).float()
-    steps = np.minimum(starts[:, None] - 1 + np.arange(ACTION_CHUNK)[None], len(episode.actions) - 1)  # [K, A]
-    actions = torch.from_numpy(episode.actions[steps]).float().repeat_interleave(draws, dim=0)
+    latents = encode_frames(world_model, condition, generators)
+    actions = np.stack([chunk_actions(episode, start) for start in starts])  # [K, A, action_dim]
+    actions = torch.from_numpy(actions).float().repeat_interleave(draws, dim=0)
     frames = world_model.predict_chunk(latents, actions, generator=generators).frames.cpu().numpy()
     frames = rearrange(frames, "(k d) a h w c -> d (k a) h w c", d=draws)
     return frames[:, : length - 1]
