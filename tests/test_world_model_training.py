@@ -17,6 +17,7 @@ from opensora_gym.models.reward import ResNetRewardModel
 from opensora_gym.models.stdit3 import STDiT3, STDiT3Config
 from opensora_gym.models.vae import SDXL_SCALING_FACTOR, VideoVAE
 from opensora_gym.presets import TinyCheckpointSpec, make_tiny_checkpoint, tiny_vae_config
+from opensora_gym.rectified_flow import RectifiedFlowConfig, RectifiedFlowSampler
 from opensora_gym.training.clips import LatentClips, encode_latents
 from opensora_gym.training.rectified_flow import rectified_flow_loss
 from opensora_gym.training.reward_model import (
@@ -26,7 +27,7 @@ from opensora_gym.training.reward_model import (
     train_reward_model,
 )
 from opensora_gym.training.vae import VAETrainingConfig, calibrate_latent_scale, train_vae
-from opensora_gym.training.world_model import WorldModelTrainingConfig, train_world_model
+from opensora_gym.training.world_model import WorldModelTrainingConfig, own_condition_frames, train_world_model
 from opensora_gym.world_model import frames_from_uint8
 from trainers.cli import main as cli_main
 
@@ -124,6 +125,64 @@ def test_training_options_change_the_run_and_resume_exactly(recorded, tmp_path, 
     assert all(math.isfinite(loss) for loss in whole.losses)
 
 
+@pytest.fixture(scope="module")
+def longer(tmp_path_factory):
+    """As `recorded`, with 2 episodes of 20 frames: clips at starts 8-11 have a whole chunk before them."""
+    spec = TinyCheckpointSpec(image_size=32, num_trajectories=2, trajectory_length=20, dit=TINY_DIT)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("longer"), spec)
+
+
+def test_own_condition_is_the_models_sample_of_the_chunk_before(longer, tmp_path):
+    clips = LatentClips.load(
+        encode_latents(TrajectoryDataset(longer / "dataset"), VideoVAE.from_pretrained(longer / "vae"), 32,
+                       tmp_path / "latents.safetensors")
+    )  # fmt: skip
+    batch = torch.tensor([3, 8, 11, 20])  # episode 0 starts 3, 8, 11; episode 1 (clips 12-23) start 8
+    has_previous, previous = clips.previous_chunk(batch)
+    assert has_previous.tolist() == [False, True, True, True]
+    assert clips.frame_indices(previous[1:])[:, -1].tolist() == clips.frame_indices(batch[1:])[:, 3].tolist()
+
+    statistics = ActionStatistics.from_json(longer)
+    x0, _ = clips.batch(batch, statistics, generator=None)
+    ema = STDiT3.from_pretrained(longer).eval()
+    sampler = RectifiedFlowSampler(RectifiedFlowConfig(num_sampling_steps=2, action_guidance=2.0))
+    use = torch.tensor([True, True, False, True])
+    generator = torch.Generator().manual_seed(5)
+    again = torch.Generator().manual_seed(5)
+    replaced, mse = own_condition_frames(ema, clips, batch, x0, use, statistics, sampler, 32, generator, bf16=False)
+
+    # The same draws by hand: the earlier clips' posterior sample, the sampler's seed, a rollout's chunk.
+    earlier, actions = clips.batch(previous[[1, 3]], statistics, again)
+    seed = int(torch.randint(2**62, (1,), generator=again))
+    sampled = sampler.sample(ema, earlier[:, :, :4], actions, height=32, width=32,
+                             generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    torch.testing.assert_close(replaced[[1, 3], :, :4], sampled[:, :, -4:])
+    assert torch.equal(replaced[[0, 2]], x0[[0, 2]]), "no chunk before it, or not drawn: recorded frames"
+    assert torch.equal(replaced[:, :, 4:], x0[:, :, 4:]), "the targets stay the recorded frames"
+    assert mse == pytest.approx(float((sampled[:, :, -4:] - x0[[1, 3], :, :4]).pow(2).mean()), rel=1e-5)
+    assert not torch.equal(replaced, x0) and torch.equal(x0, clips.batch(batch, statistics, None)[0])
+
+    none, mse = own_condition_frames(ema, clips, batch, x0, ~has_previous, statistics, sampler, 32, generator, False)
+    assert none is x0 and mse is None
+
+
+def test_own_condition_changes_the_run_resumes_exactly_and_is_logged(longer, tmp_path):
+    option = {"own_condition": 0.5, "own_condition_guidance": 2.0}
+    whole = train_world_model(tiny_config(longer, tmp_path / "whole", max_steps=5, **option))
+    plain = train_world_model(tiny_config(longer, tmp_path / "plain", max_steps=5))
+    train_world_model(tiny_config(longer, tmp_path / "split", max_steps=3, **option))
+    resumed = train_world_model(tiny_config(longer, tmp_path / "split", max_steps=5, **option))
+    assert resumed.losses == whole.losses[3:]
+    assert whole.losses != plain.losses and all(math.isfinite(loss) for loss in whole.losses)
+    events = EventAccumulator(str(tmp_path / "whole" / "tensorboard")).Reload()
+    mse = [event.value for event in events.Scalars("own_condition/condition_mse")]
+    assert mse and all(value > 0 and math.isfinite(value) for value in mse)
+
+    for name, value in (("own_condition", 1.5), ("own_condition_guidance", -1.0)):
+        with pytest.raises(ValueError, match=rf"{name} must be .*, got {value}"):
+            tiny_config(longer, tmp_path / "bad", **{name: value})
+
+
 def test_action_dropout_trains_clips_without_their_actions(recorded, tmp_path):
     torch.manual_seed(0)
     model = STDiT3(TINY_DIT).eval()
@@ -202,13 +261,16 @@ def test_fine_tuning_takes_the_init_classifier_only_if_there_is_one(recorded, tm
     assert not (tmp_path / "bad").exists(), "a wrong classifier fails before the training starts"
 
 
-def test_cli_trains_a_world_model(recorded, tmp_path):
+def test_cli_trains_a_world_model(recorded, longer, tmp_path):
     cli_main(
-        ["train-world-model", "--dataset", str(recorded / "dataset"), "--vae", str(recorded / "vae"),
+        ["train-world-model", "--dataset", str(longer / "dataset"), "--vae", str(longer / "vae"),
          "--out", str(tmp_path / "cli"), "--image-size", "32", "--preset", "tiny", "--depth", "1",
-         "--hidden-size", "32", "--num-heads", "2", "--patch-size", "1", "--max-steps", "2", "--batch-size", "2",
-         "--mixed-precision", "no", "--preview-every", "0"]
+         "--hidden-size", "32", "--num-heads", "2", "--patch-size", "1", "--max-steps", "2", "--batch-size", "8",
+         "--mixed-precision", "no", "--preview-every", "0", "--own-condition", "1", "--own-condition-guidance", "2",
+         "--log-every", "1"]
     )  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "cli" / "tensorboard")).Reload()
+    assert "own_condition/condition_mse" in events.Tags()["scalars"], "--own-condition reaches the training"
     exported = tmp_path / "cli" / "world_model"
     assert json.loads((exported / "config.json").read_text())["patch_size"] == [1, 1, 1]
     assert (exported / "dataset_statistics.json").is_file()

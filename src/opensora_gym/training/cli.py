@@ -68,6 +68,19 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="probability that a clip is trained without its actions, for sampling with action_guidance "
         "(default 0: the reference)",
     )
+    world_model.add_argument(
+        "--own-condition",
+        type=float,
+        default=0.0,
+        help="probability that a clip's condition frames are the model's own sample of them from one chunk earlier, "
+        "against compounding errors in rollouts (default 0: the reference)",
+    )
+    world_model.add_argument(
+        "--own-condition-guidance",
+        type=float,
+        default=1.0,
+        help="action guidance of those samples (the one the world model is rolled out with; default 1)",
+    )
     world_model.add_argument("--preview-every", type=int, default=500, help="steps between preview grids (0: none)")
     world_model.add_argument("--checkpoint-every", type=int, default=500)
     world_model.add_argument("--no-resume", action="store_true", help="start over even if out/ has checkpoints")
@@ -146,6 +159,8 @@ def run(args: argparse.Namespace) -> None:
             gradient_checkpointing=args.gradient_checkpointing,
             condition_timestep_max=args.condition_timestep_max,
             action_dropout=args.action_dropout,
+            own_condition=args.own_condition,
+            own_condition_guidance=args.own_condition_guidance,
             preview_every=args.preview_every,
             checkpoint_every=args.checkpoint_every,
             resume=not args.no_resume,

@@ -137,6 +137,17 @@ class LatentClips:
         offsets = torch.arange(-self.condition_frames + 1, self.generated_frames + 1)  # [Tc + A]
         return torch.maximum(start[:, None] + offsets[None], first[:, None])
 
+    def previous_chunk(self, clips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clips one chunk (A frames) earlier in the same episode, whose generated frames end at the last
+        condition frame of `clips` [B]: the chunk a rollout would have generated before it.
+
+        Returns:
+            a mask [B] of the clips that have one (their start is at least A frames into the episode) and the
+            earlier clips' indices [B] (meaningful where the mask is set).
+        """
+        first, start = self._starts[clips].unbind(dim=1)  # [B] each
+        return start - first >= self.generated_frames, clips - self.generated_frames
+
     def batch(
         self, clips: torch.Tensor, statistics: ActionStatistics, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,6 +91,16 @@ class WorldModelTrainingConfig:
             the "no action" embedding instead of their actions', so that the model also predicts chunks without
             them and can be sampled with guidance by the actions (`RectifiedFlowConfig.action_guidance`). The
             default 0 is the reference's training (no extra random draw).
+        own_condition: training on the model's own frames (not in the reference; against the compounding of chunk
+            errors over a rollout): the probability that a clip's condition frames are replaced by the EMA model's
+            sample of them, generated from the recorded frames one chunk earlier under that chunk's actions, as a
+            rollout generates every condition after its first chunk. The target stays the recorded continuation, so
+            the model learns to continue from its own imperfect frames back towards what the actions did. Clips
+            less than one chunk into their episode keep their recorded frames. Each such clip costs a 10-step
+            sample (two forwards a step with `own_condition_guidance` other than 1) without gradients. The default
+            0 is the reference's training (no extra random draw).
+        own_condition_guidance: `RectifiedFlowConfig.action_guidance` of those samples (use the one the world
+            model will be rolled out with).
         seed: the run's generator (data order, timesteps, noise, posterior samples) and the initial weights.
         device: torch device of the training.
         log_every: steps between TensorBoard scalars.
@@ -127,6 +137,8 @@ class WorldModelTrainingConfig:
     use_timestep_transform: bool = True
     condition_timestep_max: float = CONDITION_TIMESTEP
     action_dropout: float = 0.0
+    own_condition: float = 0.0
+    own_condition_guidance: float = 1.0
     seed: int = 0
     device: str = "cpu"
     log_every: int = 10
@@ -180,6 +192,13 @@ class WorldModelTrainingConfig:
             )
         if not 0.0 <= self.action_dropout < 1.0:
             raise ValueError(f"WorldModelTrainingConfig.action_dropout must be in [0, 1), got {self.action_dropout}")
+        if not 0.0 <= self.own_condition <= 1.0:
+            raise ValueError(f"WorldModelTrainingConfig.own_condition must be in [0, 1], got {self.own_condition}")
+        if not math.isfinite(self.own_condition_guidance) or self.own_condition_guidance < 0:
+            raise ValueError(
+                "WorldModelTrainingConfig.own_condition_guidance must be a finite number >= 0, "
+                f"got {self.own_condition_guidance}"
+            )
         if self.timestep_scale <= 0:
             raise ValueError(f"WorldModelTrainingConfig.timestep_scale must be > 0, got {self.timestep_scale}")
         if self.mixed_precision not in _MIXED_PRECISION:
@@ -293,6 +312,59 @@ def train_step(
     update_ema(state.ema, state.model, ema_decay)
     state.step += 1
     return StepOutput(per_clip=per_clip.detach().float().cpu(), grad_norm=float(grad_norm), lr=lr)
+
+
+@torch.no_grad()
+def own_condition_frames(
+    ema: STDiT3,
+    clips: LatentClips,
+    batch: torch.Tensor,
+    x0: torch.Tensor,
+    use: torch.Tensor,
+    statistics: ActionStatistics,
+    sampler: RectifiedFlowSampler,
+    image_size: int,
+    generator: torch.Generator,
+    bf16: bool = True,
+) -> tuple[torch.Tensor, float | None]:
+    """`x0` with the condition frames of the clips in `use` replaced by `ema`'s sample of them
+    (`WorldModelTrainingConfig.own_condition`).
+
+    Args:
+        ema: the model that generates them (the EMA weights, the ones exported and rolled out).
+        clips, batch: the clip set and the batch's clip indices [B]; x0: their latents [B, C, Tc + A, h, w].
+        use: [B] bool, the clips to replace; those less than one chunk into their episode are left as they are.
+        statistics: normalizes the earlier chunk's actions.
+        sampler: generates the earlier chunk (its `action_guidance` as the rollouts will use).
+        image_size: the frame side the latents stand for.
+        generator: the run's generator; it draws the earlier clip's posterior sample and the sampler's seed.
+        bf16: sample under bf16 autocast.
+
+    Returns:
+        the new latents (a copy; `x0` is not changed) and the mean squared difference between the replaced
+        condition latents and the recorded ones (None when no clip was replaced).
+    """
+    has_previous, previous = clips.previous_chunk(batch)
+    use = use & has_previous
+    if not use.any():
+        return x0, None
+    condition_frames = clips.condition_frames
+    latents, actions = clips.batch(previous[use], statistics, generator)  # the earlier clips
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    device = next(ema.parameters()).device
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        sampled = sampler.sample(
+            ema,
+            latents[:, :, :condition_frames].to(device),
+            actions.to(device),
+            height=image_size,
+            width=image_size,
+            generator=torch.Generator(device).manual_seed(seed),
+        )  # [b, C, Tc + A, h, w]: the last Tc frames are the next clip's condition, as in a rollout
+    own = sampled[:, :, -condition_frames:].float().cpu()
+    replaced = x0.clone()
+    replaced[use, :, :condition_frames] = own
+    return replaced, float((own - x0[use, :, :condition_frames]).pow(2).mean())
 
 
 def build_training_state(
@@ -538,8 +610,11 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
     size, num_frames = config.image_size, model.config.condition_frames + config.generated_frames
     writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
     preview = _Preview(config, clips, statistics) if config.preview_every else None
+    own_sampler = RectifiedFlowSampler(RectifiedFlowConfig(action_guidance=config.own_condition_guidance))
+    own_mse = None
     result = TrainingResult(last_checkpoint=last)
     bucket_sum, bucket_count = np.zeros(TIMESTEP_BUCKETS), np.zeros(TIMESTEP_BUCKETS)
+    bf16 = config.mixed_precision == "bf16"
     while state.step < config.max_steps:
         batch = torch.randint(len(clips), (config.batch_size,), generator=state.generator)
         x0, actions = clips.batch(batch, statistics, state.generator)  # [B, C, Tc + A, h, w], [B, A, D]
@@ -554,6 +629,12 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
         drop_actions = None
         if config.action_dropout > 0:
             drop_actions = torch.rand(config.batch_size, generator=state.generator) < config.action_dropout
+        if config.own_condition > 0:
+            use = torch.rand(config.batch_size, generator=state.generator) < config.own_condition
+            x0, mse = own_condition_frames(
+                state.ema, clips, batch, x0, use, statistics, own_sampler, size, state.generator, bf16
+            )
+            own_mse = own_mse if mse is None else mse
         out = train_step(
             state,
             x0,
@@ -563,7 +644,7 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
             size,
             config.grad_clip,
             config.ema_decay,
-            config.mixed_precision == "bf16",
+            bf16,
             condition_t,
             drop_actions,
         )
@@ -576,6 +657,8 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
             writer.add_scalar("train/loss", result.losses[-1], state.step)
             writer.add_scalar("train/lr", out.lr, state.step)
             writer.add_scalar("train/grad_norm", out.grad_norm, state.step)
+            if own_mse is not None:  # the latest batch's own frames against the recorded ones
+                writer.add_scalar("own_condition/condition_mse", own_mse, state.step)
             for k in np.flatnonzero(bucket_count):
                 low, high = k * flow.num_timesteps // TIMESTEP_BUCKETS, (k + 1) * flow.num_timesteps // TIMESTEP_BUCKETS
                 writer.add_scalar(f"loss_by_t/{low:04d}-{high:04d}", bucket_sum[k] / bucket_count[k], state.step)
