@@ -342,7 +342,8 @@ def own_condition_frames(
 
     Returns:
         the new latents (a copy; `x0` is not changed) and the mean squared difference between the replaced
-        condition latents and the recorded ones (None when no clip was replaced).
+        condition latents and the recorded frames' posterior means (None when no clip was replaced). Its floor is
+        the VAE's posterior variance, which a model that learned the posterior samples draws as well.
     """
     has_previous, previous = clips.previous_chunk(batch)
     use = use & has_previous
@@ -364,7 +365,8 @@ def own_condition_frames(
     own = sampled[:, :, -condition_frames:].float().cpu()
     replaced = x0.clone()
     replaced[use, :, :condition_frames] = own
-    return replaced, float((own - x0[use, :, :condition_frames]).pow(2).mean())
+    recorded = clips.batch(batch[use], statistics, generator=None)[0][:, :, :condition_frames]  # posterior means
+    return replaced, float((own - recorded).pow(2).mean())
 
 
 def build_training_state(
