@@ -250,6 +250,10 @@ def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp
         alone_peak, (alone,) = branch.imagine_from(world_model, episodes[index : index + 1], 3, 2, [seed])
         assert np.abs(frames[index].astype(int) - alone).max() <= 1
         np.testing.assert_allclose(peak[index], alone_peak[0], atol=1e-4)
+    _, apart = branch.imagine_from(world_model, episodes, [3, 5], 2, [5, 6])  # one first frame per episode
+    assert np.abs(apart[0].astype(int) - frames[0]).max() <= 1 and apart[1].shape == (2, 8, 64, 64, 3)
+    _, (later,) = branch.imagine_from(world_model, episodes[1:], 5, 2, [6])
+    assert np.abs(apart[1].astype(int) - later).max() <= 1
     same = branch.action_response((recorded[0][None], recorded[1][None]), recorded)  # imagined = the simulator
     assert same == (1.0, 1.0)
     assert branch.action_response((recorded[1][None], recorded[0][None]), recorded) == (1.0, 0.0)  # swapped
@@ -295,7 +299,14 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
     assert tail.images.shape == (5, 64, 64, 3) and tail.success.tolist() == [False] * 2 + [True] * 3  # frames 15-19
     with pytest.raises(subprocess.CalledProcessError) as failure:
         write_imagined("--from-frame", 20, "--out", tmp_path / "too_late")
-    assert b"imagining from frame 20 needs episodes longer than that" in failure.value.stderr
+    assert b"expected episodes with frames from 1 up to after the one imagined from, got" in failure.value.stderr
+    assert b"frame 20 of 20" in failure.value.stderr
+    to_end = tmp_path / "from_end"
+    write_imagined("--draws", 1, "--from-end", 5, "--out", to_end)
+    ends = TrajectoryDataset(to_end)
+    assert all(ends.episode(index).images.shape == (5, 64, 64, 3) for index in range(len(ends)))  # the last 5 each
+    assert np.abs(ends.episode(0).images.astype(int) - tail.images).max() <= 1, "episode 0 (20 frames): from 15"
+    assert ends.episode(0).success.tolist() == tail.success.tolist()
     ahead = tmp_path / "one_chunk_ahead"
     write_imagined("--draws", 2, "--one-chunk-ahead", "--out", ahead)
     teacher_forced = TrajectoryDataset(ahead).episode(0)

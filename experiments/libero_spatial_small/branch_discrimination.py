@@ -115,34 +115,36 @@ def chunk_actions(episode: Episode, start: int) -> np.ndarray:
 def imagine_from(
     world_model: WorldModel,
     episodes: list[Episode],
-    first: int,
+    first: int | list[int],
     draws: int,
     seeds: list[int],
     reencode: bool = False,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Imagine `episodes` side by side from frame `first` on under their recorded actions, `draws` times each ->
-    the highest success probability over each draw's imagined frames ``[E, draws]`` and, per episode, the imagined
-    frames ``[draws, T - first, H, W, 3]`` uint8 (T: that episode's length).
+    """Imagine `episodes` side by side from frame `first` on (one for all, or one per episode) under their recorded
+    actions, `draws` times each -> the highest success probability over each draw's imagined frames ``[E, draws]``
+    and, per episode, the imagined frames ``[draws, T - first, H, W, 3]`` uint8 (T: that episode's length).
 
     The condition is the recorded frames ``[first - Tc, first)``, frame 0 standing in for those before it (as the
-    env repeats its start frame); frame ``k`` follows action ``k - 1`` (the dataset's convention); an episode that
-    ends before the longest repeats its last action, and the frames after its end are dropped. Draw d of episode e
-    takes its noise from a generator seeded ``seeds[e] * 1000 + d``, so it does not depend on the other episodes.
-    With `reencode`, the next chunk's condition is the last decoded uint8 frames encoded again (a posterior sample, as
-    the recorded frames are) instead of the sampled latents.
+    env repeats its start frame); frame ``k`` follows action ``k - 1`` (the dataset's convention); an episode with
+    fewer frames left than the longest repeats its last action, and the frames after its end are dropped. Draw d of
+    episode e takes its noise from a generator seeded ``seeds[e] * 1000 + d``, so it does not depend on the other
+    episodes. With `reencode`, the next chunk's condition is the last decoded uint8 frames encoded again (a posterior
+    sample, as the recorded frames are) instead of the sampled latents.
     """
     context, size = world_model.condition_frames, world_model.image_size
-    recorded = np.maximum(np.arange(first - context, first), 0)
-    condition = torch.from_numpy(np.stack([episode.images[recorded] for episode in episodes]))
+    firsts = np.broadcast_to(np.asarray(first), (len(episodes),))
+    recorded = np.maximum(firsts[:, None] + np.arange(-context, 0)[None], 0)  # [E, Tc]
+    condition = np.stack([episode.images[rows] for episode, rows in zip(episodes, recorded, strict=True)])
+    condition = torch.from_numpy(condition)  # [E, Tc, H, W, 3]
     generators = [torch.Generator().manual_seed(seed * 1000 + draw) for seed in seeds for draw in range(draws)]
     latents = encode_frames(world_model, condition.repeat_interleave(draws, dim=0), generators)
-    lengths = np.array([len(episode.images) for episode in episodes])
+    left = np.array([len(episode.images) for episode in episodes]) - firsts  # frames to imagine per episode
     peak, frames = np.zeros((len(episodes), draws)), []
-    for start in range(first, lengths.max(), ACTION_CHUNK):
-        chunk = np.stack([chunk_actions(episode, start) for episode in episodes])
+    for offset in range(0, left.max(), ACTION_CHUNK):
+        chunk = np.stack([chunk_actions(episode, f + offset) for episode, f in zip(episodes, firsts, strict=True)])
         chunk = torch.from_numpy(chunk).float().repeat_interleave(draws, dim=0)
         prediction = world_model.predict_chunk(latents, chunk, generator=generators)
-        inside = torch.from_numpy(start + np.arange(ACTION_CHUNK)[None] < lengths[:, None])  # [E, A]
+        inside = torch.from_numpy(offset + np.arange(ACTION_CHUNK)[None] < left[:, None])  # [E, A]
         probability = prediction.success_prob.cpu().reshape(len(episodes), draws, ACTION_CHUNK)
         peak = np.maximum(peak, probability.masked_fill(~inside[:, None], 0).amax(dim=2).numpy())
         frames.append(prediction.frames.cpu().numpy())  # [E * draws, A, H, W, 3]
@@ -151,7 +153,7 @@ def imagine_from(
         else:
             latents = torch.cat([latents, prediction.latents.float()], dim=2)[:, :, -context:]
     frames = np.concatenate(frames, axis=1).reshape(len(episodes), draws, -1, size, size, 3)
-    return peak, [imagined[:, : length - first] for imagined, length in zip(frames, lengths, strict=True)]
+    return peak, [imagined[:, :count] for imagined, count in zip(frames, left, strict=True)]
 
 
 def action_response(

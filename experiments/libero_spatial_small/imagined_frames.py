@@ -7,7 +7,8 @@ classifier does not read it in them. This script tells the two apart:
 - `write`: for every branch episode of the chosen starts (`branch.py`'s recordings), the world model rolls the rest
   of the episode out from the branch point under the recorded actions, as `branch_discrimination.py` does (same
   seeds), ``--draws`` times (with ``--from-start``, from the episode's first frame: a policy's recorded rollouts;
-  with ``--from-frame K``, from recorded frame K, the frames K - 4 .. K - 1 as the condition; with
+  with ``--from-frame K``, from recorded frame K, the frames K - 4 .. K - 1 as the condition; with ``--from-end K``,
+  from K frames before each episode's end, so that every rollout ends K frames after its condition; with
   ``--one-chunk-ahead``, every chunk from the recorded frames before it, so that no error carries over a chunk);
   each draw is saved as an episode of the imagined frames, each frame labelled with the simulator's success flag of
   the recorded frame at the same index. The file of draw d of recorded episode n is
@@ -71,27 +72,29 @@ def write(args: argparse.Namespace) -> None:
                 save_draws(args.out, episode, task, trial, 1, draws)
                 print(f"{episode.path.name}: {len(draws)} draws of {draws.shape[1]} frames", flush=True)
         return
-    jobs = defaultdict(list)  # the episodes imagined from one frame, with their starts
+    items = []  # (episode, task, trial, the frame it is imagined from)
     for (task, trial), episodes in start_groups(dataset, starts):
-        if args.from_frame is not None:
-            first = args.from_frame
-        else:
-            first = 1 if args.from_start else branch_point(episodes) + 1
-        short = [episode.path.name for episode in episodes if len(episode.images) <= first]
-        if short:
-            raise ValueError(f"imagining from frame {first} needs episodes longer than that, got {short}")
-        jobs[first].extend((episode, task, trial) for episode in episodes)
+        for episode in episodes:
+            if args.from_end is not None:
+                first = len(episode.images) - args.from_end
+            elif args.from_frame is not None:
+                first = args.from_frame
+            else:
+                first = 1 if args.from_start else branch_point(episodes) + 1
+            items.append((episode, task, trial, first))
+    short = [f"{e.path.name}: frame {i} of {len(e.images)}" for e, _, _, i in items if not 0 < i < len(e.images)]
+    if short:
+        raise ValueError(f"expected episodes with frames from 1 up to after the one imagined from, got {short}")
     args.out.mkdir(parents=True, exist_ok=True)
-    for first, items in jobs.items():
-        items.sort(key=lambda item: len(item[0].images))  # side by side with episodes of about the same length
-        for begin in range(0, len(items), args.batch):
-            batch = items[begin : begin + args.batch]
-            seeds = [task * 100 + trial for _, task, trial in batch]
-            episodes = [episode for episode, _, _ in batch]
-            _, frames = imagine_from(world_model, episodes, first, args.draws, seeds, args.reencode)
-            for (episode, task, trial), draws in zip(batch, frames, strict=True):
-                save_draws(args.out, episode, task, trial, first, draws)
-                print(f"{episode.path.name}: {len(draws)} draws of {draws.shape[1]} frames", flush=True)
+    items.sort(key=lambda item: len(item[0].images) - item[3])  # side by side with about as many frames to imagine
+    for begin in range(0, len(items), args.batch):
+        batch = items[begin : begin + args.batch]
+        seeds = [task * 100 + trial for _, task, trial, _ in batch]
+        episodes, firsts = [item[0] for item in batch], [item[3] for item in batch]
+        _, frames = imagine_from(world_model, episodes, firsts, args.draws, seeds, args.reencode)
+        for (episode, task, trial, first), draws in zip(batch, frames, strict=True):
+            save_draws(args.out, episode, task, trial, first, draws)
+            print(f"{episode.path.name}: {len(draws)} draws of {draws.shape[1]} frames", flush=True)
 
 
 @torch.no_grad()
@@ -216,6 +219,12 @@ def main() -> None:
         "into an episode the imagined outcome starts to follow the real one",
     )
     where.add_argument(
+        "--from-end",
+        type=int,
+        help="imagine each episode from this many frames before its end (its 4 frames before as the condition): "
+        "how many frames ahead of the state an episode ends in the world model still draws it (score --last)",
+    )
+    where.add_argument(
         "--one-chunk-ahead",
         action="store_true",
         help="imagine every chunk from the recorded frames before it (the error of one chunk, none carried over)",
@@ -248,8 +257,9 @@ def main() -> None:
         parser.error(f"--last must be >= 1, got {args.last}")
     if args.command == "write" and args.reencode and (args.one_chunk_ahead or args.reconstruct):
         parser.error("--reencode applies to imagined rollouts, not to --one-chunk-ahead or --reconstruct")
-    if args.command == "write" and args.from_frame is not None and args.from_frame < 1:
-        parser.error(f"--from-frame must be >= 1, got {args.from_frame}")
+    for name in ("from_frame", "from_end"):
+        if args.command == "write" and getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     write(args) if args.command == "write" else score(args)
 
 
