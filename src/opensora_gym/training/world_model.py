@@ -659,7 +659,7 @@ def train_world_model(config: WorldModelTrainingConfig) -> TrainingResult:
             writer.add_scalar("train/loss", result.losses[-1], state.step)
             writer.add_scalar("train/lr", out.lr, state.step)
             writer.add_scalar("train/grad_norm", out.grad_norm, state.step)
-            if own_mse is not None:  # the latest batch's own frames against the recorded ones
+            if own_mse is not None:  # the latest replaced condition frames against the recorded posterior means
                 writer.add_scalar("own_condition/condition_mse", own_mse, state.step)
             for k in np.flatnonzero(bucket_count):
                 low, high = k * flow.num_timesteps // TIMESTEP_BUCKETS, (k + 1) * flow.num_timesteps // TIMESTEP_BUCKETS
