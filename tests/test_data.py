@@ -211,7 +211,7 @@ def test_frame_without_task(tmp_path: Path) -> None:
         del frame["instruction"]
     dataset = _write_single(tmp_path, frames)
 
-    for read in (dataset.episode, dataset.start_frame):
+    for read in (dataset.episode, dataset.start_frame, dataset.images):
         with pytest.raises(ValueError, match=r"traj0\.npy frame 0 has no task text under 'instruction' or 'task'"):
             read(0)
 
@@ -237,7 +237,7 @@ def test_corrupt_trajectory_names_file(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-50])
     dataset = TrajectoryDataset(tmp_path)
 
-    for read in (dataset.episode, dataset.start_frame):
+    for read in (dataset.episode, dataset.start_frame, dataset.images):
         with pytest.raises(ValueError, match=re.escape(str(path))):
             read(0)
 
@@ -253,7 +253,7 @@ def test_malicious_trajectory_is_refused(tmp_path: Path) -> None:
     save_trajectory(tmp_path / "traj0.npy", _frames(2, 0, task=_TouchMarker(marker)))
     dataset = TrajectoryDataset(tmp_path)
 
-    for read in (dataset.episode, dataset.start_frame):
+    for read in (dataset.episode, dataset.start_frame, dataset.images):
         with pytest.raises(UnsafeFileError, match=re.escape(str(tmp_path / "traj0.npy"))):
             read(0)
     assert not marker.exists()

@@ -80,6 +80,28 @@ def test_chunk_step_equals_the_components(checkpoint, world_model):
     np.testing.assert_allclose(reward, expected.sum(axis=1))
 
 
+def test_an_episode_can_start_late_with_its_recorded_frames_as_the_condition(checkpoint, world_model):
+    env = make_env(checkpoint, world_model, start_frame="end-5")
+    obs, info = env.reset(seed=4, options={"episode_indices": [2, 3]})
+    recorded = [env.dataset.images(e)[0] for e in (2, 3)]
+    last = [len(images) - 1 - 5 for images in recorded]
+    window = torch.from_numpy(np.stack([images[t - 3 : t + 1] for images, t in zip(recorded, last, strict=True)]))
+    generators = [torch.Generator().manual_seed(4 + i) for i in range(2)]
+    np.testing.assert_array_equal(env.get_state()[0].latents, world_model.encode_start(window, generators)[0])
+    assert np.abs(obs["image"].astype(int) - window[:, -1].numpy().astype(int)).max() <= 1  # one [-1, 1] round trip
+    assert info["episode_index"].tolist() == [2, 3]
+    first = make_env(checkpoint, world_model, start_frame=0)
+    first.reset(seed=4, options={"episode_indices": [2, 3]})
+    starts = torch.from_numpy(np.stack([images[0] for images in recorded]))
+    generators = [torch.Generator().manual_seed(4 + i) for i in range(2)]
+    np.testing.assert_array_equal(first.get_state()[1].latents, world_model.encode_start(starts, generators)[1])
+
+
+def test_a_bad_start_frame_fails_before_a_model_loads(checkpoint):
+    with pytest.raises(ValueError, match=r"start_frame must be a frame index >= 0 or 'end-K' .* got 'end\+4'"):
+        OpenSoraLiberoEnv(2, checkpoint=checkpoint, start_frame="end+4")
+
+
 def test_per_sub_env_truncation_and_next_step_autoreset(checkpoint, never_success):
     env = make_env(checkpoint, never_success, num_envs=2, max_episode_steps=16)
     env.reset(seed=0)

@@ -76,12 +76,55 @@ def test_chosen_and_given_starts_take_no_draw(dataset):
 
 def test_a_start_is_the_trajectorys_first_frame_read_once(dataset, monkeypatch):
     reads = []
-    read = dataset.start_frame
-    monkeypatch.setattr(dataset, "start_frame", lambda e: reads.append(e) or read(e))
+    read = dataset.images
+    monkeypatch.setattr(dataset, "images", lambda e: reads.append(e) or read(e))
     sampler = StartSampler(dataset, num_envs=2)
     start, again = sampler.next_starts([0, 1], [3, 3])
     assert start.task == "task 3" and start.image.shape == (6, 8, 3) and (start.image == 3).all()
-    assert again.image is start.image and reads == [3]
+    assert again.frames is start.frames and reads == [3]
+
+
+@pytest.fixture
+def long_dataset(tmp_path):
+    """Trajectories of 10 and 3 frames: frame t of episode e is filled with 10 * e + t."""
+    for e, length in enumerate((10, 3)):
+        frames = [
+            {"image": np.full((2, 2, 3), 10 * e + t, np.uint8), "delta_action": np.zeros(7), "instruction": "t"}
+            for t in range(length)
+        ]
+        save_trajectory(tmp_path / f"traj{e}.npy", frames)
+    return TrajectoryDataset(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("start_frame", "long", "short"),
+    [
+        # The condition: the start frame last, the recorded frames before it, frame 0 repeated before frame 0.
+        (0, [0, 0, 0, 0], [10, 10, 10, 10]),
+        (2, [0, 0, 1, 2], [10, 10, 11, 12]),
+        (7, [4, 5, 6, 7], [10, 10, 11, 12]),  # past the short trajectory's end: its last frame
+        ("end-0", [6, 7, 8, 9], [10, 10, 11, 12]),
+        ("end-4", [2, 3, 4, 5], [10, 10, 10, 10]),  # before the short trajectory's frame 0: frame 0
+    ],
+)
+def test_a_later_start_carries_its_recorded_frames_before(long_dataset, start_frame, long, short):
+    sampler = StartSampler(long_dataset, num_envs=2, start_frame=start_frame, context=4)
+    starts = sampler.next_starts([0, 1], [0, 1])
+    assert [start.condition(4)[:, 0, 0, 0].tolist() for start in starts] == [long, short]
+    assert [int(start.image[0, 0, 0]) for start in starts] == [long[-1], short[-1]]
+
+
+def test_a_given_start_fills_the_condition_with_its_frame(dataset):
+    images = np.arange(2 * 3 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3, 3)
+    options = {"start_images": images, "start_tasks": ["a", "b"]}
+    _, given = StartSampler(dataset, num_envs=2, context=4).check_options(options)
+    np.testing.assert_array_equal(given[1].condition(4), np.repeat(images[1:], 4, axis=0))
+
+
+@pytest.mark.parametrize("start_frame", [-1, "end", "end--2", "end-2.5", "last", 1.0, True, None])
+def test_a_bad_start_frame_is_rejected(dataset, start_frame):
+    with pytest.raises(ValueError, match=rf"start_frame must be a frame index >= 0 or 'end-K' .* got {start_frame!r}"):
+        StartSampler(dataset, num_envs=2, start_frame=start_frame)
 
 
 def test_given_starts_keep_their_frames_and_tasks(dataset):

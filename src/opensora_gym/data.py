@@ -139,8 +139,8 @@ class Episode:
 class TrajectoryDataset:
     """The episodes of a folder of RLinf-OpenSora ``.npy`` trajectories, read one file at a time.
 
-    Construction only lists the files; each call to :meth:`episode` or :meth:`start_frame` reads one file,
-    with :func:`opensora_gym.safe_loading.load_npy`.
+    Construction only lists the files; each call to :meth:`episode`, :meth:`images` or :meth:`start_frame` reads one
+    file, with :func:`opensora_gym.safe_loading.load_npy`.
 
     Args:
         folder: the folder of ``*.npy`` episode files (names containing ``_kir`` are skipped).
@@ -211,6 +211,19 @@ class TrajectoryDataset:
         path = self._path(index)
         first = load_trajectory(path)[0]
         return _frame_image(first, path, 0), _frame_task(first, path)
+
+    def images(self, index: int) -> tuple[np.ndarray, str]:
+        """Reads the camera frames of episode ``index`` only (no actions): where a start inside it is chosen.
+
+        Args:
+            index: episode index in ``[0, len(self))``.
+
+        Returns:
+            ``(images, task)``: the frames ``[T, H, W, 3]`` uint8 and the task text.
+        """
+        path = self._path(index)
+        frames = load_trajectory(path)
+        return np.stack([_frame_image(frame, path, t) for t, frame in enumerate(frames)]), _frame_task(frames[0], path)
 
     def _path(self, index: int) -> Path:
         if not 0 <= index < len(self.paths):

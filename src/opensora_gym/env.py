@@ -33,7 +33,7 @@ from opensora_gym.spaces import (
     observation_space,
     reset_mask_indices,
 )
-from opensora_gym.starts import GIVEN_START, Start, StartSampler
+from opensora_gym.starts import GIVEN_START, Start, StartSampler, check_start_frame
 from opensora_gym.world_model import ChunkPrediction, WorldModel, frames_from_uint8, frames_to_uint8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,6 +66,12 @@ class OpenSoraLiberoConfig:
         condition_frames: latent frames of context; must match the checkpoint.
         image_size: side of the frames the world model works at and of the observed image.
         max_episode_steps: actions per episode before truncation.
+        start_frame: the frame of a recorded trajectory that an episode starts from, with the recorded frames
+            before it as the condition (`opensora_gym.starts`): 0, the reference's, starts from the first frame
+            (repeated to fill the condition frames); another index starts later (a trajectory shorter than that
+            starts from its last frame); `"end-K"` starts K frames before each trajectory's last frame (or from its
+            first frame, if it has no more than K), so that short episodes (`max_episode_steps` about K) end where
+            the recording does: near its outcome, within the few chunks that a small world model keeps it over.
         use_rel_reward: reward the change of the frame reward (see `opensora_gym.reward_rule`), else the raw reward.
         reward_coef: scale of the relative reward.
         success_threshold: a frame with this reward (or probability, see `success_from`) ends the episode.
@@ -114,6 +120,7 @@ class OpenSoraLiberoConfig:
     condition_frames: int = 4
     image_size: int = 256
     max_episode_steps: int = 256
+    start_frame: int | str = 0
     use_rel_reward: bool = True
     reward_coef: float = 1.0
     success_threshold: float = 0.9
@@ -145,6 +152,7 @@ class OpenSoraLiberoConfig:
             or self.action_guidance < 0
         ):
             raise ValueError(f"action_guidance must be a finite number >= 0, got {self.action_guidance!r}")
+        check_start_frame(self.start_frame)
         if self.condition_frames < 1:
             raise ValueError(f"condition_frames must be a positive integer, got {self.condition_frames!r}")
         if self.suite not in HUB_IDS:
@@ -279,6 +287,7 @@ class OpenSoraLiberoEnv(VectorEnv):
     |                      |             |               | compute capability >= 8.9)                              |
     | `image_size`         | int         | 256           | S, the side of the frames                               |
     | `max_episode_steps`  | int         | 256           | actions per episode, a multiple of `action_chunk`       |
+    | `start_frame`        | int or str  | 0             | the recorded frame episodes start from, or `end-K`      |
     | `use_rel_reward`     | bool        | True          | reward the change of the frame reward                   |
     | `reward_coef`        | float       | 1.0           | scale of the relative reward                            |
     | `success_threshold`  | float       | 0.9           | the frame reward (or probability) that terminates       |
@@ -332,7 +341,9 @@ class OpenSoraLiberoEnv(VectorEnv):
         root = resolve_checkpoint(config.checkpoint, config.suite)
         # The starts come first: a group size that does not divide num_envs fails before a model loads.
         self.dataset = TrajectoryDataset(CheckpointLayout(root).dataset)
-        self.start_sampler = StartSampler(self.dataset, num_envs, config.group_size)
+        self.start_sampler = StartSampler(
+            self.dataset, num_envs, config.group_size, config.start_frame, config.condition_frames
+        )
         self.world_model = world_model or WorldModel.from_pretrained(
             root,
             device=config.device,
@@ -495,11 +506,12 @@ class OpenSoraLiberoEnv(VectorEnv):
 
     def _start_episodes(self, env_indices: list[int], starts: list[Start]) -> list[SubEnvState]:
         """New states of the sub-envs `env_indices`, from their `starts`."""
-        images = torch.from_numpy(np.stack([start.image for start in starts]))  # [n, H, W, 3]
-        latents = self.world_model.encode_start(images, generator=[self._generators[i] for i in env_indices]).cpu()
+        context = self.config.condition_frames
+        frames = torch.from_numpy(np.stack([start.condition(context) for start in starts]))  # [n, Tc, H, W, 3]
+        latents = self.world_model.encode_start(frames, generator=[self._generators[i] for i in env_indices]).cpu()
         _check_finite(latents, "start latents", env_indices)
         # The first observation goes through the same [-1, 1] round trip as in the reference.
-        normalized = frames_from_uint8(images, self.config.image_size)  # [N, 3, S, S]
+        normalized = frames_from_uint8(frames[:, -1], self.config.image_size)  # [N, 3, S, S]
         observed = frames_to_uint8(normalized[:, :, None])[:, 0].numpy()  # [N, S, S, 3]
         return [
             SubEnvState(

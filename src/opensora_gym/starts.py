@@ -1,13 +1,15 @@
-"""Where the episodes of `OpenSoraLiberoEnv`'s sub-envs start: which recorded trajectory, shared by groups.
+"""Where the episodes of `OpenSoraLiberoEnv`'s sub-envs start: which recorded trajectory and frame, shared by groups.
 
-An episode starts from the first frame of a recorded trajectory (or from a frame the caller gives). A group is
-`group_size` consecutive sub-envs (a GRPO group) whose k-th episodes all start from the group's k-th draw, so
-members that end at different times still share their starts. Draws come from one `torch.Generator` that a
+An episode starts from a frame of a recorded trajectory (the first one unless the env's `start_frame` says
+otherwise), with the recorded frames before it as the world model's condition, or from a frame the caller gives. A
+group is `group_size` consecutive sub-envs (a GRPO group) whose k-th episodes all start from the group's k-th draw,
+so members that end at different times still share their starts. Draws come from one `torch.Generator` that a
 seeded full reset reseeds.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,28 @@ from opensora_gym.data import TrajectoryDataset
 
 # `episode_index` of a sub-env started from a given image (`reset(options={"start_images": ...})`), not a trajectory.
 GIVEN_START = -1
+_FROM_END = re.compile(r"end-(\d+)")
+
+
+def check_start_frame(start_frame: int | str) -> None:
+    """Raises ValueError unless `start_frame` is a frame index (int >= 0) or `"end-K"` (K >= 0 frames before the
+    last)."""
+    if isinstance(start_frame, bool) or not (
+        (isinstance(start_frame, int) and start_frame >= 0)
+        or (isinstance(start_frame, str) and _FROM_END.fullmatch(start_frame))
+    ):
+        raise ValueError(
+            f"start_frame must be a frame index >= 0 or 'end-K' (K >= 0 frames before an episode's last frame), "
+            f"got {start_frame!r}"
+        )
+
+
+def start_index(start_frame: int | str, num_frames: int) -> int:
+    """The frame of a `num_frames`-frame trajectory that `start_frame` (checked) names: an index past the last
+    frame is the last frame, `end-K` before frame 0 is frame 0."""
+    if isinstance(start_frame, str):
+        return max(num_frames - 1 - int(_FROM_END.fullmatch(start_frame)[1]), 0)
+    return min(start_frame, num_frames - 1)
 
 
 @dataclass(frozen=True)
@@ -26,23 +50,39 @@ class Start:
     """Where one sub-env's episode starts.
 
     Attributes:
-        episode_index: the recorded trajectory whose first frame it starts from, or `GIVEN_START`.
-        image: [H, W, 3] uint8 start frame, at the size it was recorded or given.
+        episode_index: the recorded trajectory it starts in, or `GIVEN_START`.
+        frames: [T, H, W, 3] uint8, at the size they were recorded or given: the start frame last, the recorded
+            frames before it (the world model's condition) in front; fewer than the condition frames are padded
+            with the first one (a trajectory's frame 0, or a given frame, is repeated, as in the reference).
         task: the instruction of the episode.
     """
 
     episode_index: int
-    image: np.ndarray
+    frames: np.ndarray
     task: str
+
+    @property
+    def image(self) -> np.ndarray:
+        """[H, W, 3] uint8: the start frame, the episode's first observation."""
+        return self.frames[-1]
+
+    def condition(self, count: int) -> np.ndarray:
+        """[count, H, W, 3] uint8: the last `count` frames, the first one repeated in front where too few."""
+        frames = self.frames[-count:]
+        return np.concatenate([np.repeat(frames[:1], count - len(frames), axis=0), frames])
 
 
 class StartSampler:
     """Chooses the start of each sub-env's next episode: a group's draw, a chosen trajectory or a given frame.
 
     Args:
-        dataset: the recorded trajectories; their first frames are the starts.
+        dataset: the recorded trajectories.
         num_envs: N, the number of sub-envs.
         group_size: consecutive sub-envs that share their starts; a positive divisor of `num_envs`.
+        start_frame: the frame of a trajectory an episode starts from: an index (0: the first frame; past a
+            trajectory's last frame: its last), or `"end-K"`, K frames before its last frame (before frame 0:
+            frame 0), so that every start has the same K recorded frames after it.
+        context: frames a start carries, the start frame last (the world model's condition frames).
 
     Example:
         >>> sampler = StartSampler(dataset, num_envs=4, group_size=2)  # doctest: +SKIP
@@ -52,16 +92,28 @@ class StartSampler:
         True
     """
 
-    def __init__(self, dataset: TrajectoryDataset, num_envs: int, group_size: int = 1):
+    def __init__(
+        self,
+        dataset: TrajectoryDataset,
+        num_envs: int,
+        group_size: int = 1,
+        start_frame: int | str = 0,
+        context: int = 1,
+    ):
         if group_size < 1 or num_envs % group_size:
             raise ValueError(f"group_size must be a positive divisor of num_envs ({num_envs}), got {group_size!r}")
+        check_start_frame(start_frame)
+        if not isinstance(context, int) or context < 1:
+            raise ValueError(f"context must be a positive integer, got {context!r}")
         self.dataset = dataset
+        self.start_frame = start_frame
+        self.context = context
         self.num_envs = num_envs
         self.group_size = group_size
         self.generator = torch.Generator()
         self._group_draws: list[list[int]] = [[] for _ in range(num_envs // group_size)]
         self._episodes_started = np.zeros(num_envs, dtype=np.int64)
-        self._start_frames: dict[int, tuple[np.ndarray, str]] = {}
+        self._starts: dict[int, tuple[np.ndarray, str]] = {}
 
     def seed(self, seed: int) -> None:
         """Reseeds the draws and starts every group's sequence of draws over (what a seeded full reset does)."""
@@ -100,7 +152,7 @@ class StartSampler:
             raise ValueError(f"start_tasks must be {n} instructions (one per sub-env), got {tasks!r}")
         if not all(isinstance(task, str) and task for task in tasks):
             raise TypeError(f"start_tasks must be non-empty strings, got {[type(t).__name__ for t in tasks]}")
-        return None, [Start(GIVEN_START, images[i], str(tasks[i])) for i in range(n)]
+        return None, [Start(GIVEN_START, images[i, None], str(tasks[i])) for i in range(n)]
 
     def _check_episode_indices(self, episodes) -> list[int]:
         episodes = np.asarray(episodes)
@@ -137,7 +189,7 @@ class StartSampler:
             chosen = [self._next_group_episode(i) for i in env_indices]
         else:
             chosen = [episodes[i] for i in env_indices]
-        return [Start(e, *self._start_frame(e)) for e in chosen]
+        return [Start(e, *self._start_frames(e)) for e in chosen]
 
     def _next_group_episode(self, env_index: int) -> int:
         """The k-th episode of sub-env `env_index` starts from its group's k-th draw."""
@@ -149,8 +201,10 @@ class StartSampler:
         self._episodes_started[env_index] += 1
         return drawn[k]
 
-    def _start_frame(self, episode: int) -> tuple[np.ndarray, str]:
-        # Trajectory files hold every frame of an episode: read each once and keep only its first frame.
-        if episode not in self._start_frames:
-            self._start_frames[episode] = self.dataset.start_frame(episode)
-        return self._start_frames[episode]
+    def _start_frames(self, episode: int) -> tuple[np.ndarray, str]:
+        # Trajectory files hold every frame of an episode: read each once and keep only the start's frames.
+        if episode not in self._starts:
+            images, task = self.dataset.images(episode)
+            last = start_index(self.start_frame, len(images))
+            self._starts[episode] = images[max(last + 1 - self.context, 0) : last + 1], task
+        return self._starts[episode]

@@ -166,13 +166,20 @@ class WorldModel:
 
     @torch.no_grad()
     def encode_start(self, images: torch.Tensor, generator: Generators = None) -> torch.Tensor:
-        """Start frames [N, H, W, 3] uint8 -> condition latents [N, C, Tc, h, w].
+        """Start frames [N, H, W, 3] (or condition frames [N, Tc, H, W, 3]) uint8 -> condition latents [N, C, Tc,
+        h, w].
 
-        As in the reference, the frame is repeated to fill the condition frames and each copy is encoded with
-        its own latent sample.
+        As in the reference, a start frame is repeated to fill the condition frames; each condition frame is
+        encoded with its own latent sample.
         """
-        x = frames_from_uint8(images.to(self.device), self.image_size)  # [N, 3, S, S]
-        x = x[:, :, None].expand(-1, -1, self.condition_frames, -1, -1)  # [N, 3, Tc, S, S]
+        if images.ndim == 4:
+            images = images[:, None].expand(-1, self.condition_frames, -1, -1, -1)
+        if images.shape[1] != self.condition_frames:
+            raise ValueError(
+                f"expected {self.condition_frames} condition frames [N, Tc, H, W, 3], got shape {tuple(images.shape)}"
+            )
+        images = images.to(self.device)
+        x = torch.stack([frames_from_uint8(images[:, t], self.image_size) for t in range(images.shape[1])], dim=2)
         return self.vae.encode(x.to(self.vae.dtype), sample=True, generator=generator).float()
 
     @torch.no_grad()
