@@ -44,6 +44,10 @@ def test_shrink_merges_renumbers_and_resizes(checkpoint, tmp_path):
     starts = TrajectoryDataset(tmp_path / "starts" / "dataset")
     assert len(starts) == len(originals) and len(starts.episode(0).images) == 1
     np.testing.assert_array_equal(starts.episode(0).images[0], episode.images[0])
+    run_script("shrink.py", "--size", 32, "--last", 5, "--out", tmp_path / "ends", source)
+    ends = TrajectoryDataset(tmp_path / "ends" / "dataset")
+    np.testing.assert_array_equal(ends.episode(0).images, episode.images[-5:])
+    np.testing.assert_array_equal(ends.episode(0).actions, original.actions[-5:])
 
 
 def test_package_writes_a_float16_folder_that_the_env_loads(checkpoint, tmp_path):

@@ -4,8 +4,9 @@ python experiments/libero_spatial_small/shrink.py --size 64 --out data/spatial64
 
 Episodes are renumbered in the order given (``traj{n:06d}`` keeps the rest of each name); every per-frame key is
 kept, the image is resized with the policy's antialiased bilinear rule (``--first-frames``: only each episode's first
-frame, the start frames of a world model's ``dataset/``). ``dataset_statistics.json`` is recomputed
-from all actions (dimensions the data never varies get [-1, 1]).
+frame, the start frames of a world model's ``dataset/``; ``--last N``: only its last N frames, all that an env with
+``start_frame="end-K"`` reads when N >= K + 4). ``dataset_statistics.json`` is recomputed from all actions (dimensions
+the data never varies get [-1, 1]).
 """
 
 from __future__ import annotations
@@ -27,14 +28,20 @@ def main() -> None:
     parser.add_argument(
         "--first-frames", action="store_true", help="keep each episode's first frame only (a world model's dataset/)"
     )
+    parser.add_argument("--last", type=int, help="keep each episode's last N frames only (starts at end-K, K <= N - 4)")
     args = parser.parse_args()
+    if args.first_frames and args.last is not None:
+        parser.error("--first-frames and --last both choose the frames: give one")
+    if args.last is not None and args.last < 1:
+        parser.error(f"--last must be a positive number of frames, got {args.last}")
     out = Path(args.out) / "dataset"
     out.mkdir(parents=True, exist_ok=False)
     actions, count = [], 0
     for folder in map(Path, args.folders):
         folder = folder / "dataset" if (folder / "dataset").is_dir() else folder
         for path in TrajectoryDataset(folder).paths:
-            frames = load_trajectory(path)[: 1 if args.first_frames else None]
+            frames = load_trajectory(path)
+            frames = frames[:1] if args.first_frames else frames[-args.last :] if args.last else frames
             images = resize_images(np.stack([frame["image"] for frame in frames]), args.size).numpy()
             for frame, image in zip(frames, images, strict=True):
                 frame["image"] = image
