@@ -411,6 +411,40 @@ def _recorded(folder, outcomes):
         save_trajectory(folder / f"traj{number:06d}_task00_trial{trial:02d}.npy", steps)
 
 
+def test_imagined_vs_recorded_ranks_the_starts_by_their_rollouts_outcome(tmp_path):
+    _recorded(tmp_path / "dataset", [(0, True), (1, False), (2, False)])
+    # two draws of the three starts, draw after draw: imagined rates 1.0, 0.5, 0.0
+    np.savez(tmp_path / "imagined.npz", success=np.array([True, True, False, True, False, False]))
+    run_script("imagined_vs_recorded.py", tmp_path / "imagined.npz", tmp_path / "dataset", "--out", tmp_path / "s.json")
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["starts"] == 3 and summary["draws"] == 2 and summary["recorded_success"] == 1 / 3
+    assert summary["imagined_on_recorded_successes"] == 1.0 and summary["imagined_on_recorded_failures"] == 0.25
+    assert summary["auroc"] == 1.0 and 0 <= summary["auroc_95"][0] <= 1.0 == summary["auroc_95"][1]
+    np.savez(tmp_path / "imagined.npz", success=np.array([True, True, False, True]))
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script("imagined_vs_recorded.py", tmp_path / "imagined.npz", tmp_path / "dataset")
+    assert b"expected a whole number of draws of the 3 starts, got 4 episodes" in failure.value.stderr
+
+
+def test_grpo_curves_reads_each_seeds_tensorboard(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for seed, values in (("seed1", [0.5] * 5 + [0.7] * 5), ("seed2", [0.4] * 6)):
+        with SummaryWriter(tmp_path / seed / "tensorboard") as writer:
+            for step, value in enumerate(values, start=1):
+                writer.add_scalar("env/success_once", value, step)
+                writer.add_scalar("train/actor/approx_kl", 1e-4, step)
+    run_script("grpo_curves.py", tmp_path, "--out", tmp_path / "curves.json", "--last-step", 9)
+    curves = json.loads((tmp_path / "curves.json").read_text())
+    assert sorted(curves) == ["seed1", "seed2"]
+    assert sorted(curves["seed1"]) == ["env/success_once", "train/actor/approx_kl"]
+    assert [step for step, _ in curves["seed1"]["env/success_once"]] == list(range(1, 10))
+    assert curves["seed2"]["env/success_once"][-1] == [6, 0.4]
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script("grpo_curves.py", tmp_path / "seed1", "--out", tmp_path / "none.json")
+    assert b"expected seedS/tensorboard folders" in failure.value.stderr
+
+
 def test_start_or_action_separates_the_memory_of_a_start_from_the_reading_of_its_actions(tmp_path):
     _recorded(tmp_path / "train", [(0, True), (1, False), (2, True), (3, True), (3, False), (4, True), (4, False)])
     # held out: trials 1 and 2 turn out otherwise than their training rollout
