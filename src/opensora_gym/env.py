@@ -308,8 +308,8 @@ class OpenSoraLiberoEnv(VectorEnv):
 
     * v0: the only version so far. It changed in place while the package was built, before any release: actions
       became the policy's gripper convention (converted for the controller, as RLinf does) and are clipped to the
-      Box; the `reset_mask` and `start_images` reset options and the `uncertainty` signal with its policies (off
-      by default) were added.
+      Box; the `reset_mask` and `start_images` reset options, the `uncertainty` signal with its policies (off by
+      default) and the `start_frame` setting (default 0, the reference's start) were added.
 
     ## Example
 
