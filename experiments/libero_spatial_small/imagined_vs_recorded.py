@@ -13,10 +13,10 @@ python experiments/libero_spatial_small/imagined_vs_recorded.py imagined_base.np
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
+from imagined_vs_real import report  # the script's folder
 
 from opensora_gym.data import TrajectoryDataset
 from opensora_gym.reliability import auroc, auroc_interval
@@ -60,9 +60,7 @@ def main() -> None:
         summary = compare(np.load(args.imagined)["success"].astype(bool), np.array(recorded))
     except ValueError as error:
         raise SystemExit(f"{args.imagined}: {error}") from None
-    print(json.dumps(summary, indent=1))
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    report(summary, args.out)
 
 
 if __name__ == "__main__":
