@@ -89,6 +89,18 @@ def test_sub_env_results_do_not_depend_on_the_batch(checkpoint, world_model):
     torch.testing.assert_close(batch.latents[1:2], alone.latents, rtol=1e-4, atol=1e-4)
 
 
+def test_a_start_frame_is_encoded_as_the_reference_repeats_it(checkpoint, world_model):
+    images = start_images(checkpoint, 2)
+    latents = world_model.encode_start(images, generator=generators(0, 2))
+    # The reference: the normalized frame repeated over the condition frames, each copy sampled from the posterior.
+    repeated = frames_from_uint8(images, world_model.image_size)[:, :, None].expand(-1, -1, 4, -1, -1)
+    torch.testing.assert_close(latents, world_model.vae.encode(repeated, generator=generators(0, 2)), rtol=0, atol=0)
+    window = images[:, None].expand(-1, 4, -1, -1, -1)  # the same frame given as 4 condition frames
+    torch.testing.assert_close(world_model.encode_start(window, generator=generators(0, 2)), latents, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"expected 4 condition frames \[N, Tc, H, W, 3\], got shape \(2, 3,"):
+        world_model.encode_start(window[:, :3])
+
+
 def test_frame_conversions_round_trip():
     images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
     x = frames_from_uint8(images, 16)

@@ -178,8 +178,9 @@ class WorldModel:
             raise ValueError(
                 f"expected {self.condition_frames} condition frames [N, Tc, H, W, 3], got shape {tuple(images.shape)}"
             )
-        images = images.to(self.device)
-        x = torch.stack([frames_from_uint8(images[:, t], self.image_size) for t in range(images.shape[1])], dim=2)
+        x = frames_from_uint8(images.flatten(0, 1).to(self.device), self.image_size)  # [N * Tc, 3, S, S]
+        # Contiguous: the VAE's convolutions round differently on the channels-last layout that the uint8 frames give.
+        x = rearrange(x, "(n t) c h w -> n c t h w", n=len(images)).contiguous()  # [N, 3, Tc, S, S]
         return self.vae.encode(x.to(self.vae.dtype), sample=True, generator=generator).float()
 
     @torch.no_grad()
