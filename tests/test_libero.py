@@ -122,6 +122,15 @@ def test_spaces_walk_and_bad_ids_without_simulating():
             env.reset(options={"reset_mask": np.zeros(2, dtype=bool)})
         with pytest.raises(RuntimeError, match="without a reset_mask first"):
             env.reset(options={"reset_mask": np.array([True, False])})
+        replay = np.zeros((3, 7))
+        with pytest.raises(ValueError, match=r"replay_actions needs task_id and trial_id .* got keys \[\]"):
+            env.reset(options={"replay_actions": [replay, replay]})
+        with pytest.raises(ValueError, match=r"replay_actions must be a sequence of 2 arrays \[k, 7\]"):
+            env.reset(options={"task_id": 0, "trial_id": 0, "replay_actions": [replay]})
+        with pytest.raises(ValueError, match=r"replay_actions\[1\] must be numbers of shape \[k, 7\], got .* \(3, 6\)"):
+            env.reset(options={"task_id": 0, "trial_id": 0, "replay_actions": [replay, replay[:, :6]]})
+        with pytest.raises(ValueError, match=r"replay_actions\[0\] must be finite"):
+            env.reset(options={"task_id": 0, "trial_id": 0, "replay_actions": [replay + np.nan, replay]})
         # A refused reset leaves the env as it was.
         assert env.task_ids.tolist() == [0, 0] and env.walk_index.tolist() == [-1, -1]
     finally:
@@ -197,6 +206,48 @@ def test_real_episode_recorded_and_read_back(tmp_path):
             envs.step(noop)
     finally:
         envs.close()
+
+
+@needs_libero
+@pytest.mark.slow
+def test_replayed_actions_start_an_episode_at_a_recorded_frame(tmp_path):
+    """Resetting with a recording's first s actions reaches its frame s (image and state, to the bit, s not a
+    multiple of the chunk), and the same actions from there give the recording's next frames; the episode's length
+    counts from the replayed frame."""
+    limit, start = 24, 13
+    moves = np.random.default_rng(2).uniform(-0.6, 0.6, size=(limit // 8, 1, 8, 7)).astype(np.float32)
+    moves[..., -1] = np.random.default_rng(3).uniform(0.0, 1.0, size=(limit // 8, 1, 8))
+    envs = TrajectoryRecorder(
+        gym.make_vec("Libero-Spatial-v0", num_envs=1, image_size=64, return_frames=True, max_episode_steps=limit),
+        tmp_path,
+    )
+    try:
+        envs.reset(options={"task_id": 1, "trial_id": 2})
+        states = []
+        for actions in moves:
+            _, _, _, _, info = envs.step(actions)
+            states.append(info["state"][0].copy())
+    finally:
+        envs.close()
+    recorded = TrajectoryDataset(tmp_path).episode(0)
+    policy_moves = moves.reshape(-1, 7)
+
+    env = LiberoVectorEnv(LiberoConfig(image_size=64, max_episode_steps=8, return_frames=True), num_envs=1)
+    try:
+        observation, info = env.reset(
+            options={"task_id": 1, "trial_id": 2, "replay_actions": [recorded.actions[:start]]}
+        )
+        np.testing.assert_array_equal(observation["image"][0], recorded.images[start])
+        assert not np.array_equal(recorded.images[start], recorded.images[0]), "the replay moved nothing"
+        _, _, _, truncated, info = env.step(policy_moves[None, start : start + 8])
+        np.testing.assert_array_equal(info["frames"][0], recorded.images[start + 1 : start + 9])
+        assert info["episode_length"].tolist() == [8] and truncated.tolist() == [True]
+        np.testing.assert_array_equal(info["controller_actions"][0], recorded.actions[start : start + 8])
+        # Replaying a whole chunk boundary reaches the state the recording reported after that chunk.
+        _, info = env.reset(options={"task_id": 1, "trial_id": 2, "replay_actions": [recorded.actions[:16]]})
+        np.testing.assert_array_equal(info["state"][0], states[1])
+    finally:
+        env.close()
 
 
 @needs_libero

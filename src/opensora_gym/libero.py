@@ -363,9 +363,13 @@ class _Simulator:
         self.init_states = self.tasks.get_task_init_states(task_id)
         self.task_id = task_id
 
-    def reset(self, task_id: int, trial_id: int, seed: int) -> dict[str, Any]:
+    def reset(self, task_id: int, trial_id: int, seed: int, replay: np.ndarray | None = None) -> dict[str, Any]:
+        """Starts an episode; `replay` (controller actions ``[k, 7]``) is executed after the settling steps."""
         if task_id != self.task_id:
             self._build(task_id)
+        replay = np.zeros((0, ACTION_DIM)) if replay is None else replay
+        # robosuite ends its episode at the horizon, counted from env.reset(): the replay comes on top.
+        self.env.env.horizon = self.config.num_steps_wait + len(replay) + self.config.episode_limit + 1
         # Re-seeding before every episode makes it depend only on (seed, task, trial), whichever worker runs it;
         # LIBERO's scene sampling draws from this process's global numpy generator.
         self.env.seed(seed)
@@ -374,6 +378,8 @@ class _Simulator:
         settle = [*CONTROLLER_NOOP_ACTION[:-1].tolist(), self.config.settle_gripper]
         for _ in range(self.config.num_steps_wait):
             observation, _, _, _ = self.env.step(settle)
+        for action in replay:
+            observation, _, _, _ = self.env.step(action.tolist())
         return self._features(observation)
 
     def step(self, actions: np.ndarray, return_frames: bool, left: int | None = None) -> dict[str, Any]:
@@ -498,7 +504,11 @@ class LiberoVectorEnv(VectorEnv):
     trial pairs (task-major: task 0 trials 0..49, task 1, ...): sub-env i starts on pair i, and every autoreset
     takes the next pair, so the first ``num_episodes`` episodes started cover each pair exactly once; the walk
     then starts over. ``info["walk_index"]`` is the episode's position in that walk (-1 for pairs chosen through
-    options), so an evaluation counts the episodes with ``0 <= walk_index < num_episodes``.
+    options), so an evaluation counts the episodes with ``0 <= walk_index < num_episodes``. With both ids,
+    ``options["replay_actions"]`` (one controller-action array ``[k, 7]`` per sub-env, e.g. the first ``s`` rows of a
+    recorded episode's ``delta_action``) is executed after the settling steps, so the episode starts where that
+    recording stood at frame ``s`` (LIBERO is deterministic given the initial state and the actions, the frame
+    included). The replay is not part of the episode: its length, return and success count from there on.
 
     **Episode end**: terminated at success (with ``post_success_steps`` N > 0: N steps after the first success, or
     at the step limit if that comes first); truncated after ``max_episode_steps`` policy steps (per suite: spatial
@@ -606,6 +616,8 @@ class LiberoVectorEnv(VectorEnv):
             seed: LIBERO's scene-sampling seed for this and later episodes (default 0, as OpenVLA-OFT).
             options: ``{"task_id": int | Sequence[int], "trial_id": int | Sequence[int]}``, or neither to take
                 the walk through all task x trial pairs (restarted from its beginning when every sub-env resets);
+                with both, ``"replay_actions"``: a sequence of one controller-action array ``[k, 7]`` per sub-env
+                executed before the episode starts (see the class docstring);
                 ``"reset_mask"``, a numpy bool array ``[num_envs]``, restarts only those sub-envs (the others keep
                 their episode; their infos' ``_key`` masks are false).
 
@@ -619,6 +631,7 @@ class LiberoVectorEnv(VectorEnv):
         options = dict(options or {})
         mask = options.pop("reset_mask", None)
         indices = list(range(self.num_envs)) if mask is None else reset_mask_indices(mask, self.num_envs)
+        replays = self._replays_from_options(options.pop("replay_actions", None), options)
         pairs = self._pairs_from_options(options or None)
         if seed is not None:
             if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
@@ -634,7 +647,7 @@ class LiberoVectorEnv(VectorEnv):
         else:
             chosen = [(*pairs[index], -1) for index in indices]
         for index, (task, trial, walk) in zip(indices, chosen, strict=True):
-            self._start_episode(index, task, trial, walk)
+            self._start_episode(index, task, trial, walk, replays[index])
         replies = self._gather("reset", indices)
         self._has_reset = True
         reset = np.zeros(self.num_envs, dtype=bool)
@@ -732,7 +745,9 @@ class LiberoVectorEnv(VectorEnv):
         task, trial = self.walk[walk_index % len(self.walk)]
         return task, trial, walk_index
 
-    def _start_episode(self, index: int, task: int, trial: int, walk_index: int) -> None:
+    def _start_episode(
+        self, index: int, task: int, trial: int, walk_index: int, replay: np.ndarray | None = None
+    ) -> None:
         self.task_ids[index] = task
         self.trial_ids[index] = trial
         self.walk_index[index] = walk_index
@@ -741,7 +756,33 @@ class LiberoVectorEnv(VectorEnv):
         self.success_once[index] = False
         self._post_success_left[index] = -1
         self._episode_over[index] = False
-        self._connections[index].send(("reset", (task, trial, self.seed_value)))
+        self._connections[index].send(("reset", (task, trial, self.seed_value, replay)))
+
+    def _replays_from_options(self, value: Any, options: dict[str, Any]) -> list[np.ndarray | None]:
+        """Validates the ``replay_actions`` reset option into one controller-action array (or None) per sub-env."""
+        if value is None:
+            return [None] * self.num_envs
+        if set(options) != {"task_id", "trial_id"}:
+            raise ValueError(
+                f"replay_actions needs task_id and trial_id in the reset options (the state it replays from), got "
+                f"keys {sorted(options)}"
+            )
+        if not isinstance(value, (Sequence, np.ndarray)) or isinstance(value, str) or len(value) != self.num_envs:
+            raise ValueError(
+                f"replay_actions must be a sequence of {self.num_envs} arrays [k, 7] (one per sub-env), got {value!r}"
+            )
+        replays = []
+        for index, actions in enumerate(value):
+            array = np.asarray(actions)
+            if array.ndim != 2 or array.shape[1] != ACTION_DIM or not np.issubdtype(array.dtype, np.number):
+                raise ValueError(
+                    f"replay_actions[{index}] must be numbers of shape [k, {ACTION_DIM}], got dtype {array.dtype} "
+                    f"shape {array.shape}"
+                )
+            if not np.isfinite(array).all():
+                raise ValueError(f"replay_actions[{index}] must be finite, got non-finite entries")
+            replays.append(array.astype(np.float64))
+        return replays
 
     def _pairs_from_options(self, options: dict[str, Any] | None) -> list[tuple[int, int]] | None:
         """Validates reset options into one (task, trial) per sub-env, or None for the walk."""

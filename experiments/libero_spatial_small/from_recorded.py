@@ -1,0 +1,203 @@
+"""Real-LIBERO episodes that start inside recorded rollouts, as the world-model env's `start_frame` does.
+
+python experiments/libero_spatial_small/from_recorded.py s12/dataset --last 48 --policy BASE --out real.json
+python experiments/libero_spatial_small/from_recorded.py s12/dataset --last 48 --imagined imagined.npz --draw 0 \
+    --out replayed.json
+
+For every episode file of the dataset (recorded by `opensora-gym collect`: its name and frames give the task and
+the initial state, its rows every executed action), the simulator resets to that initial state and replays the
+recorded actions up to the start, `--last` frames before the file's last frame (the env's `start_frame="end-K"`).
+The frame it reaches, resized to the file's side as `shrink.py` resizes, is checked against the recorded one. From
+there it runs `--steps` actions (the short episode's limit), either of
+
+- `--policy`: a policy acting on the simulator's frames (greedy, or `--do-sample` at `--temperature`);
+- `--imagined`: the actions a policy chose in the world model from the same start (`imagine.py`'s npz over a
+  dataset of the same files in the same order, draw `--draw`), up to the imagined episode's end. Against the
+  imagined outcome this is the audit's replay: an imagined success the simulator does not give is a false success
+  of the world model's dynamics, with no policy in between.
+
+Writes JSON: one row per start (file, task, trial, start, recorded and real outcome, the start frame's largest pixel
+difference) and the real success with its 95% Wilson interval, over all starts and split by the recorded outcome;
+with `--imagined` also the imagined outcomes and `opensora_gym.audit.success_agreement` (false-success rate etc.).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from opensora_gym.audit import success_agreement
+from opensora_gym.data import TrajectoryDataset
+from opensora_gym.intervals import wilson_interval
+from opensora_gym.libero import LiberoConfig, LiberoVectorEnv
+from trainers.behavior_cloning import resize_images
+from trainers.build import load_policy
+
+
+def task_and_trial(path: Path) -> tuple[int, int]:
+    """The (task, trial) a collect file's name gives (``traj{e}_task{t}_trial{k}.npy``)."""
+    found = re.search(r"task(\d+)_trial(\d+)", path.name)
+    if found is None:
+        raise SystemExit(f"file {path.name} names no task and trial (expected ..._taskNN_trialNN.npy)")
+    return int(found[1]), int(found[2])
+
+
+def rate(outcomes: np.ndarray) -> dict:
+    """Success count, rate and 95% Wilson interval of boolean outcomes."""
+    low, high = wilson_interval(int(outcomes.sum()), len(outcomes))
+    return {
+        "successes": int(outcomes.sum()),
+        "episodes": len(outcomes),
+        "rate": float(outcomes.mean()),
+        "ci_low": low,
+        "ci_high": high,
+    }
+
+
+def summary(rows: list[dict]) -> dict:
+    """The real success over all starts and split by the recorded rollout's outcome; with imagined outcomes, the
+    agreement of the two (false-success rate: imagined success among the real failures)."""
+    real = np.array([row["real_success"] for row in rows])
+    recorded = np.array([row["recorded_success"] for row in rows])
+    out = {"real": rate(real)}
+    for name, chosen in (("from_recorded_successes", recorded), ("from_recorded_failures", ~recorded)):
+        if chosen.any():
+            out[name] = rate(real[chosen])
+    if "imagined_success" in rows[0]:
+        imagined = np.array([row["imagined_success"] for row in rows])
+        out["imagined"] = rate(imagined)
+        out["agreement"] = success_agreement(imagined, real).to_dict()
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dataset", help="the recorded dataset folder (traj*.npy of `opensora-gym collect`)")
+    parser.add_argument("--out", required=True, help="the JSON to write")
+    parser.add_argument("--last", type=int, required=True, help="start K frames before each file's last frame")
+    parser.add_argument("--steps", type=int, default=48, help="actions per episode from the start")
+    actor = parser.add_mutually_exclusive_group(required=True)
+    actor.add_argument("--policy", help="a policy folder acting on the simulator's frames")
+    actor.add_argument("--imagined", help="imagine.py's npz: replay the actions chosen in the world model")
+    parser.add_argument("--draw", type=int, default=0, help="which of the npz's draws of every start")
+    parser.add_argument("--do-sample", action="store_true", help="sample the policy's actions (else greedy)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="LIBERO's scene seed of the recording, and sampling's")
+    parser.add_argument("--image-size", type=int, default=128, help="the simulator's render side (the recording's)")
+    parser.add_argument("--num-envs", type=int, default=2)
+    parser.add_argument("--first", type=int, default=0, help="the first file to run")
+    parser.add_argument("--count", type=int, help="files to run (default: all from --first)")
+    args = parser.parse_args(argv)
+    if args.last < 0 or args.steps < 1:
+        parser.error(f"--last must be >= 0 and --steps >= 1, got {args.last} and {args.steps}")
+    dataset = TrajectoryDataset(args.dataset)
+    files = list(range(len(dataset)))[args.first :][: args.count]
+    episodes = [dataset.episode(index) for index in files]
+    pairs = [task_and_trial(dataset.paths[index]) for index in files]
+    imagined = None
+    if args.imagined:
+        imagined = dict(np.load(args.imagined))
+        rows = np.arange(len(files)) + args.first + args.draw * len(dataset)
+        if rows[-1] >= len(imagined["task"]):
+            raise SystemExit(
+                f"{args.imagined} has {len(imagined['task'])} episodes, no draw {args.draw} of file {files[-1]}"
+            )
+        for row, pair in zip(rows, pairs, strict=True):
+            if (imagined["task"][row], imagined["trial"][row]) != pair:
+                raise SystemExit(
+                    f"imagined episode {row} is task {imagined['task'][row]} trial "
+                    f"{imagined['trial'][row]}, the dataset's file is task {pair[0]} trial {pair[1]}: "
+                    "not the same files in the same order"
+                )
+    policy = None if args.policy is None else load_policy(args.policy, "cpu")
+    generator = torch.Generator().manual_seed(args.seed)
+    config = LiberoConfig.from_protocol("openvla_oft", args.steps, image_size=args.image_size)
+    env = LiberoVectorEnv(config, num_envs=args.num_envs)
+    chunk, results, began = config.action_chunk, [], time.time()
+    try:
+        for wave in range(0, len(episodes), args.num_envs):
+            chosen = list(range(wave, min(wave + args.num_envs, len(episodes))))
+            padded = chosen + [chosen[0]] * (args.num_envs - len(chosen))
+            starts = [len(episodes[i].images) - 1 - args.last for i in padded]
+            if min(starts) < 0:
+                raise SystemExit(f"a file of the wave {files[wave]}.. has fewer than {args.last + 1} frames")
+            obs, _ = env.reset(
+                seed=args.seed,
+                options={
+                    "task_id": [pairs[i][0] for i in padded],
+                    "trial_id": [pairs[i][1] for i in padded],
+                    "replay_actions": [episodes[i].actions[:s] for i, s in zip(padded, starts, strict=True)],
+                },
+            )
+            side = episodes[chosen[0]].images.shape[1]
+            reached = resize_images(obs["image"], side).numpy().astype(np.int16)
+            alive = np.ones(args.num_envs, dtype=bool)
+            alive[len(chosen) :] = False
+            success = np.zeros(args.num_envs, dtype=bool)
+            length = np.zeros(args.num_envs, dtype=np.int64)
+            limit = np.full(args.num_envs, args.steps)
+            if imagined is not None:
+                rows = [i + args.first + args.draw * len(dataset) for i in padded]
+                limit = imagined["length"][rows]
+            for step in range(0, args.steps, chunk):
+                if policy is not None:
+                    actions = policy.act(
+                        obs, do_sample=args.do_sample, temperature=args.temperature, generator=generator
+                    ).actions
+                else:
+                    actions = imagined["actions"][rows, step : step + chunk]
+                obs, _, terminated, truncated, info = env.step(actions)
+                ended = alive & (terminated | truncated | (step + chunk >= limit))
+                success[ended] = info["success_once"][ended]
+                length[ended] = info["episode_length"][ended]
+                alive &= ~ended
+                if not alive.any():
+                    break
+            for k, i in enumerate(chosen):
+                episode = episodes[i]
+                row = {
+                    "file": dataset.paths[files[i]].name,
+                    "task": pairs[i][0],
+                    "trial": pairs[i][1],
+                    "start": starts[k],
+                    "recorded_success": bool(episode.success.any()),
+                    "real_success": bool(success[k]),
+                    "length": int(length[k]),
+                    "start_frame_max_diff": int(np.abs(reached[k] - episode.images[starts[k]]).max()),
+                }
+                if imagined is not None:
+                    row["imagined_success"] = bool(imagined["success"][rows[k]])
+                    row["imagined_length"] = int(imagined["length"][rows[k]])
+                results.append(row)
+            done = len(results)
+            print(
+                f"{done}/{len(episodes)} starts, real success {np.mean([r['real_success'] for r in results]):.3f}, "
+                f"{(time.time() - began) / done:.1f} s a start",
+                flush=True,
+            )
+    finally:
+        env.close()
+    report = {
+        "dataset": Path(args.dataset).name,
+        "last": args.last,
+        "steps": args.steps,
+        "actor": {"policy": args.policy, "do_sample": args.do_sample, "temperature": args.temperature}
+        if policy is not None
+        else {"imagined": Path(args.imagined).name, "draw": args.draw},
+        "seed": args.seed,
+        "seconds": round(time.time() - began),
+        **summary(results),
+        "starts": results,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({key: value for key, value in report.items() if key != "starts"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
