@@ -484,3 +484,55 @@ def test_start_or_action_separates_the_memory_of_a_start_from_the_reading_of_its
             "--train", tmp_path / "train",
         )  # fmt: skip
     assert b"held-out episode 2: the score says real=True, its recording False" in failure.value.stderr
+
+
+def test_from_recorded_starts_inside_recordings_and_records_what_the_actions_do(tmp_path):
+    # Two 24-step LIBERO episodes are recorded; from 8 frames before each one's end the simulator replays the
+    # recorded prefix (reaching the recorded frame to the bit), then plays given "imagined" actions, and records them.
+    from opensora_gym.libero import LiberoConfig, LiberoVectorEnv
+    from opensora_gym.wrappers import TrajectoryRecorder
+
+    pytest.importorskip("libero")
+    recorded = tmp_path / "recorded"
+    generator = np.random.default_rng(4)
+    envs = TrajectoryRecorder(
+        LiberoVectorEnv(LiberoConfig(image_size=32, max_episode_steps=24, return_frames=True), num_envs=2), recorded
+    )
+    try:
+        envs.reset(options={"task_id": 0, "trial_id": [0, 1]})
+        for _ in range(3):
+            envs.step(generator.uniform(-0.5, 0.5, size=(2, 8, 7)).astype(np.float32))
+    finally:
+        envs.close()
+    dataset = TrajectoryDataset(recorded)
+    assert [path.name for path in dataset.paths] == ["traj000000_task00_trial00.npy", "traj000001_task00_trial01.npy"]
+    actions = generator.uniform(-0.5, 0.5, size=(2, 8, 7)).astype(np.float32)
+    imagined = tmp_path / "imagined.npz"
+    np.savez(imagined, task=[0, 0], trial=[0, 1], success=[True, False], length=[8, 8], actions=actions)
+    out = tmp_path / "replayed.json"
+    run_script(
+        "from_recorded.py", recorded, "--last", 8, "--steps", 8, "--imagined", imagined, "--image-size", 32,
+        "--record", tmp_path / "record", "--context", 4, "--out", out,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert [row["start"] for row in report["starts"]] == [16, 16]
+    assert [row["start_frame_max_diff"] for row in report["starts"]] == [0, 0]
+    assert [row["imagined_success"] for row in report["starts"]] == [True, False]
+    assert report["agreement"]["episodes"] == 2 and report["real"]["episodes"] == 2
+    written = TrajectoryDataset(tmp_path / "record" / "dataset")
+    for index in range(2):
+        episode, source = written.episode(index), dataset.episode(index)
+        assert len(episode.images) == 4 + 1 + 8
+        np.testing.assert_array_equal(episode.images[:5], source.images[12:17])  # the recorded context and start
+        np.testing.assert_array_equal(episode.actions[:4], source.actions[12:16])
+        np.testing.assert_allclose(episode.actions[4:12], controller_actions(actions[index]), atol=1e-6)
+        assert episode.images[5:].std() > 0 and not np.array_equal(episode.images[5], source.images[17])
+    assert (tmp_path / "record" / "dataset_statistics.json").is_file()
+    # The shipped policy acting from the same recorded state instead.
+    run_script(
+        "from_recorded.py", recorded, "--last", 8, "--steps", 8, "--policy", "embedded:libero_spatial_small/policy",
+        "--image-size", 32, "--count", 1, "--out", out,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["actor"]["policy"] == "embedded:libero_spatial_small/policy" and report["real"]["episodes"] == 1
+    assert report["starts"][0]["start_frame_max_diff"] == 0 and report["starts"][0]["length"] == 8

@@ -16,6 +16,11 @@ there it runs `--steps` actions (the short episode's limit), either of
   imagined outcome this is the audit's replay: an imagined success the simulator does not give is a false success
   of the world model's dynamics, with no policy in between.
 
+`--record DIR` also writes each episode as a collect-format file (`DIR/dataset/traj*.npy`, the dataset's side):
+the recorded `--context` frames before the start, then the simulator's frames of the executed actions with LIBERO's
+per-frame success flags (with `--imagined` every imagined action runs, also past a success): data in which the
+world model sees what its own choices really do.
+
 Writes JSON: one row per start (file, task, trial, start, recorded and real outcome, the start frame's largest pixel
 difference) and the real success with its 95% Wilson interval, over all starts and split by the recorded outcome;
 with `--imagined` also the imagined outcomes and `opensora_gym.audit.success_agreement` (false-success rate etc.).
@@ -33,9 +38,11 @@ import numpy as np
 import torch
 
 from opensora_gym.audit import success_agreement
-from opensora_gym.data import TrajectoryDataset
+from opensora_gym.convert import write_episode, write_statistics
+from opensora_gym.data import ActionStatistics, TrajectoryDataset
 from opensora_gym.intervals import wilson_interval
 from opensora_gym.libero import LiberoConfig, LiberoVectorEnv
+from opensora_gym.wrappers.trajectory_recorder import episode_frames
 from trainers.behavior_cloning import resize_images
 from trainers.build import load_policy
 
@@ -76,6 +83,20 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+def record(path: Path, episode, pair: tuple[int, int], start: int, context: int, executed: list[dict]) -> np.ndarray:
+    """Writes the recorded frames ``start - context .. start`` and the executed chunks as one episode file; returns
+    its executed actions ``[T, 7]``."""
+    first = max(start - context, 0)
+    side = episode.images.shape[1]
+    frames = np.concatenate([chunk["frames"] for chunk in executed])
+    images = [*episode.images[first : start + 1], *resize_images(frames, side).numpy()]
+    actions = np.concatenate([episode.actions[first:start], *[chunk["controller_actions"] for chunk in executed]])
+    flags = [*episode.success[first : start + 1], *np.concatenate([chunk["frame_success"] for chunk in executed])]
+    task = episode.task
+    write_episode(path, episode_frames(images, actions, task, *pair, episode.init_ee_pose, flags))
+    return actions
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dataset", help="the recorded dataset folder (traj*.npy of `opensora-gym collect`)")
@@ -93,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-envs", type=int, default=2)
     parser.add_argument("--first", type=int, default=0, help="the first file to run")
     parser.add_argument("--count", type=int, help="files to run (default: all from --first)")
+    parser.add_argument("--record", help="also write the episodes as a dataset folder (DIR/dataset/traj*.npy)")
+    parser.add_argument("--context", type=int, default=8, help="recorded frames before the start in --record's files")
     args = parser.parse_args(argv)
     if args.last < 0 or args.steps < 1:
         parser.error(f"--last must be >= 0 and --steps >= 1, got {args.last} and {args.steps}")
@@ -117,9 +140,17 @@ def main(argv: list[str] | None = None) -> None:
                 )
     policy = None if args.policy is None else load_policy(args.policy, "cpu")
     generator = torch.Generator().manual_seed(args.seed)
-    config = LiberoConfig.from_protocol("openvla_oft", args.steps, image_size=args.image_size)
+    config = LiberoConfig.from_protocol(
+        "openvla_oft",
+        args.steps,
+        image_size=args.image_size,
+        return_frames=args.record is not None,
+        post_success_steps=args.steps if imagined is not None and args.record else 0,
+    )
+    if args.record:
+        (Path(args.record) / "dataset").mkdir(parents=True, exist_ok=True)
     env = LiberoVectorEnv(config, num_envs=args.num_envs)
-    chunk, results, began = config.action_chunk, [], time.time()
+    chunk, results, began, recorded_actions = config.action_chunk, [], time.time(), []
     try:
         for wave in range(0, len(episodes), args.num_envs):
             chosen = list(range(wave, min(wave + args.num_envs, len(episodes))))
@@ -142,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
             success = np.zeros(args.num_envs, dtype=bool)
             length = np.zeros(args.num_envs, dtype=np.int64)
             limit = np.full(args.num_envs, args.steps)
+            executed: list[list[dict]] = [[] for _ in padded]
             if imagined is not None:
                 rows = [i + args.first + args.draw * len(dataset) for i in padded]
                 limit = imagined["length"][rows]
@@ -153,6 +185,12 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     actions = imagined["actions"][rows, step : step + chunk]
                 obs, _, terminated, truncated, info = env.step(actions)
+                if args.record:
+                    for k in np.flatnonzero(alive):
+                        done = info["frame_executed"][k]
+                        executed[k].append(
+                            {key: info[key][k][done] for key in ("frames", "controller_actions", "frame_success")}
+                        )
                 ended = alive & (terminated | truncated | (step + chunk >= limit))
                 success[ended] = info["success_once"][ended]
                 length[ended] = info["episode_length"][ended]
@@ -175,6 +213,19 @@ def main(argv: list[str] | None = None) -> None:
                     row["imagined_success"] = bool(imagined["success"][rows[k]])
                     row["imagined_length"] = int(imagined["length"][rows[k]])
                 results.append(row)
+                if args.record:
+                    number = files[i] + args.draw * len(dataset)
+                    name = f"traj{number:06d}_task{pairs[i][0]:02d}_trial{pairs[i][1]:02d}.npy"
+                    recorded_actions.append(
+                        record(
+                            Path(args.record) / "dataset" / name,
+                            episode,
+                            pairs[i],
+                            starts[k],
+                            args.context,
+                            executed[k],
+                        )
+                    )
             done = len(results)
             print(
                 f"{done}/{len(episodes)} starts, real success {np.mean([r['real_success'] for r in results]):.3f}, "
@@ -183,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
             )
     finally:
         env.close()
+    if args.record:
+        statistics = ActionStatistics.from_actions(np.concatenate(recorded_actions), flat_range=(-1.0, 1.0))
+        write_statistics(Path(args.record), statistics)
     report = {
         "dataset": Path(args.dataset).name,
         "last": args.last,
