@@ -536,3 +536,43 @@ def test_from_recorded_starts_inside_recordings_and_records_what_the_actions_do(
     report = json.loads(out.read_text())
     assert report["actor"]["policy"] == "embedded:libero_spatial_small/policy" and report["real"]["episodes"] == 1
     assert report["starts"][0]["start_frame_max_diff"] == 0 and report["starts"][0]["length"] == 8
+
+
+def test_classifier_on_real_scores_episodes_as_the_env_would_end_them(tmp_path):
+    # A classifier that calls every frame a success and one that calls none, on two real failures and one success
+    # (flagged only before the scored frames in one failure: that flag does not count).
+    from opensora_gym.models.reward import ResNetRewardModel
+
+    for name, bias in (("always", 5.0), ("never", -5.0)):
+        model = ResNetRewardModel(widths=(4, 8, 8, 16))
+        torch.nn.init.zeros_(model.net[-2].weight)
+        torch.nn.init.constant_(model.net[-2].bias, bias)
+        (tmp_path / name).mkdir()
+        torch.save(model.state_dict(), tmp_path / name / "resnet_rm.pth")
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    image = np.full((16, 16, 3), 100, dtype=np.uint8)
+    for index, flags in enumerate(([False] * 6, [True] + [False] * 5, [False] * 5 + [True])):
+        frames = [{"image": image, "delta_action": np.zeros(7, np.float32), "task": "t", "success": f} for f in flags]
+        save_trajectory(folder / f"traj{index:06d}_task00_trial{index:02d}.npy", frames)
+    out = tmp_path / "scores.json"
+    run_script(
+        "classifier_on_real.py", "--classifiers", tmp_path / "always" / "resnet_rm.pth",
+        tmp_path / "never" / "resnet_rm.pth", "--dataset", folder, "--skip", 1, "--out", out,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["episodes"] == 3 and report["real_successes"] == 1
+    always, never = report["classifiers"]["always/resnet_rm.pth"], report["classifiers"]["never/resnet_rm.pth"]
+    assert (always["false_success"], always["missed_success"], always["both_success"]) == (2, 0, 1)
+    assert (never["false_success"], never["missed_success"], never["both_failure"]) == (0, 1, 2)
+    held_out = tmp_path / "report.json"
+    held_out.write_text(json.dumps({"episodes": [{"episode": "traj000002_task00_trial02.npy"}]}))
+    run_script(
+        "classifier_on_real.py", "--classifiers", tmp_path / "never" / "resnet_rm.pth", "--dataset", folder,
+        "--held-out", held_out, "--out", out,
+    )  # fmt: skip
+    assert json.loads(out.read_text())["episodes"] == 1
+    with pytest.raises(subprocess.CalledProcessError):
+        run_script(
+            "classifier_on_real.py", "--classifiers", tmp_path / "never", "--dataset", folder, folder, "--out", out
+        )
