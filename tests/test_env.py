@@ -97,8 +97,23 @@ def test_an_episode_can_start_late_with_its_recorded_frames_as_the_condition(che
     np.testing.assert_array_equal(first.get_state()[1].latents, world_model.encode_start(starts, generators)[1])
 
 
+def test_random_start_frames_are_shared_by_a_group_and_repeat_under_a_seed(checkpoint, world_model):
+    env = make_env(checkpoint, world_model, num_envs=4, group_size=2, start_frame="random")
+    obs, info = env.reset(seed=6)
+    assert info["episode_index"][0] == info["episode_index"][1] and info["episode_index"][2] == info["episode_index"][3]
+    np.testing.assert_array_equal(obs["image"][0], obs["image"][1])
+    # Each start is one of its trajectory's recorded frames (after the env's [-1, 1] round trip).
+    for index in (0, 2):
+        recorded = env.dataset.images(int(info["episode_index"][index]))[0].astype(int)
+        closest = np.abs(recorded - obs["image"][index].astype(int)).reshape(len(recorded), -1).max(axis=1).min()
+        assert closest <= 1
+    again, again_info = env.reset(seed=6)
+    np.testing.assert_array_equal(again["image"], obs["image"])
+    np.testing.assert_array_equal(again_info["episode_index"], info["episode_index"])
+
+
 def test_a_bad_start_frame_fails_before_a_model_loads(checkpoint):
-    with pytest.raises(ValueError, match=r"start_frame must be a frame index >= 0 or 'end-K' .* got 'end\+4'"):
+    with pytest.raises(ValueError, match=r"start_frame must be a frame index >= 0, 'end-K' .* got 'end\+4'"):
         OpenSoraLiberoEnv(2, checkpoint=checkpoint, start_frame="end+4")
 
 

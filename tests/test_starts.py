@@ -121,9 +121,33 @@ def test_a_given_start_fills_the_condition_with_its_frame(dataset):
     np.testing.assert_array_equal(given[1].condition(4), np.repeat(images[1:], 4, axis=0))
 
 
-@pytest.mark.parametrize("start_frame", [-1, "end", "end--2", "end-2.5", "last", 1.0, True, None])
+def test_random_start_frames_are_drawn_per_group_draw_and_carry_their_recorded_frames(long_dataset):
+    sampler = StartSampler(long_dataset, num_envs=4, group_size=2, start_frame="random", context=4)
+    sampler.seed(5)
+    # The draws: a trajectory, then a frame of it, from the same generator (the long trajectory has 10 frames).
+    generator = torch.Generator().manual_seed(5)
+    expected = []
+    for _ in range(4):
+        episode = int(torch.randint(2, (1,), generator=generator))
+        expected.append((episode, int(torch.randint((10, 3)[episode], (1,), generator=generator))))
+    starts = sampler.next_starts(range(4)) + sampler.next_starts([1, 0])
+    drawn = [(start.episode_index, int(start.image[0, 0, 0]) - 10 * start.episode_index) for start in starts]
+    assert drawn == [expected[0], expected[0], expected[1], expected[1], expected[2], expected[2]]
+    for start in starts:  # the recorded frames up to the drawn one, the first repeated before frame 0
+        frame = int(start.image[0, 0, 0]) - 10 * start.episode_index
+        before = [10 * start.episode_index + max(t, 0) for t in range(frame - 3, frame + 1)]
+        assert start.condition(4)[:, 0, 0, 0].tolist() == before
+    many = StartSampler(long_dataset, num_envs=2, start_frame="random")
+    many.seed(0)
+    frames = {int(start.image[0, 0, 0]) for _ in range(40) for start in many.next_starts([0, 1])}
+    assert frames == set(range(10)) | {10, 11, 12}  # every frame of both trajectories comes up
+    chosen = many.next_starts([0, 1], [1, 1])  # chosen trajectories draw their frames
+    assert {start.episode_index for start in chosen} == {1}
+
+
+@pytest.mark.parametrize("start_frame", [-1, "end", "end--2", "end-2.5", "last", "Random", 1.0, True, None])
 def test_a_bad_start_frame_is_rejected(dataset, start_frame):
-    with pytest.raises(ValueError, match=rf"start_frame must be a frame index >= 0 or 'end-K' .* got {start_frame!r}"):
+    with pytest.raises(ValueError, match=rf"start_frame must be a frame index >= 0, 'end-K' .* got {start_frame!r}"):
         StartSampler(dataset, num_envs=2, start_frame=start_frame)
 
 

@@ -71,7 +71,9 @@ class OpenSoraLiberoConfig:
             (repeated to fill the condition frames); another index starts later (a trajectory shorter than that
             starts from its last frame); `"end-K"` starts K frames before each trajectory's last frame (or from its
             first frame, if it has no more than K), so that short episodes (`max_episode_steps` about K) end where
-            the recording does: near its outcome, within the few chunks that a small world model keeps it over.
+            the recording does: near its outcome, within the few chunks that a small world model keeps it over;
+            `"random"` draws the frame uniformly from the trajectory's frames (per group draw, as the trajectory),
+            so that short episodes start in every phase of the task.
         use_rel_reward: reward the change of the frame reward (see `opensora_gym.reward_rule`), else the raw reward.
         reward_coef: scale of the relative reward.
         success_threshold: a frame with this reward (or probability, see `success_from`) ends the episode.
@@ -287,7 +289,7 @@ class OpenSoraLiberoEnv(VectorEnv):
     |                      |             |               | compute capability >= 8.9)                              |
     | `image_size`         | int         | 256           | S, the side of the frames                               |
     | `max_episode_steps`  | int         | 256           | actions per episode, a multiple of `action_chunk`       |
-    | `start_frame`        | int or str  | 0             | the recorded frame episodes start from, or `end-K`      |
+    | `start_frame`        | int or str  | 0             | the recorded start frame, `end-K` or `random`           |
     | `use_rel_reward`     | bool        | True          | reward the change of the frame reward                   |
     | `reward_coef`        | float       | 1.0           | scale of the relative reward                            |
     | `success_threshold`  | float       | 0.9           | the frame reward (or probability) that terminates       |

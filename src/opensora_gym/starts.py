@@ -1,10 +1,10 @@
 """Where the episodes of `OpenSoraLiberoEnv`'s sub-envs start: which recorded trajectory and frame, shared by groups.
 
 An episode starts from a frame of a recorded trajectory (the first one unless the env's `start_frame` says
-otherwise), with the recorded frames before it as the world model's condition, or from a frame the caller gives. A
-group is `group_size` consecutive sub-envs (a GRPO group) whose k-th episodes all start from the group's k-th draw,
-so members that end at different times still share their starts. Draws come from one `torch.Generator` that a
-seeded full reset reseeds.
+otherwise; `"random"` draws it), with the recorded frames before it as the world model's condition, or from a frame
+the caller gives. A group is `group_size` consecutive sub-envs (a GRPO group) whose k-th episodes all start from the
+group's k-th draw (a trajectory, and with `"random"` a frame of it), so members that end at different times still
+share their starts. Draws come from one `torch.Generator` that a seeded full reset reseeds.
 """
 
 from __future__ import annotations
@@ -21,19 +21,21 @@ from opensora_gym.data import TrajectoryDataset
 
 # `episode_index` of a sub-env started from a given image (`reset(options={"start_images": ...})`), not a trajectory.
 GIVEN_START = -1
+# `start_frame` that draws each start's frame uniformly from its trajectory's frames.
+RANDOM_START_FRAME = "random"
 _FROM_END = re.compile(r"end-(\d+)")
 
 
 def check_start_frame(start_frame: int | str) -> None:
-    """Raises ValueError unless `start_frame` is a frame index (int >= 0) or `"end-K"` (K >= 0 frames before the
-    last)."""
+    """Raises ValueError unless `start_frame` is a frame index (int >= 0), `"end-K"` (K >= 0 frames before the
+    last) or `"random"`."""
     if isinstance(start_frame, bool) or not (
         (isinstance(start_frame, int) and start_frame >= 0)
-        or (isinstance(start_frame, str) and _FROM_END.fullmatch(start_frame))
+        or (isinstance(start_frame, str) and (_FROM_END.fullmatch(start_frame) or start_frame == RANDOM_START_FRAME))
     ):
         raise ValueError(
-            f"start_frame must be a frame index >= 0 or 'end-K' (K >= 0 frames before an episode's last frame), "
-            f"got {start_frame!r}"
+            f"start_frame must be a frame index >= 0, 'end-K' (K >= 0 frames before an episode's last frame) or "
+            f"'random', got {start_frame!r}"
         )
 
 
@@ -80,8 +82,10 @@ class StartSampler:
         num_envs: N, the number of sub-envs.
         group_size: consecutive sub-envs that share their starts; a positive divisor of `num_envs`.
         start_frame: the frame of a trajectory an episode starts from: an index (0: the first frame; past a
-            trajectory's last frame: its last), or `"end-K"`, K frames before its last frame (before frame 0:
-            frame 0), so that every start has the same K recorded frames after it.
+            trajectory's last frame: its last), `"end-K"`, K frames before its last frame (before frame 0:
+            frame 0), so that every start has the same K recorded frames after it, or `"random"`: a frame drawn
+            uniformly from the trajectory's frames with each draw (chosen trajectories, `episode_indices`, draw
+            their frame too), so that episodes start in every phase of the recordings.
         context: frames a start carries, the start frame last (the world model's condition frames).
 
     Example:
@@ -114,6 +118,7 @@ class StartSampler:
         self._group_draws: list[list[int]] = [[] for _ in range(num_envs // group_size)]
         self._episodes_started = np.zeros(num_envs, dtype=np.int64)
         self._starts: dict[int, tuple[np.ndarray, str]] = {}
+        self._lengths: dict[int, int] = {}  # frames of the trajectories read so far ("random")
 
     def seed(self, seed: int) -> None:
         """Reseeds the draws and starts every group's sequence of draws over (what a seeded full reset does)."""
@@ -177,7 +182,7 @@ class StartSampler:
             env_indices: the sub-envs that start an episode; their groups draw in this order.
             episodes: [N] the trajectory of each sub-env (from `check_options`), else None.
             given: [N] the given start of each sub-env (from `check_options`), else None. Given starts and chosen
-                trajectories take no draw.
+                trajectories take no draw of a trajectory (with `"random"`, a chosen trajectory draws its frame).
 
         Returns:
             One `Start` per sub-env of `env_indices`: its `given` start, else its chosen trajectory's, else its
@@ -186,22 +191,34 @@ class StartSampler:
         if given is not None:
             return [given[i] for i in env_indices]
         if episodes is None:
-            chosen = [self._next_group_episode(i) for i in env_indices]
+            chosen = [self._next_group_draw(i) for i in env_indices]
         else:
-            chosen = [episodes[i] for i in env_indices]
-        return [Start(e, *self._start_frames(e)) for e in chosen]
+            chosen = [(episodes[i], self._draw_frame(episodes[i])) for i in env_indices]
+        return [Start(e, *self._start_frames(e, frame)) for e, frame in chosen]
 
-    def _next_group_episode(self, env_index: int) -> int:
-        """The k-th episode of sub-env `env_index` starts from its group's k-th draw."""
+    def _next_group_draw(self, env_index: int) -> tuple[int, int | None]:
+        """The k-th episode of sub-env `env_index` starts from its group's k-th draw: (trajectory, frame or None)."""
         group = env_index // self.group_size
         k = self._episodes_started[env_index]
         drawn = self._group_draws[group]
         while len(drawn) <= k:
-            drawn.append(int(torch.randint(len(self.dataset), (1,), generator=self.generator)))
+            episode = int(torch.randint(len(self.dataset), (1,), generator=self.generator))
+            drawn.append((episode, self._draw_frame(episode)))
         self._episodes_started[env_index] += 1
         return drawn[k]
 
-    def _start_frames(self, episode: int) -> tuple[np.ndarray, str]:
+    def _draw_frame(self, episode: int) -> int | None:
+        """With `"random"`, a frame index of `episode` drawn uniformly; otherwise None (`start_frame` names it)."""
+        if self.start_frame != RANDOM_START_FRAME:
+            return None
+        if episode not in self._lengths:
+            self._lengths[episode] = len(self.dataset.images(episode)[0])
+        return int(torch.randint(self._lengths[episode], (1,), generator=self.generator))
+
+    def _start_frames(self, episode: int, frame: int | None) -> tuple[np.ndarray, str]:
+        if frame is not None:  # a drawn frame: read for this start only (a trajectory has as many starts as frames)
+            images, task = self.dataset.images(episode)
+            return images[max(frame + 1 - self.context, 0) : frame + 1], task
         # Trajectory files hold every frame of an episode: read each once and keep only the start's frames.
         if episode not in self._starts:
             images, task = self.dataset.images(episode)
