@@ -115,7 +115,7 @@ class StartSampler:
         self.num_envs = num_envs
         self.group_size = group_size
         self.generator = torch.Generator()
-        self._group_draws: list[list[int]] = [[] for _ in range(num_envs // group_size)]
+        self._group_draws: list[list[tuple[int, int | None]]] = [[] for _ in range(num_envs // group_size)]
         self._episodes_started = np.zeros(num_envs, dtype=np.int64)
         self._starts: dict[int, tuple[np.ndarray, str]] = {}
         self._lengths: dict[int, int] = {}  # frames of the trajectories read so far ("random")
