@@ -12,12 +12,12 @@ per episode: `task`, `trial` (parsed from the start file's name), `success` (ima
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from from_recorded import task_and_trial  # the script's folder
 
 from trainers.build import build_world_model_env, starting_policy
 from trainers.config import load_config
@@ -38,14 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     env = build_world_model_env(config, args.num_envs, group_size=1)
     policy = starting_policy(config, env.world_model.statistics)
     policy.eval()
-    names = [path.name for path in env.dataset.paths][: args.max_starts]
-    starts = []
-    for name in names:
-        found = re.search(r"task(\d+)_trial(\d+)", name)
-        if found is None:
-            raise SystemExit(f"start file {name} names no task and trial (expected ..._taskNN_trialNN.npy)")
-        starts.append((int(found[1]), int(found[2])))
-    plan = [index for _ in range(args.draws) for index in range(len(names))]
+    starts = [task_and_trial(path) for path in env.dataset.paths[: args.max_starts]]
+    plan = [index for _ in range(args.draws) for index in range(len(starts))]
     limit, n = env.config.max_episode_steps, args.num_envs
     generator = torch.Generator(device=policy.device).manual_seed(args.seed)
     task, trial, success, length, actions = [], [], [], [], []
