@@ -1,6 +1,7 @@
 """The small-scale experiment's data and packaging scripts: shrink recorded episodes, package float16 models."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opensora_gym.checkpoint import CheckpointLayout
+from opensora_gym.checkpoint import CheckpointLayout, locate
 from opensora_gym.data import ActionStatistics, TrajectoryDataset, load_trajectory, save_trajectory
 from opensora_gym.env import OpenSoraLiberoEnv
 from opensora_gym.spaces import controller_actions
@@ -50,6 +51,29 @@ def test_shrink_merges_renumbers_and_resizes(checkpoint, tmp_path):
     np.testing.assert_array_equal(ends.episode(0).actions, original.actions[-5:])
 
 
+def test_shrink_windows_hold_drawn_frames_and_their_context(checkpoint, tmp_path):
+    source = CheckpointLayout.resolve(checkpoint).dataset
+    run_script("shrink.py", "--size", 32, "--out", tmp_path / "whole", source)
+    run_script(
+        "shrink.py", "--size", 32, "--windows", 3, "--context", 4, "--seed", 5, "--out", tmp_path / "win", source
+    )
+    whole, windows = TrajectoryDataset(tmp_path / "whole" / "dataset"), TrajectoryDataset(tmp_path / "win" / "dataset")
+    assert len(windows) == 3 * len(whole)
+    for index, path in enumerate(windows.paths):
+        episode = whole.episode(index // 3)
+        frame = int(path.stem.rsplit("_frame", 1)[1])
+        assert path.stem.split("_", 1)[1].startswith(episode.path.stem.split("_", 1)[1])
+        window = windows.episode(index)
+        np.testing.assert_array_equal(window.images, episode.images[max(frame - 3, 0) : frame + 1])
+        np.testing.assert_array_equal(window.actions, episode.actions[max(frame - 3, 0) : frame + 1])
+    frames = [int(p.stem.rsplit("_frame", 1)[1]) for p in windows.paths]
+    assert all(a < b for a, b in zip(frames[0::3], frames[1::3], strict=True))  # distinct, in order per episode
+    longest = max(len(whole.episode(i).images) for i in range(len(whole)))
+    with pytest.raises(subprocess.CalledProcessError):
+        run_script("shrink.py", "--windows", longest + 1, "--out", tmp_path / "bad", source)
+    assert not (tmp_path / "bad" / "dataset").exists()  # nothing written
+
+
 def test_package_writes_a_float16_folder_that_the_env_loads(checkpoint, tmp_path):
     models = tmp_path / "models"
     (models / "world_model").mkdir(parents=True)
@@ -72,12 +96,19 @@ def test_package_writes_a_float16_folder_that_the_env_loads(checkpoint, tmp_path
     _, reward, *_ = env.step(random_chunk_actions(2, seed=0))
     assert observation["image"].shape == (2, 64, 64, 3) and np.isfinite(reward).all()
     env.close()
+    run_script("package.py", "--models", models, "--dataset", checkpoint, "--whole-episodes", "--out", tmp_path / "all")
+    shipped = TrajectoryDataset(CheckpointLayout.resolve(tmp_path / "all").dataset)
+    recorded = TrajectoryDataset(CheckpointLayout.resolve(checkpoint).dataset)
+    for index in range(len(recorded)):
+        np.testing.assert_array_equal(shipped.episode(index).images, recorded.episode(index).images)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(find_spec("libero") is None, reason="needs the libero extra: pip install -e '.[libero]'")
 def test_imagined_actions_replay_in_the_simulator(tmp_path):
-    # The shipped world model and policy imagine two episodes; the simulator replays them from the same starts.
+    # The shipped world model and policy imagine two episodes from its first two start windows; the simulator
+    # executes the first one's actions from the initial state of the same task and trial (the windows start
+    # mid-episode: this checks that the actions reach the simulator as imagined).
     imagined = tmp_path / "imagined.npz"
     run_script(
         "imagine.py", "--out", imagined, "--max-starts", 2, "--num-envs", 2, "--seed", 3, "--",
@@ -85,25 +116,27 @@ def test_imagined_actions_replay_in_the_simulator(tmp_path):
         "actor.model.model_path=embedded:libero_spatial_small/policy",
     )  # fmt: skip
     data = np.load(imagined)
-    assert data["task"].tolist() == [0, 0] and data["trial"].tolist() == [0, 1]
+    starts = TrajectoryDataset(CheckpointLayout.resolve(locate("embedded:libero_spatial_small")).dataset).paths[:2]
+    named = [tuple(int(n) for n in re.search(r"task(\d+)_trial(\d+)", path.name).groups()) for path in starts]
+    assert list(zip(data["task"].tolist(), data["trial"].tolist(), strict=True)) == named
     assert data["actions"].shape == (2, 192, 7) and (1 <= data["length"]).all() and (data["length"] <= 192).all()
     for actions, length in zip(data["actions"], data["length"], strict=True):
         assert np.isfinite(actions).all() and not actions[length:].any()  # zeros past each episode's end
     out = tmp_path / "replay"
+    task, trial = named[0]
     run_script(
-        "replay.py", imagined, "--out", out, "--task-ids", 0, "--trial-ids", 0, 1, "--all-outcomes",
+        "replay.py", imagined, "--out", out, "--task-ids", task, "--trial-ids", trial, "--all-outcomes",
         "--image-size", 32, "--max-episode-steps", 16, "--post-success-steps", 0,
     )  # fmt: skip
     replayed = TrajectoryDataset(out / "dataset")
-    assert len(replayed) == 2
-    for index in range(2):
-        episode = replayed.episode(index)
-        executed = episode.actions[:-1]  # one action after each frame but the last
-        assert episode.images.shape[1:] == (32, 32, 3) and 1 <= len(executed) <= 16
-        # the simulator executed the imagined actions (in its controller's units) as long as they lasted
-        steps = min(len(executed), int(data["length"][index]))
-        expected = np.clip(controller_actions(data["actions"][index, :steps]), -1, 1)
-        np.testing.assert_allclose(executed[:steps], expected, atol=1e-6)
+    assert len(replayed) == 1
+    episode = replayed.episode(0)
+    executed = episode.actions[:-1]  # one action after each frame but the last
+    assert episode.images.shape[1:] == (32, 32, 3) and 1 <= len(executed) <= 16
+    # the simulator executed the imagined actions (in its controller's units) as long as they lasted
+    steps = min(len(executed), int(data["length"][0]))
+    expected = np.clip(controller_actions(data["actions"][0, :steps]), -1, 1)
+    np.testing.assert_allclose(executed[:steps], expected, atol=1e-6)
 
 
 def test_perturb_moves_each_tensor_as_far_as_the_tuning_in_a_random_direction(tmp_path):

@@ -5,8 +5,9 @@ python experiments/libero_spatial_small/package.py --models runs/spatial_small/m
 
 `--models` is the unpacked output of train_models.sh (world_model/ without dataset/ and vae/, and vae/). Weights
 are stored as float16 (the loaders cast them to the env's dtype); the start frames are the first frame of every
-episode (all the env reads of them), so the folder stays a few tens of MB. With `--policy`, the behaviour-cloned
-policy goes to ``policy/`` (float16 too): ``embedded:libero_spatial_small/policy``.
+episode (all the env reads of them), so the folder stays a few tens of MB; `--whole-episodes` ships the dataset's
+episodes as they are (start windows made by `shrink.py --windows`, for an env with `start_frame="end-0"`). With
+`--policy`, the behaviour-cloned policy goes to ``policy/`` (float16 too): ``embedded:libero_spatial_small/policy``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", required=True, help="the unpacked models.tar.part* of train_models.sh")
     parser.add_argument("--dataset", required=True, help="the 64 px dataset folder (with dataset/)")
+    parser.add_argument(
+        "--whole-episodes", action="store_true", help="ship every frame of the dataset's episodes, not the first only"
+    )
     parser.add_argument("--policy", help="a train-policy policy/ folder to ship in policy/")
     parser.add_argument("--out", required=True, help="the embedded world-model folder to write")
     args = parser.parse_args()
@@ -58,7 +62,8 @@ def main() -> None:
     _copy_halved(Path(args.models) / "vae", out / "vae")
     (out / "dataset").mkdir()
     for path in TrajectoryDataset(Path(args.dataset) / "dataset").paths:
-        save_trajectory(out / "dataset" / path.name, load_trajectory(path)[:1])
+        frames = load_trajectory(path)
+        save_trajectory(out / "dataset" / path.name, frames if args.whole_episodes else frames[:1])
     if args.policy:
         _copy_halved(Path(args.policy), out / "policy")
     CheckpointLayout.resolve(out)

@@ -5,8 +5,11 @@ python experiments/libero_spatial_small/shrink.py --size 64 --out data/spatial64
 Episodes are renumbered in the order given (``traj{n:06d}`` keeps the rest of each name); every per-frame key is
 kept, the image is resized with the policy's antialiased bilinear rule (``--first-frames``: only each episode's first
 frame, the start frames of a world model's ``dataset/``; ``--last N``: only its last N frames, all that an env with
-``start_frame="end-K"`` reads when N >= K + 4). ``dataset_statistics.json`` is recomputed from all actions (dimensions
-the data never varies get [-1, 1]).
+``start_frame="end-K"`` reads when N >= K + 4; ``--windows K``: K frames of each episode drawn uniformly without
+replacement (``--seed``), each written as its own episode of that frame and the ``--context`` - 1 recorded frames
+before it (fewer at the start), named ``..._frameF``: an env with ``start_frame="end-0"`` starts from them as one
+with ``start_frame="random"`` starts from the whole episodes, from a fixed sample of the starts it would draw).
+``dataset_statistics.json`` is recomputed from all actions kept (dimensions the data never varies get [-1, 1]).
 """
 
 from __future__ import annotations
@@ -29,28 +32,42 @@ def main() -> None:
         "--first-frames", action="store_true", help="keep each episode's first frame only (a world model's dataset/)"
     )
     parser.add_argument("--last", type=int, help="keep each episode's last N frames only (starts at end-K, K <= N - 4)")
+    parser.add_argument("--windows", type=int, help="write K start windows of each episode (starts at end-0)")
+    parser.add_argument("--context", type=int, default=4, help="frames of a window: the start frame and those before")
+    parser.add_argument("--seed", type=int, default=0, help="the draw of the windows' frames")
     args = parser.parse_args()
-    if args.first_frames and args.last is not None:
-        parser.error("--first-frames and --last both choose the frames: give one")
-    if args.last is not None and args.last < 1:
-        parser.error(f"--last must be a positive number of frames, got {args.last}")
+    if sum([args.first_frames, args.last is not None, args.windows is not None]) > 1:
+        parser.error("--first-frames, --last and --windows each choose the frames: give one")
+    for name in ("last", "windows", "context"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive number, got {getattr(args, name)}")
+    generator = np.random.default_rng(args.seed)
     out = Path(args.out) / "dataset"
-    out.mkdir(parents=True, exist_ok=False)
-    actions, count = [], 0
+    if out.exists():
+        raise SystemExit(f"{out} exists: give a new --out folder")
+    episodes = []  # (name, frames): all read and checked before anything is written
     for folder in map(Path, args.folders):
         folder = folder / "dataset" if (folder / "dataset").is_dir() else folder
         for path in TrajectoryDataset(folder).paths:
             frames = load_trajectory(path)
-            frames = frames[:1] if args.first_frames else frames[-args.last :] if args.last else frames
-            images = resize_images(np.stack([frame["image"] for frame in frames]), args.size).numpy()
-            for frame, image in zip(frames, images, strict=True):
-                frame["image"] = image
-            actions.append(np.stack([frame["delta_action"] for frame in frames]))
             suffix = path.stem.split("_", 1)[1] if "_" in path.stem else ""
-            save_trajectory(out / f"traj{count:06d}_{suffix}.npy", frames)
-            count += 1
+            if args.windows is not None:
+                if args.windows > len(frames):
+                    raise SystemExit(f"--windows {args.windows} needs as many frames, {path} has {len(frames)}")
+                picked = np.sort(generator.choice(len(frames), args.windows, replace=False))
+                pieces = [(frames[max(f - args.context + 1, 0) : f + 1], f"_frame{f:04d}") for f in picked]
+            else:
+                pieces = [(frames[:1] if args.first_frames else frames[-args.last :] if args.last else frames, "")]
+            for piece, tag in pieces:
+                images = resize_images(np.stack([frame["image"] for frame in piece]), args.size).numpy()
+                piece = [{**frame, "image": image} for frame, image in zip(piece, images, strict=True)]
+                episodes.append((f"traj{len(episodes):06d}_{suffix}{tag}.npy", piece))
+    out.mkdir(parents=True)
+    for name, frames in episodes:
+        save_trajectory(out / name, frames)
+    actions = [np.stack([frame["delta_action"] for frame in frames]) for _, frames in episodes]
     ActionStatistics.from_actions(np.concatenate(actions), flat_range=(-1.0, 1.0)).to_json(out.parent)
-    print(f"{count} episodes, {sum(len(a) for a in actions)} frames -> {out}")
+    print(f"{len(episodes)} episodes, {sum(len(a) for a in actions)} frames -> {out}")
 
 
 if __name__ == "__main__":
