@@ -392,6 +392,17 @@ def test_imagined_frames_are_written_with_the_recorded_labels_and_scored(checkpo
             float(classifier(frames_from_uint8(torch.from_numpy(written.episode(i).images), 64)).max()) for i in (0, 1)
         ]
     assert result["episodes"][0]["peak_probability"] == pytest.approx(np.mean(peaks), abs=1e-6)
+    draws = 2  # of each of the 3 episodes, one a success
+    for threshold, false_successes, missed in ((0.0, 2 * draws, 0), (1.01, 0, draws)):  # every draw called / none
+        run_script(
+            "imagined_frames.py", "score", "--dataset", imagined, "--classifier", Path(checkpoint) / "resnet_rm.pth",
+            "--threshold", threshold, "--out", out,
+        )  # fmt: skip
+        summary = json.loads(out.read_text())["summary"]
+        assert summary["draws_false_success"] == f"{false_successes}/{2 * draws}"
+        assert summary["draws_missed"] == f"{missed}/{draws}"
+        agreement = 2 * draws - false_successes + draws - missed
+        assert summary["draws_agreement"] == f"{agreement}/{3 * draws}"
     run_script(
         "imagined_frames.py", "score", "--dataset", imagined, "--classifier", Path(checkpoint) / "resnet_rm.pth",
         "--last", 3, "--out", out,

@@ -10,6 +10,7 @@ from trainers.config import AlgorithmConfig
 from trainers.grpo import grpo_scores, grpo_targets
 from trainers.ppo import gae_targets
 from trainers.rollout import RolloutBatch, collect_rollout, loss_mask_from_dones, merge_epochs
+from trainers.runner import rollout_metrics
 from vla_policies import SmallCNNPolicy, SmallPolicyConfig
 
 
@@ -74,6 +75,11 @@ def test_grpo_scores_filter_and_advantages_by_hand():
     assert targets.advantages[:, 2:].abs().sum() == 0
     unfiltered = grpo_targets(batch, AlgorithmConfig(), group_size=2)
     assert unfiltered.loss_mask[:, 2:].any() and unfiltered.advantages[:, 2:].abs().sum() == 0
+    # Of the groups (5, 0) and (5, 5), only the first has a signal, filtered or not; groups of 4: the one has.
+    for kept in (targets, unfiltered):
+        assert rollout_metrics(batch, kept, group_size=2)["rollout/groups_with_signal"] == 0.5
+    assert rollout_metrics(batch, targets, group_size=4)["rollout/groups_with_signal"] == 1.0
+    assert "rollout/groups_with_signal" not in rollout_metrics(batch, targets)
 
 
 def test_gae_chunk_level_by_hand():

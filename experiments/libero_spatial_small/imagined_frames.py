@@ -17,7 +17,8 @@ classifier does not read it in them. This script tells the two apart:
 - `score`: a classifier's highest success probability over each imagined episode (with ``--last K``, its mean over
   the last K frames), averaged over the draws of one recorded episode, against the simulator's outcome: the AUROC
   and the share of (success, failure) pairs of one start ordered right (ties count one half; 0.5 = no information),
-  as `branch_discrimination.py` reports them.
+  as `branch_discrimination.py` reports them; without ``--last``, also each draw's verdict as the env gives it (some
+  frame at ``--threshold`` or above): the false successes among the draws of real failures, the missed successes.
 
 Trained on the imagined rollouts of some starts and scored on those of others, a classifier above chance shows that
 the imagination keeps the outcome where the simulator's classifier misses it.
@@ -189,6 +190,18 @@ def score(args: argparse.Namespace) -> None:
         "false_success": int(((value > 0.5) & ~real).sum()),
         "missed": int(((value <= 0.5) & real).sum()),
     }
+    if args.last is None:  # the env's verdict on each draw: success if some frame reaches the threshold
+        called = [(probability >= args.threshold, outcome[key]) for key in keys for probability in by_draw[key]]
+        failures = [verdict for verdict, success in called if not success]
+        successes = [verdict for verdict, success in called if success]
+        summary.update(
+            {
+                "threshold": args.threshold,
+                "draws_false_success": f"{sum(failures)}/{len(failures)}",
+                "draws_missed": f"{len(successes) - sum(successes)}/{len(successes)}",
+                "draws_agreement": f"{len(failures) - sum(failures) + sum(successes)}/{len(called)}",
+            }
+        )
     print(json.dumps(summary))
     rows = [{"episode": key, "real": bool(r), name: float(p)} for key, r, p in zip(keys, real, value, strict=True)]
     args.out.write_text(json.dumps({"summary": summary, "episodes": rows}, indent=2) + "\n")
@@ -248,6 +261,12 @@ def main() -> None:
         "--last",
         type=int,
         help="score each episode by the mean probability over its last K frames (end_probability), not its peak",
+    )
+    scorer.add_argument(
+        "--threshold",
+        type=float,
+        default=0.9,
+        help="without --last: also each draw's verdict as the env gives it (a frame at this probability or above)",
     )
     scorer.add_argument("--out", type=Path, required=True, help="JSON output")
     args = parser.parse_args()

@@ -84,10 +84,12 @@ def _format_metrics(metrics: dict[str, float]) -> str:
 
 
 def rollout_metrics(
-    batch: RolloutBatch, targets: Targets, context: DistributedContext | None = None
+    batch: RolloutBatch, targets: Targets, context: DistributedContext | None = None, group_size: int | None = None
 ) -> dict[str, float]:
     """`env/*` over the first episodes and `rollout/*` over the valid entries, RLinf's names.
 
+    With GRPO's scores and its `group_size`, also `rollout/groups_with_signal`: the share of groups whose scores
+    are not all equal (the others have zero advantage everywhere and teach nothing, filtered or not).
     With a `context` of several ranks, the metrics are those of every rank's trajectories and entries together.
     """
     length = batch.episode_length.float().clamp(min=1)
@@ -103,6 +105,10 @@ def rollout_metrics(
     }
     if targets.returns is not None:
         selections["returns"] = targets.returns[targets.loss_mask]  # [valid entries]
+    if targets.scores is not None and group_size is not None:
+        grouped = targets.scores.reshape(-1, group_size)  # [B / G, G]
+        mixed = (grouped != grouped[:, :1]).any(dim=1)  # [B / G]
+        selections["group_signal"] = mixed.float()
     if batch.wm_uncertainty is not None:
         selections["wm_uncertainty"] = batch.wm_uncertainty[batch.loss_mask[:, :, 0]]  # [first episodes' chunks]
         selections["wm_truncated"] = batch.wm_truncated.float()  # [B]
@@ -135,6 +141,8 @@ def rollout_metrics(
             }
         )
     metrics["rollout/valid_fraction"] = float(selections["loss_mask"].mean())
+    if "group_signal" in selections:
+        metrics["rollout/groups_with_signal"] = float(selections["group_signal"].mean())
     if "wm_uncertainty" in selections:
         # The env's reliability signal: its mean over the chunks of the first episodes, and the fraction of first
         # episodes that its truncate / withhold policy cut or had a success withheld in.
@@ -287,7 +295,8 @@ class Trainer:
             if config.env.train.enable_offload:
                 self.env.onload()
         self.parallel.sync_replica()
-        metrics = rollout_metrics(batch, targets, self.context)
+        group_size = config.env.train.group_size if config.algorithm.adv_type == "grpo" else None
+        metrics = rollout_metrics(batch, targets, self.context, group_size)
         metrics.update({f"train/{key}": value for key, value in train_metrics.items()})
         self.global_step = step
         self.logger.log(metrics, step)
