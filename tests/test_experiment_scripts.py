@@ -26,7 +26,8 @@ SCRIPTS = ROOT / "experiments" / "libero_spatial_small"
 
 def run_script(name, *args):
     env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, args)], check=True, env=env, capture_output=True)
+    command = [sys.executable, str(SCRIPTS / name), *map(str, args)]
+    return subprocess.run(command, check=True, env=env, capture_output=True).stdout.decode()
 
 
 def test_shrink_merges_renumbers_and_resizes(checkpoint, tmp_path):
@@ -478,10 +479,14 @@ def test_grpo_curves_reads_each_seeds_tensorboard(tmp_path):
             for step, value in enumerate(values, start=1):
                 writer.add_scalar("env/success_once", value, step)
                 writer.add_scalar("train/actor/approx_kl", 1e-4, step)
-    run_script("grpo_curves.py", tmp_path, "--out", tmp_path / "curves.json", "--last-step", 9)
+                if seed == "seed2":  # logged since session 25
+                    writer.add_scalar("rollout/groups_with_signal", 0.25 * (step % 2), step)
+    printed = run_script("grpo_curves.py", tmp_path, "--out", tmp_path / "curves.json", "--last-step", 9)
     curves = json.loads((tmp_path / "curves.json").read_text())
     assert sorted(curves) == ["seed1", "seed2"]
     assert sorted(curves["seed1"]) == ["env/success_once", "train/actor/approx_kl"]
+    assert curves["seed2"]["rollout/groups_with_signal"][:2] == [[1, 0.25], [2, 0.0]]
+    assert "seed2: groups with a signal 0.125 (mean of 6 steps)" in printed
     assert [step for step, _ in curves["seed1"]["env/success_once"]] == list(range(1, 10))
     assert curves["seed2"]["env/success_once"][-1] == [6, 0.4]
     with pytest.raises(subprocess.CalledProcessError) as failure:

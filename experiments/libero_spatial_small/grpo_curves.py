@@ -3,8 +3,9 @@
 python experiments/libero_spatial_small/grpo_curves.py RESULT --out grpo_curves.json [--last-step 20]
 
 Reads each ``seedS/tensorboard`` under RESULT and writes, per seed, the scalars imagined success
-(``env/success_once``), return and the actor's approximate KL at every step up to ``--last-step``; prints the mean
-imagined success over the first and the last 5 steps of each seed.
+(``env/success_once``), return, the actor's approximate KL and the share of groups with a signal
+(``rollout/groups_with_signal``, where logged) at every step up to ``--last-step``; prints the mean imagined success
+over the first and the last 5 steps of each seed, and the mean share of groups with a signal.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-KEYS = ("env/success_once", "env/return", "train/actor/approx_kl")
+KEYS = ("env/success_once", "env/return", "train/actor/approx_kl", "rollout/groups_with_signal")
 
 
 def main() -> None:
@@ -41,6 +42,9 @@ def main() -> None:
         if len(success) >= 5:
             first, last = sum(success[:5]) / 5, sum(success[-5:]) / 5
             print(f"{seed}: imagined success {first:.3f} (first 5 steps) -> {last:.3f} (last 5 of {len(success)})")
+        signal = [value for _, value in curves[seed].get("rollout/groups_with_signal", [])]
+        if signal:
+            print(f"{seed}: groups with a signal {sum(signal) / len(signal):.3f} (mean of {len(signal)} steps)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(curves) + "\n")
 
