@@ -250,6 +250,17 @@ def _branch_episodes(folder):
     return images
 
 
+def test_shrink_until_success_cuts_after_the_first_success_frame(tmp_path):
+    _branch_episodes(tmp_path / "recorded" / "dataset")  # episode 0 succeeds from frame 17; the others never
+    run_script("shrink.py", "--until-success", "--last", 5, "--out", tmp_path / "cut", tmp_path / "recorded")
+    run_script("shrink.py", "--out", tmp_path / "whole", tmp_path / "recorded")
+    cut, whole = TrajectoryDataset(tmp_path / "cut" / "dataset"), TrajectoryDataset(tmp_path / "whole" / "dataset")
+    np.testing.assert_array_equal(cut.episode(0).images, whole.episode(0).images[13:18])  # frames 13-17
+    assert cut.episode(0).success.tolist() == [False] * 4 + [True]
+    for index in range(1, 4):  # no success: the last 5 frames
+        np.testing.assert_array_equal(cut.episode(index).actions, whole.episode(index).actions[-5:])
+
+
 def test_branch_discrimination_scores_the_branches_of_each_start(checkpoint, tmp_path):
     folder = tmp_path / "branches" / "dataset"
     images = _branch_episodes(folder)

@@ -8,7 +8,10 @@ frame, the start frames of a world model's ``dataset/``; ``--last N``: only its 
 ``start_frame="end-K"`` reads when N >= K + 4; ``--windows K``: K frames of each episode drawn uniformly without
 replacement (``--seed``), each written as its own episode of that frame and the ``--context`` - 1 recorded frames
 before it (fewer at the start), named ``..._frameF``: an env with ``start_frame="end-0"`` starts from them as one
-with ``start_frame="random"`` starts from the whole episodes, from a fixed sample of the starts it would draw).
+with ``start_frame="random"`` starts from the whole episodes, from a fixed sample of the starts it would draw;
+``--until-success`` first cuts each episode after its first success frame, episodes without one staying whole: with
+``--last N``, ``start_frame="random"`` then draws its starts among the N frames up to a recorded success, or the last N
+of a failure, where a policy's sampled episodes can end either way).
 ``dataset_statistics.json`` is recomputed from all actions kept (dimensions the data never varies get [-1, 1]).
 """
 
@@ -33,6 +36,9 @@ def main() -> None:
     )
     parser.add_argument("--last", type=int, help="keep each episode's last N frames only (starts at end-K, K <= N - 4)")
     parser.add_argument("--windows", type=int, help="write K start windows of each episode (starts at end-0)")
+    parser.add_argument(
+        "--until-success", action="store_true", help="first cut each episode after its first success frame, if any"
+    )
     parser.add_argument("--context", type=int, default=4, help="frames of a window: the start frame and those before")
     parser.add_argument("--seed", type=int, default=0, help="the draw of the windows' frames")
     args = parser.parse_args()
@@ -50,6 +56,9 @@ def main() -> None:
         folder = folder / "dataset" if (folder / "dataset").is_dir() else folder
         for path in TrajectoryDataset(folder).paths:
             frames = load_trajectory(path)
+            if args.until_success:
+                flags = [bool(frame.get("success", False)) for frame in frames]
+                frames = frames[: flags.index(True) + 1] if any(flags) else frames
             suffix = path.stem.split("_", 1)[1] if "_" in path.stem else ""
             if args.windows is not None:
                 if args.windows > len(frames):
