@@ -8,6 +8,8 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl3 \
 #     einops diffusers gymnasium farama-notifications cloudpickle imageio safetensors regex timm huggingface_hub \
 #     httpx2 click typer shellingham rich peft accelerate tensorboard protobuf absl-py  # pin each to `pip freeze`s
+# In session 26 the lent machine lacked only einops, diffusers, gymnasium, farama-notifications, cloudpickle, imageio
+# and httpx2 (7 MB of wheels); the others are installed only where missing, so a smaller .whl3/ saves carry.
 mkdir -p /tmp/bin /tmp/site
 printf '#!/bin/sh\nexec python3 "$@"\n' > /tmp/bin/python
 printf '#!/bin/sh\nexec python3 -m trainers.cli "$@"\n' > /tmp/bin/opensora-gym
