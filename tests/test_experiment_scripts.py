@@ -636,3 +636,31 @@ def test_classifier_on_real_scores_episodes_as_the_env_would_end_them(tmp_path):
         run_script(
             "classifier_on_real.py", "--classifiers", tmp_path / "never", "--dataset", folder, folder, "--out", out
         )
+
+
+def test_group_agreement_correlates_imagined_and_real_advantages_within_groups(tmp_path):
+    # Two starts, three draws. Start a: imagined 1,0,0 and real 1,0,0 (the same ranking); start b: imagined 1,1,0 and
+    # real 0,0,1 (the opposite ranking).
+    imagined = {"a": [1, 0, 0], "b": [1, 1, 0]}
+    real = {"a": [1, 0, 0], "b": [0, 0, 1]}
+    paths = []
+    for draw in range(3):
+        starts = [
+            {"file": name, "imagined_success": bool(imagined[name][draw]), "real_success": bool(real[name][draw])}
+            for name in ("a", "b")
+        ]
+        paths.append(tmp_path / f"d{draw}.json")
+        paths[-1].write_text(json.dumps({"starts": starts}))
+    run_script("group_agreement.py", "--replays", *paths, "--out", tmp_path / "g.json", "--bootstrap", "20")
+    report = json.loads((tmp_path / "g.json").read_text())
+    # Advantages: a: imagined and real (2/3, -1/3, -1/3), 2/3 summed product; b: imagined (1/3, 1/3, -2/3), real
+    # (-1/3, -1/3, 2/3), -2/3. Sums of squares 4/3 each: correlation 0. Pairs ranked by both: a 2 same, b 2 opposite.
+    assert report["advantage_correlation"] == pytest.approx(0.0, abs=1e-12)
+    assert report["pairs"] == {"same_order": 2, "opposite_order": 2} and report["pair_accuracy"] == 0.5
+    assert report["groups_with_signal"]["both"]["count"] == 2 and report["agreement"]["both_success"] == 1
+    assert report["per_start"][1] == {"file": "b", "imagined": [1, 1, 0], "real": [0, 0, 1]}
+
+    (tmp_path / "d2.json").write_text(json.dumps({"starts": [{"file": "x"}, {"file": "b"}]}))
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script("group_agreement.py", "--replays", *paths, "--out", tmp_path / "g.json")
+    assert b"replays other starts than" in failure.value.stderr

@@ -1,0 +1,130 @@
+"""Does the world model's verdict point GRPO the simulator's way inside a group? Imagined against real outcomes of
+the same actions, start by start.
+
+python experiments/libero_spatial_small/group_agreement.py --replays replay_d0.json ... replay_d7.json \
+    --out group_agreement.json
+
+Each `--replays` file is `from_recorded.py --imagined`'s JSON for one draw of the same imagination over the same
+starts (draw d of every start): together, for every start, the G imagined episodes of one GRPO group and the
+simulator's outcomes of the same actions from the same state. GRPO's update follows each episode's advantage, its
+outcome minus its group's mean; the update points the simulator's way as far as the imagined advantages correlate
+with the real ones. Reports, over all starts:
+
+- the episode-level agreement (`opensora_gym.audit.success_agreement`: false-success rate, missed successes);
+- the share of groups whose imagined outcomes differ (GRPO's `rollout/groups_with_signal`), whose real outcomes
+  differ (what an update with the simulator's reward would learn from), and both;
+- `advantage_correlation`: sum over groups and episodes of imagined x real advantage, over the square root of the
+  two sums of squares (1: every group ranks its episodes as the simulator does, 0: no relation, < 0: the other
+  way), with a 95% bootstrap interval over starts;
+- `pair_accuracy`: within groups, of the pairs of episodes that the world model ranks one above the other, the
+  share the simulator ranks the same way (pairs the simulator ties count as neither), with a bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from opensora_gym.audit import success_agreement
+from opensora_gym.intervals import wilson_interval
+
+
+def load_groups(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Imagined and real outcomes ``[starts, G]`` from one replay JSON per draw; raises if the starts differ."""
+    reports = [json.loads(Path(path).read_text()) for path in paths]
+    files = [row["file"] for row in reports[0]["starts"]]
+    for path, report in zip(paths, reports, strict=True):
+        theirs = [row["file"] for row in report["starts"]]
+        if theirs != files:
+            raise SystemExit(f"{path} replays other starts than {paths[0]} (expected the same files in the same order)")
+        if "imagined_success" not in report["starts"][0]:
+            raise SystemExit(f"{path} has no imagined outcomes (expected from_recorded.py --imagined's JSON)")
+    imagined = np.array([[row["imagined_success"] for row in report["starts"]] for report in reports]).T
+    real = np.array([[row["real_success"] for row in report["starts"]] for report in reports]).T
+    return imagined.astype(float), real.astype(float), files
+
+
+def advantage_correlation(imagined: np.ndarray, real: np.ndarray) -> float:
+    """Pooled correlation of within-group advantages (outcome minus the group's mean); nan without variance."""
+    a = imagined - imagined.mean(axis=1, keepdims=True)
+    b = real - real.mean(axis=1, keepdims=True)
+    denominator = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def pair_counts(imagined: np.ndarray, real: np.ndarray) -> tuple[int, int]:
+    """Within-group pairs the world model ranks apart and the simulator too: (same order, opposite order)."""
+    di = np.sign(imagined[:, :, None] - imagined[:, None, :])
+    dr = np.sign(real[:, :, None] - real[:, None, :])
+    upper = np.triu(np.ones(imagined.shape[1], dtype=bool), k=1)
+    ranked = (di != 0) & (dr != 0) & upper
+    same = int((ranked & (di == dr)).sum())
+    return same, int(ranked.sum()) - same
+
+
+def bootstrap(imagined: np.ndarray, real: np.ndarray, rounds: int, seed: int) -> dict:
+    """95% percentile intervals of the advantage correlation and the pair accuracy, starts resampled."""
+    rng = np.random.default_rng(seed)
+    correlations, accuracies = [], []
+    for _ in range(rounds):
+        pick = rng.integers(0, len(imagined), len(imagined))
+        correlations.append(advantage_correlation(imagined[pick], real[pick]))
+        same, opposite = pair_counts(imagined[pick], real[pick])
+        if same + opposite:
+            accuracies.append(same / (same + opposite))
+
+    def interval(values: list[float]) -> list[float]:
+        finite = np.array(values)[np.isfinite(values)]
+        return [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))] if len(finite) else []
+
+    return {"advantage_correlation": interval(correlations), "pair_accuracy": interval(accuracies)}
+
+
+def share(flags: np.ndarray) -> dict:
+    low, high = wilson_interval(int(flags.sum()), len(flags))
+    return {"count": int(flags.sum()), "of": len(flags), "rate": float(flags.mean()), "ci_low": low, "ci_high": high}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--replays", nargs="+", required=True, help="from_recorded.py --imagined JSON, one per draw")
+    parser.add_argument("--out", required=True, help="the JSON to write")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap rounds over starts")
+    parser.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    args = parser.parse_args(argv)
+    if len(args.replays) < 2:
+        parser.error(f"a group needs at least 2 draws, got {len(args.replays)} replay file")
+    imagined, real, files = load_groups(args.replays)
+    signal_imagined = imagined.std(axis=1) > 0
+    signal_real = real.std(axis=1) > 0
+    same, opposite = pair_counts(imagined, real)
+    report = {
+        "replays": [Path(path).name for path in args.replays],
+        "starts": len(files),
+        "group_size": imagined.shape[1],
+        "imagined_success": float(imagined.mean()),
+        "real_success": float(real.mean()),
+        "agreement": success_agreement(imagined.ravel() > 0, real.ravel() > 0).to_dict(),
+        "groups_with_signal": {
+            "imagined": share(signal_imagined),
+            "real": share(signal_real),
+            "both": share(signal_imagined & signal_real),
+        },
+        "advantage_correlation": advantage_correlation(imagined, real),
+        "pairs": {"same_order": same, "opposite_order": opposite},
+        "pair_accuracy": same / (same + opposite) if same + opposite else float("nan"),
+        "bootstrap_95": bootstrap(imagined, real, args.bootstrap, args.seed),
+        "per_start": [
+            {"file": name, "imagined": row_i.astype(int).tolist(), "real": row_r.astype(int).tolist()}
+            for name, row_i, row_r in zip(files, imagined, real, strict=True)
+        ],
+    }
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({key: value for key, value in report.items() if key != "per_start"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
