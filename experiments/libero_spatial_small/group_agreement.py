@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from opensora_gym.audit import success_agreement
-from opensora_gym.intervals import wilson_interval
+from opensora_gym.intervals import wilson_rate
 
 
 def load_groups(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -83,11 +83,6 @@ def bootstrap(imagined: np.ndarray, real: np.ndarray, rounds: int, seed: int) ->
     return {"advantage_correlation": interval(correlations), "pair_accuracy": interval(accuracies)}
 
 
-def share(flags: np.ndarray) -> dict:
-    low, high = wilson_interval(int(flags.sum()), len(flags))
-    return {"count": int(flags.sum()), "of": len(flags), "rate": float(flags.mean()), "ci_low": low, "ci_high": high}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replays", nargs="+", required=True, help="from_recorded.py --imagined JSON, one per draw")
@@ -109,9 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         "real_success": float(real.mean()),
         "agreement": success_agreement(imagined.ravel() > 0, real.ravel() > 0).to_dict(),
         "groups_with_signal": {
-            "imagined": share(signal_imagined),
-            "real": share(signal_real),
-            "both": share(signal_imagined & signal_real),
+            "imagined": wilson_rate(int(signal_imagined.sum()), len(files)),
+            "real": wilson_rate(int(signal_real.sum()), len(files)),
+            "both": wilson_rate(int((signal_imagined & signal_real).sum()), len(files)),
         },
         "advantage_correlation": advantage_correlation(imagined, real),
         "pairs": {"same_order": same, "opposite_order": opposite},

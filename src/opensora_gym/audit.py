@@ -47,7 +47,7 @@ from gymnasium.vector import VectorEnv
 
 from opensora_gym.convert import resize_images
 from opensora_gym.env import OpenSoraLiberoEnv
-from opensora_gym.intervals import wilson_interval
+from opensora_gym.intervals import wilson_rate
 from opensora_gym.wrappers.video import annotate_frame
 
 __all__ = [
@@ -170,11 +170,11 @@ class SuccessAgreement:
         simulator_failures = self.both_failure + self.false_success
         simulator_successes = self.both_success + self.missed_success
         return {
-            "agreement": _rate(self.both_success + self.both_failure, self.episodes),
-            "false_success_rate": _rate(self.false_success, simulator_failures),
-            "missed_success_rate": _rate(self.missed_success, simulator_successes),
-            "world_model_success": _rate(self.both_success + self.false_success, self.episodes),
-            "simulator_success": _rate(simulator_successes, self.episodes),
+            "agreement": wilson_rate(self.both_success + self.both_failure, self.episodes),
+            "false_success_rate": wilson_rate(self.false_success, simulator_failures),
+            "missed_success_rate": wilson_rate(self.missed_success, simulator_successes),
+            "world_model_success": wilson_rate(self.both_success + self.false_success, self.episodes),
+            "simulator_success": wilson_rate(simulator_successes, self.episodes),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,13 +197,6 @@ def success_agreement(world_model: Sequence[bool], simulator: Sequence[bool]) ->
         false_success=int((world_model & ~simulator).sum()),
         missed_success=int((~world_model & simulator).sum()),
     )
-
-
-def _rate(count: int, of: int) -> dict[str, float] | None:
-    if of == 0:
-        return None
-    low, high = wilson_interval(count, of)
-    return {"rate": count / of, "ci_low": low, "ci_high": high, "count": count, "of": of}
 
 
 # ------------------------------------------------------------------------------------------------ frames

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["Z_95", "mcnemar_exact", "wilson_interval"]
+__all__ = ["Z_95", "mcnemar_exact", "wilson_interval", "wilson_rate"]
 
 Z_95 = 1.959963984540054  # the standard normal quantile of 0.975
 
@@ -26,6 +26,14 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     centre = (p + z**2 / (2 * trials)) / denominator
     half = z * math.sqrt(p * (1 - p) / trials + z**2 / (4 * trials**2)) / denominator
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def wilson_rate(count: int, of: int) -> dict[str, float] | None:
+    """`{"rate", "ci_low", "ci_high", "count", "of"}` of `count` in `of` trials (95% Wilson); None if `of` is 0."""
+    if of == 0:
+        return None
+    low, high = wilson_interval(count, of)
+    return {"rate": count / of, "ci_low": low, "ci_high": high, "count": count, "of": of}
 
 
 def mcnemar_exact(gained: int, lost: int) -> float:
