@@ -659,6 +659,19 @@ def test_group_agreement_correlates_imagined_and_real_advantages_within_groups(t
     assert report["pairs"] == {"same_order": 2, "opposite_order": 2} and report["pair_accuracy"] == 0.5
     assert report["groups_with_signal"]["both"]["count"] == 2 and report["agreement"]["both_success"] == 1
     assert report["per_start"][1] == {"file": "b", "imagined": [1, 1, 0], "real": [0, 0, 1]}
+    assert report["groups_with_signal"]["imagined_only"]["count"] == 0
+
+    # No start the simulator solves: GRPO's imagined signal (start b) is all noise, the two measures are undefined.
+    for draw, path in enumerate(paths):
+        starts = [
+            {"file": name, "imagined_success": bool(imagined[name][draw]), "real_success": False} for name in "ab"
+        ]
+        path.write_text(json.dumps({"starts": starts}))
+    run_script("group_agreement.py", "--replays", *paths, "--out", tmp_path / "g.json", "--bootstrap", "20")
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert report["advantage_correlation"] is None and report["pair_accuracy"] is None
+    assert report["groups_with_signal"]["imagined_only"]["count"] == 2
+    assert report["groups_with_signal"]["real"]["ci_low"] == 0.0 and report["bootstrap_95"]["pair_accuracy"] == []
 
     (tmp_path / "d2.json").write_text(json.dumps({"starts": [{"file": "x"}, {"file": "b"}]}))
     with pytest.raises(subprocess.CalledProcessError) as failure:

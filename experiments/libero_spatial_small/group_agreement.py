@@ -12,12 +12,15 @@ with the real ones. Reports, over all starts:
 
 - the episode-level agreement (`opensora_gym.audit.success_agreement`: false-success rate, missed successes);
 - the share of groups whose imagined outcomes differ (GRPO's `rollout/groups_with_signal`), whose real outcomes
-  differ (what an update with the simulator's reward would learn from), and both;
+  differ (what an update with the simulator's reward would learn from), both, and only the imagined ones (groups
+  whose whole update is the world model's noise: the simulator scores all their episodes alike);
 - `advantage_correlation`: sum over groups and episodes of imagined x real advantage, over the square root of the
   two sums of squares (1: every group ranks its episodes as the simulator does, 0: no relation, < 0: the other
   way), with a 95% bootstrap interval over starts;
 - `pair_accuracy`: within groups, of the pairs of episodes that the world model ranks one above the other, the
   share the simulator ranks the same way (pairs the simulator ties count as neither), with a bootstrap interval.
+
+Both are null (JSON) where they are undefined: no group whose imagined and real outcomes both differ.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def load_groups(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def advantage_correlation(imagined: np.ndarray, real: np.ndarray) -> float:
-    """Pooled correlation of within-group advantages (outcome minus the group's mean); nan without variance."""
+    """Pooled correlation of within-group advantages (outcome minus the group's mean); nan without variance (the
+    report writes it as null)."""
     a = imagined - imagined.mean(axis=1, keepdims=True)
     b = real - real.mean(axis=1, keepdims=True)
     denominator = np.sqrt((a * a).sum() * (b * b).sum())
@@ -83,6 +87,11 @@ def bootstrap(imagined: np.ndarray, real: np.ndarray, rounds: int, seed: int) ->
     return {"advantage_correlation": interval(correlations), "pair_accuracy": interval(accuracies)}
 
 
+def finite_or_none(value: float) -> float | None:
+    """The value, or None where it is undefined (nan)."""
+    return value if np.isfinite(value) else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replays", nargs="+", required=True, help="from_recorded.py --imagined JSON, one per draw")
@@ -107,17 +116,18 @@ def main(argv: list[str] | None = None) -> None:
             "imagined": wilson_rate(int(signal_imagined.sum()), len(files)),
             "real": wilson_rate(int(signal_real.sum()), len(files)),
             "both": wilson_rate(int((signal_imagined & signal_real).sum()), len(files)),
+            "imagined_only": wilson_rate(int((signal_imagined & ~signal_real).sum()), len(files)),
         },
-        "advantage_correlation": advantage_correlation(imagined, real),
+        "advantage_correlation": finite_or_none(advantage_correlation(imagined, real)),
         "pairs": {"same_order": same, "opposite_order": opposite},
-        "pair_accuracy": same / (same + opposite) if same + opposite else float("nan"),
+        "pair_accuracy": same / (same + opposite) if same + opposite else None,
         "bootstrap_95": bootstrap(imagined, real, args.bootstrap, args.seed),
         "per_start": [
             {"file": name, "imagined": row_i.astype(int).tolist(), "real": row_r.astype(int).tolist()}
             for name, row_i, row_r in zip(files, imagined, real, strict=True)
         ],
     }
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    Path(args.out).write_text(json.dumps(report, indent=1, allow_nan=False))
     print(json.dumps({key: value for key, value in report.items() if key != "per_start"}, indent=1))
 
 
