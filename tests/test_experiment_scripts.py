@@ -661,7 +661,7 @@ def test_group_agreement_correlates_imagined_and_real_advantages_within_groups(t
     assert report["per_start"][1] == {"file": "b", "imagined": [1, 1, 0], "real": [0, 0, 1]}
     assert report["groups_with_signal"]["imagined_only"]["count"] == 0
 
-    # No start the simulator solves: GRPO's imagined signal (start b) is all noise, the two measures are undefined.
+    # No start the simulator solves: GRPO's imagined signal (both starts) is all noise, the two measures are undefined.
     for draw, path in enumerate(paths):
         starts = [
             {"file": name, "imagined_success": bool(imagined[name][draw]), "real_success": False} for name in "ab"

@@ -20,7 +20,8 @@ with the real ones. Reports, over all starts:
 - `pair_accuracy`: within groups, of the pairs of episodes that the world model ranks one above the other, the
   share the simulator ranks the same way (pairs the simulator ties count as neither), with a bootstrap interval.
 
-Both are null (JSON) where they are undefined: no group whose imagined and real outcomes both differ.
+Where undefined they are null (JSON): the correlation where no group's imagined outcomes or no group's real ones
+differ, the pair accuracy where no group's both do.
 """
 
 from __future__ import annotations
