@@ -661,6 +661,29 @@ def test_group_agreement_correlates_imagined_and_real_advantages_within_groups(t
     assert report["per_start"][1] == {"file": "b", "imagined": [1, 1, 0], "real": [0, 0, 1]}
     assert report["groups_with_signal"]["imagined_only"]["count"] == 0
 
+    # Against another imagination of the same starts that ranks every group as the simulator does (correlation 1),
+    # two draws: the difference is -1, and no resample of starts can make it positive.
+    against = []
+    for draw in range(2):
+        starts = [{"file": name, "imagined_success": draw == 0, "real_success": draw == 0} for name in ("a", "b")]
+        against.append(tmp_path / f"other{draw}.json")
+        against[-1].write_text(json.dumps({"starts": starts}))
+    out = tmp_path / "g_against.json"
+    run_script("group_agreement.py", "--replays", *paths, "--against", *against, "--out", out, "--bootstrap", "50")
+    compared = json.loads(out.read_text())["against"]
+    assert compared["advantage_correlation"] == pytest.approx(1.0) and compared["group_size"] == 2
+    assert compared["correlation_difference"] == pytest.approx(-1.0)
+    low, high = compared["correlation_difference_95"]
+    assert -2.0 <= low <= high <= 1e-12
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script("group_agreement.py", "--replays", *paths, "--against", *against[:1], "--out", out)
+    assert b"a group needs at least 2 draws, got 1 --against file" in failure.value.stderr
+    against[1].write_text(json.dumps({"starts": [{"file": "b", "imagined_success": 1, "real_success": 1}] * 2}))
+    against[0].write_text(against[1].read_text())
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script("group_agreement.py", "--replays", *paths, "--against", *against, "--out", out)
+    assert b"--against replays other starts than --replays" in failure.value.stderr
+
     # No start the simulator solves: GRPO's imagined signal (both starts) is all noise, the two measures are undefined.
     for draw, path in enumerate(paths):
         starts = [

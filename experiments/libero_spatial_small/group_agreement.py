@@ -22,6 +22,10 @@ with the real ones. Reports, over all starts:
 
 Where undefined they are null (JSON): the correlation where no group's imagined outcomes or no group's real ones
 differ, the pair accuracy where no group's both do.
+
+`--against` takes the replays of another imagination over the same starts (another world model, another seed) and
+adds its correlation and pair accuracy and the difference of the two correlations (this minus that) with a paired
+95% bootstrap interval: every round resamples the same starts for both.
 """
 
 from __future__ import annotations
@@ -88,6 +92,21 @@ def bootstrap(imagined: np.ndarray, real: np.ndarray, rounds: int, seed: int) ->
     return {"advantage_correlation": interval(correlations), "pair_accuracy": interval(accuracies)}
 
 
+def correlation_difference(first: tuple, second: tuple, rounds: int, seed: int) -> list[float]:
+    """95% percentile interval of the first ``(imagined, real)``'s advantage correlation minus the second's, the same
+    starts resampled for both; [] where no round defines both."""
+    rng = np.random.default_rng(seed)
+    differences = []
+    for _ in range(rounds):
+        pick = rng.integers(0, len(first[0]), len(first[0]))
+        difference = advantage_correlation(*(part[pick] for part in first)) - advantage_correlation(
+            *(part[pick] for part in second)
+        )
+        if np.isfinite(difference):
+            differences.append(difference)
+    return [float(np.percentile(differences, 2.5)), float(np.percentile(differences, 97.5))] if differences else []
+
+
 def finite_or_none(value: float) -> float | None:
     """The value, or None where it is undefined (nan)."""
     return value if np.isfinite(value) else None
@@ -97,12 +116,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replays", nargs="+", required=True, help="from_recorded.py --imagined JSON, one per draw")
     parser.add_argument("--out", required=True, help="the JSON to write")
+    parser.add_argument("--against", nargs="+", help="another imagination's replays over the same starts, to compare")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap rounds over starts")
     parser.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
     args = parser.parse_args(argv)
-    if len(args.replays) < 2:
-        parser.error(f"a group needs at least 2 draws, got {len(args.replays)} replay file")
+    for option in ("replays", "against"):
+        paths = getattr(args, option)
+        if paths is not None and len(paths) < 2:
+            parser.error(f"a group needs at least 2 draws, got {len(paths)} --{option} file")
     imagined, real, files = load_groups(args.replays)
+    if args.against:
+        imagined_other, real_other, files_other = load_groups(args.against)
+        if files_other != files:
+            raise SystemExit(f"--against replays other starts than --replays (expected the same {len(files)} files)")
     signal_imagined = imagined.std(axis=1) > 0
     signal_real = real.std(axis=1) > 0
     same, opposite = pair_counts(imagined, real)
@@ -128,6 +154,22 @@ def main(argv: list[str] | None = None) -> None:
             for name, row_i, row_r in zip(files, imagined, real, strict=True)
         ],
     }
+    if args.against:
+        other_same, other_opposite = pair_counts(imagined_other, real_other)
+        correlation_other = advantage_correlation(imagined_other, real_other)
+        report["against"] = {
+            "replays": [Path(path).name for path in args.against],
+            "group_size": imagined_other.shape[1],
+            "imagined_success": float(imagined_other.mean()),
+            "real_success": float(real_other.mean()),
+            "advantage_correlation": finite_or_none(correlation_other),
+            "pairs": {"same_order": other_same, "opposite_order": other_opposite},
+            "pair_accuracy": other_same / (other_same + other_opposite) if other_same + other_opposite else None,
+            "correlation_difference": finite_or_none(advantage_correlation(imagined, real) - correlation_other),
+            "correlation_difference_95": correlation_difference(
+                (imagined, real), (imagined_other, real_other), args.bootstrap, args.seed
+            ),
+        }
     Path(args.out).write_text(json.dumps(report, indent=1, allow_nan=False))
     print(json.dumps({key: value for key, value in report.items() if key != "per_start"}, indent=1))
 
