@@ -112,6 +112,19 @@ def finite_or_none(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
 
+def ranking(imagined: np.ndarray, real: np.ndarray) -> dict:
+    """Group size, success rates, advantage correlation and pair accuracy of one imagination and its replays."""
+    same, opposite = pair_counts(imagined, real)
+    return {
+        "group_size": imagined.shape[1],
+        "imagined_success": float(imagined.mean()),
+        "real_success": float(real.mean()),
+        "advantage_correlation": finite_or_none(advantage_correlation(imagined, real)),
+        "pairs": {"same_order": same, "opposite_order": opposite},
+        "pair_accuracy": same / (same + opposite) if same + opposite else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replays", nargs="+", required=True, help="from_recorded.py --imagined JSON, one per draw")
@@ -131,13 +144,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--against replays other starts than --replays (expected the same {len(files)} files)")
     signal_imagined = imagined.std(axis=1) > 0
     signal_real = real.std(axis=1) > 0
-    same, opposite = pair_counts(imagined, real)
     report = {
         "replays": [Path(path).name for path in args.replays],
         "starts": len(files),
-        "group_size": imagined.shape[1],
-        "imagined_success": float(imagined.mean()),
-        "real_success": float(real.mean()),
+        **ranking(imagined, real),
         "agreement": success_agreement(imagined.ravel() > 0, real.ravel() > 0).to_dict(),
         "groups_with_signal": {
             "imagined": wilson_rate(int(signal_imagined.sum()), len(files)),
@@ -145,9 +155,6 @@ def main(argv: list[str] | None = None) -> None:
             "both": wilson_rate(int((signal_imagined & signal_real).sum()), len(files)),
             "imagined_only": wilson_rate(int((signal_imagined & ~signal_real).sum()), len(files)),
         },
-        "advantage_correlation": finite_or_none(advantage_correlation(imagined, real)),
-        "pairs": {"same_order": same, "opposite_order": opposite},
-        "pair_accuracy": same / (same + opposite) if same + opposite else None,
         "bootstrap_95": bootstrap(imagined, real, args.bootstrap, args.seed),
         "per_start": [
             {"file": name, "imagined": row_i.astype(int).tolist(), "real": row_r.astype(int).tolist()}
@@ -155,17 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         ],
     }
     if args.against:
-        other_same, other_opposite = pair_counts(imagined_other, real_other)
-        correlation_other = advantage_correlation(imagined_other, real_other)
+        difference = advantage_correlation(imagined, real) - advantage_correlation(imagined_other, real_other)
         report["against"] = {
             "replays": [Path(path).name for path in args.against],
-            "group_size": imagined_other.shape[1],
-            "imagined_success": float(imagined_other.mean()),
-            "real_success": float(real_other.mean()),
-            "advantage_correlation": finite_or_none(correlation_other),
-            "pairs": {"same_order": other_same, "opposite_order": other_opposite},
-            "pair_accuracy": other_same / (other_same + other_opposite) if other_same + other_opposite else None,
-            "correlation_difference": finite_or_none(advantage_correlation(imagined, real) - correlation_other),
+            **ranking(imagined_other, real_other),
+            "correlation_difference": finite_or_none(difference),
             "correlation_difference_95": correlation_difference(
                 (imagined, real), (imagined_other, real_other), args.bootstrap, args.seed
             ),
