@@ -74,6 +74,12 @@ def pair_counts(imagined: np.ndarray, real: np.ndarray) -> tuple[int, int]:
     return same, int(ranked.sum()) - same
 
 
+def interval(values: list[float]) -> list[float]:
+    """95% percentile interval of the finite values; [] where there are none."""
+    finite = np.array(values)[np.isfinite(values)]
+    return [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))] if len(finite) else []
+
+
 def bootstrap(imagined: np.ndarray, real: np.ndarray, rounds: int, seed: int) -> dict:
     """95% percentile intervals of the advantage correlation and the pair accuracy, starts resampled."""
     rng = np.random.default_rng(seed)
@@ -84,11 +90,6 @@ def bootstrap(imagined: np.ndarray, real: np.ndarray, rounds: int, seed: int) ->
         same, opposite = pair_counts(imagined[pick], real[pick])
         if same + opposite:
             accuracies.append(same / (same + opposite))
-
-    def interval(values: list[float]) -> list[float]:
-        finite = np.array(values)[np.isfinite(values)]
-        return [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))] if len(finite) else []
-
     return {"advantage_correlation": interval(correlations), "pair_accuracy": interval(accuracies)}
 
 
@@ -99,12 +100,11 @@ def correlation_difference(first: tuple, second: tuple, rounds: int, seed: int) 
     differences = []
     for _ in range(rounds):
         pick = rng.integers(0, len(first[0]), len(first[0]))
-        difference = advantage_correlation(*(part[pick] for part in first)) - advantage_correlation(
-            *(part[pick] for part in second)
+        differences.append(
+            advantage_correlation(*(part[pick] for part in first))
+            - advantage_correlation(*(part[pick] for part in second))
         )
-        if np.isfinite(difference):
-            differences.append(difference)
-    return [float(np.percentile(differences, 2.5)), float(np.percentile(differences, 97.5))] if differences else []
+    return interval(differences)
 
 
 def finite_or_none(value: float) -> float | None:
