@@ -700,3 +700,52 @@ def test_group_agreement_correlates_imagined_and_real_advantages_within_groups(t
     with pytest.raises(subprocess.CalledProcessError) as failure:
         run_script("group_agreement.py", "--replays", *paths, "--out", tmp_path / "g.json")
     assert b"replays other starts than" in failure.value.stderr
+
+
+def test_balance_keeps_as_many_real_successes_as_failures_of_each_mixed_start(tmp_path):
+    # Three draws of three starts. Real outcomes: (0, 1) succeeds in draws 0 and 2, fails in 1; (0, 3) fails in all;
+    # (1, 1) succeeds in draw 1 only. Each recorded file holds one frame that names its draw and start.
+    real = {(0, 1): [1, 0, 1], (0, 3): [0, 0, 0], (1, 1): [0, 1, 0]}
+    replays, recorded = [], []
+    for draw in range(3):
+        folder = tmp_path / f"rec_d{draw}"
+        (folder / "dataset").mkdir(parents=True)
+        starts = []
+        for number, ((task, trial), outcomes) in enumerate(real.items()):
+            frame = {"image": np.full((4, 4, 3), 10 * draw + number, np.uint8), "delta_action": np.zeros(7)}
+            name = f"traj{number + 3 * draw:06d}_task{task:02d}_trial{trial:02d}.npy"
+            save_trajectory(folder / "dataset" / name, [frame])
+            starts.append({"task": task, "trial": trial, "real_success": bool(outcomes[draw])})
+        replays.append(tmp_path / f"replay_d{draw}.json")
+        replays[-1].write_text(json.dumps({"starts": starts}))
+        recorded.append(folder)
+    extra = tmp_path / "pre" / "dataset"
+    extra.mkdir(parents=True)
+    save_trajectory(extra / "traj000000_task01_trial07.npy", [{"image": np.full((4, 4, 3), 99, np.uint8)}])
+    out = tmp_path / "mix"
+    printed = run_script("balance.py", "--replays", *replays, "--recorded", *recorded, "--with", extra, "--out", out)
+    assert "4 replays of 2 starts (2 successes) + 1 episodes" in printed
+    names = sorted(path.name for path in (out / "dataset").iterdir())
+    assert names == [
+        "traj000000_task00_trial01.npy",  # (0, 1): its first success (draw 0), then its first failure (draw 1)
+        "traj000001_task00_trial01.npy",
+        "traj000002_task01_trial01.npy",  # (1, 1): the success of draw 1, then the failure of draw 0
+        "traj000003_task01_trial01.npy",
+        "traj000004_task01_trial07.npy",
+    ]
+    values = [int(load_trajectory(out / "dataset" / name)[0]["image"][0, 0, 0]) for name in names]
+    assert values == [0, 10, 12, 2, 99]
+    listing = json.loads((out / "balanced.json").read_text())["kept"]
+    assert [row["real_success"] for row in listing] == [True, False, True, False]
+
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script("balance.py", "--replays", *replays, "--recorded", *recorded, "--out", out)
+    assert b"exists: give a new --out folder" in failure.value.stderr
+    (recorded[2] / "dataset" / "traj000006_task00_trial01.npy").unlink()
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script("balance.py", "--replays", *replays, "--recorded", *recorded, "--out", tmp_path / "other")
+    assert b"expected one recorded file of task 0 trial 1" in failure.value.stderr
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script("balance.py", "--replays", *replays, "--recorded", *recorded[:2], "--out", tmp_path / "other")
+    assert b"got 3 JSONs, 2 folders" in failure.value.stderr
