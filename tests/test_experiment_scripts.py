@@ -121,6 +121,8 @@ def test_imagined_actions_replay_in_the_simulator(tmp_path):
     named = [tuple(int(n) for n in re.search(r"task(\d+)_trial(\d+)", path.name).groups()) for path in starts]
     assert list(zip(data["task"].tolist(), data["trial"].tolist(), strict=True)) == named
     assert data["actions"].shape == (2, 192, 7) and (1 <= data["length"]).all() and (data["length"] <= 192).all()
+    peak, final = data["peak_probability"], data["final_probability"]  # the classifier's, over each episode's frames
+    assert ((0 <= final) & (final <= peak) & (peak <= 1)).all() and (peak[data["success"]] >= 0.5).all()
     for actions, length in zip(data["actions"], data["length"], strict=True):
         assert np.isfinite(actions).all() and not actions[length:].any()  # zeros past each episode's end
     out = tmp_path / "replay"
@@ -656,6 +658,8 @@ def test_group_agreement_correlates_imagined_and_real_advantages_within_groups(t
     # Advantages: a: imagined and real (2/3, -1/3, -1/3), 2/3 summed product; b: imagined (1/3, 1/3, -2/3), real
     # (-1/3, -1/3, 2/3), -2/3. Sums of squares 4/3 each: correlation 0. Pairs ranked by both: a 2 same, b 2 opposite.
     assert report["advantage_correlation"] == pytest.approx(0.0, abs=1e-12)
+    # Every group's std is 1/sqrt(3): normalized, the two groups' products (+2, -2) still cancel.
+    assert report["normalized_advantage_correlation"] == pytest.approx(0.0, abs=1e-9)
     assert report["pairs"] == {"same_order": 2, "opposite_order": 2} and report["pair_accuracy"] == 0.5
     assert report["groups_with_signal"]["both"]["count"] == 2 and report["agreement"]["both_success"] == 1
     assert report["per_start"][1] == {"file": "b", "imagined": [1, 1, 0], "real": [0, 0, 1]}
@@ -700,6 +704,56 @@ def test_group_agreement_correlates_imagined_and_real_advantages_within_groups(t
     with pytest.raises(subprocess.CalledProcessError) as failure:
         run_script("group_agreement.py", "--replays", *paths, "--out", tmp_path / "g.json")
     assert b"replays other starts than" in failure.value.stderr
+
+
+def test_group_agreement_ranks_groups_by_a_graded_score_from_the_imagination(tmp_path):
+    # The groups of the test above (imagined outcomes uncorrelated with the real ones), graded by scores that rise
+    # with the real outcome, steeply in group a (0.25 + 0.5 x real) and barely in b (0.49 + 0.02 x real): every group
+    # ranks as the simulator does (normalized correlation 1); unnormalized, b's small spread weighs little:
+    # (0.5 + 0.02) / sqrt(2 (0.5^2 + 0.02^2)). The 0/1 agreement stays the outcomes'.
+    imagined = {"a": [1, 0, 0], "b": [1, 1, 0]}
+    real = {"a": [1, 0, 0], "b": [0, 0, 1]}
+    names = {"a": (0, 1), "b": (1, 2)}
+    paths = []
+    for draw in range(3):
+        starts = [
+            {
+                "file": name, "task": names[name][0], "trial": names[name][1],
+                "imagined_success": bool(imagined[name][draw]), "real_success": bool(real[name][draw]),
+            }
+            for name in ("a", "b")
+        ]  # fmt: skip
+        paths.append(tmp_path / f"d{draw}.json")
+        paths[-1].write_text(json.dumps({"actor": {"imagined": "img.npz", "draw": draw}, "starts": starts}))
+    rows = [(name, draw) for draw in range(3) for name in ("a", "b")]  # imagine.py's order: draw-major
+    slope = {"a": (0.25, 0.5), "b": (0.49, 0.02)}
+    npz = tmp_path / "img.npz"
+    np.savez(
+        npz,
+        task=[names[n][0] for n, _ in rows],
+        trial=[names[n][1] for n, _ in rows],
+        success=[bool(imagined[n][d]) for n, d in rows],
+        peak_probability=np.array([slope[n][0] + slope[n][1] * real[n][d] for n, d in rows], dtype=np.float64),
+    )
+    out = tmp_path / "graded.json"
+    run_script("group_agreement.py", "--replays", *paths, "--scores", npz, "--out", out, "--bootstrap", "20")
+    report = json.loads(out.read_text())
+    assert report["score"] == "peak_probability" and report["normalized_advantage_correlation"] == pytest.approx(1.0)
+    assert report["advantage_correlation"] == pytest.approx(0.52 / np.sqrt(2 * (0.5**2 + 0.02**2)))
+    assert report["pairs"] == {"same_order": 4, "opposite_order": 0} and report["pair_accuracy"] == 1.0
+    assert report["imagined_success"] == pytest.approx(0.5) and report["mean_score"] == pytest.approx(0.37 + 0.52 / 6)
+    assert report["agreement"]["both_success"] == 1 and report["per_start"][0]["imagined"] == [0.75, 0.25, 0.25]
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script(
+            "group_agreement.py", "--replays", *paths, "--scores", npz, "--score", "final_probability", "--out", out
+        )
+    assert b"has no 'final_probability'" in failure.value.stderr
+    flipped = dict(np.load(npz))
+    flipped["success"] = ~flipped["success"]
+    np.savez(npz, **flipped)
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script("group_agreement.py", "--replays", *paths, "--scores", npz, "--out", out)
+    assert b"draw 0 is not the imagination" in failure.value.stderr
 
 
 def test_balance_keeps_as_many_real_successes_as_failures_of_each_mixed_start(tmp_path):

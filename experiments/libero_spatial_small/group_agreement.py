@@ -17,11 +17,19 @@ with the real ones. Reports, over all starts:
 - `advantage_correlation`: sum over groups and episodes of imagined x real advantage, over the square root of the
   two sums of squares (1: every group ranks its episodes as the simulator does, 0: no relation, < 0: the other
   way), with a 95% bootstrap interval over starts;
+- `normalized_advantage_correlation`: the same with each group's advantages divided by its standard deviation, as
+  GRPO's update weighs them (`trainers.advantages.compute_grpo_advantages`): where graded scores give every group
+  some spread, this is the measure of GRPO's signal, with its bootstrap interval;
 - `pair_accuracy`: within groups, of the pairs of episodes that the world model ranks one above the other, the
   share the simulator ranks the same way (pairs the simulator ties count as neither), with a bootstrap interval.
 
 Where undefined they are null (JSON): the correlation where no group's imagined outcomes or no group's real ones
 differ, the pair accuracy where no group's both do.
+
+`--scores imagined.npz --score KEY` ranks each group by a graded imagined score instead of the 0/1 imagined outcome:
+the npz `imagine.py` wrote for these replays (draw d of start i in row d x starts + i) and one of its per-episode
+scores (`peak_probability`, `final_probability`): whether grading the world model's verdict would point GRPO the
+simulator's way more often. The episode-level agreement stays on the 0/1 outcomes.
 
 `--against` takes the replays of another imagination over the same starts (another world model, another seed) and
 adds its correlation and pair accuracy and the difference of the two correlations (this minus that) with a paired
@@ -55,13 +63,45 @@ def load_groups(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return imagined.astype(float), real.astype(float), files
 
 
-def advantage_correlation(imagined: np.ndarray, real: np.ndarray) -> float:
-    """Pooled correlation of within-group advantages (outcome minus the group's mean); nan without variance (the
-    report writes it as null)."""
-    a = imagined - imagined.mean(axis=1, keepdims=True)
-    b = real - real.mean(axis=1, keepdims=True)
+def load_scores(path: str, key: str, replays: list[str]) -> np.ndarray:
+    """The graded imagined scores ``[starts, G]`` of the replays' episodes from their imagination's npz; raises if
+    its rows are not those episodes (task, trial and imagined outcome)."""
+    data = np.load(path)
+    if key not in data.files:
+        raise SystemExit(f"{path} has no {key!r} (expected one of the scores imagine.py writes, it holds {data.files})")
+    reports = [json.loads(Path(replay).read_text()) for replay in replays]
+    starts = len(reports[0]["starts"])
+    if len(data["task"]) % starts:
+        raise SystemExit(f"{path} has {len(data['task'])} episodes, not a whole number of draws of {starts} starts")
+    scores = []
+    for replay, report in zip(replays, reports, strict=True):
+        draw = report.get("actor", {}).get("draw")
+        if draw is None or (draw + 1) * starts > len(data["task"]):
+            raise SystemExit(f"{replay} replays no draw of {path} (expected from_recorded.py --imagined --draw d)")
+        rows = np.arange(starts) + draw * starts
+        expected = [(row["task"], row["trial"], bool(row["imagined_success"])) for row in report["starts"]]
+        found = list(
+            zip(data["task"][rows].tolist(), data["trial"][rows].tolist(), data["success"][rows].tolist(), strict=True)
+        )
+        if found != expected:
+            raise SystemExit(f"{path}'s draw {draw} is not the imagination {replay} replays (task, trial, outcome)")
+        scores.append(data[key][rows].astype(float))
+    return np.stack(scores, axis=1)
+
+
+def advantage_correlation(imagined: np.ndarray, real: np.ndarray, normalized: bool = False) -> float:
+    """Pooled correlation of within-group advantages (outcome minus the group's mean; ``normalized``: over the
+    group's unbiased standard deviation + 1e-6, GRPO's advantages); nan without variance (the report writes it as
+    null)."""
+    a, b = (advantages(scores, normalized) for scores in (imagined, real))
     denominator = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def advantages(scores: np.ndarray, normalized: bool) -> np.ndarray:
+    """Each episode's score minus its group's mean ``[starts, G]``, over the group's std + 1e-6 if ``normalized``."""
+    centred = scores - scores.mean(axis=1, keepdims=True)
+    return centred / (scores.std(axis=1, ddof=1, keepdims=True) + 1e-6) if normalized else centred
 
 
 def pair_counts(imagined: np.ndarray, real: np.ndarray) -> tuple[int, int]:
@@ -83,14 +123,19 @@ def interval(values: list[float]) -> list[float]:
 def bootstrap(imagined: np.ndarray, real: np.ndarray, rounds: int, seed: int) -> dict:
     """95% percentile intervals of the advantage correlation and the pair accuracy, starts resampled."""
     rng = np.random.default_rng(seed)
-    correlations, accuracies = [], []
+    correlations, normalized, accuracies = [], [], []
     for _ in range(rounds):
         pick = rng.integers(0, len(imagined), len(imagined))
         correlations.append(advantage_correlation(imagined[pick], real[pick]))
+        normalized.append(advantage_correlation(imagined[pick], real[pick], normalized=True))
         same, opposite = pair_counts(imagined[pick], real[pick])
         if same + opposite:
             accuracies.append(same / (same + opposite))
-    return {"advantage_correlation": interval(correlations), "pair_accuracy": interval(accuracies)}
+    return {
+        "advantage_correlation": interval(correlations),
+        "normalized_advantage_correlation": interval(normalized),
+        "pair_accuracy": interval(accuracies),
+    }
 
 
 def correlation_difference(first: tuple, second: tuple, rounds: int, seed: int) -> list[float]:
@@ -120,6 +165,7 @@ def ranking(imagined: np.ndarray, real: np.ndarray) -> dict:
         "imagined_success": float(imagined.mean()),
         "real_success": float(real.mean()),
         "advantage_correlation": finite_or_none(advantage_correlation(imagined, real)),
+        "normalized_advantage_correlation": finite_or_none(advantage_correlation(imagined, real, normalized=True)),
         "pairs": {"same_order": same, "opposite_order": opposite},
         "pair_accuracy": same / (same + opposite) if same + opposite else None,
     }
@@ -130,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replays", nargs="+", required=True, help="from_recorded.py --imagined JSON, one per draw")
     parser.add_argument("--out", required=True, help="the JSON to write")
     parser.add_argument("--against", nargs="+", help="another imagination's replays over the same starts, to compare")
+    parser.add_argument("--scores", help="the imagination's npz (imagine.py), to rank groups by a graded score")
+    parser.add_argument("--score", default="peak_probability", help="which of the npz's per-episode scores")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap rounds over starts")
     parser.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
     args = parser.parse_args(argv)
@@ -137,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         paths = getattr(args, option)
         if paths is not None and len(paths) < 2:
             parser.error(f"a group needs at least 2 draws, got {len(paths)} --{option} file")
-    imagined, real, files = load_groups(args.replays)
+    outcomes, real, files = load_groups(args.replays)
+    imagined = outcomes if args.scores is None else load_scores(args.scores, args.score, args.replays)
     if args.against:
         imagined_other, real_other, files_other = load_groups(args.against)
         if files_other != files:
@@ -147,8 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "replays": [Path(path).name for path in args.replays],
         "starts": len(files),
+        "score": "imagined outcome" if args.scores is None else args.score,
         **ranking(imagined, real),
-        "agreement": success_agreement(imagined.ravel() > 0, real.ravel() > 0).to_dict(),
+        "imagined_success": float(outcomes.mean()),
+        "mean_score": float(imagined.mean()),
+        "agreement": success_agreement(outcomes.ravel() > 0, real.ravel() > 0).to_dict(),
         "groups_with_signal": {
             "imagined": wilson_rate(int(signal_imagined.sum()), len(files)),
             "real": wilson_rate(int(signal_real.sum()), len(files)),
@@ -157,7 +209,11 @@ def main(argv: list[str] | None = None) -> None:
         },
         "bootstrap_95": bootstrap(imagined, real, args.bootstrap, args.seed),
         "per_start": [
-            {"file": name, "imagined": row_i.astype(int).tolist(), "real": row_r.astype(int).tolist()}
+            {
+                "file": name,
+                "imagined": row_i.tolist() if args.scores else row_i.astype(int).tolist(),
+                "real": row_r.astype(int).tolist(),
+            }
             for name, row_i, row_r in zip(files, imagined, real, strict=True)
         ],
     }
