@@ -31,9 +31,9 @@ the npz `imagine.py` wrote for these replays (draw d of start i in row d x start
 scores (`peak_probability`, `final_probability`): whether grading the world model's verdict would point GRPO the
 simulator's way more often. The episode-level agreement stays on the 0/1 outcomes.
 
-`--against` takes the replays of another imagination over the same starts (another world model, another seed) and
-adds its correlation and pair accuracy and the difference of the two correlations (this minus that) with a paired
-95% bootstrap interval: every round resamples the same starts for both.
+`--against` takes the replays of another imagination over the same starts (another world model, another seed; ranked
+by their 0/1 imagined outcomes) and adds its correlation and pair accuracy and the difference of the two correlations
+(this minus that) with a paired 95% bootstrap interval: every round resamples the same starts for both.
 """
 
 from __future__ import annotations
