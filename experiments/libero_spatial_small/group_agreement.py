@@ -48,9 +48,14 @@ from opensora_gym.audit import success_agreement
 from opensora_gym.intervals import wilson_rate
 
 
-def load_groups(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Imagined and real outcomes ``[starts, G]`` from one replay JSON per draw; raises if the starts differ."""
-    reports = [json.loads(Path(path).read_text()) for path in paths]
+def read_reports(paths: list[str]) -> list[dict]:
+    """The replay JSONs, one per draw."""
+    return [json.loads(Path(path).read_text()) for path in paths]
+
+
+def load_groups(paths: list[str], reports: list[dict]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Imagined and real outcomes ``[starts, G]`` from the replay JSONs ``reports`` read from ``paths``, one per draw;
+    raises if the starts differ."""
     files = [row["file"] for row in reports[0]["starts"]]
     for path, report in zip(paths, reports, strict=True):
         theirs = [row["file"] for row in report["starts"]]
@@ -63,13 +68,13 @@ def load_groups(paths: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return imagined.astype(float), real.astype(float), files
 
 
-def load_scores(path: str, key: str, replays: list[str]) -> np.ndarray:
-    """The graded imagined scores ``[starts, G]`` of the replays' episodes from their imagination's npz; raises if
-    its rows are not those episodes (task, trial and imagined outcome)."""
+def load_scores(path: str, key: str, replays: list[str], reports: list[dict]) -> np.ndarray:
+    """The graded imagined scores ``[starts, G]`` of the episodes of the replay JSONs ``reports`` (read from
+    ``replays``) from their imagination's npz; raises if its rows are not those episodes (task, trial and imagined
+    outcome)."""
     data = np.load(path)
     if key not in data.files:
         raise SystemExit(f"{path} has no {key!r} (expected one of the scores imagine.py writes, it holds {data.files})")
-    reports = [json.loads(Path(replay).read_text()) for replay in replays]
     starts = len(reports[0]["starts"])
     if len(data["task"]) % starts:
         raise SystemExit(f"{path} has {len(data['task'])} episodes, not a whole number of draws of {starts} starts")
@@ -185,10 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         paths = getattr(args, option)
         if paths is not None and len(paths) < 2:
             parser.error(f"a group needs at least 2 draws, got {len(paths)} --{option} file")
-    outcomes, real, files = load_groups(args.replays)
-    imagined = outcomes if args.scores is None else load_scores(args.scores, args.score, args.replays)
+    reports = read_reports(args.replays)
+    outcomes, real, files = load_groups(args.replays, reports)
+    imagined = outcomes if args.scores is None else load_scores(args.scores, args.score, args.replays, reports)
     if args.against:
-        imagined_other, real_other, files_other = load_groups(args.against)
+        imagined_other, real_other, files_other = load_groups(args.against, read_reports(args.against))
         if files_other != files:
             raise SystemExit(f"--against replays other starts than --replays (expected the same {len(files)} files)")
     signal_imagined = imagined.std(axis=1) > 0
