@@ -43,9 +43,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from opensora_gym.audit import success_agreement
 from opensora_gym.intervals import wilson_rate
+from trainers.advantages import compute_grpo_advantages
 
 
 def read_reports(paths: list[str]) -> list[dict]:
@@ -95,18 +97,19 @@ def load_scores(path: str, key: str, replays: list[str], reports: list[dict]) ->
 
 
 def advantage_correlation(imagined: np.ndarray, real: np.ndarray, normalized: bool = False) -> float:
-    """Pooled correlation of within-group advantages (outcome minus the group's mean; ``normalized``: over the
-    group's unbiased standard deviation + 1e-6, GRPO's advantages); nan without variance (the report writes it as
-    null)."""
+    """Pooled correlation of within-group advantages (outcome minus the group's mean; ``normalized``: GRPO's, over
+    the group's unbiased standard deviation + 1e-6); nan without variance (the report writes it as null)."""
     a, b = (advantages(scores, normalized) for scores in (imagined, real))
     denominator = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
 
 
 def advantages(scores: np.ndarray, normalized: bool) -> np.ndarray:
-    """Each episode's score minus its group's mean ``[starts, G]``, over the group's std + 1e-6 if ``normalized``."""
-    centred = scores - scores.mean(axis=1, keepdims=True)
-    return centred / (scores.std(axis=1, ddof=1, keepdims=True) + 1e-6) if normalized else centred
+    """Each episode's score minus its group's mean ``[starts, G]``; if ``normalized``, GRPO's own advantages."""
+    if normalized:
+        grouped = compute_grpo_advantages(torch.from_numpy(scores.ravel()), scores.shape[1])
+        return grouped.numpy().reshape(scores.shape)
+    return scores - scores.mean(axis=1, keepdims=True)
 
 
 def pair_counts(imagined: np.ndarray, real: np.ndarray) -> tuple[int, int]:
