@@ -165,12 +165,13 @@ def finite_or_none(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def ranking(imagined: np.ndarray, real: np.ndarray) -> dict:
-    """Group size, success rates, advantage correlation and pair accuracy of one imagination and its replays."""
+def ranking(imagined: np.ndarray, real: np.ndarray, outcomes: np.ndarray) -> dict:
+    """Group size, success rates, advantage correlation and pair accuracy of one imagination (ranked by ``imagined``,
+    its 0/1 verdicts ``outcomes``) and its replays."""
     same, opposite = pair_counts(imagined, real)
     return {
         "group_size": imagined.shape[1],
-        "imagined_success": float(imagined.mean()),
+        "imagined_success": float(outcomes.mean()),
         "real_success": float(real.mean()),
         "advantage_correlation": finite_or_none(advantage_correlation(imagined, real)),
         "normalized_advantage_correlation": finite_or_none(advantage_correlation(imagined, real, normalized=True)),
@@ -206,8 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         "replays": [Path(path).name for path in args.replays],
         "starts": len(files),
         "score": "imagined outcome" if args.scores is None else args.score,
-        **ranking(imagined, real),
-        "imagined_success": float(outcomes.mean()),
+        **ranking(imagined, real, outcomes),
         "mean_score": float(imagined.mean()),
         "agreement": success_agreement(outcomes.ravel() > 0, real.ravel() > 0).to_dict(),
         "groups_with_signal": {
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         difference = advantage_correlation(imagined, real) - advantage_correlation(imagined_other, real_other)
         report["against"] = {
             "replays": [Path(path).name for path in args.against],
-            **ranking(imagined_other, real_other),
+            **ranking(imagined_other, real_other, imagined_other),
             "correlation_difference": finite_or_none(difference),
             "correlation_difference_95": correlation_difference(
                 (imagined, real), (imagined_other, real_other), args.bootstrap, args.seed
