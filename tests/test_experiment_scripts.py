@@ -803,3 +803,34 @@ def test_balance_keeps_as_many_real_successes_as_failures_of_each_mixed_start(tm
     with pytest.raises(subprocess.CalledProcessError) as failure:
         run_script("balance.py", "--replays", *replays, "--recorded", *recorded[:2], "--out", tmp_path / "other")
     assert b"got 3 JSONs, 2 folders" in failure.value.stderr
+
+
+def test_recorded_outcomes_counts_successes_and_mixed_starts(tmp_path):
+    # Start (0, 2) ends both ways, (1, 4) always fails, (0, 6) always succeeds (its flag on a post-success frame).
+    episodes = [((0, 2), [0, 0, 1]), ((1, 4), [0, 0, 0, 0]), ((0, 2), [0, 0]), ((0, 6), [0, 1, 1])]
+    folder = tmp_path / "rec" / "dataset"
+    folder.mkdir(parents=True)
+    for number, ((task, trial), flags) in enumerate(episodes):
+        frames = [
+            {
+                "image": np.zeros((4, 4, 3), np.uint8),
+                "delta_action": np.zeros(7),
+                "success": bool(flag),
+                "task_id": task,
+                "trial_id": trial,
+            }
+            for flag in flags
+        ]
+        save_trajectory(folder / f"traj{number:06d}_task{task:02d}_trial{trial:02d}.npy", frames)
+    out = tmp_path / "outcomes.json"
+    run_script("recorded_outcomes.py", folder, "--out", out)
+    report = json.loads(out.read_text())
+    assert report["episodes"] == 4 and report["success"]["count"] == 2
+    assert report["mean_frames"] == {"success": 3.0, "failure": 3.0}
+    assert report["starts"] == 3 and report["mixed_starts"]["count"] == 1
+    assert report["always_success_starts"] == 1 and report["never_success_starts"] == 1
+    assert report["per_start"] == [
+        {"task": 0, "trial": 2, "outcomes": [1, 0]},
+        {"task": 0, "trial": 6, "outcomes": [1]},
+        {"task": 1, "trial": 4, "outcomes": [0]},
+    ]
