@@ -816,6 +816,7 @@ def test_recorded_outcomes_counts_successes_and_mixed_starts(tmp_path):
                 "image": np.zeros((4, 4, 3), np.uint8),
                 "delta_action": np.zeros(7),
                 "success": bool(flag),
+                "task": "put the bowl on the plate",
                 "task_id": task,
                 "trial_id": trial,
             }

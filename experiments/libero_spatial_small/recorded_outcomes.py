@@ -3,9 +3,10 @@
 python experiments/libero_spatial_small/recorded_outcomes.py rec/dataset --out outcomes.json
 
 An episode is a success when the simulator flagged success on any of its frames (`collect` keeps LIBERO's per-frame
-flag, also over `--post-success-steps`). Episodes are grouped by their start (task, trial); a start is mixed when its
-episodes end both ways, the starts from which a world model can learn what the actions change. Prints and writes the
-counts with 95% Wilson intervals, the mean length of successes and failures, and each start's outcomes in file order.
+flag, also over `--post-success-steps`). Episodes are grouped by their start (task, trial, from the file name); a
+start is mixed when its episodes end both ways, the starts from which a world model can learn what the actions
+change. Prints and writes the counts with 95% Wilson intervals, the mean length of successes and failures, and each
+start's outcomes in file order.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from opensora_gym.data import TrajectoryDataset, load_trajectory
+from from_recorded import task_and_trial
+
+from opensora_gym.data import TrajectoryDataset
 from opensora_gym.intervals import wilson_rate
 
 
@@ -27,12 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     by_start: dict[tuple[int, int], list[bool]] = defaultdict(list)
     lengths: dict[bool, list[int]] = {True: [], False: []}
     for folder in args.datasets:
-        for path in TrajectoryDataset(folder).paths:
-            frames = load_trajectory(path)
-            success = any(bool(frame.get("success", False)) for frame in frames)
-            start = (int(frames[0]["task_id"]), int(frames[0]["trial_id"]))
-            by_start[start].append(success)
-            lengths[success].append(len(frames))
+        dataset = TrajectoryDataset(folder)
+        for index, path in enumerate(dataset.paths):
+            episode = dataset.episode(index)
+            success = episode.success is not None and bool(episode.success.any())
+            by_start[task_and_trial(path)].append(success)
+            lengths[success].append(len(episode.images))
     episodes = sum(len(outcomes) for outcomes in by_start.values())
     successes = sum(sum(outcomes) for outcomes in by_start.values())
     mixed = [start for start, outcomes in by_start.items() if 0 < sum(outcomes) < len(outcomes)]
