@@ -229,7 +229,7 @@ def test_collection_writes_the_layout_and_resumes_after_a_crash(tmp_path, monkey
         tmp_path, task_ids=(0,), trial_ids=(0, 1), image_size=64, max_episode_steps=6, privileged_state=True,
         progress=False,
     )  # fmt: skip
-    real_write = collect_module.write_episode
+    real_write = collect_module.save_trajectory
     written = []
 
     def crash_on_second(path, frames):
@@ -238,7 +238,7 @@ def test_collection_writes_the_layout_and_resumes_after_a_crash(tmp_path, monkey
             raise RuntimeError("simulated crash")
         return real_write(path, frames)
 
-    monkeypatch.setattr(collect_module, "write_episode", crash_on_second)
+    monkeypatch.setattr(collect_module, "save_trajectory", crash_on_second)
     actor = _Recording(ScriptedSpatialExpert(SpatialExpertConfig(), num_envs=1))
     with pytest.raises(RuntimeError, match="simulated crash"):
         collect_episodes(config, actor)
@@ -253,7 +253,7 @@ def test_collection_writes_the_layout_and_resumes_after_a_crash(tmp_path, monkey
     np.testing.assert_allclose(poses["plate_1"][:3], PLATE, atol=0.005)
     np.testing.assert_allclose(np.linalg.norm(poses["plate_1"][3:]), 1.0, atol=1e-5)
 
-    monkeypatch.setattr(collect_module, "write_episode", real_write)
+    monkeypatch.setattr(collect_module, "save_trajectory", real_write)
     actor = ScriptedSpatialExpert(SpatialExpertConfig(), num_envs=1)
     episodes = collect_episodes(config, actor)
     assert [(e.path.name, e.new, e.success, e.length) for e in episodes] == [

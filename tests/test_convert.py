@@ -282,20 +282,23 @@ def test_interrupted_conversion_resumes_and_writes_statistics_last(tmp_path, mon
 
     def interrupted_on_second(path, frames):
         calls.append(Path(path).name)
-        real_save(path, frames)  # the partial file is complete on disk, but the rename never happens
-        if calls == [".traj_task_demo_demo0000.partial.npy", ".traj_task_demo_demo0001.partial.npy"]:
+        if calls == [
+            "traj_task_demo_demo0000.npy",
+            "traj_task_demo_demo0001.npy",
+        ]:  # killed mid-write: a truncated hidden file, the rename never happens
+            (path.parent / f".{path.stem}.partial.npy").write_bytes(b"\x93NUMPY truncated")
             raise RuntimeError("simulated crash")
+        real_save(path, frames)
 
     monkeypatch.setattr(convert, "save_trajectory", interrupted_on_second)
     with pytest.raises(RuntimeError, match="simulated crash"):
         convert_libero_hdf5([source], tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / STATISTICS_NAME).exists()
     assert [path.name for path in _episodes(tmp_path / "out").paths] == ["traj_task_demo_demo0000.npy"]
-    assert all(name.startswith(".") for name in calls)  # written under hidden names first
 
     calls.clear()
     output = convert_libero_hdf5([source], tmp_path / "out", progress=False)
-    assert calls == [".traj_task_demo_demo0001.partial.npy", ".traj_task_demo_demo0002.partial.npy"]
+    assert calls == ["traj_task_demo_demo0001.npy", "traj_task_demo_demo0002.npy"]
     assert not list((output / DATASET_FOLDER).glob(".*"))
     fresh = convert_libero_hdf5([source], tmp_path / "fresh", progress=False)
     assert (output / STATISTICS_NAME).read_text() == (fresh / STATISTICS_NAME).read_text()

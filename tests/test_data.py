@@ -73,6 +73,33 @@ def test_save_load_trajectory_round_trip(tmp_path: Path) -> None:
         assert got["instruction"] == b"pick up the mug"
 
 
+def test_killed_save_leaves_no_partial_episode_under_its_name(tmp_path: Path, monkeypatch) -> None:
+    """A writer killed after the bytes and before the rename leaves the folder's episodes as they were: no new file
+    under the name, an earlier episode of that name intact, and the dataset lists only finished episodes."""
+    folder = _dataset_folder(tmp_path, ["traj0.npy"])
+    kept = load_trajectory(folder / "traj0.npy")
+
+    def killed(source, destination):
+        raise KeyboardInterrupt(f"killed before renaming {source}")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_trajectory(folder / "traj1.npy", _frames(length=5, seed=7))
+    with pytest.raises(KeyboardInterrupt):
+        save_trajectory(folder / "traj0.npy", _frames(length=5, seed=8))
+    monkeypatch.undo()
+
+    assert sorted(path.name for path in folder.iterdir()) == [".traj0.partial.npy", ".traj1.partial.npy", "traj0.npy"]
+    assert [Path(path).name for path in TrajectoryDataset(folder).paths] == ["traj0.npy"]
+    again = load_trajectory(folder / "traj0.npy")
+    assert len(again) == len(kept) == 3
+    np.testing.assert_array_equal(again[-1]["image"], kept[-1]["image"])
+
+    save_trajectory(folder / "traj1.npy", _frames(length=5, seed=7))  # a rerun overwrites the leftover
+    assert len(load_trajectory(folder / "traj1.npy")) == 5
+    assert not (folder / ".traj1.partial.npy").exists()
+
+
 def test_save_trajectory_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"must end in \.npy"):
         save_trajectory(tmp_path / "traj0.pkl", _frames(1, 0))

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from opensora_gym.audit import success_agreement
-from opensora_gym.convert import write_episode, write_statistics
-from opensora_gym.data import ActionStatistics, TrajectoryDataset
+from opensora_gym.convert import write_statistics
+from opensora_gym.data import ActionStatistics, TrajectoryDataset, save_trajectory
 from opensora_gym.intervals import wilson_interval
 from opensora_gym.libero import LiberoConfig, LiberoVectorEnv
 from opensora_gym.wrappers.trajectory_recorder import episode_frames
@@ -93,7 +93,7 @@ def record(path: Path, episode, pair: tuple[int, int], start: int, context: int,
     actions = np.concatenate([episode.actions[first:start], *[chunk["controller_actions"] for chunk in executed]])
     flags = [*episode.success[first : start + 1], *np.concatenate([chunk["frame_success"] for chunk in executed])]
     task = episode.task
-    write_episode(path, episode_frames(images, actions, task, *pair, episode.init_ee_pose, flags))
+    save_trajectory(path, episode_frames(images, actions, task, *pair, episode.init_ee_pose, flags))
     return actions
 
 

@@ -9,7 +9,7 @@ checkpoint. A dimension the actions never vary (the expert never rotates) gets q
 
 Episode ``e`` plays the ``e % P``-th of the P chosen (task, trial) pairs (task-major), and its actor is seeded with
 ``(seed, e)``, so an episode does not depend on the worker or the wave that plays it. Collection is resumable as
-conversion is (:func:`opensora_gym.convert.write_episode`): an episode file appears only complete, a rerun plays only
+conversion is (:func:`opensora_gym.data.save_trajectory`): an episode file appears only complete, a rerun plays only
 the missing episodes, and the statistics (of all episodes) are written last.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from opensora_gym.checkpoint import DATASET_FOLDER
-from opensora_gym.convert import write_episode, write_statistics
-from opensora_gym.data import ActionStatistics, load_trajectory
+from opensora_gym.convert import write_statistics
+from opensora_gym.data import ActionStatistics, load_trajectory, save_trajectory
 from opensora_gym.libero import SUITES, LiberoConfig, LiberoVectorEnv
 from opensora_gym.spaces import CONTROLLER_RANGE, controller_actions
 from opensora_gym.wrappers.trajectory_recorder import episode_frames
@@ -262,7 +262,8 @@ def _play_wave(
                 recording["success"],
                 labels=recording["labels"] if intended is not None else None,
             )
-            path = write_episode(config.output / DATASET_FOLDER / _name(episode, task, trial), frames)
+            path = config.output / DATASET_FOLDER / _name(episode, task, trial)
+            save_trajectory(path, frames)
             length = len(recording["actions"])
             played.append(
                 (episode, CollectedEpisode(path, task, trial, success, length), np.stack(recording["actions"]))

@@ -62,7 +62,6 @@ __all__ = [
     "run_convert",
     "to_dataset_actions",
     "to_env_orientation",
-    "write_episode",
     "write_statistics",
 ]
 
@@ -209,31 +208,12 @@ def _write_dataset(
         if episode.success is not None:  # per frame, as the collector writes it
             for frame, success in zip(frames, episode.success, strict=True):
                 frame["success"] = bool(success)
-        write_episode(path, frames)
+        save_trajectory(path, frames)
         all_actions.append(actions)
     if not all_actions:
         raise ValueError(f"nothing to convert: the source holds no episodes (writing {output})")
     write_statistics(output, ActionStatistics.from_actions(np.concatenate(all_actions)))  # over [N, A]
     return output
-
-
-def write_episode(path: Path, frames: Sequence[dict[str, Any]]) -> Path:
-    """Writes one episode file so that a killed writer never leaves a partial episode under its name.
-
-    The frames go to a hidden temporary file next to ``path`` (TrajectoryDataset's listing skips dot-files, and a
-    rerun overwrites it), which is then renamed to ``path``.
-
-    Args:
-        path: the episode's ``.npy`` file.
-        frames: its per-frame dicts (see :func:`opensora_gym.data.save_trajectory`).
-
-    Returns:
-        ``path``.
-    """
-    partial = path.parent / f".{path.name[: -len('.npy')]}.partial.npy"
-    save_trajectory(partial, frames)
-    os.replace(partial, path)
-    return path
 
 
 def write_statistics(output: Path, statistics: ActionStatistics) -> Path:

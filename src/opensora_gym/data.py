@@ -49,6 +49,10 @@ ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 def save_trajectory(path: str | PathLike[str], frames: Sequence[Mapping[str, Any]]) -> None:
     """Writes one episode in the RLinf-OpenSora layout: a numpy object array of per-frame dicts.
 
+    A killed writer never leaves a partial episode under ``path``: the frames go to a hidden temporary file next to
+    it (``TrajectoryDataset``'s listing skips dot-files, and a rerun overwrites it), which is then renamed to
+    ``path``. So a resumable writer may take every ``.npy`` file it finds as finished.
+
     Args:
         path: destination ``.npy`` file.
         frames: per-frame dicts, e.g. ``{"image": [H, W, 3] uint8, "delta_action": [A] float32,
@@ -65,7 +69,9 @@ def save_trajectory(path: str | PathLike[str], frames: Sequence[Mapping[str, Any
         raise ValueError(f"every frame must be a dict, frames {not_dicts[:5]} are not (writing {path})")
     array = np.empty(len(frames), dtype=object)  # [T] of dicts
     array[:] = [dict(frame) for frame in frames]
-    np.save(path, array, allow_pickle=True)
+    partial = path.parent / f".{path.stem}.partial.npy"
+    np.save(partial, array, allow_pickle=True)
+    os.replace(partial, path)
 
 
 def load_trajectory(path: str | PathLike[str]) -> list[dict[str, Any]]:
