@@ -71,6 +71,8 @@ def test_config_rejects_bad_values():
         LiberoConfig(max_episode_steps=0)
     with pytest.raises(ValueError, match="start_method must be one of"):
         LiberoConfig(start_method="thread")
+    with pytest.raises(ValueError, match="max_concurrent_resets must be a positive int or None, got 0"):
+        LiberoConfig(max_concurrent_resets=0)
     assert LiberoConfig(suite="libero_10").episode_limit == 520
     assert LiberoConfig(suite="libero_10", max_episode_steps=16).episode_limit == 16
     limits = {name: suite.max_episode_steps for name, suite in SUITES.items()}
@@ -423,3 +425,24 @@ def test_single_env_passes_gymnasiums_checker_and_vector_env_resets_by_mask():
         assert env.unwrapped.episode_length.tolist()[1] == 8
     finally:
         env.close()
+
+
+@needs_libero
+@pytest.mark.slow
+def test_resets_one_at_a_time_give_the_same_episodes():
+    """Three sub-envs, first reset together and then one at a time (autoresets included): the same images."""
+    observed = []
+    for limit in (None, 1):
+        config = LiberoConfig(image_size=32, max_episode_steps=8, max_concurrent_resets=limit)
+        env = LiberoVectorEnv(config, num_envs=3)
+        try:
+            images = [env.reset(options={"task_id": [0, 1, 0], "trial_id": [4, 5, 6]})[0]["image"]]
+            moves = np.random.default_rng(0).uniform(-0.5, 0.5, size=(3, 8, 7)).astype(np.float32)
+            for _ in range(2):  # the episode ends at its limit; the next step resets all three from the walk
+                observation, _, _, truncated, info = env.step(moves)
+                images.append(observation["image"])
+            assert truncated.tolist() == [False] * 3 and info["walk_index"].tolist() == [0, 1, 2]
+            observed.append(np.stack(images))
+        finally:
+            env.close()
+    np.testing.assert_array_equal(observed[0], observed[1])

@@ -4,7 +4,7 @@ The runner (`trainers.runner`) and the command line (`trainers.cli`) build with 
 goes from the YAML to the object that uses it in one place:
 
     >>> config = load_config("tiny_cpu_grpo")  # doctest: +SKIP
-    >>> env = build_world_model_env(config)  # doctest: +SKIP
+    >>> env = build_train_env(config)  # doctest: +SKIP
     >>> policy = starting_policy(config, env.world_model.statistics)  # doctest: +SKIP
     >>> optimizer = build_optimizer(policy, config.actor)  # doctest: +SKIP
 """
@@ -38,6 +38,7 @@ __all__ = [
     "build_eval_env",
     "build_optimizer",
     "build_policy",
+    "build_train_env",
     "build_world_model_env",
     "eval_metrics",
     "evaluate",
@@ -98,6 +99,41 @@ def build_world_model_env(config: TrainConfig, num_envs: int | None = None, **ov
     # The id of `env.train.suite` (a checked value); the settings, an evaluation's other suite included, are the
     # env's arguments, so a wrong `env.eval.suite` is rejected by the env's own config.
     return gym.make_vec(WORLD_MODEL_ENV_IDS[train.suite], num_envs=num_envs or train.total_num_envs, **settings)
+
+
+def build_train_env(config: TrainConfig, num_envs: int | None = None) -> Any:
+    """The env rollouts are collected in (`env.train`): the world model (`build_world_model_env`) or, with
+    `env_type: libero`, the real simulator as `opensora_gym.wrappers.LiberoTrainingEnv`.
+
+    Args:
+        config: the run.
+        num_envs: sub-envs; None: `env.train.total_num_envs`.
+    """
+    train = config.env.train
+    if train.env_type == "world_model":
+        return build_world_model_env(config, num_envs)
+    from opensora_gym.libero import LiberoConfig, LiberoVectorEnv
+    from opensora_gym.reward_rule import RewardRule
+    from opensora_gym.wrappers import LiberoTrainingEnv
+
+    libero_config = LiberoConfig.from_protocol(
+        train.protocol,
+        train.max_episode_steps,
+        suite=f"libero_{train.suite}",
+        image_size=train.render_size or train.image_size,
+        action_chunk=train.action_chunk,
+    )
+    env = LiberoVectorEnv(libero_config, num_envs=num_envs or train.total_num_envs)
+    try:
+        starts = libero_episodes(env.walk, None, train.task_ids, train.trial_ids)
+    except ValueError as error:
+        env.close()
+        raise ConfigError(f"env.train.{error}") from None
+    rule = RewardRule(
+        use_rel_reward=train.use_rel_reward, reward_coef=train.reward_coef, success_threshold=train.success_threshold
+    )
+    pairs = [(start["task_id"], start["trial_id"]) for start in starts]
+    return LiberoTrainingEnv(env, pairs, train.group_size, rule)
 
 
 def record_video(env: Any, video: VideoConfig, folder: Path, prefix: str) -> Any:

@@ -95,10 +95,21 @@ class VideoConfig:
 
 @dataclass(frozen=True)
 class TrainEnvConfig(OpenSoraLiberoConfig):
-    """The world-model env that rollouts are collected in (`env.train`): every setting of `OpenSoraLiberoConfig`
-    (which documents them and checks their values), with training's defaults, and how training uses the env.
+    """The env that rollouts are collected in (`env.train`): the world-model env, with every setting of
+    `OpenSoraLiberoConfig` (which documents them and checks their values) and training's defaults, or the real
+    LIBERO simulator (`env_type: libero`), and how training uses the env.
 
     Attributes:
+        env_type: `world_model` (the OpenSora env) or `libero` (the real simulator, as RLinf's LIBERO recipes
+            train: `opensora_gym.wrappers.LiberoTrainingEnv`, suite `libero_<suite>`; each GRPO group starts on
+            one task x trial initial state drawn from `task_ids` x `trial_ids`, and a frame's reward is LIBERO's
+            success check under the world-model env's rule: `use_rel_reward`, `reward_coef`). With `libero` the
+            settings of the world model (checkpoint, sampling, starts, reliability) are not used.
+        task_ids, trial_ids: `libero` only: the tasks and initial states starts are drawn from (None: all).
+        protocol: `libero` only: the settling steps before an episode (`opensora_gym.libero.LIBERO_PROTOCOLS`;
+            the episode's length is `max_episode_steps`).
+        render_size: `libero` only: the side the simulator renders at; None: `image_size` (render at the side of
+            the policy's training frames when it resizes them, as `env.eval.image_size`).
         checkpoint: world-model folder (`opensora_wm_hf_ckpt_path` in RLinf); None: a tiny one when
             `tiny_checkpoint` is set, else as the env resolves it (`$OPENSORA_GYM_CHECKPOINT`, then the released
             model of `suite`).
@@ -114,6 +125,11 @@ class TrainEnvConfig(OpenSoraLiberoConfig):
         video_cfg: videos of training rollouts.
     """
 
+    env_type: Literal["world_model", "libero"] = "world_model"
+    task_ids: tuple[int, ...] | None = None
+    trial_ids: tuple[int, ...] | None = None
+    protocol: Literal["rlinf", "openvla_oft"] = "openvla_oft"
+    render_size: int | None = None
     # A YAML value is a string; the env itself also takes a Path.
     checkpoint: str | None = None
     device: str | None = None
@@ -144,6 +160,20 @@ class TrainEnvConfig(OpenSoraLiberoConfig):
             )
         if self.total_num_envs > MAX_NUM_ENVS:
             raise ConfigError(f"env.train.total_num_envs must be at most {MAX_NUM_ENVS}, got {self.total_num_envs}")
+        libero_only = {"task_ids": self.task_ids, "trial_ids": self.trial_ids, "render_size": self.render_size}
+        if self.env_type != "libero":
+            chosen = [name for name, value in libero_only.items() if value is not None]
+            if chosen:
+                raise ConfigError(
+                    f"env.train.{chosen[0]} is a setting of the simulator: set env.train.env_type: libero"
+                )
+            return
+        if self.render_size is not None:
+            _positive("env.train", render_size=self.render_size)
+        if self.enable_offload:
+            raise ConfigError(
+                "env.train.enable_offload moves a world model off the GPU: with env_type libero set it false"
+            )
 
 
 @dataclass

@@ -32,7 +32,7 @@ from trainers.build import (
     POLICY_FOLDER,
     build_eval_env,
     build_optimizer,
-    build_world_model_env,
+    build_train_env,
     eval_metrics,
     evaluate,
     load_policy,
@@ -191,8 +191,11 @@ class Trainer:
             resolve_world_model(config)
         # Other ranks use the tiny world model rank 0 may just have written.
         self.context.barrier()
-        self.env = build_world_model_env(config, num_envs=self.local_num_envs)
-        policy = starting_policy(config, self.env.world_model.statistics)
+        self.env = build_train_env(config, num_envs=self.local_num_envs)
+        # Training in the simulator has no world model; the policy then keeps its own action statistics.
+        self.world_model = self.env.world_model if config.env.train.env_type == "world_model" else None
+        self.statistics = None if self.world_model is None else self.world_model.statistics
+        policy = starting_policy(config, self.statistics)
         reference = None
         if config.algorithm.kl_beta > 0:
             if getattr(policy, "lora_settings", None) is not None:
@@ -352,7 +355,7 @@ class Trainer:
 
     def _evaluate_here(self) -> EvalResult:
         prefix = f"step{self.global_step}"
-        with build_eval_env(self.config, self.run_dir, self.env.world_model, video_prefix=prefix) as setup:
+        with build_eval_env(self.config, self.run_dir, self.world_model, video_prefix=prefix) as setup:
             result = evaluate(self.config, setup, self.policy)
         self.logger.log(eval_metrics(result), self.global_step)
         return result
@@ -368,7 +371,7 @@ class Trainer:
             from trainers.fidelity import audit_metrics, run_fidelity_audit
 
             folder = self.run_dir / "audit" / f"step{self.global_step}"
-            metrics = audit_metrics(run_fidelity_audit(self.config, self.env.world_model, self.policy, folder))
+            metrics = audit_metrics(run_fidelity_audit(self.config, self.world_model, self.policy, folder))
             self.logger.log(metrics, self.global_step)
         self.context.barrier()
         return metrics
@@ -417,7 +420,7 @@ class Trainer:
             raise FileNotFoundError(
                 f"resume_dir {folder} has no {STATE_NAME} (expected a folder like <run>/checkpoints/global_step_N)"
             )
-        loaded = load_policy(folder, self.config.runner.device, self.config, self.env.world_model.statistics)
+        loaded = load_policy(folder, self.config.runner.device, self.config, self.statistics)
         self.parallel.load_state_dict(loaded.state_dict())
         state = torch.load(folder / STATE_NAME, map_location="cpu", weights_only=True)
         try:
