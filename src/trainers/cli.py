@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
-        ("train", "train a policy with GRPO or PPO in the world-model env"),
+        ("train", "train a policy with GRPO or PPO in the world-model env (or the real simulator)"),
         ("eval", "evaluate a policy (runner.ckpt_path) over a fixed list of episodes"),
         ("audit", "audit the world model against the LIBERO simulator with a policy (the audit section)"),
     ):
