@@ -225,3 +225,29 @@ def test_a_fresh_run_does_not_replace_an_earlier_runs_checkpoints(tmp_path):
     Trainer(
         small_config(tmp_path, "grpo", "runner.max_steps=1", "runner.experiment_name=again", "runner.overwrite=true")
     )
+
+
+def test_ppo_from_a_behaviour_cloned_small_policy_gets_a_new_critic(tmp_path):
+    """A policy saved without a value head (as behaviour cloning saves it) trains with PPO: the critic is new."""
+    bc_config = SmallPolicyConfig(image_size=32, channels=(8,), hidden_size=32, add_value_head=False)
+    SmallCNNPolicy(bc_config, torch.Generator().manual_seed(5)).save_pretrained(tmp_path / "bc")
+    bc = SmallCNNPolicy.from_pretrained(tmp_path / "bc")
+    trainer = Trainer(
+        small_config(tmp_path, "ppo", "runner.experiment_name=bc_ppo", f"actor.model.model_path={tmp_path / 'bc'}")
+    )
+    for key, value in bc.state_dict().items():
+        assert torch.equal(trainer.policy.state_dict()[key], value), key
+    assert trainer.policy.value_head is not None
+    result = trainer.run()
+    saved = SmallCNNPolicy.from_pretrained(result.last_checkpoint / "policy")
+    assert saved.value_head is not None and saved.config.add_value_head
+    with pytest.raises(ConfigError, match=r"another architecture: add_value_head=True \(config: False\)"):
+        Trainer(
+            small_config(
+                tmp_path,
+                "grpo",
+                "runner.experiment_name=back",
+                f"actor.model.model_path={result.last_checkpoint / 'policy'}",
+                "actor.model.add_value_head=false",
+            )
+        )

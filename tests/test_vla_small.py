@@ -1,5 +1,7 @@
 """SmallCNNPolicy: same RL interface as OpenVLA-OFT, and it learns."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -61,3 +63,35 @@ def test_policy_gradient_raises_the_reward_and_round_trips(tmp_path):
     reloaded = SmallCNNPolicy.from_pretrained(tmp_path)
     tokens = policy.act(obs, do_sample=False).action_tokens
     torch.testing.assert_close(reloaded.evaluate(obs, tokens).logprobs, policy.evaluate(obs, tokens).logprobs)
+
+
+def test_a_value_head_the_weights_lack_is_newly_initialized_for_ppo(tmp_path):
+    """Behaviour cloning saves no critic; PPO from that folder gets a new value head from its seed."""
+    config = SmallPolicyConfig(image_size=16, channels=(8,), hidden_size=32, add_value_head=False)
+    bc = SmallCNNPolicy(config, torch.Generator().manual_seed(3))
+    bc.save_pretrained(tmp_path)
+    obs = make_obs()
+    ppo = SmallCNNPolicy.from_pretrained(tmp_path, add_value_head=True, seed=7)
+    again = SmallCNNPolicy.from_pretrained(tmp_path, add_value_head=True, seed=7)
+    other = SmallCNNPolicy.from_pretrained(tmp_path, add_value_head=True, seed=8)
+    tokens = bc.act(obs, do_sample=False).action_tokens
+    torch.testing.assert_close(ppo.evaluate(obs, tokens).logprobs, bc.evaluate(obs, tokens).logprobs, rtol=0, atol=0)
+    values = ppo.evaluate(obs, tokens).values
+    assert values.shape == (4, 1) and torch.isfinite(values).all()
+    assert torch.equal(values, again.evaluate(obs, tokens).values)
+    assert not torch.equal(values, other.evaluate(obs, tokens).values)
+    expected = SmallCNNPolicy(replace(config, add_value_head=True))  # its head as every new head starts
+    expected.value_head.reset_parameters(torch.Generator().manual_seed(7))
+    for name, tensor in expected.value_head.state_dict().items():
+        assert torch.equal(ppo.value_head.state_dict()[name], tensor), name
+    per_action = SmallCNNPolicy.from_pretrained(tmp_path, add_value_head=True, value_type="action_level")
+    assert per_action.evaluate(obs, tokens).values.shape == (4, 8)
+    assert SmallCNNPolicy.from_pretrained(tmp_path).value_head is None  # nothing asked: loaded as saved
+
+    ppo.save_pretrained(tmp_path / "ppo")
+    reloaded = SmallCNNPolicy.from_pretrained(tmp_path / "ppo", seed=99)  # a saved head is loaded, not replaced
+    assert torch.equal(reloaded.evaluate(obs, tokens).values, values)
+    with pytest.raises(ValueError, match="value_type 'action_level' differs from the saved value head's"):
+        SmallCNNPolicy.from_pretrained(tmp_path / "ppo", value_type="action_level")
+    with pytest.raises(KeyError, match=r"unexpected \['value_head"):
+        SmallCNNPolicy.from_pretrained(tmp_path / "ppo", add_value_head=False)

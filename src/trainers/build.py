@@ -321,14 +321,20 @@ def build_policy(
         if saved_config.is_file():
             saved = json.loads(saved_config.read_text())
             wanted = config_to_dict(expected)
-            differing = sorted(k for k in wanted if k != "action_stats" and saved.get(k) != wanted[k])
+            # A policy saved without a value head (behaviour cloning) gets a new one for PPO.
+            ignored = {"action_stats"}
+            if not saved.get("add_value_head"):
+                ignored |= {"add_value_head", "value_type"}
+            differing = sorted(k for k in wanted if k not in ignored and saved.get(k) != wanted[k])
             if differing:
                 raise ConfigError(
                     f"the policy in {path} was saved with another architecture: "
                     + ", ".join(f"{k}={saved.get(k)!r} (config: {wanted[k]!r})" for k in differing)
                     + "; use the config it was trained with, or set actor.model to match"
                 )
-        return SmallCNNPolicy.from_pretrained(path, device=device)
+        return SmallCNNPolicy.from_pretrained(
+            path, device=device, add_value_head=model.add_value_head, value_type=model.value_type, seed=seed
+        )
 
     from vla_policies import LoraSettings, OpenVLAOFTPolicy
 

@@ -198,17 +198,45 @@ class SmallCNNPolicy(Policy):
         save_file(weights, folder / WEIGHTS_NAME, metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> SmallCNNPolicy:
-        """Load what `save_pretrained` wrote; every key must match."""
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        device: str | torch.device = "cpu",
+        add_value_head: bool | None = None,
+        value_type: str | None = None,
+        seed: int = 0,
+    ) -> SmallCNNPolicy:
+        """Load what `save_pretrained` wrote; every key must match, except a value head the folder lacks.
+
+        Args:
+            folder: Holds ``config.json`` and ``model.safetensors``.
+            device: Where the parameters go.
+            add_value_head: Override the saved ``add_value_head`` (None keeps it). A value head asked for that the
+                weights lack (a behaviour-cloned policy about to be trained with PPO) is newly initialized from
+                ``seed``, as ``ValueHead.reset_parameters`` initializes one.
+            value_type: Override the saved ``value_type`` (None keeps it); only for a newly initialized value head.
+            seed: Seed of a newly initialized value head.
+        """
         folder = Path(folder)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder} has no {name} (expected a SmallCNNPolicy folder)")
-        policy = cls(SmallPolicyConfig(**json.loads((folder / CONFIG_NAME).read_text())))
+        saved = json.loads((folder / CONFIG_NAME).read_text())
         state = load_file(folder / WEIGHTS_NAME)
-        expected = set(policy.state_dict())
+        has_value_head = any(key.startswith("value_head.") for key in state)
+        overrides = {k: v for k, v in (("add_value_head", add_value_head), ("value_type", value_type)) if v is not None}
+        fresh_value_head = overrides.get("add_value_head", saved.get("add_value_head", True)) and not has_value_head
+        if "value_type" in overrides and has_value_head and overrides["value_type"] != saved.get("value_type"):
+            raise ValueError(
+                f"value_type {overrides['value_type']!r} differs from the saved value head's "
+                f"{saved.get('value_type')!r}; only a value head the weights lack can take another value_type"
+            )
+        policy = cls(SmallPolicyConfig(**{**saved, **overrides}))
+        expected = {key for key in policy.state_dict() if not (fresh_value_head and key.startswith("value_head."))}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
             raise KeyError(f"weights do not match the config: missing {missing}, unexpected {unexpected}")
-        policy.load_state_dict(state)
+        policy.load_state_dict(state, strict=not fresh_value_head)
+        if fresh_value_head:
+            policy.value_head.reset_parameters(torch.Generator().manual_seed(seed))
         return policy.to(device)
