@@ -95,6 +95,8 @@ class Rung:
         fused_gelu: each MLP's fc1 and GELU as one matmul with a GELU epilogue (`STDiT3.set_fused_gelu`).
         one_pass_head_norms: compiled blocks with the per-head QK-norms as one-pass reductions
             (`STDiT3.compile_blocks(one_pass_head_norms=True)`).
+        coordinate_descent_tuning: inductor times each of its Triton kernels at neighbouring block sizes and warp
+            counts while compiling and keeps the fastest (`torch._inductor.config.coordinate_descent_tuning`).
     """
 
     name: str
@@ -109,6 +111,7 @@ class Rung:
     cudnn_benchmark: bool = False
     fused_gelu: bool = False
     one_pass_head_norms: bool = False
+    coordinate_descent_tuning: bool = False
 
     @property
     def exact(self) -> bool:
@@ -144,6 +147,13 @@ RUNGS = (
         "exact mode as the env runs it on a GPU: fused + the per-head QK-norms as one-pass reductions",
         **FUSED,
         one_pass_head_norms=True,
+    ),
+    Rung(
+        "tuned",
+        "exact mode (head-norms), inductor's kernels tuned by coordinate descent while compiling",
+        **FUSED,
+        one_pass_head_norms=True,
+        coordinate_descent_tuning=True,
     ),
     Rung("cudnn", "exact mode, cuDNN picks the fastest convolution algorithms", **EXACT, cudnn_benchmark=True),
     Rung("micro-32", "exact mode, DiT micro-batches of 32 envs", **{**EXACT, "dit_micro_batch_size": 32}),
@@ -620,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
                 rung.temporal_attention,
                 rung.fused_gelu,
                 rung.one_pass_head_norms,
+                rung.coordinate_descent_tuning,
             )
             if rung.compile_dit and compiled_as not in (None, shapes):
                 torch._dynamo.reset()
@@ -630,7 +641,9 @@ def main(argv: list[str] | None = None) -> int:
                 # could reuse an earlier rung's kernels for the same graph.
                 with (
                     torch._dynamo.config.patch(fail_on_recompile_limit_hit=True),
-                    torch._inductor.config.patch(fx_graph_cache=False),
+                    torch._inductor.config.patch(
+                        fx_graph_cache=False, coordinate_descent_tuning=rung.coordinate_descent_tuning
+                    ),
                 ):
                     result, baseline = run_rung(config, rung, checkpoint, baseline)
             except Exception as error:  # a failing rung is reported in the table; the others still run
