@@ -225,13 +225,13 @@ class SmallCNNPolicy(Policy):
         state = load_file(folder / WEIGHTS_NAME)
         has_value_head = any(key.startswith("value_head.") for key in state)
         overrides = {k: v for k, v in (("add_value_head", add_value_head), ("value_type", value_type)) if v is not None}
-        fresh_value_head = overrides.get("add_value_head", saved.get("add_value_head", True)) and not has_value_head
         if "value_type" in overrides and has_value_head and overrides["value_type"] != saved.get("value_type"):
             raise ValueError(
                 f"value_type {overrides['value_type']!r} differs from the saved value head's "
                 f"{saved.get('value_type')!r}; only a value head the weights lack can take another value_type"
             )
         policy = cls(SmallPolicyConfig(**{**saved, **overrides}))
+        fresh_value_head = policy.value_head is not None and not has_value_head
         expected = {key for key in policy.state_dict() if not (fresh_value_head and key.startswith("value_head."))}
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
