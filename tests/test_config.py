@@ -65,6 +65,8 @@ def test_overrides_set_nested_values_with_yaml_types():
         (["env.eval.image_size=128"], "env.eval.image_size sets the LIBERO render size: set env_type: libero"),
         (["env.eval.env_type=libero", "env.eval.image_size=0"], "env.eval.image_size must be"),
         (["actor.model.pooling=max"], "actor.model.pooling must be one of"),
+        (["actor.optim.critic_warmup_steps=2"], "critic_warmup_steps 2 warms up a critic, but .* is 'grpo'"),
+        (["actor.optim.critic_warmup_steps=-1"], "critic_warmup_steps must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(overrides, message):

@@ -127,6 +127,23 @@ def test_two_ranks_end_with_identical_weights_and_rank0_writes(tmp_path, strateg
     assert state_hash(saved) == ranks[0]["hash"]  # the full (unsharded) weights
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_critic_warmup_on_two_ranks_freezes_the_policy_on_every_rank(tmp_path, strategy):
+    ppo = [
+        "algorithm.adv_type=gae", "algorithm.filter_rewards=false", "actor.model.add_value_head=true",
+        "actor.model.value_type=action_level",
+    ]  # fmt: skip
+    ranks = spawn_training(
+        tmp_path, strategy, "env.train.tiny_checkpoint=action_sensitive", f"actor.strategy={strategy}",
+        "actor.optim.critic_warmup_steps=1", *ppo,
+    )  # fmt: skip
+    assert ranks[0]["hash"] == ranks[1]["hash"] and ranks[0]["history"] == ranks[1]["history"]
+    lr = load_config(PRESETS_DIR / "tiny_cpu_grpo.yaml").actor.optim.lr
+    assert [m["train/actor/lr"] for m in ranks[0]["history"]] == [0.0, lr]
+    first = torch.load(tmp_path / strategy / "checkpoints" / "global_step_1" / "trainer_state.pt", weights_only=True)
+    assert first["optimizer_steps"] == 1
+
+
 def test_resume_on_two_ranks_continues_exactly(tmp_path):
     uninterrupted = spawn_training(tmp_path, "full", "env.train.tiny_checkpoint=random", "actor.strategy=ddp")
     resume = tmp_path / "full" / "checkpoints" / "global_step_1"

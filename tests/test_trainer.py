@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -49,13 +50,12 @@ def policy_state(policy):
     return {k: v.clone() for k, v in policy.state_dict().items()}
 
 
-def test_micro_batches_accumulate_to_the_global_batch_gradient(tmp_path):
-    config = small_config(tmp_path, "ppo", "actor.optim.clip_grad=1000.0")
-    policy = SmallCNNPolicy(SmallPolicyConfig(image_size=32, channels=(8,), hidden_size=32))
+def ppo_batch(policy: SmallCNNPolicy) -> UpdateData:
+    """8 chunk steps of random images with the policy's own actions, random advantages and returns."""
     g = torch.Generator().manual_seed(0)
     obs = {"image": torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8, generator=g), "task": ["a", "b"] * 4}
     out = policy.act(obs, generator=g)
-    data = UpdateData(
+    return UpdateData(
         images=obs["image"],
         tasks=obs["task"],
         action_tokens=out.action_tokens,
@@ -66,6 +66,12 @@ def test_micro_batches_accumulate_to_the_global_batch_gradient(tmp_path):
         returns=torch.randn(8, 1, generator=g),
         values=out.values,
     )
+
+
+def test_micro_batches_accumulate_to_the_global_batch_gradient(tmp_path):
+    config = small_config(tmp_path, "ppo", "actor.optim.clip_grad=1000.0")
+    policy = SmallCNNPolicy(SmallPolicyConfig(image_size=32, channels=(8,), hidden_size=32))
+    data = ppo_batch(policy)
     results = []
     for micro in (8, 2):
         copy = SmallCNNPolicy(policy.config)
@@ -89,6 +95,65 @@ def test_micro_batches_accumulate_to_the_global_batch_gradient(tmp_path):
         assert not torch.equal(copy.action_head.weight, policy.action_head.weight)
     for full, accumulated in zip(*results, strict=True):
         torch.testing.assert_close(accumulated, full, rtol=1e-5, atol=1e-7)
+
+
+def test_after_the_critic_warmup_the_update_is_a_fresh_optimizers(tmp_path):
+    """RLinf builds a new optimizer when the warm-up ends: the step after it equals a new optimizer's first step."""
+    config = small_config(tmp_path, "ppo", "actor.optim.critic_warmup_steps=1")
+    policy = SmallCNNPolicy(SmallPolicyConfig(image_size=32, channels=(8,), hidden_size=32))
+    data = ppo_batch(policy)
+    args = (config.algorithm, config.actor, config.rollout, config.env.train.max_episode_steps)
+    updater = PolicyUpdater(policy, build_optimizer(policy, config.actor), *args)
+    updater.update(data)  # the one warm-up step
+    assert updater.optimizer_steps == 1 and not updater.critic_warmup and not updater.optimizer.state
+    fresh = SmallCNNPolicy(policy.config)
+    fresh.load_state_dict(policy.state_dict())
+    no_warmup = dataclasses.replace(config.actor, optim=dataclasses.replace(config.actor.optim, critic_warmup_steps=0))
+    fresh_updater = PolicyUpdater(fresh, build_optimizer(fresh, config.actor), *args[:1], no_warmup, *args[2:])
+    metrics, fresh_metrics = updater.update(data), fresh_updater.update(data)
+    assert metrics["actor/lr"] == fresh_metrics["actor/lr"] == config.actor.optim.lr
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(policy.state_dict()[key], value), key
+
+
+def test_critic_warmup_trains_the_value_head_alone_and_resumes_exactly(tmp_path):
+    config = small_config(
+        tmp_path, "ppo", "runner.max_steps=3", "runner.save_interval=1", "actor.optim.critic_warmup_steps=2",
+        "runner.experiment_name=warm",
+    )  # fmt: skip
+    trainer = Trainer(config)
+    states = [policy_state(trainer.policy)]
+    step = trainer.step
+
+    def step_and_keep_the_weights():
+        metrics = step()
+        states.append(policy_state(trainer.policy))
+        return metrics
+
+    trainer.step = step_and_keep_the_weights
+    result = trainer.run()
+    # One optimizer step per training step: steps 1 and 2 warm the critic up, step 3 trains everything.
+    assert trainer.updater.optimizer_steps == 3
+    for index, metrics in enumerate(result.history):
+        before, after, warmup = states[index], states[index + 1], index < 2
+        moved = {key for key in after if not torch.equal(before[key], after[key])}
+        assert bool(moved - {key for key in after if key.startswith("value_head.")}) != warmup, moved
+        assert any(key.startswith("value_head.") for key in moved)
+        assert (metrics["train/actor/lr"] == 0.0) == warmup
+        assert metrics["train/critic/value_loss"] > 0
+        if warmup:
+            assert metrics["train/actor/policy_loss"] == 0.0
+            assert metrics["train/loss"] == pytest.approx(metrics["train/critic/value_loss"])
+
+    resumed_config = small_config(
+        tmp_path, "ppo", "runner.max_steps=3", "actor.optim.critic_warmup_steps=2",
+        "runner.experiment_name=warm_resumed", f"runner.resume_dir={result.last_checkpoint.parent / 'global_step_1'}",
+    )  # fmt: skip
+    resumed = Trainer(resumed_config)
+    assert resumed.updater.optimizer_steps == 1
+    resumed.run()
+    for key, value in policy_state(resumed.policy).items():
+        assert torch.equal(value, states[-1][key]), key
 
 
 def test_run_logs_the_names_saves_and_resumes_exactly(tmp_path):

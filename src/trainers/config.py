@@ -367,7 +367,13 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with separate learning rates for the policy and the value head (`actor.optim`)."""
+    """AdamW with separate learning rates for the policy and the value head (`actor.optim`).
+
+    Attributes:
+        critic_warmup_steps: RLinf's critic warm-up: the first this-many optimizer steps train the value head
+            alone (the policy frozen, its loss terms 0, `actor/lr` logged as 0); after them the optimizer starts
+            afresh over every parameter, as RLinf builds a new one. 0 turns it off; it needs `adv_type` `gae`.
+    """
 
     lr: float = 2e-5
     value_lr: float = 3e-3
@@ -376,9 +382,14 @@ class OptimConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.01
     clip_grad: float = 1.0
+    critic_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         _positive("actor.optim", lr=self.lr, value_lr=self.value_lr, adam_eps=self.adam_eps, clip_grad=self.clip_grad)
+        if self.critic_warmup_steps < 0:
+            raise ConfigError(
+                f"actor.optim.critic_warmup_steps must be >= 0 (0: no warm-up), got {self.critic_warmup_steps}"
+            )
         if not (0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0) or self.weight_decay < 0:
             raise ConfigError(
                 f"actor.optim: adam betas must lie in [0, 1) and weight_decay be >= 0, got "
@@ -544,6 +555,11 @@ class TrainConfig:
             raise ConfigError("algorithm.filter_rewards needs env.train.group_size >= 2 (it filters groups)")
         if algorithm.adv_type == "gae" and not self.actor.model.add_value_head:
             raise ConfigError("algorithm.adv_type 'gae' needs a critic: set actor.model.add_value_head true")
+        if self.actor.optim.critic_warmup_steps > 0 and algorithm.adv_type != "gae":
+            raise ConfigError(
+                f"actor.optim.critic_warmup_steps {self.actor.optim.critic_warmup_steps} warms up a critic, but "
+                f"algorithm.adv_type is {algorithm.adv_type!r}: use adv_type 'gae' or set it to 0"
+            )
         if algorithm.adv_type == "gae" and algorithm.reward_type != self.actor.model.value_type:
             raise ConfigError(
                 f"adv_type 'gae' needs one value per reward: algorithm.reward_type {algorithm.reward_type!r} and "

@@ -413,6 +413,7 @@ class LossInputs:
         max_episode_steps: the `embodied` aggregation's scale; None aggregates as the token-mean.
         row_share: the rows of this micro-batch over `actor.micro_batch_size` under the `embodied` aggregation
             (its means run over a whole micro-batch; the rows left out are fully masked and add 0), else 1.
+        critic_warmup: during `actor.optim.critic_warmup_steps`: the policy's terms are 0 (as RLinf's).
     """
 
     logprobs: torch.Tensor
@@ -427,6 +428,7 @@ class LossInputs:
     returns: torch.Tensor | None
     max_episode_steps: int | None
     row_share: float
+    critic_warmup: bool = False
 
 
 def policy_loss(inputs: LossInputs, algorithm: AlgorithmConfig) -> tuple[torch.Tensor, dict[str, float]]:
@@ -439,7 +441,8 @@ def policy_loss(inputs: LossInputs, algorithm: AlgorithmConfig) -> tuple[torch.T
     Returns:
         ``(loss, metrics)``: the 0-dim loss (with gradient) and its metrics as logged under ``train/``:
         ``actor/<name>`` for each of ``ACTOR_METRICS``, ``entropy_loss`` (the token-mean entropy, logged even
-        without a bonus) and ``actor/kl`` (with ``kl_beta > 0``).
+        without a bonus) and ``actor/kl`` (with ``kl_beta > 0``). Under `inputs.critic_warmup` the loss and
+        ``actor/policy_loss`` are 0; the other metrics are still measured.
     """
     embodied: dict[str, object] = {}
     if inputs.max_episode_steps is not None:
@@ -465,4 +468,7 @@ def policy_loss(inputs: LossInputs, algorithm: AlgorithmConfig) -> tuple[torch.T
         kl = kl_penalty(inputs.logprobs, inputs.ref_logprobs, inputs.mask)
         metrics["actor/kl"] = float(kl.detach())
         loss = loss + algorithm.kl_beta * kl
+    if inputs.critic_warmup:
+        loss = torch.zeros((), device=loss.device)
+        metrics["actor/policy_loss"] = 0.0
     return loss, metrics

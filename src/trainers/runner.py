@@ -394,6 +394,7 @@ class Trainer:
             state = {
                 "global_step": self.global_step,
                 "optimizer": optimizer_state,
+                "optimizer_steps": self.updater.optimizer_steps,
                 "sampling_generator": self.sampling_generator.get_state(),
                 "last_metrics": self.last_metrics,
             }
@@ -440,6 +441,8 @@ class Trainer:
             sampling_state = saved[self.context.rank]
         self.sampling_generator.set_state(sampling_state)
         self.global_step = int(state["global_step"])
+        # Checkpoints from before the critic warm-up existed were written without one (its default, 0).
+        self.updater.optimizer_steps = int(state.get("optimizer_steps", 0))
         self.last_metrics = dict(state["last_metrics"])
         self.last_checkpoint = folder
 

@@ -26,6 +26,12 @@ every loss term: they count in the `embodied` denominators but are never run thr
 without a valid row is skipped; a global batch without one still steps the optimizer with zero gradients, as
 RLinf's does. The logged loss metrics average the micro-batches that ran (`MetricAccumulator`).
 
+With `actor.optim.critic_warmup_steps` N > 0 (RLinf's critic warm-up) the first N optimizer steps of the run train
+the value head alone: the policy's parameters are frozen (no gradient, no Adam state, no weight decay) and its loss
+terms are 0. After the N-th step the optimizer forgets its state (Adam's moments and step counts), as RLinf builds
+a new optimizer then, and every parameter trains. `PolicyUpdater.optimizer_steps` counts the steps; checkpoints
+keep it.
+
 Under `torchrun` (a `ParallelPolicy` over several ranks) every rank shuffles its own rows and takes
 `global_batch_size / ranks` of them per optimizer step; `trainers.distributed` plans the passes of each step over
 the ranks (FSDP's padding, the token-mean's counts), stops every rank on a non-finite loss or weight, and
@@ -179,6 +185,12 @@ class PolicyUpdater:
             raise ValueError("parallel.module must be the updated policy")
         if max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be positive, got {max_episode_steps}")
+        trainable = [(name, p) for name, p in policy.named_parameters() if p.requires_grad]
+        if actor.optim.critic_warmup_steps > 0 and not any("value_head." in name for name, _ in trainable):
+            raise ValueError("actor.optim.critic_warmup_steps > 0 needs a policy with a trainable value head")
+        # The parameters a critic warm-up freezes.
+        self.policy_parameters = [p for name, p in trainable if "value_head." not in name]
+        self.optimizer_steps = 0
         self.parallel = parallel or ParallelPolicy(policy, "none", DistributedContext())
         # The rows of each rank per optimizer step.
         self.rank_batch_size = rank_batch_size(actor.global_batch_size, actor.micro_batch_size, self.parallel.context)
@@ -225,9 +237,17 @@ class PolicyUpdater:
             means["critic/explained_variance"] = explained_variance(statistics)
         return means
 
+    @property
+    def critic_warmup(self) -> bool:
+        """Whether the next optimizer step trains the value head alone."""
+        return self.optimizer_steps < self.actor.optim.critic_warmup_steps
+
     def _optimizer_step(self, data: UpdateData, plan: OptimizerStepPlan, metrics: MetricAccumulator) -> None:
         """Accumulates the gradients of one global batch's micro-batches, then clips and steps."""
         context = self.parallel.context
+        warmup = self.critic_warmup
+        for parameter in self.policy_parameters:
+            parameter.requires_grad_(not warmup)
         self.optimizer.zero_grad(set_to_none=True)
         failure: tuple[str, dict[str, float]] | None = None
         last_metrics: dict[str, float] = {}
@@ -253,7 +273,7 @@ class PolicyUpdater:
         if failure is not None:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(*failure)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad]
         self.parallel.sync_gradients(params)
         grad_norm = self.parallel.local_norm(torch.nn.utils.clip_grad_norm_(params, self.actor.optim.clip_grad))
         if not torch.isfinite(grad_norm):
@@ -263,7 +283,13 @@ class PolicyUpdater:
         # A finite loss and gradient can still step to non-finite weights (e.g. an overflowing Adam moment).
         if not all_ranks_finite(params, context):
             raise NonFiniteLossError("the weights are not finite after the optimizer step", last_metrics)
-        metrics.add({"actor/grad_norm": float(grad_norm), "actor/lr": self.optimizer.param_groups[0]["lr"]})
+        self.optimizer_steps += 1
+        if warmup and not self.critic_warmup:
+            self.optimizer.state.clear()  # RLinf's new optimizer after the warm-up
+            for parameter in self.policy_parameters:
+                parameter.requires_grad_(True)
+        lr = 0.0 if warmup else self.optimizer.param_groups[0]["lr"]
+        metrics.add({"actor/grad_norm": float(grad_norm), "actor/lr": lr})
 
     def _loss(self, data: UpdateData, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
         """The algorithm's loss of rows `rows` of `data` (one micro-batch's rows with a valid entry), its metrics
@@ -296,6 +322,7 @@ class PolicyUpdater:
             returns=None if data.returns is None else data.returns[rows].to(device),
             max_episode_steps=self.max_episode_steps if embodied else None,
             row_share=len(rows) / self.actor.micro_batch_size if embodied else 1.0,
+            critic_warmup=self.critic_warmup,
         )
         return self.algorithm_loss(inputs, algorithm)
 
