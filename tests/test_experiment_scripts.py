@@ -494,11 +494,13 @@ def test_grpo_curves_reads_each_seeds_tensorboard(tmp_path):
                 writer.add_scalar("train/actor/approx_kl", 1e-4, step)
                 if seed == "seed2":  # logged since session 25
                     writer.add_scalar("rollout/groups_with_signal", 0.25 * (step % 2), step)
+                    writer.add_scalar("train/actor/kl", 0.01 * step, step)
     printed = run_script("grpo_curves.py", tmp_path, "--out", tmp_path / "curves.json", "--last-step", 9)
     curves = json.loads((tmp_path / "curves.json").read_text())
     assert sorted(curves) == ["seed1", "seed2"]
     assert sorted(curves["seed1"]) == ["env/success_once", "train/actor/approx_kl"]
     assert curves["seed2"]["rollout/groups_with_signal"][:2] == [[1, 0.25], [2, 0.0]]
+    assert curves["seed2"]["train/actor/kl"][-1] == [6, 0.06]
     assert "seed2: groups with a signal 0.125 (mean of 6 steps)" in printed
     assert [step for step, _ in curves["seed1"]["env/success_once"]] == list(range(1, 10))
     assert curves["seed2"]["env/success_once"][-1] == [6, 0.4]

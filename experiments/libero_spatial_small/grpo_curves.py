@@ -3,10 +3,10 @@
 python experiments/libero_spatial_small/grpo_curves.py RESULT --out grpo_curves.json [--last-step 20]
 
 Reads each ``seedS/tensorboard`` under RESULT and writes, per seed, the scalars imagined success
-(``env/success_once``), return, the actor's approximate KL, the share of groups with a signal
-(``rollout/groups_with_signal``, where logged) and, for PPO, the critic's explained variance and value loss at every
-step up to ``--last-step``; prints the mean imagined success over the first and the last 5 steps of each seed, and the
-mean share of groups with a signal.
+(``env/success_once``), return, the actor's approximate KL, its clip fraction and its KL to the reference policy
+(``train/actor/kl``), the share of groups with a signal (``rollout/groups_with_signal``), and, for PPO, the critic's
+explained variance and value loss (each where logged) at every step up to ``--last-step``; prints the mean imagined
+success over the first and the last 5 steps of each seed, and the mean share of groups with a signal.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ KEYS = (
     "env/success_once",
     "env/return",
     "train/actor/approx_kl",
+    "train/actor/clip_fraction",
+    "train/actor/kl",
     "rollout/groups_with_signal",
     "train/critic/explained_variance",
     "train/critic/value_loss",
