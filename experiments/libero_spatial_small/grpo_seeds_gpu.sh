@@ -9,6 +9,7 @@ set -euo pipefail
 world_model=$1 policy=$2 work=$3 result=$4 seconds=$5 seeds=$6
 shift 6
 here=$(dirname "$0")
+source "$here/pack_seeds.sh"
 mkdir -p "$work/pack" "$result"
 for seed in $seeds; do
   timeout "$seconds" opensora-gym train --config "$here/grpo.yaml" env.train.checkpoint="$world_model" \
@@ -18,16 +19,6 @@ done
 timeout "$seconds" python "$here/imagine.py" --out "$work/pack/imagined_base.npz" --draws 2 --seed 7 -- \
   env.train.checkpoint="$world_model" runner.ckpt_path="$policy" "$@" > "$work/pack/imagine.log" 2>&1 &
 wait
-for seed in $seeds; do
-  run="$work/seed$seed/spatial_small_grpo"
-  [ -d "$run/checkpoints" ] || { echo "seed $seed: no checkpoint (see seed$seed.log)"; continue; }
-  last=$(cd "$run" && ls -d checkpoints/global_step_* | sort -t_ -k3 -n | tail -1)
-  mkdir -p "$work/pack/seed$seed"
-  echo "${last##*_}" > "$work/pack/seed$seed/step"
-  cp -r "$run/tensorboard" "$work/pack/seed$seed/"
-  # a failed float16 copy must not lose the run: the float32 policy goes back instead
-  python "$here/halve.py" "$run/$last/policy" "$work/pack/seed$seed/policy" \
-    || cp -r "$run/$last/policy" "$work/pack/seed$seed/policy"
-done
+pack_seeds "$work" spatial_small_grpo "$seeds"
 tar -cf - -C "$work/pack" . | split -b 15M -d - "$result/grpo_seeds.tar.part"
 ls -la "$result"
